@@ -1,0 +1,77 @@
+"""d2f_core: the mathematics of Diff2Flow in pure PyTorch (no ComfyUI import, ever).
+
+One time convention throughout (``../shared/docs/MATH.md`` section 1): flow-matching sigma in
+[0, 1] with **sigma = 1 pure noise**, ``x_sigma = (1 - sigma) x0 + sigma eps`` and velocity
+``v = eps - x0`` (ComfyUI's CONST model sampling, SD3, Flux). The paper's ``t = 1 - sigma`` and
+``u = -v`` are translated at the project's borders only.
+
+Modules:
+    schedules        discrete VP schedules (alphas_cumprod tables), zero terminal SNR
+    alignment        :class:`Diff2Flow`: time map, network input, velocity, data estimate
+    sampling         FM sigma grids, Euler / Heun samplers, classifier-free guidance
+    objectives       diff2flow / naive_fm / diffusion losses, timestep samplers, validation loss
+    gaussian_mixture exactly optimal denoiser of a Gaussian mixture (for tests and benchmarks)
+    metrics          sliced Wasserstein distance
+"""
+from . import schedules
+from .alignment import PREDICTION_TYPES, Diff2Flow, normalize_prediction
+from .gaussian_mixture import GaussianMixture
+from .metrics import sliced_wasserstein
+from .objectives import (
+    OBJECTIVES,
+    TIMESTEP_SAMPLERS,
+    ObjectiveOutput,
+    diff2flow_loss,
+    diffusion_loss,
+    fm_validation_loss,
+    naive_fm_loss,
+    naive_fm_velocity_fn,
+    objective_loss,
+    sample_training_sigmas,
+    validation_sigmas,
+)
+from .sampling import (
+    SAMPLERS,
+    cfg_velocity,
+    fm_sigmas,
+    interpolant,
+    inverse_time_shift,
+    sample_euler,
+    sample_heun,
+    time_shift,
+)
+from .schedules import cosine, linear, rescale_zero_terminal_snr, scaled_linear
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Diff2Flow",
+    "GaussianMixture",
+    "ObjectiveOutput",
+    "OBJECTIVES",
+    "PREDICTION_TYPES",
+    "SAMPLERS",
+    "TIMESTEP_SAMPLERS",
+    "cfg_velocity",
+    "cosine",
+    "diff2flow_loss",
+    "diffusion_loss",
+    "fm_sigmas",
+    "fm_validation_loss",
+    "interpolant",
+    "inverse_time_shift",
+    "linear",
+    "naive_fm_loss",
+    "naive_fm_velocity_fn",
+    "normalize_prediction",
+    "objective_loss",
+    "rescale_zero_terminal_snr",
+    "sample_euler",
+    "sample_heun",
+    "sample_training_sigmas",
+    "scaled_linear",
+    "sliced_wasserstein",
+    "schedules",
+    "time_shift",
+    "validation_sigmas",
+]

@@ -1,0 +1,224 @@
+"""Training objectives and timestep samplers (MATH.md section 6).
+
+Convention: FM sigma in [0, 1], sigma = 1 is noise, ``x_sigma = (1 - sigma) x0 + sigma eps``,
+target velocity ``v = eps - x0``. A *network* is ``network(x_in, timestep, *args, **kwargs)``
+returning its raw output (eps or v for a diffusion model, the velocity for naive FM).
+
+- ``diff2flow``: FM interpolant, network fed ``x_sigma / n(sigma)`` at ``timestep(sigma)``, its
+  raw output converted to velocity in closed form, loss ``|v_hat - (eps - x0)|^2``.
+- ``naive_fm``: the same interpolant fed directly, at timestep ``T * sigma``, output taken as
+  the velocity (fine-tuning a diffusion model as FM without the alignment).
+- ``diffusion``: integer ``tau`` uniform, ``x_tau = a x0 + s eps``, target eps or v.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+
+from .alignment import Diff2Flow
+from .sampling import interpolant, time_shift
+
+__all__ = [
+    "ObjectiveOutput",
+    "OBJECTIVES",
+    "TIMESTEP_SAMPLERS",
+    "sample_training_sigmas",
+    "diff2flow_loss",
+    "naive_fm_loss",
+    "diffusion_loss",
+    "objective_loss",
+    "naive_fm_velocity_fn",
+    "validation_sigmas",
+    "fm_validation_loss",
+]
+
+OBJECTIVES = ("diff2flow", "naive_fm", "diffusion")
+TIMESTEP_SAMPLERS = ("uniform", "logit_normal", "shift")
+Network = Callable[..., torch.Tensor]
+
+
+@dataclass
+class ObjectiveOutput:
+    """One training-loss evaluation.
+
+    ``loss`` is the batch mean, ``per_sample`` the mean over all but the batch dimension,
+    ``time`` the FM sigma (FM objectives) or integer tau (diffusion) of each sample, and
+    ``prediction`` / ``target`` the compared quantities (velocity, or raw eps/v for diffusion).
+    """
+
+    loss: torch.Tensor
+    per_sample: torch.Tensor
+    time: torch.Tensor
+    prediction: torch.Tensor
+    target: torch.Tensor
+
+
+def _mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    # Always reduce in float32 or wider: bf16/fp16 squared errors lose the small differences.
+    compute = torch.promote_types(torch.promote_types(prediction.dtype, target.dtype), torch.float32)
+    return (prediction.to(compute) - target.to(compute)).pow(2).flatten(1).mean(1)
+
+
+def sample_training_sigmas(
+    batch: int,
+    method: str = "uniform",
+    sigma_max: float = 1.0,
+    *,
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    shift: float = 3.0,
+    generator: Optional[torch.Generator] = None,
+    device: torch.device | str | None = None,
+) -> torch.Tensor:
+    """Draw ``batch`` FM sigmas in ``(0, sigma_max]`` (float32 on ``device``).
+
+    ``u`` in (0, 1) is drawn by ``method`` and scaled by ``sigma_max`` (eps models train on
+    ``(0, Diff2Flow.sigma_max]``, MATH.md section 5):
+
+    - ``uniform``: ``u ~ U(0, 1)``;
+    - ``logit_normal``: ``u = sigmoid(logit_mean + logit_std * z)``, ``z ~ N(0, 1)`` (SD3);
+    - ``shift``: ``u = time_shift(U(0, 1), shift)`` (more weight on high noise for shift > 1).
+
+    Random numbers come from ``generator`` (on its own device) and are then moved to ``device``.
+    """
+    if method not in TIMESTEP_SAMPLERS:
+        raise ValueError(f"timestep sampling {method!r} is unknown: choose one of {', '.join(TIMESTEP_SAMPLERS)}")
+    if not 0 < sigma_max <= 1:
+        raise ValueError(f"sigma_max must lie in (0, 1], got {sigma_max}")
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    if method == "logit_normal":
+        if not logit_std > 0:
+            raise ValueError(f"logit_std must be > 0, got {logit_std}")
+        z = torch.randn(batch, generator=generator, device=gen_device, dtype=torch.float64)
+        u = torch.sigmoid(logit_mean + logit_std * z)
+    else:
+        # 1 - U[0, 1) lies in (0, 1]: sigma = 0 (a clean sample) teaches nothing.
+        u = 1.0 - torch.rand(batch, generator=generator, device=gen_device, dtype=torch.float64)
+        if method == "shift":
+            u = time_shift(u, shift)
+    return (u * sigma_max).to(device=device if device is not None else gen_device, dtype=torch.float32)
+
+
+def diff2flow_loss(
+    network: Network, d2f: Diff2Flow, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor, *args: Any, **kwargs: Any
+) -> ObjectiveOutput:
+    """The Diff2Flow objective: velocity MSE of the aligned diffusion network at FM ``sigma``."""
+    x_sigma = interpolant(x0, noise, sigma)
+    x_in, t = d2f.network_inputs(x_sigma, sigma)
+    v_hat = d2f.velocity(network(x_in, t, *args, **kwargs), x_sigma, sigma)
+    target = noise - x0
+    per_sample = _mse(v_hat, target)
+    return ObjectiveOutput(per_sample.mean(), per_sample, torch.as_tensor(sigma), v_hat, target)
+
+
+def naive_fm_velocity_fn(network: Network, num_timesteps: int = 1000) -> Callable[..., torch.Tensor]:
+    """The naive-FM model as a velocity function: ``network(x_sigma, T * sigma)`` is the velocity."""
+
+    def velocity(x: torch.Tensor, sigma: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        sigma = torch.as_tensor(sigma, device=x.device, dtype=torch.float32).expand(x.shape[0])
+        return network(x, num_timesteps * sigma, *args, **kwargs)
+
+    return velocity
+
+
+def naive_fm_loss(
+    network: Network, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor, *args: Any, num_timesteps: int = 1000, **kwargs: Any
+) -> ObjectiveOutput:
+    """Naive FM fine-tuning: no alignment, the raw output is regressed on ``eps - x0``."""
+    x_sigma = interpolant(x0, noise, sigma)
+    v_hat = naive_fm_velocity_fn(network, num_timesteps)(x_sigma, sigma, *args, **kwargs)
+    target = noise - x0
+    per_sample = _mse(v_hat, target)
+    return ObjectiveOutput(per_sample.mean(), per_sample, torch.as_tensor(sigma), v_hat, target)
+
+
+def diffusion_loss(
+    network: Network, d2f: Diff2Flow, x0: torch.Tensor, noise: torch.Tensor, tau: torch.Tensor, *args: Any, **kwargs: Any
+) -> ObjectiveOutput:
+    """Standard diffusion fine-tuning at integer timesteps ``tau``: eps or v MSE per the model."""
+    tau = torch.as_tensor(tau, device=x0.device).long()
+    ac = d2f.alphas_cumprod.to(x0.device)[tau]
+    shape = (-1,) + (1,) * (x0.ndim - 1)
+    compute = torch.promote_types(x0.dtype, torch.float32)
+    a, s = ac.sqrt().to(compute).reshape(shape), (1 - ac).sqrt().to(compute).reshape(shape)
+    x_tau = (a * x0.to(compute) + s * noise.to(compute)).to(x0.dtype)
+    out = network(x_tau, tau.to(torch.float32), *args, **kwargs)
+    target = noise if d2f.prediction == "eps" else (a * noise.to(compute) - s * x0.to(compute)).to(noise.dtype)
+    per_sample = _mse(out, target)
+    return ObjectiveOutput(per_sample.mean(), per_sample, tau, out, target)
+
+
+def objective_loss(
+    objective: str,
+    network: Network,
+    d2f: Diff2Flow,
+    x0: torch.Tensor,
+    *args: Any,
+    noise: Optional[torch.Tensor] = None,
+    timestep_sampling: str = "uniform",
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    shift: float = 3.0,
+    generator: Optional[torch.Generator] = None,
+    **kwargs: Any,
+) -> ObjectiveOutput:
+    """Draw noise and times and evaluate ``objective`` (one of :data:`OBJECTIVES`).
+
+    FM objectives draw sigma in ``(0, d2f.sigma_max]`` with ``timestep_sampling``; naive FM
+    uses the same range so the comparison is fair. The diffusion objective draws integer tau
+    uniformly. ``generator`` makes the draws reproducible (noise is drawn before times).
+    """
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective {objective!r} is unknown: choose one of {', '.join(OBJECTIVES)}")
+    gen_device = generator.device if generator is not None else x0.device
+    if noise is None:
+        noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=torch.float32).to(x0.device, x0.dtype)
+    batch = x0.shape[0]
+    if objective == "diffusion":
+        tau = torch.randint(0, d2f.num_timesteps, (batch,), generator=generator, device=gen_device).to(x0.device)
+        return diffusion_loss(network, d2f, x0, noise, tau, *args, **kwargs)
+    sigma = sample_training_sigmas(
+        batch, timestep_sampling, d2f.sigma_max, logit_mean=logit_mean, logit_std=logit_std, shift=shift,
+        generator=generator, device=x0.device,
+    )
+    if objective == "diff2flow":
+        return diff2flow_loss(network, d2f, x0, noise, sigma, *args, **kwargs)
+    return naive_fm_loss(network, x0, noise, sigma, *args, num_timesteps=d2f.num_timesteps, **kwargs)
+
+
+def validation_sigmas(segments: int = 8) -> torch.Tensor:
+    """The centres ``(i + 0.5) / segments`` of equal sigma segments of [0, 1] (float64)."""
+    if segments < 1:
+        raise ValueError(f"segments must be >= 1, got {segments}")
+    return (torch.arange(segments, dtype=torch.float64) + 0.5) / segments
+
+
+@torch.no_grad()
+def fm_validation_loss(
+    velocity_fn: Callable[..., torch.Tensor],
+    x0: torch.Tensor,
+    *args: Any,
+    segments: int = 8,
+    seed: int = 0,
+    sigmas: Optional[Sequence[float]] = None,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """The comparable validation loss: FM velocity MSE at fixed sigmas with fixed noise.
+
+    Every model is first turned into a velocity function ``velocity_fn(x_sigma, sigma, *args,
+    **kwargs)`` (``Diff2Flow.velocity_fn`` for diffusion and Diff2Flow models,
+    :func:`naive_fm_velocity_fn` for naive FM), so all objectives are scored on one scale.
+    Noise is drawn on the CPU from ``seed``, so the loss is the same on every device.
+    Returns ``{"sigmas": [..], "per_segment": [..], "mean": float}``.
+    """
+    grid = validation_sigmas(segments) if sigmas is None else torch.as_tensor(sigmas, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(seed)
+    per_segment = []
+    for sigma in grid:
+        noise = torch.randn(x0.shape, generator=gen, dtype=torch.float32).to(x0.device, x0.dtype)
+        s = sigma.to(x0.device, torch.float32).expand(x0.shape[0])
+        v = velocity_fn(interpolant(x0, noise, s), s, *args, **kwargs)
+        per_segment.append(float(_mse(v, noise - x0).mean()))
+    return {"sigmas": grid.tolist(), "per_segment": per_segment, "mean": sum(per_segment) / len(per_segment)}

@@ -1,0 +1,156 @@
+"""Flow-matching samplers and sigma grids.
+
+Convention (MATH.md section 1): sigma = 1 is noise, sigma = 0 is data, ``v = eps - x0``.
+A *velocity function* is ``fn(x, sigma) -> v`` with ``x`` of shape [B, ...] and ``sigma`` of
+shape [B]. Samplers integrate ``dx/dsigma = v`` along a decreasing sigma grid, from noise to
+data, in the style of k-diffusion: small free functions with one signature.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+
+__all__ = [
+    "VelocityFn",
+    "time_shift",
+    "inverse_time_shift",
+    "fm_sigmas",
+    "interpolant",
+    "sample_euler",
+    "sample_heun",
+    "cfg_velocity",
+    "SAMPLERS",
+]
+
+VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Callback = Callable[[dict], Any]
+
+
+def time_shift(sigma: torch.Tensor | float, shift: float) -> torch.Tensor:
+    """SD3's resolution shift ``shift * sigma / (1 + (shift - 1) * sigma)`` (ComfyUI
+    ``time_snr_shift``). ``shift > 1`` spends more of the trajectory at high noise."""
+    if not shift > 0:
+        raise ValueError(f"shift must be > 0, got {shift}")
+    sigma = torch.as_tensor(sigma, dtype=torch.float64)
+    return shift * sigma / (1 + (shift - 1) * sigma)
+
+
+def inverse_time_shift(sigma: torch.Tensor | float, shift: float) -> torch.Tensor:
+    """Inverse of :func:`time_shift`: ``sigma / (shift - (shift - 1) * sigma)``."""
+    if not shift > 0:
+        raise ValueError(f"shift must be > 0, got {shift}")
+    sigma = torch.as_tensor(sigma, dtype=torch.float64)
+    return sigma / (shift - (shift - 1) * sigma)
+
+
+def fm_sigmas(steps: int, sigma_max: float = 1.0, shift: float = 1.0, denoise: float = 1.0) -> torch.Tensor:
+    """A decreasing FM sigma grid of ``steps + 1`` values ending at 0 (float64).
+
+    Uniform in the unshifted time ``u`` from ``denoise * u_max`` down to 0, mapped through
+    :func:`time_shift`; ``u_max = inverse_time_shift(sigma_max)``, so the grid starts exactly
+    at ``sigma_max`` for ``denoise = 1`` whatever the shift. With ``shift = 1`` this is
+    ``linspace(denoise * sigma_max, 0, steps + 1)``. ``denoise < 1`` (img2img) runs ``steps``
+    steps over the low-noise end, the same sigmas as ComfyUI's ``steps / denoise`` grid cut.
+
+    ``sigma_max`` is the model's noisiest level: 1.0 for flow models and zero-terminal-SNR
+    v-models, the schedule's ``Diff2Flow.sigma_max`` (0.936 for SD) otherwise.
+    """
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if not 0 < sigma_max <= 1:
+        raise ValueError(f"sigma_max must lie in (0, 1], got {sigma_max}")
+    if not 0 < denoise <= 1:
+        raise ValueError(f"denoise must lie in (0, 1] (1 = from pure noise), got {denoise}")
+    u_max = float(inverse_time_shift(sigma_max, shift))
+    u = torch.linspace(denoise * u_max, 0.0, steps + 1, dtype=torch.float64)
+    sigmas = time_shift(u, shift)
+    sigmas[-1] = 0.0
+    return sigmas
+
+
+def interpolant(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
+    """``x_sigma = (1 - sigma) * x0 + sigma * noise`` (the FM forward process; img2img start)."""
+    s = torch.as_tensor(sigma, device=x0.device, dtype=torch.promote_types(x0.dtype, torch.float32))
+    if s.ndim == 1:
+        s = s.reshape(-1, *([1] * (x0.ndim - 1)))
+    return ((1 - s) * x0 + s * noise).to(x0.dtype)
+
+
+def _batched(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return sigma.to(x.device, torch.promote_types(x.dtype, torch.float32)).expand(x.shape[0])
+
+
+@torch.no_grad()
+def sample_euler(
+    velocity_fn: VelocityFn,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    callback: Optional[Callback] = None,
+) -> torch.Tensor:
+    """FM Euler: ``x_{i+1} = x_i + (sigma_{i+1} - sigma_i) * v(x_i, sigma_i)``.
+
+    ``x`` is the state at ``sigmas[0]`` (pure noise for text-to-image: ``noise`` itself at
+    sigma 1, ``interpolant(x0, noise, sigmas[0])`` for img2img). ``callback`` receives
+    ``{"i", "x", "sigma", "sigma_next", "velocity", "denoised"}`` after each step.
+    """
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
+    for i in range(len(sigmas) - 1):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        v = velocity_fn(x, _batched(s, x))
+        if callback is not None:
+            callback({"i": i, "x": x, "sigma": s, "sigma_next": s_next, "velocity": v, "denoised": x - s.item() * v})
+        x = (x + (s_next - s).item() * v).to(x.dtype)
+    return x
+
+
+@torch.no_grad()
+def sample_heun(
+    velocity_fn: VelocityFn,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    callback: Optional[Callback] = None,
+) -> torch.Tensor:
+    """FM Heun (2nd order, trapezoidal corrector); the step to sigma = 0 is plain Euler, as in
+    k-diffusion (the velocity at the data end is not needed). Two evaluations per step."""
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
+    for i in range(len(sigmas) - 1):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        dt = (s_next - s).item()
+        v = velocity_fn(x, _batched(s, x))
+        if callback is not None:
+            callback({"i": i, "x": x, "sigma": s, "sigma_next": s_next, "velocity": v, "denoised": x - s.item() * v})
+        x_euler = x + dt * v
+        if s_next.item() == 0:
+            x = x_euler.to(x.dtype)
+            continue
+        v_next = velocity_fn(x_euler.to(x.dtype), _batched(s_next, x))
+        x = (x + dt * 0.5 * (v + v_next)).to(x.dtype)
+    return x
+
+
+def cfg_velocity(
+    velocity_fn: Callable[..., torch.Tensor],
+    cond: Any,
+    uncond: Any,
+    scale: float,
+) -> VelocityFn:
+    """Classifier-free guidance: ``v = v_uncond + scale * (v_cond - v_uncond)``.
+
+    ``velocity_fn(x, sigma, c)`` is evaluated once per step on the concatenated batch
+    ``[cond, uncond]`` (tensors concatenated along dim 0). ``scale = 1`` skips the uncond pass.
+    The Diff2Flow conversion is affine in the network output, so guiding velocities equals
+    guiding raw outputs or denoised estimates (MATH.md section 4).
+    """
+    if scale == 1.0:
+        return lambda x, sigma: velocity_fn(x, sigma, cond)
+
+    def guided(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        v = velocity_fn(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([cond, uncond]))
+        v_cond, v_uncond = v.chunk(2)
+        return v_uncond + scale * (v_cond - v_uncond)
+
+    return guided
+
+
+SAMPLERS = {"euler": sample_euler, "heun": sample_heun}

@@ -1,0 +1,183 @@
+"""Training objectives (MATH.md section 6): finite losses and gradients, optimality, weights."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+import d2f_core
+from d2f_core import GaussianMixture
+
+from d2f_core.tests.helpers import CASES, make_d2f, mixture, optimal_network
+from d2f_core.tests.nets import TinyDenoiser
+
+
+@pytest.mark.parametrize("objective", d2f_core.OBJECTIVES)
+@pytest.mark.parametrize("prediction,zsnr", CASES)
+def test_objectives_give_finite_loss_and_gradients(objective: str, prediction: str, zsnr: bool, device: torch.device) -> None:
+    torch.manual_seed(0)
+    d2f = make_d2f(prediction, zsnr)
+    net = TinyDenoiser(channels=4).to(device)
+    x0 = torch.randn(6, 4, 8, 8, device=device)
+    cond = torch.randn(6, 4, device=device)
+    gen = torch.Generator(device=device).manual_seed(0)
+    for sampling in d2f_core.TIMESTEP_SAMPLERS:
+        out = d2f_core.objective_loss(objective, net, d2f, x0, cond, timestep_sampling=sampling, generator=gen)
+        net.zero_grad()
+        out.loss.backward()
+        assert torch.isfinite(out.loss) and out.loss > 0 and out.per_sample.shape == (6,)
+        grads = [p.grad for p in net.parameters()]
+        assert all(g is not None and torch.isfinite(g).all() for g in grads)
+        assert sum(float(g.abs().sum()) for g in grads) > 0
+
+
+def test_objective_loss_is_reproducible_with_generator() -> None:
+    torch.manual_seed(0)
+    d2f = make_d2f("v", False)
+    net = TinyDenoiser(channels=2)
+    x0 = torch.randn(4, 2, 6, 6)
+    a = d2f_core.objective_loss("diff2flow", net, d2f, x0, generator=torch.Generator().manual_seed(7)).loss
+    b = d2f_core.objective_loss("diff2flow", net, d2f, x0, generator=torch.Generator().manual_seed(7)).loss
+    c = d2f_core.objective_loss("diff2flow", net, d2f, x0, generator=torch.Generator().manual_seed(8)).loss
+    assert a == b and a != c
+
+
+def test_unknown_objective_and_sampler_raise() -> None:
+    d2f = make_d2f("eps", False)
+    with pytest.raises(ValueError, match="objective 'x0' is unknown: choose one of diff2flow, naive_fm, diffusion"):
+        d2f_core.objective_loss("x0", lambda x, t: x, d2f, torch.zeros(1, 2))
+    with pytest.raises(ValueError, match="timestep sampling 'beta' is unknown"):
+        d2f_core.sample_training_sigmas(4, "beta")
+
+
+def test_diff2flow_loss_is_velocity_mse_of_converted_output() -> None:
+    """The loss is computed in velocity space from the raw output (no division of x0 by sigma)."""
+    torch.manual_seed(0)
+    d2f = make_d2f("eps", False)
+    net = TinyDenoiser(channels=2).double()
+    x0, noise = torch.randn(2, 5, 2, 4, 4, dtype=torch.float64)
+    sigma = torch.tensor([0.05, 0.3, 0.5, 0.7, 0.93], dtype=torch.float64)
+    out = d2f_core.diff2flow_loss(net, d2f, x0, noise, sigma)
+    x = (1 - sigma)[:, None, None, None] * x0 + sigma[:, None, None, None] * noise
+    n = torch.sqrt(sigma**2 + (1 - sigma) ** 2)[:, None, None, None]
+    e = net(x / n, d2f.timestep(sigma))
+    v = (e - x) / (1 - sigma)[:, None, None, None]
+    torch.testing.assert_close(out.per_sample, (v - (noise - x0)).pow(2).flatten(1).mean(1))
+
+
+@pytest.mark.parametrize("prediction,zsnr", CASES)
+def test_optimal_denoiser_is_the_irreducible_minimum(prediction: str, zsnr: bool) -> None:
+    """With the exactly optimal denoiser the diff2flow loss does not drop under perturbations
+    of its output (scale, bias, a fixed random field, each in both directions)."""
+    d2f = make_d2f(prediction, zsnr)
+    gmm = mixture(dim=4)
+    gen = torch.Generator().manual_seed(3)
+    n = 40000
+    x0 = gmm.sample(n, gen)
+    noise = torch.randn(x0.shape, generator=gen, dtype=torch.float64)
+    sigma = d2f_core.sample_training_sigmas(n, "uniform", d2f.sigma_max, generator=gen).double()
+    optimal = optimal_network(gmm, d2f)
+    field = torch.randn(1, 4, generator=gen, dtype=torch.float64)
+    base = d2f_core.diff2flow_loss(optimal, d2f, x0, noise, sigma).loss.item()
+    for delta in (-0.05, 0.05):
+        for perturb in (
+            lambda out: out * (1 + delta),
+            lambda out: out + delta,
+            lambda out: out + delta * field,
+        ):
+            loss = d2f_core.diff2flow_loss(lambda x, t: perturb(optimal(x, t)), d2f, x0, noise, sigma).loss.item()
+            assert loss > base, (delta, loss, base)
+
+
+def test_v_loss_weight_identity() -> None:
+    """|v - v_true|^2 = (a + s)^2 |w - w_true|^2 for v-prediction (weight between 1 and 2)."""
+    d2f = make_d2f("v", False)
+    gen = torch.Generator().manual_seed(0)
+    sigma = torch.rand(32, generator=gen, dtype=torch.float64) * d2f.sigma_max
+    x0, noise, w = torch.randn(3, 32, 6, generator=gen, dtype=torch.float64)
+    x = d2f_core.interpolant(x0, noise, sigma)
+    a, s, _ = d2f.vp_coefficients(sigma)
+    w_true = a[:, None] * noise - s[:, None] * x0
+    lhs = (d2f.velocity(w, x, sigma) - (noise - x0)).pow(2).sum(1)
+    rhs = (a + s) ** 2 * (w - w_true).pow(2).sum(1)
+    torch.testing.assert_close(lhs, rhs)
+    assert ((a + s) ** 2 >= 1 - 1e-12).all() and ((a + s) ** 2 <= 2 + 1e-12).all()
+
+
+def test_eps_loss_weight_identity() -> None:
+    """|v - v_true|^2 = |e - eps|^2 / (1 - sigma)^2 for eps-prediction."""
+    d2f = make_d2f("eps", False)
+    gen = torch.Generator().manual_seed(0)
+    sigma = torch.rand(32, generator=gen, dtype=torch.float64) * d2f.sigma_max
+    x0, noise, e = torch.randn(3, 32, 6, generator=gen, dtype=torch.float64)
+    x = d2f_core.interpolant(x0, noise, sigma)
+    lhs = (d2f.velocity(e, x, sigma) - (noise - x0)).pow(2).sum(1)
+    torch.testing.assert_close(lhs, (e - noise).pow(2).sum(1) / (1 - sigma) ** 2)
+
+
+def test_diffusion_loss_targets() -> None:
+    d2f_eps, d2f_v = make_d2f("eps", False), make_d2f("v", False)
+    x0, noise = torch.randn(2, 3, 5, dtype=torch.float64)
+    tau = torch.tensor([0, 500, 999])
+    seen = {}
+
+    def net(x_tau, t):
+        seen["x"], seen["t"] = x_tau, t
+        return torch.zeros_like(x_tau)
+
+    out = d2f_core.diffusion_loss(net, d2f_eps, x0, noise, tau)
+    ac = d2f_eps.alphas_cumprod[tau][:, None]
+    torch.testing.assert_close(seen["x"], ac.sqrt() * x0 + (1 - ac).sqrt() * noise)
+    torch.testing.assert_close(seen["t"], tau.float())
+    torch.testing.assert_close(out.target, noise)
+    out_v = d2f_core.diffusion_loss(net, d2f_v, x0, noise, tau)
+    torch.testing.assert_close(out_v.target, ac.sqrt() * noise - (1 - ac).sqrt() * x0)
+
+
+def test_naive_fm_feeds_interpolant_at_T_sigma() -> None:
+    seen = {}
+
+    def net(x, t):
+        seen["x"], seen["t"] = x, t
+        return x
+
+    x0, noise = torch.randn(2, 2, 3, dtype=torch.float64)
+    sigma = torch.tensor([0.25, 0.5])
+    d2f_core.naive_fm_loss(net, x0, noise, sigma)
+    torch.testing.assert_close(seen["t"], torch.tensor([250.0, 500.0]))
+    torch.testing.assert_close(seen["x"], d2f_core.interpolant(x0, noise, sigma))
+
+
+@pytest.mark.parametrize("method", d2f_core.TIMESTEP_SAMPLERS)
+def test_timestep_samplers_cover_the_range(method: str) -> None:
+    gen = torch.Generator().manual_seed(0)
+    s = d2f_core.sample_training_sigmas(20000, method, 0.93596, generator=gen, shift=3.0)
+    assert s.dtype == torch.float32 and (s > 0).all() and (s <= 0.93596 + 1e-7).all()
+    u = s.double() / 0.93596
+    if method == "uniform":
+        assert abs(u.mean().item() - 0.5) < 0.01
+    elif method == "logit_normal":
+        assert abs(torch.logit(u).mean().item()) < 0.03 and abs(torch.logit(u).std().item() - 1) < 0.03
+    else:  # shift 3 moves the median of u to 3 * 0.5 / 2 = 0.75
+        assert abs(u.median().item() - 0.75) < 0.01
+
+
+def test_validation_loss_is_comparable_across_models() -> None:
+    """The same data scored through a diffusion model (converted) and a naive-FM model: the
+    exact velocity scores the irreducible loss, and both paths use the fixed grid and noise."""
+    assert d2f_core.validation_sigmas(8).tolist() == [(i + 0.5) / 8 for i in range(8)]
+    gmm = GaussianMixture(torch.tensor([[-1.0, 0.0], [1.0, 0.5]]), stds=0.2)
+    x0 = gmm.sample(2000, torch.Generator().manual_seed(0))
+    exact = d2f_core.fm_validation_loss(gmm.fm_velocity, x0)
+    zero = d2f_core.fm_validation_loss(lambda x, s: torch.zeros_like(x), x0)
+    assert len(exact["per_segment"]) == 8 and exact["mean"] < zero["mean"]
+    assert d2f_core.fm_validation_loss(gmm.fm_velocity, x0) == exact  # fixed noise: deterministic
+    d2f = make_d2f("v", False)
+    converted = d2f_core.fm_validation_loss(d2f.velocity_fn(optimal_network(gmm, d2f)), x0)
+    # inside [sigma_min, sigma_max] the converted optimal model scores the same per segment
+    for s, a, b in zip(exact["sigmas"], exact["per_segment"], converted["per_segment"]):
+        if s <= d2f.sigma_max:
+            assert math.isclose(a, b, rel_tol=1e-6)
+    naive = d2f_core.fm_validation_loss(d2f_core.naive_fm_velocity_fn(lambda x, t: gmm.fm_velocity(x, t / 1000)), x0)
+    assert naive["per_segment"] == pytest.approx(exact["per_segment"], rel=1e-6)

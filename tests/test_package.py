@@ -1,0 +1,45 @@
+"""Packaging rules that hold without ComfyUI: guarded registration, registry metadata, and a
+requirements.txt that never replaces the user's torch."""
+from __future__ import annotations
+
+import pathlib
+import subprocess
+import sys
+import tomllib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_root_package_imports_without_comfyui_and_registers_nothing() -> None:
+    code = (
+        "import importlib.util, sys\n"
+        f"spec = importlib.util.spec_from_file_location('d2f_pack', {str(ROOT / '__init__.py')!r}, "
+        f"submodule_search_locations=[{str(ROOT)!r}])\n"
+        "mod = importlib.util.module_from_spec(spec); sys.modules['d2f_pack'] = mod; spec.loader.exec_module(mod)\n"
+        "assert mod.NODE_CLASS_MAPPINGS == {}, mod.NODE_CLASS_MAPPINGS\n"
+        "assert mod.WEB_DIRECTORY == './web'\n"
+        "assert not [m for m in sys.modules if m.split('.')[0] in ('comfy', 'comfy_api', 'folder_paths')]\n"
+        "import d2f_core; print(d2f_core.__version__)\n"
+    )
+    env = {"PATH": "", "PYTHONPATH": str(ROOT)}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd="/")
+    assert result.returncode == 0, result.stderr
+
+
+def test_pyproject_has_registry_table_and_dependencies() -> None:
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    project = meta["project"]
+    assert "comfyui" not in project["name"].lower()
+    deps = " ".join(project["dependencies"])
+    for name in ("torch", "numpy", "safetensors", "einops", "peft"):
+        assert name in deps
+    assert "test" in project["optional-dependencies"]
+    comfy = meta["tool"]["comfy"]
+    assert {"PublisherId", "DisplayName", "Icon", "requires-comfyui"} <= set(comfy)
+    assert "Repository" in project["urls"]
+
+
+def test_requirements_txt_does_not_touch_comfyui_provided_packages() -> None:
+    lines = [line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
+    names = {line.split(">")[0].split("=")[0].split("<")[0].strip().lower() for line in lines if line}
+    assert names.isdisjoint({"torch", "torchvision", "torchaudio", "numpy", "safetensors", "einops", "transformers"})
