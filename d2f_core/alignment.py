@@ -106,6 +106,11 @@ class Diff2Flow:
         self.sigma_min = float(self._sigma_table[0])
         self.sigma_max = float(self._sigma_table[-1])
 
+    @property
+    def sigma_table(self) -> torch.Tensor:
+        """FM sigma of every integer timestep 0 .. T-1 (float64, ascending)."""
+        return self._sigma_table.clone()
+
     @classmethod
     def from_discrete_sigmas(cls, sigmas: torch.Tensor, prediction: str = "eps") -> "Diff2Flow":
         """Build from ComfyUI's ``ModelSamplingDiscrete.sigmas`` buffer (VE ``k``, ascending)."""

@@ -1,10 +1,23 @@
 """ComfyUI adapters for the Diff2Flow toolkit (imported only inside ComfyUI).
 
-Each node gathers its inputs, calls ``d2f_core`` or ``training`` and returns; no math lives here.
+Each node gathers its inputs, calls ``d2f_core`` (or ``training``) and returns; the math lives in
+``d2f_core``. Registration goes through ComfyUI's V3 API: :func:`comfy_entrypoint` returns a
+``ComfyExtension`` listing every node; node ids share the prefix ``D2F_``.
 """
 from __future__ import annotations
 
-NODES: list = []
+from comfy_api.latest import ComfyExtension, io
 
-NODE_CLASS_MAPPINGS = {node.define_schema().node_id: node for node in NODES}
-NODE_DISPLAY_NAME_MAPPINGS = {node.define_schema().node_id: node.define_schema().display_name for node in NODES}
+from .model_nodes import NODES as MODEL_NODES
+from .sampling_nodes import NODES as SAMPLING_NODES
+
+NODES: list[type[io.ComfyNode]] = [*MODEL_NODES, *SAMPLING_NODES]
+
+
+class Diff2FlowExtension(ComfyExtension):
+    async def get_node_list(self) -> list[type[io.ComfyNode]]:
+        return list(NODES)
+
+
+async def comfy_entrypoint() -> Diff2FlowExtension:
+    return Diff2FlowExtension()

@@ -1,0 +1,90 @@
+"""Diff2Flow metadata stored in a LoRA's safetensors header.
+
+The header (``safetensors`` ``__metadata__``, string to string) tells a loader how the LoRA
+was trained, so the model patch can be configured from it: which objective (a ``naive_fm``
+LoRA needs plain flow sampling, ``diff2flow`` and ``diffusion`` LoRAs the Diff2Flow patch),
+prediction type and zero terminal SNR. Keys carry the prefix ``diff2flow.``.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Mapping, Optional
+
+from .alignment import normalize_prediction
+from .objectives import OBJECTIVES
+
+__all__ = ["FORMAT_VERSION", "PREFIX", "LoraMetadata"]
+
+FORMAT_VERSION = 1
+PREFIX = "diff2flow."
+
+
+@dataclass(frozen=True)
+class LoraMetadata:
+    """What a Diff2Flow LoRA file records about its training (all fields but the first three
+    are informational)."""
+
+    objective: str
+    prediction: str
+    zero_terminal_snr: bool
+    schedule: str = "scaled_linear"
+    rank: Optional[int] = None
+    alpha: Optional[float] = None
+    algorithm: str = "LoRA"
+    steps: Optional[int] = None
+    base_model_hash: str = ""
+    format_version: int = FORMAT_VERSION
+
+    def __post_init__(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective {self.objective!r} is unknown: expected one of {', '.join(OBJECTIVES)}")
+        object.__setattr__(self, "prediction", normalize_prediction(self.prediction))
+        if self.zero_terminal_snr and self.prediction == "eps":
+            raise ValueError("zero terminal SNR is only valid for v-prediction (this metadata says eps)")
+
+    def to_header(self) -> dict[str, str]:
+        """The ``__metadata__`` entries (strings only, as safetensors requires)."""
+        out = {}
+        for key, value in asdict(self).items():
+            if value is None:
+                continue
+            out[PREFIX + key] = ("true" if value else "false") if isinstance(value, bool) else str(value)
+        return out
+
+    @classmethod
+    def from_header(cls, header: Optional[Mapping[str, str]]) -> Optional["LoraMetadata"]:
+        """Parse a safetensors header; ``None`` when it carries no Diff2Flow metadata.
+
+        Raises ``ValueError`` for a newer format version or malformed values, naming the key.
+        """
+        if not header or PREFIX + "objective" not in header:
+            return None
+        raw = {k[len(PREFIX):]: v for k, v in header.items() if k.startswith(PREFIX)}
+        version = int(raw.get("format_version", FORMAT_VERSION))
+        if version > FORMAT_VERSION:
+            raise ValueError(
+                f"this LoRA's Diff2Flow metadata has format version {version}, newer than this toolkit "
+                f"understands ({FORMAT_VERSION}): update the Diff2Flow toolkit"
+            )
+        kwargs = {}
+        types = {f.name: f.type for f in fields(cls)}
+        for key, value in raw.items():
+            if key not in types:
+                continue  # keys from newer minor versions are ignored
+            try:
+                if key in ("zero_terminal_snr",):
+                    if value not in ("true", "false"):
+                        raise ValueError(value)
+                    kwargs[key] = value == "true"
+                elif key in ("rank", "steps", "format_version"):
+                    kwargs[key] = int(value)
+                elif key == "alpha":
+                    kwargs[key] = float(value)
+                else:
+                    kwargs[key] = value
+            except ValueError as exc:
+                raise ValueError(f"malformed Diff2Flow LoRA metadata: {PREFIX}{key} = {value!r}") from exc
+        for required in ("prediction", "zero_terminal_snr"):
+            if required not in kwargs:
+                raise ValueError(f"malformed Diff2Flow LoRA metadata: {PREFIX}{required} is missing")
+        return cls(**kwargs)

@@ -1,0 +1,168 @@
+"""Sampling nodes: FM scheduler, FM Euler sampler (SAMPLER) and the Diff2Flow KSampler."""
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+
+import comfy.model_sampling as cms
+import comfy.sample
+import comfy.samplers
+import comfy.utils
+import latent_preview
+from comfy_api.latest import io
+
+import d2f_core
+
+from .model_sampling import flow_sigma_max, is_patched, patch_model
+
+CATEGORY = "Diff2Flow/sampling"
+
+STEPS_TOOLTIP = "Number of sampling steps (model evaluations for Euler; Heun uses about twice as many)."
+SHIFT_TOOLTIP = (
+    "SD3-style time shift of the FM sigma grid: 1 = uniform in sigma; > 1 spends more steps at high noise "
+    "(try 2-3 for few-step sampling or large images)."
+)
+DENOISE_TOOLTIP = "1.0 starts from pure noise (text-to-image); lower values keep more of the input latent (image-to-image)."
+
+
+def flow_sigmas(model, steps: int, shift: float, denoise: float) -> torch.Tensor:
+    """The uniform FM sigma grid of d2f_core for a flow model, as float32 SIGMAS."""
+    return d2f_core.fm_sigmas(steps, sigma_max=flow_sigma_max(model), shift=shift, denoise=denoise).float()
+
+
+def sample_flow_matching(
+    model: Callable[..., torch.Tensor],
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    extra_args: Optional[dict] = None,
+    callback: Optional[Callable[[dict], Any]] = None,
+    disable: Optional[bool] = None,
+    heun: bool = False,
+) -> torch.Tensor:
+    """k-diffusion-style sampler function: FM Euler (or Heun) on a flow model.
+
+    ComfyUI's wrapped model returns the data estimate; on a flow model (CONST: sigma = 1 is noise)
+    the velocity is ``(x - denoised) / sigma``. The sigmas are never 0 where the model is called.
+    """
+    extra_args = {} if extra_args is None else extra_args
+
+    def velocity(x_: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        denoised = model(x_, sigma.to(x_.dtype), **extra_args)
+        return (x_ - denoised) / sigma.reshape(-1, *([1] * (x_.ndim - 1))).to(x_.dtype)
+
+    def report(info: dict) -> None:
+        if callback is not None:
+            i = info["i"]
+            callback({"x": info["x"], "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": info["denoised"]})
+
+    sampler = d2f_core.sample_heun if heun else d2f_core.sample_euler
+    return sampler(velocity, x, sigmas, callback=report)
+
+
+def fm_sampler(heun: bool = False) -> comfy.samplers.KSAMPLER:
+    return comfy.samplers.KSAMPLER(sample_flow_matching, extra_options={"heun": bool(heun)})
+
+
+def as_flow_model(model):
+    """The model itself if it is already a flow model, else a Diff2Flow-patched clone."""
+    ms = model.get_model_object("model_sampling")
+    return model if is_patched(model) or isinstance(ms, cms.CONST) else patch_model(model)
+
+
+class FMScheduler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="D2F_FMScheduler",
+            display_name="FM Scheduler (Diff2Flow)",
+            category=CATEGORY,
+            description=(
+                "Flow-matching sigma schedule for SamplerCustom / SamplerCustomAdvanced: uniform in sigma from "
+                "the model's noisiest level (1.0 for zero-terminal-SNR and native flow models, 0.936 for SD "
+                "eps/v models) down to 0, with optional SD3-style shift and denoise for image-to-image."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="A flow model: the output of Diff2Flow Model Patch or Diff2Flow Checkpoint Loader."),
+                io.Int.Input("steps", default=20, min=1, max=10000, tooltip=STEPS_TOOLTIP),
+                io.Float.Input("shift", default=1.0, min=0.01, max=100.0, step=0.01, tooltip=SHIFT_TOOLTIP),
+                io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01, tooltip=DENOISE_TOOLTIP),
+            ],
+            outputs=[io.Sigmas.Output(tooltip="steps + 1 decreasing FM sigmas ending at 0.")],
+        )
+
+    @classmethod
+    def execute(cls, model, steps: int, shift: float, denoise: float) -> io.NodeOutput:
+        return io.NodeOutput(flow_sigmas(model, steps, shift, denoise))
+
+
+class FMEulerSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="D2F_FMEulerSampler",
+            display_name="FM Euler Sampler (Diff2Flow)",
+            category=CATEGORY,
+            description=(
+                "The flow-matching Euler sampler (x <- x + (sigma_next - sigma) * v) as a SAMPLER for "
+                "SamplerCustom / SamplerCustomAdvanced, with a second-order Heun option. Use it with the FM "
+                "Scheduler on a Diff2Flow-patched model; previews and progress come through the usual callback."
+            ),
+            inputs=[
+                io.Boolean.Input(
+                    "heun", default=False,
+                    tooltip="Heun's second-order correction: about twice the model evaluations, more accurate at few steps.",
+                ),
+            ],
+            outputs=[io.Sampler.Output(tooltip="FM Euler (or Heun) sampler.")],
+        )
+
+    @classmethod
+    def execute(cls, heun: bool) -> io.NodeOutput:
+        return io.NodeOutput(fm_sampler(heun))
+
+
+class Diff2FlowKSampler(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="D2F_KSampler",
+            display_name="Diff2Flow KSampler",
+            category=CATEGORY,
+            description=(
+                "KSampler for flow matching: converts an SD model with Diff2Flow if it is not converted yet, "
+                "then samples with FM Euler (or Heun) on the uniform FM sigma grid. The answer to 'how do I "
+                "sample after Diff2Flow training': this node, with the trained LoRA applied."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="An SD1.x / SD2.x / SDXL model (converted here if needed) or an already converted one."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True, tooltip="Seed of the initial noise."),
+                io.Int.Input("steps", default=20, min=1, max=10000, tooltip=STEPS_TOOLTIP),
+                io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01, tooltip="Classifier-free guidance scale (1 = no guidance)."),
+                io.Combo.Input("sampler", options=["euler", "heun"], default="euler", tooltip="FM Euler, or FM Heun (second order, ~2x evaluations)."),
+                io.Float.Input("shift", default=1.0, min=0.01, max=100.0, step=0.01, tooltip=SHIFT_TOOLTIP),
+                io.Conditioning.Input("positive", tooltip="What the image should show."),
+                io.Conditioning.Input("negative", tooltip="What the image should not show (the unconditional branch of CFG)."),
+                io.Latent.Input("latent_image", tooltip="Empty latent for text-to-image, an encoded image for image-to-image."),
+                io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01, tooltip=DENOISE_TOOLTIP),
+            ],
+            outputs=[io.Latent.Output(tooltip="The sampled latent.")],
+        )
+
+    @classmethod
+    def execute(cls, model, seed, steps, cfg, sampler, shift, positive, negative, latent_image, denoise) -> io.NodeOutput:
+        flow_model = as_flow_model(model)
+        sigmas = flow_sigmas(flow_model, steps, shift, denoise)
+        latent = latent_image.copy()
+        samples = comfy.sample.fix_empty_latent_channels(flow_model, latent["samples"])
+        noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
+        callback = latent_preview.prepare_callback(flow_model, steps)
+        latent["samples"] = comfy.sample.sample_custom(
+            flow_model, noise, cfg, fm_sampler(sampler == "heun"), sigmas, positive, negative, samples,
+            noise_mask=latent.get("noise_mask"), callback=callback,
+            disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed,
+        )
+        return io.NodeOutput(latent)
+
+
+NODES = [FMScheduler, FMEulerSampler, Diff2FlowKSampler]

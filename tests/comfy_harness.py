@@ -1,0 +1,100 @@
+"""Harness for tests that run against a real ComfyUI (found via COMFYUI_PATH).
+
+ComfyUI is not on the package index: point ``COMFYUI_PATH`` at a ComfyUI 0.8.0 source tree (with
+its requirements installed in the test environment), or place this repository in
+``<ComfyUI>/custom_nodes/``. Without it, every ComfyUI test skips with that reason.
+Models are tiny SD-architecture UNets with random weights built through ComfyUI's own classes.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import pathlib
+import sys
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SKIP_REASON = "ComfyUI not found: set COMFYUI_PATH to a ComfyUI 0.8.0 source tree (or install this pack in ComfyUI/custom_nodes)"
+
+
+def find_comfyui() -> pathlib.Path | None:
+    candidates = [os.environ.get("COMFYUI_PATH", "")]
+    if ROOT.parent.name == "custom_nodes":
+        candidates.append(str(ROOT.parent.parent))
+    for c in candidates:
+        if c and (pathlib.Path(c) / "comfy" / "model_management.py").is_file():
+            return pathlib.Path(c).resolve()
+    return None
+
+
+COMFYUI = find_comfyui()
+if COMFYUI is not None and str(COMFYUI) not in sys.path:
+    sys.path.insert(0, str(COMFYUI))
+    try:
+        import comfy.cli_args
+
+        # choose the device before comfy.model_management is imported (CPU unless CUDA is present)
+        import torch
+
+        comfy.cli_args.args.cpu = not torch.cuda.is_available()
+        import utils.install_util  # noqa: F401  (ComfyUI's utils package, before `nodes` shadows it)
+    except ImportError as exc:  # a tree whose requirements are not installed
+        COMFYUI_IMPORT_ERROR = f"ComfyUI at {COMFYUI} could not be imported ({exc}); install its requirements.txt"
+        COMFYUI = None
+    else:
+        COMFYUI_IMPORT_ERROR = ""
+else:
+    COMFYUI_IMPORT_ERROR = ""
+
+
+def require_comfyui() -> None:
+    """Skip the calling test module when ComfyUI is unavailable (call at module top)."""
+    if COMFYUI is None:
+        pytest.skip(COMFYUI_IMPORT_ERROR or SKIP_REASON, allow_module_level=True)
+
+
+TINY_UNET = {
+    "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
+    "adm_in_channels": None, "in_channels": 4, "out_channels": 4, "model_channels": 32,
+    "num_res_blocks": [1, 1], "channel_mult": [1, 2], "transformer_depth": [1, 1],
+    "transformer_depth_output": [1, 1, 1, 1], "transformer_depth_middle": 1, "context_dim": 64,
+    "use_linear_in_transformer": False, "use_temporal_resblock": False, "use_temporal_attention": False,
+}
+CONTEXT_DIM = 64
+
+
+def randomize_(module, seed: int = 0, std: float = 0.05):
+    """comfy.ops layers skip initialisation: fill every parameter deterministically."""
+    import torch
+
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if "norm" in name and p.ndim == 1 and name.endswith("weight"):
+                p.fill_(1.0)
+            else:
+                p.copy_(torch.randn(p.shape, generator=gen) * std)
+    return module
+
+
+def build_tiny_model(kind: str = "eps", seed: int = 0):
+    """A ModelPatcher around a tiny SD1.x-eps ("eps") or SD2.x-v ("v") UNet with random weights."""
+    import torch
+
+    import comfy.model_base
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
+
+    if kind == "eps":
+        cfg = comfy.supported_models.SD15(dict(TINY_UNET))
+        model_type = comfy.model_base.ModelType.EPS
+    else:
+        cfg = comfy.supported_models.SD20(dict(TINY_UNET, use_linear_in_transformer=True, model_channels=64))
+        model_type = comfy.model_base.ModelType.V_PREDICTION
+    cfg.set_inference_dtype(torch.float32, None)
+    device = comfy.model_management.get_torch_device()
+    model = comfy.model_base.BaseModel(cfg, model_type=model_type, device=torch.device("cpu"))
+    randomize_(model, seed)
+    return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))

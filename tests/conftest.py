@@ -1,0 +1,57 @@
+"""Fixtures for the tests that need ComfyUI (see comfy_harness for how ComfyUI is found)."""
+from __future__ import annotations
+
+import asyncio
+import sys
+
+import pytest
+
+from comfy_harness import COMFYUI, COMFYUI_IMPORT_ERROR, CONTEXT_DIM, ROOT, SKIP_REASON, build_tiny_model
+
+
+@pytest.fixture(scope="session")
+def comfy_nodes():
+    """ComfyUI's node registry with the built-in extra nodes and this pack loaded."""
+    if COMFYUI is None:
+        pytest.skip(COMFYUI_IMPORT_ERROR or SKIP_REASON)
+    import nodes
+
+    async def load() -> bool:
+        await nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False)
+        return await nodes.load_custom_node(str(ROOT))
+
+    assert asyncio.run(load()), "the Diff2Flow pack failed to load into ComfyUI (see log)"
+    assert "D2F_ModelPatch" in nodes.NODE_CLASS_MAPPINGS
+    return nodes.NODE_CLASS_MAPPINGS
+
+
+@pytest.fixture(scope="session")
+def pack(comfy_nodes):
+    """This pack's node modules as ComfyUI loaded them."""
+    import importlib
+
+    package = sys.modules[comfy_nodes["D2F_ModelPatch"].__module__].__package__  # "<pack>.nodes"
+
+    class Pack:
+        model_sampling = importlib.import_module(package + ".model_sampling")
+        sampling_nodes = importlib.import_module(package + ".sampling_nodes")
+        model_nodes = importlib.import_module(package + ".model_nodes")
+        nodes = comfy_nodes
+
+    return Pack
+
+
+@pytest.fixture
+def tiny_model(comfy_nodes):
+    return build_tiny_model
+
+
+@pytest.fixture
+def conditioning(comfy_nodes):
+    import torch
+
+    def make(seed: int = 0, batch: int = 1):
+        gen = torch.Generator().manual_seed(seed)
+        return [[torch.randn(batch, 77, CONTEXT_DIM, generator=gen), {}]]
+
+    return make
