@@ -104,10 +104,16 @@ def prediction_of(ms: object) -> str:
             "models natively); Diff2Flow converts diffusion models (SD1.x, SD2.x, SDXL). Sample it directly "
             "with the FM scheduler and sampler."
         )
-    if isinstance(ms, cms.EDM) or not isinstance(ms, cms.EPS):
+    if not isinstance(ms, cms.EPS):
         raise ValueError(
             f"cannot convert a model with {name} model sampling: Diff2Flow needs a discrete eps- or "
-            "v-prediction diffusion model (SD1.x, SD2.x, SDXL); EDM / continuous-time models are not supported."
+            "v-prediction diffusion model (SD1.x, SD2.x, SDXL)."
+        )
+    continuous = (cms.ModelSamplingContinuousEDM, cms.ModelSamplingDiscreteEDM)
+    if isinstance(ms, cms.EDM) or isinstance(ms, continuous):
+        raise ValueError(
+            f"cannot convert a model with {name} model sampling: EDM / continuous-time models are not "
+            "supported; Diff2Flow needs ComfyUI's discrete 1000-step VP schedule (SD1.x, SD2.x, SDXL)."
         )
     if isinstance(ms, cms.X0) or any(c.__name__ == "LCM" for c in type(ms).__mro__):
         raise ValueError(
