@@ -1,0 +1,198 @@
+"""The training loop: Diff2Flow / naive-FM / diffusion fine-tuning of weight adapters.
+
+Everything random (batch choice, caption dropout, noise, sigma or tau) is drawn from ONE CPU
+``torch.Generator`` seeded from the config; it is part of the training state, so ``N`` steps +
+resume + ``N`` steps equals ``2N`` straight steps. The loss comes from ``d2f_core.objective_loss``
+(velocity space from the raw network output for the FM objectives, MATH.md section 6).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional
+
+import torch
+
+from d2f_core import Diff2Flow, objective_loss
+from d2f_core.lora import WeightAdapter
+
+from .config import TrainConfig
+from .data import TrainingData
+
+Network = Callable[..., torch.Tensor]
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class TrainingError(RuntimeError):
+    """A run that cannot continue (non-finite loss, incompatible resume state)."""
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    losses: list[float]
+    seconds: float
+    stopped_early: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def lr_lambda(config: TrainConfig) -> Callable[[int], float]:
+    """Multiplier of the base learning rate after ``step`` optimizer steps: linear warmup, then
+    constant, cosine (to 0) or linear (to 0) decay over the remaining steps."""
+
+    def factor(step: int) -> float:
+        if step < config.warmup_steps:
+            return (step + 1) / (config.warmup_steps + 1)
+        if config.lr_schedule == "constant":
+            return 1.0
+        span = max(1, config.steps - config.warmup_steps)
+        progress = min(1.0, (step - config.warmup_steps) / span)
+        if config.lr_schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0 - progress
+
+    return factor
+
+
+def build_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    if name == "AdamW":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "Adam":
+        return torch.optim.Adam(params, lr=lr)
+    if name == "SGD":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
+    try:
+        import bitsandbytes as bnb  # optional: 8-bit optimizer states
+    except ImportError as exc:
+        raise ValueError("optimizer AdamW8bit needs the bitsandbytes package (pip install bitsandbytes); choose AdamW otherwise") from exc
+    return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
+
+
+class Trainer:
+    """Optimises ``adapters`` (already attached to ``network``) under ``config.objective``.
+
+    Args:
+        network: ``network(x_in, timestep, **cond) -> raw output`` with the adapters in its weights.
+        adapters: the trainable adapters by module name (their parameters are optimised).
+        d2f: the alignment of the base model's schedule and prediction type.
+        config: the run's options. data: the training samples.
+        device: where the batches go (the network's device).
+    """
+
+    def __init__(self, network: Network, adapters: dict[str, WeightAdapter], d2f: Diff2Flow, config: TrainConfig,
+                 data: TrainingData, device: torch.device | str = "cpu") -> None:
+        if config.zero_terminal_snr and not d2f.zero_terminal_snr:
+            raise ValueError("config.zero_terminal_snr is set but the alignment's schedule has no zero terminal SNR")
+        self.network, self.adapters, self.d2f, self.config, self.data = network, adapters, d2f, config, data
+        self.device = torch.device(device)
+        self.params = [p for a in adapters.values() for p in a.parameters() if p.requires_grad]
+        if not self.params:
+            raise ValueError("there is nothing to train: no adapter parameters")
+        self.optimizer = build_optimizer(config.optimizer, self.params, config.learning_rate, config.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config))
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.dtype == "fp16")
+        self.generator = torch.Generator().manual_seed(config.seed)
+        self.step = 0
+        self.losses: list[float] = []
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "format": "diff2flow-training-state/1",
+            "step": self.step,
+            "losses": list(self.losses),
+            "config": self.config.to_dict(),
+            "fingerprint": self.config.fingerprint(),
+            "adapters": {name: {k: v.detach().cpu() for k, v in a.state_dict().items()} for name, a in self.adapters.items()},
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "generator": self.generator.get_state(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue a saved run; refuses a state written under different trajectory options."""
+        saved = TrainConfig.from_dict(state["config"])
+        diff = self.config.differences(saved)
+        if diff:
+            listed = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
+            raise TrainingError(f"the resume state comes from a different configuration ({listed}); use the saved settings or start a new run")
+        if set(state["adapters"]) != set(self.adapters):
+            raise TrainingError("the resume state's adapters do not match this model's target layers")
+        with torch.no_grad():
+            for name, adapter in self.adapters.items():
+                adapter.load_state_dict(state["adapters"][name])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.generator.set_state(state["generator"])
+        self.step = int(state["step"])
+        self.losses = list(state["losses"])
+
+    # ------------------------------------------------------------------ loop
+    def _micro_batch_loss(self) -> torch.Tensor:
+        cfg = self.config
+        indices = self.data.draw_indices(cfg.batch_size, self.generator)
+        dropout = None
+        if cfg.caption_dropout > 0 and self.data.uncond is not None:
+            dropout = torch.rand(cfg.batch_size, generator=self.generator) < cfg.caption_dropout
+        x0, cond = self.data.batch(indices, dropout)
+        x0 = x0.to(self.device, torch.float32)
+        cond = {k: v.to(self.device) for k, v in cond.items()}
+        autocast = AUTOCAST_DTYPES.get(cfg.dtype)
+        amp = torch.autocast(self.device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
+        with amp:
+            out = objective_loss(
+                cfg.objective, self.network, self.d2f, x0, timestep_sampling=cfg.timestep_sampling,
+                logit_mean=cfg.logit_mean, logit_std=cfg.logit_std, shift=cfg.shift, generator=self.generator, **cond,
+            )
+        return out.loss.float()
+
+    def train_step(self) -> float:
+        """One optimizer step over ``grad_accumulation`` micro-batches; returns the mean loss."""
+        cfg = self.config
+        self.optimizer.zero_grad(set_to_none=True)
+        total = 0.0
+        for _ in range(cfg.grad_accumulation):
+            loss = self._micro_batch_loss()
+            if not torch.isfinite(loss):
+                hint = {
+                    "fp16": "fp16 overflows easily: train in bf16 or fp32",
+                    "bf16": "try fp32, or a lower learning rate",
+                    "fp32": "lower the learning rate",
+                }[cfg.dtype]
+                raise TrainingError(
+                    f"the loss became {loss.item()} at step {self.step + 1} (learning rate "
+                    f"{self.scheduler.get_last_lr()[0]:.3g}, dtype {cfg.dtype}): {hint}. Nothing from this step was saved."
+                )
+            self.scaler.scale(loss / cfg.grad_accumulation).backward()
+            total += loss.item() / cfg.grad_accumulation
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.step += 1
+        self.losses.append(total)
+        return total
+
+    def run(
+        self,
+        on_step: Optional[Callable[[int, float, float], None]] = None,
+        check_cancel: Optional[Callable[[], None]] = None,
+        save: Optional[Callable[["Trainer"], None]] = None,
+    ) -> TrainResult:
+        """Train until ``config.steps``. ``on_step(step, loss, lr)`` reports progress,
+        ``check_cancel()`` raises to stop (before each step), ``save(trainer)`` is called every
+        ``save_every`` steps. Exceptions propagate after the last completed save."""
+        start = time.perf_counter()
+        first = self.step
+        while self.step < self.config.steps:
+            if check_cancel is not None:
+                check_cancel()
+            loss = self.train_step()
+            if on_step is not None:
+                on_step(self.step, loss, self.scheduler.get_last_lr()[0])
+            if save is not None and self.config.save_every and self.step % self.config.save_every == 0:
+                save(self)
+        return TrainResult(self.step - first, list(self.losses), time.perf_counter() - start)

@@ -1,0 +1,75 @@
+"""Files a training run writes: LoRA safetensors with Diff2Flow metadata and the training state.
+
+Every write is atomic: the data goes to a temporary file in the same folder, is flushed to disk,
+then renamed over the final name. An interrupted or failed write (a full disk included) never
+leaves a corrupt file under the final name, and the previous file stays as it was.
+"""
+from __future__ import annotations
+
+import errno
+import os
+import pathlib
+import re
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import save_file
+
+from d2f_core.lora_metadata import LoraMetadata
+
+__all__ = ["atomic_write", "save_lora", "save_training_state", "load_training_state", "sanitize_filename"]
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> pathlib.Path:
+    """Call ``write(tmp_path)`` and rename the result to ``path`` (same folder, so the rename is atomic)."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        write(str(tmp))
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        if exc.errno == errno.ENOSPC:
+            raise OSError(exc.errno, f"disk full while writing {path}; the previous file (if any) was kept") from exc
+        raise
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_lora(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: LoraMetadata | None = None,
+              extra_metadata: dict[str, str] | None = None) -> pathlib.Path:
+    """Write LoRA tensors (ComfyUI-native keys) as safetensors with Diff2Flow metadata."""
+    header = dict(extra_metadata or {})
+    if metadata is not None:
+        header.update(metadata.to_header())
+    data = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    return atomic_write(path, lambda tmp: save_file(data, tmp, metadata=header))
+
+
+def save_training_state(path: str | os.PathLike, state: dict[str, Any]) -> pathlib.Path:
+    return atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_training_state(path: str | os.PathLike) -> dict[str, Any]:
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"training state {path} does not exist: point resume at a *.state.pt file written by a periodic save")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._ -]+")
+
+
+def sanitize_filename(name: str, suffix: str = ".safetensors") -> str:
+    """A plain file name from user text: no folders, no '..', no control or odd characters."""
+    stem = pathlib.PurePath(str(name).replace("\\", "/")).name
+    if stem.endswith(suffix):
+        stem = stem[: -len(suffix)]
+    stem = _UNSAFE.sub("_", stem).strip(" .")
+    stem = stem.replace(" ", "_")
+    return (stem or "diff2flow_lora") + suffix

@@ -1,0 +1,42 @@
+"""A tiny pure-PyTorch denoiser with LoRA adapters for the engine tests (no ComfyUI)."""
+from __future__ import annotations
+
+import torch
+
+import d2f_core
+from d2f_core.lora import attach_parametrizations, make_adapter, select_target_modules
+from d2f_core.tests.nets import TinyDenoiser
+
+from training import TrainConfig, Trainer, TrainingData
+
+
+class CondNet(torch.nn.Module):
+    """TinyDenoiser called as net(x, t, context=...) like an SD UNet."""
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.inner = TinyDenoiser(channels=4, width=16, cond_dim=4)
+
+    def forward(self, x, t, context=None):
+        return self.inner(x, t, None if context is None else context.mean(1))
+
+
+def make_run(config: TrainConfig, prediction: str = "eps", n: int = 4, model_seed: int = 0):
+    """(trainer, net, adapters) on a fixed handful of 8x8 latents."""
+    net = CondNet(model_seed)
+    for p in net.parameters():
+        p.requires_grad_(False)
+    modules = select_target_modules(net, "all")
+    gen = torch.Generator().manual_seed(123)
+    adapters = {name: make_adapter(config.algorithm, m.weight.shape, config.rank, config.alpha, gen) for name, m in modules.items()}
+    attach_parametrizations(modules, adapters)
+    data_gen = torch.Generator().manual_seed(7)
+    latents = [torch.randn(4, 8, 8, generator=data_gen) for _ in range(n)]
+    conds = [{"context": torch.randn(1, 3, 4, generator=data_gen)} for _ in range(n)]
+    data = TrainingData(latents, conds, uncond={"context": torch.zeros(1, 3, 4)})
+    ac = d2f_core.scaled_linear()
+    if config.zero_terminal_snr:
+        ac = d2f_core.rescale_zero_terminal_snr(ac)
+    d2f = d2f_core.Diff2Flow(ac, prediction)
+    return Trainer(net, adapters, d2f, config, data), net, adapters
