@@ -36,6 +36,7 @@ def pack(comfy_nodes):
         model_sampling = importlib.import_module(package + ".model_sampling")
         sampling_nodes = importlib.import_module(package + ".sampling_nodes")
         model_nodes = importlib.import_module(package + ".model_nodes")
+        train_nodes = importlib.import_module(package + ".train_nodes")
         nodes = comfy_nodes
 
     return Pack

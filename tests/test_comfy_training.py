@@ -1,0 +1,192 @@
+"""Train Diff2Flow LoRA / Save Diff2Flow LoRA in a real ComfyUI 0.8.0, on tiny random models."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from comfy_harness import require_comfyui
+
+require_comfyui()
+
+import comfy.model_management  # noqa: E402
+import comfy.sample  # noqa: E402
+import comfy.samplers  # noqa: E402
+import folder_paths  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+
+import d2f_core  # noqa: E402
+from d2f_core.lora_metadata import LoraMetadata  # noqa: E402
+from training import TrainConfig  # noqa: E402
+
+LATENT = (4, 8, 8)
+
+
+@pytest.fixture
+def loras_dir(tmp_path, comfy_nodes):
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    saved = folder_paths.folder_names_and_paths["loras"]
+    folder_paths.folder_names_and_paths["loras"] = ([str(folder)], saved[1])
+    folder_paths.filename_list_cache.clear() if hasattr(folder_paths, "filename_list_cache") else None
+    yield folder
+    folder_paths.folder_names_and_paths["loras"] = saved
+
+
+def batch(n: int = 4, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    latents = [{"samples": torch.randn(n, *LATENT, generator=gen) * 5}]
+    positive = [[[torch.randn(1, 77, 64, generator=gen), {}]] for _ in range(n)]
+    negative = [[[torch.zeros(1, 77, 64), {}]]]
+    return latents, positive, negative
+
+
+def train(pack, model, config: TrainConfig, n: int = 4, **kw):
+    latents, positive, negative = batch(n)
+    return pack.train_nodes.train_lora(model, latents, positive, negative, config, **kw)
+
+
+def unet_output(model, x, sigma_ve, cond):
+    comfy.model_management.load_models_gpu([model])
+    with torch.no_grad():
+        return model.model.apply_model(x, sigma_ve, c_crossattn=cond).float()
+
+
+@pytest.mark.parametrize("objective", d2f_core.OBJECTIVES)
+@pytest.mark.parametrize("kind", ["eps", "v"])
+def test_each_objective_trains_with_finite_decreasing_loss(pack, tiny_model, objective, kind) -> None:
+    base = tiny_model(kind)
+    config = TrainConfig(objective=objective, steps=60, batch_size=4, learning_rate=1e-2, rank=4, alpha=4, targets="all", seed=1)
+    latents, positive, _ = batch(4)
+    data = pack.train_nodes.build_training_data(base, latents, positive, None)
+    d2f = pack.model_sampling.patch_model(base).get_model_object("model_sampling").d2f
+
+    def fixed_loss(model) -> float:  # the objective on the same noise and times, before and after
+        comfy.model_management.load_models_gpu([model])
+        unet = model.model.diffusion_model
+        x0, cond = data.batch(list(range(4)))
+        gen = torch.Generator().manual_seed(99)
+        with torch.no_grad():
+            return sum(
+                d2f_core.objective_loss(objective, lambda x, t, context: unet(x, t, context=context), d2f, x0, generator=gen, **cond).loss.item()
+                for _ in range(8)
+            ) / 8
+
+    before = fixed_loss(base)
+    trained, lora, losses, steps = train(pack, base, config)
+    loss = losses["loss"]
+    assert steps == 60 and len(loss) == 60 and all(math.isfinite(v) for v in loss)
+    after = fixed_loss(trained)
+    assert after < 0.97 * before, (before, after)  # same draws: any drop is learning
+    assert lora.metadata.objective == objective and lora.metadata.prediction == kind
+
+
+def test_saved_lora_loads_in_stock_loader_and_matches_trained_model(pack, tiny_model, comfy_nodes, loras_dir, caplog) -> None:
+    base = tiny_model("eps")
+    config = TrainConfig(objective="diff2flow", steps=5, batch_size=2, learning_rate=1e-2, targets="all", algorithm="LoRA")
+    trained, lora, _, _ = train(pack, base, config)
+    (name,) = comfy_nodes["D2F_SaveLoRA"].execute(lora, "my/../lora test", False).result
+    assert name == "lora_test.safetensors" and (loras_dir / name).is_file()
+    with safe_open(str(loras_dir / name), framework="pt") as f:
+        meta = LoraMetadata.from_header(f.metadata())
+        assert meta.steps == 5 and meta.rank == 8 and meta.objective == "diff2flow"
+    caplog.set_level("WARNING")
+    (loaded,) = comfy_nodes["LoraLoaderModelOnly"]().load_lora_model_only(base, name, 1.0)
+    assert "lora key not loaded" not in caplog.text
+    assert len(loaded.patches) == len(lora) // 3  # every adapter (up, down, alpha) became one patch
+    # the stock-loaded model (unpatched sampling) and the trained MODEL give the same data estimate
+    flow = pack.model_sampling.patch_model(loaded)
+    x = torch.randn(1, *LATENT)
+    cond = torch.randn(1, 77, 64)
+    sigma = torch.tensor([0.5])
+    a, b = unet_output(trained, x, sigma, cond), unet_output(flow, x, sigma, cond)
+    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+    unchanged = unet_output(pack.model_sampling.patch_model(base), x, sigma, cond)
+    assert not torch.allclose(unchanged, a), "the LoRA changed nothing"
+    # a second save never overwrites
+    (second,) = comfy_nodes["D2F_SaveLoRA"].execute(lora, "lora test", False).result
+    assert second == "lora_test_001.safetensors"
+
+
+def test_input_model_unchanged_after_training(pack, tiny_model, conditioning) -> None:
+    model = tiny_model("v")
+    ms = model.get_model_object("model_sampling")
+    sigmas = comfy.samplers.calculate_sigmas(ms, "normal", 3)
+    latent = torch.zeros(1, *LATENT)
+    noise = comfy.sample.prepare_noise(latent, 0)
+    cond = conditioning(1)
+
+    def run():
+        return comfy.sample.sample_custom(model, noise, 2.0, comfy.samplers.sampler_object("euler"), sigmas, cond, cond, latent, disable_pbar=True, seed=0)
+
+    before = run()
+    train(pack, model, TrainConfig(steps=3, batch_size=2, learning_rate=1e-2, targets="all"))
+    assert torch.equal(before, run())
+
+
+def test_resume_equals_straight_run(pack, tiny_model, loras_dir) -> None:
+    cfg = dict(steps=6, batch_size=2, learning_rate=1e-3, save_every=3, seed=4)
+    _, straight, _, _ = train(pack, tiny_model("eps"), TrainConfig(**cfg), output_name="straight")
+    _, _, _, _ = train(pack, tiny_model("eps"), TrainConfig(**{**cfg, "steps": 3}), output_name="half")
+    _, resumed, losses, steps = train(pack, tiny_model("eps"), TrainConfig(**cfg), output_name="half", resume_from="half.d2fstate")
+    assert steps == 6 and len(losses["loss"]) == 6
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=1e-6, atol=1e-7)
+    assert (loras_dir / "half_000003.safetensors").is_file() and (loras_dir / "half_000006.safetensors").is_file()
+
+
+def test_cancel_keeps_last_periodic_save_loadable(pack, tiny_model, loras_dir, comfy_nodes, monkeypatch) -> None:
+    report = pack.train_nodes.report_progress
+
+    def press_cancel_at_step_five(pbar, steps, step, loss, lr):  # what ComfyUI's Cancel button does
+        report(pbar, steps, step, loss, lr)
+        if step == 5:
+            comfy.model_management.interrupt_current_processing(True)
+
+    monkeypatch.setattr(pack.train_nodes, "report_progress", press_cancel_at_step_five)
+    try:
+        with pytest.raises(comfy.model_management.InterruptProcessingException):
+            train(pack, tiny_model("eps"), TrainConfig(steps=20, batch_size=1, save_every=2), output_name="cancelled")
+    finally:
+        comfy.model_management.interrupt_current_processing(False)
+    saves = sorted(p.name for p in loras_dir.iterdir())
+    assert saves == ["cancelled.d2fstate", "cancelled_000002.safetensors", "cancelled_000004.safetensors"]
+    (loaded,) = comfy_nodes["LoraLoaderModelOnly"]().load_lora_model_only(tiny_model("eps"), "cancelled_000004.safetensors", 1.0)
+    assert loaded.patches
+
+
+def test_nan_loss_stops_with_step_and_cause(pack, tiny_model) -> None:
+    with pytest.raises(Exception, match=r"loss became (nan|inf) at step \d+ .*learning rate"):
+        train(pack, tiny_model("eps"), TrainConfig(steps=50, batch_size=2, learning_rate=1e3, optimizer="SGD", targets="all"))
+
+
+def test_clear_errors_before_training(pack, tiny_model) -> None:
+    model = tiny_model("eps")
+    cfg = TrainConfig(steps=1)
+    with pytest.raises(ValueError, match="4 latents but 2 positive conditionings"):
+        latents, positive, _ = batch(4)
+        pack.train_nodes.train_lora(model, latents, positive[:2], None, cfg)
+    with pytest.raises(ValueError, match="needs 4 latent channels"):
+        pack.train_nodes.train_lora(model, [{"samples": torch.zeros(1, 16, 8, 8)}], batch(1)[1], None, cfg)
+    with pytest.raises(ValueError, match="latents is empty"):
+        pack.train_nodes.train_lora(model, [], batch(1)[1], None, cfg)
+    with pytest.raises(ValueError, match="only valid for v-prediction"):
+        train(pack, model, TrainConfig(steps=1, zero_terminal_snr=True))
+
+
+def test_node_loss_equals_d2f_core_loss(pack, tiny_model) -> None:
+    """One step of the node's engine computes exactly d2f_core's diff2flow loss on the same draws."""
+    model = tiny_model("v")
+    latents, positive, negative = batch(2)
+    config = TrainConfig(steps=1, batch_size=2, seed=11, learning_rate=1e-9)
+    _, _, losses, _ = pack.train_nodes.train_lora(model, latents, positive, None, config)
+    data = pack.train_nodes.build_training_data(model, latents, positive, None)
+    d2f = pack.model_sampling.patch_model(model).get_model_object("model_sampling").d2f
+    gen = torch.Generator().manual_seed(11)
+    gen_adapters = torch.Generator().manual_seed(11)  # noqa: F841  (adapters start as identity)
+    x0, cond = data.batch(data.draw_indices(2, gen))
+    comfy.model_management.load_models_gpu([model])
+    unet = model.model.diffusion_model
+    expected = d2f_core.objective_loss("diff2flow", lambda x, t, context: unet(x, t, context=context), d2f, x0, generator=gen, **cond).loss.item()
+    assert losses["loss"][0] == pytest.approx(expected, rel=1e-5)
