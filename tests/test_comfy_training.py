@@ -82,9 +82,10 @@ def test_each_objective_trains_with_finite_decreasing_loss(pack, tiny_model, obj
     assert lora.metadata.objective == objective and lora.metadata.prediction == kind
 
 
-def test_saved_lora_loads_in_stock_loader_and_matches_trained_model(pack, tiny_model, comfy_nodes, loras_dir, caplog) -> None:
+@pytest.mark.parametrize("algorithm,targets", [("LoRA", "all"), ("LoHa", "attention_ff")])
+def test_saved_lora_loads_in_stock_loader_and_matches_trained_model(pack, tiny_model, comfy_nodes, loras_dir, caplog, algorithm, targets) -> None:
     base = tiny_model("eps")
-    config = TrainConfig(objective="diff2flow", steps=5, batch_size=2, learning_rate=1e-2, targets="all", algorithm="LoRA")
+    config = TrainConfig(objective="diff2flow", steps=5, batch_size=2, learning_rate=1e-2, targets=targets, algorithm=algorithm)
     trained, lora, _, _ = train(pack, base, config)
     (name,) = comfy_nodes["D2F_SaveLoRA"].execute(lora, "my/../lora test", False).result
     assert name == "lora_test.safetensors" and (loras_dir / name).is_file()
@@ -94,7 +95,8 @@ def test_saved_lora_loads_in_stock_loader_and_matches_trained_model(pack, tiny_m
     caplog.set_level("WARNING")
     (loaded,) = comfy_nodes["LoraLoaderModelOnly"]().load_lora_model_only(base, name, 1.0)
     assert "lora key not loaded" not in caplog.text
-    assert len(loaded.patches) == len(lora) // 3  # every adapter (up, down, alpha) became one patch
+    per_adapter = 3 if algorithm == "LoRA" else 5  # (up, down, alpha) or (4 hada factors, alpha)
+    assert len(loaded.patches) == len(lora) // per_adapter  # every adapter became one patch
     # the stock-loaded model (unpatched sampling) and the trained MODEL give the same data estimate
     flow = pack.model_sampling.patch_model(loaded)
     x = torch.randn(1, *LATENT)
@@ -190,3 +192,13 @@ def test_node_loss_equals_d2f_core_loss(pack, tiny_model) -> None:
     unet = model.model.diffusion_model
     expected = d2f_core.objective_loss("diff2flow", lambda x, t, context: unet(x, t, context=context), d2f, x0, generator=gen, **cond).loss.item()
     assert losses["loss"][0] == pytest.approx(expected, rel=1e-5)
+
+
+def test_gradient_checkpointing_gives_the_same_training(pack, tiny_model) -> None:
+    cfg = dict(steps=3, batch_size=2, learning_rate=1e-2, targets="all", seed=2)
+    _, plain, _, _ = train(pack, tiny_model("v"), TrainConfig(**cfg))
+    model = tiny_model("v")
+    _, ckpt, _, _ = train(pack, model, TrainConfig(**cfg, gradient_checkpointing=True))
+    for key in plain:
+        torch.testing.assert_close(ckpt[key], plain[key], rtol=1e-5, atol=1e-6)
+    assert all("forward" not in block.__dict__ for block in model.model.diffusion_model.output_blocks)  # restored
