@@ -15,7 +15,7 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from d2f_core import Diff2Flow, objective_loss
+from d2f_core import Diff2Flow, diff2flow_loss, diffusion_loss, naive_fm_loss, sample_training_sigmas
 from d2f_core.lora import WeightAdapter
 
 from .config import TrainConfig
@@ -79,14 +79,25 @@ class Trainer:
         d2f: the alignment of the base model's schedule and prediction type.
         config: the run's options. data: the training samples.
         device: where the batches go (the network's device).
+        rank, world_size: data-parallel position (torchrun). Every process draws the same global
+            batch, noise and times from the shared generator and trains its shard; gradients and
+            losses are averaged across processes, so N processes give the 1-process result.
     """
 
     def __init__(self, network: Network, adapters: dict[str, WeightAdapter], d2f: Diff2Flow, config: TrainConfig,
-                 data: TrainingData, device: torch.device | str = "cpu") -> None:
+                 data: TrainingData, device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1) -> None:
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} does not fit world_size {world_size}")
+        if config.batch_size % world_size:
+            raise ValueError(
+                f"batch_size {config.batch_size} (the global batch) must be divisible by the number of processes "
+                f"({world_size}): each process trains an equal shard of every batch"
+            )
         if config.zero_terminal_snr and not d2f.zero_terminal_snr:
             raise ValueError("config.zero_terminal_snr is set but the alignment's schedule has no zero terminal SNR")
         self.network, self.adapters, self.d2f, self.config, self.data = network, adapters, d2f, config, data
         self.device = torch.device(device)
+        self.rank, self.world_size = rank, world_size
         self.params = [p for a in adapters.values() for p in a.parameters() if p.requires_grad]
         if not self.params:
             raise ValueError("there is nothing to train: no adapter parameters")
@@ -133,22 +144,50 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def _micro_batch_loss(self) -> torch.Tensor:
-        cfg = self.config
-        indices = self.data.draw_indices(cfg.batch_size, self.generator)
+        """This process's shard of one global micro-batch. Draw order (indices, dropout, noise,
+        times) matches ``d2f_core.objective_loss`` with the same generator."""
+        cfg, gen = self.config, self.generator
+        indices = self.data.draw_indices(cfg.batch_size, gen)
         dropout = None
         if cfg.caption_dropout > 0 and self.data.uncond is not None:
-            dropout = torch.rand(cfg.batch_size, generator=self.generator) < cfg.caption_dropout
+            dropout = torch.rand(cfg.batch_size, generator=gen) < cfg.caption_dropout
         x0, cond = self.data.batch(indices, dropout)
-        x0 = x0.to(self.device, torch.float32)
-        cond = {k: v.to(self.device) for k, v in cond.items()}
+        noise = torch.randn(x0.shape, generator=gen, dtype=torch.float32)
+        if cfg.objective == "diffusion":
+            times = torch.randint(0, self.d2f.num_timesteps, (cfg.batch_size,), generator=gen)
+        else:
+            times = sample_training_sigmas(
+                cfg.batch_size, cfg.timestep_sampling, self.d2f.sigma_max, logit_mean=cfg.logit_mean,
+                logit_std=cfg.logit_std, shift=cfg.shift, generator=gen,
+            )
+        shard = slice(self.rank * cfg.batch_size // self.world_size, (self.rank + 1) * cfg.batch_size // self.world_size)
+        x0, noise, times = (t[shard].to(self.device) for t in (x0, noise, times))
+        x0 = x0.float()
+        cond = {k: v[shard].to(self.device) for k, v in cond.items()}
         autocast = AUTOCAST_DTYPES.get(cfg.dtype)
         amp = torch.autocast(self.device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
         with amp:
-            out = objective_loss(
-                cfg.objective, self.network, self.d2f, x0, timestep_sampling=cfg.timestep_sampling,
-                logit_mean=cfg.logit_mean, logit_std=cfg.logit_std, shift=cfg.shift, generator=self.generator, **cond,
-            )
+            if cfg.objective == "diff2flow":
+                out = diff2flow_loss(self.network, self.d2f, x0, noise, times, **cond)
+            elif cfg.objective == "naive_fm":
+                out = naive_fm_loss(self.network, x0, noise, times, num_timesteps=self.d2f.num_timesteps, **cond)
+            else:
+                out = diffusion_loss(self.network, self.d2f, x0, noise, times, **cond)
         return out.loss.float()
+
+    def _all_reduce_mean(self, tensors: list[torch.Tensor]) -> None:
+        """Average tensors across processes in one flat all-reduce (gradient synchronisation)."""
+        if self.world_size == 1:
+            return
+        import torch.distributed as dist
+
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat)
+        flat /= self.world_size
+        offset = 0
+        for t in tensors:
+            t.copy_(flat[offset : offset + t.numel()].view_as(t))
+            offset += t.numel()
 
     def train_step(self) -> float:
         """One optimizer step over ``grad_accumulation`` micro-batches; returns the mean loss."""
@@ -157,18 +196,27 @@ class Trainer:
         total = 0.0
         for _ in range(cfg.grad_accumulation):
             loss = self._micro_batch_loss()
-            if not torch.isfinite(loss):
+            finite = torch.isfinite(loss.detach()).float().reshape(1)
+            self._all_reduce_mean([finite])  # every process stops together if any one diverged
+            if finite.item() < 1:
                 hint = {
                     "fp16": "fp16 overflows easily: train in bf16 or fp32",
                     "bf16": "try fp32, or a lower learning rate",
                     "fp32": "lower the learning rate",
                 }[cfg.dtype]
                 raise TrainingError(
-                    f"the loss became {loss.item()} at step {self.step + 1} (learning rate "
+                    f"the loss became {loss.item() if not torch.isfinite(loss) else 'non-finite on another process'} at step {self.step + 1} (learning rate "
                     f"{self.scheduler.get_last_lr()[0]:.3g}, dtype {cfg.dtype}): {hint}. Nothing from this step was saved."
                 )
             self.scaler.scale(loss / cfg.grad_accumulation).backward()
             total += loss.item() / cfg.grad_accumulation
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in self.params]
+        self._all_reduce_mean(grads)
+        for p, g in zip(self.params, grads):
+            p.grad = g
+        reported = torch.tensor([total], dtype=torch.float64, device=self.device)
+        self._all_reduce_mean([reported])
+        total = reported.item()
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.scheduler.step()
