@@ -74,6 +74,8 @@ class Diff2Flow:
     Raises:
         ValueError: for a malformed table, an unknown prediction type, or eps-prediction on a
             zero-terminal-SNR schedule (an eps network cannot give the velocity at pure noise).
+            The per-call checks of ``sigma`` (in [0, 1]; eps below 1) run for sigma on the CPU;
+            for sigma on an accelerator they are skipped, since each would stall its queue.
     """
 
     def __init__(self, alphas_cumprod: torch.Tensor, prediction: str = "eps") -> None:
@@ -182,13 +184,18 @@ class Diff2Flow:
         s = self._sigma64(sigma, device=x.device if not torch.is_tensor(sigma) else None)
         if s.device != x.device:
             s = s.to(x.device)
+        if s.device.type != "cpu":
+            # reading a result back from an accelerator stalls its queue once per sampling step:
+            # the range checks run where they are free (sigma on the CPU, as every test and the
+            # samplers' float grids have it) and are skipped on accelerators
+            return s
         bad = ~((s >= 0) & (s <= 1))
         if bool(bad.any()):
             raise ValueError(f"{what}: sigma must lie in [0, 1] (1 = pure noise), got {s[bad].flatten()[:4].tolist()}")
         return s
 
     def _check_eps_at_noise(self, s: torch.Tensor, what: str) -> None:
-        if self.prediction == "eps" and bool((s >= 1).any()):
+        if self.prediction == "eps" and s.device.type == "cpu" and bool((s >= 1).any()):
             raise ValueError(
                 f"{what}: an eps-prediction model cannot give the velocity or data estimate at "
                 f"sigma = 1 (pure noise; the conversion divides by 1 - sigma). Start sampling at "

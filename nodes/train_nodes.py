@@ -145,6 +145,26 @@ def build_training_data(model, latents: list[dict], positive: list, negative: Op
     return TrainingData(scaled, [cond_kwargs(model, c, s) for c, s in zip(conds, samples)], uncond)
 
 
+def trainable_copies_of_inference_tensors(module: torch.nn.Module) -> None:
+    """Frozen base weights that can take part in autograd.
+
+    ComfyUI runs nodes under ``torch.inference_mode()``, so a checkpoint loaded in a graph holds
+    inference tensors, which autograd refuses to save for backward. They are replaced by plain
+    copies with the same values (the model's outputs do not change); every weight is frozen.
+    """
+    for sub in module.modules():
+        for name, p in list(sub._parameters.items()):
+            if p is None:
+                continue
+            if p.is_inference():
+                sub._parameters[name] = torch.nn.Parameter(p.detach().clone(), requires_grad=False)
+            else:
+                p.requires_grad_(False)
+        for name, b in list(sub._buffers.items()):
+            if b is not None and b.is_inference():
+                sub._buffers[name] = b.clone()
+
+
 @contextlib.contextmanager
 def gradient_checkpointing(unet: torch.nn.Module, enabled: bool) -> Iterator[None]:
     """Recompute the UNet's blocks in the backward pass (less memory, ~30 % more time).
@@ -224,8 +244,7 @@ def train_lora(model, latents: list, positive: list, negative: Optional[list], c
         device = comfy.model_management.get_torch_device()
         for adapter in adapters.values():
             adapter.to(device)
-        for p in unet.parameters():
-            p.requires_grad_(False)
+        trainable_copies_of_inference_tensors(unet)
 
         def network(x, t, context, y=None):
             return unet(x, t, context=context, y=y)

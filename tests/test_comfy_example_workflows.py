@@ -26,6 +26,8 @@ WORKFLOWS = sorted(WORKFLOW_DIR.glob("*.json"))
 REQUIRED_WORKFLOWS = {"diff2flow_text_to_image", "diff2flow_image_to_image", "diff2flow_custom_sampler"}
 # frontend-only nodes: never sent to the server, so never in the registry
 UI_ONLY_TYPES = {"Note", "MarkdownNote"}
+# ComfyUI's dataset loaders: their `folder` combo lists the subfolders of input/
+DATASET_FOLDER_TYPES = {"LoadImageTextDataSetFromFolder", "LoadImageDataSetFromFolder"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 # options that make the frontend add one more widget after the input's own (its value is saved too)
 EXTRA_WIDGET_OPTIONS = ("control_after_generate", "image_upload", "video_upload", "animated_image_upload", "audio_upload")
@@ -239,7 +241,7 @@ def source(prompt: dict, node: dict, name: str) -> dict:
 @pytest.fixture
 def comfy_files(comfy_nodes, tmp_path, monkeypatch):
     """models/checkpoints, models/loras and input/ redirected to empty temp folders; returns a
-    function that creates the files a prompt names (empty checkpoints, a 1x1 PNG)."""
+    function that creates the files a prompt names (empty checkpoints, a 1x1 PNG, dataset folders)."""
     import folder_paths
     from PIL import Image
 
@@ -260,6 +262,8 @@ def comfy_files(comfy_nodes, tmp_path, monkeypatch):
                 (dirs["loras"] / inputs["lora_name"]).write_bytes(b"")
             if node["class_type"] == "LoadImage":
                 Image.new("RGB", (1, 1)).save(dirs["input"] / inputs["image"])
+            if node["class_type"] in DATASET_FOLDER_TYPES and isinstance(inputs.get("folder"), str):
+                (dirs["input"] / inputs["folder"]).mkdir(parents=True, exist_ok=True)  # the folder combo lists input/ subfolders
         folder_paths.filename_list_cache.clear()
 
     return create_for
@@ -290,7 +294,10 @@ def test_workflow_passes_comfyui_prompt_validation(path, comfy_nodes, comfy_file
     ok, error, good_outputs, node_errors = validate(prompt)
     assert ok, (error, node_errors)
     assert node_errors == {}
-    assert sorted(good_outputs) == sorted(nid for nid, n in prompt.items() if n["class_type"] == "SaveImage")
+    assert {nid for nid, n in prompt.items() if n["class_type"] == "SaveImage"} <= set(good_outputs)
+    # every output node (SaveImage; Save Diff2Flow LoRA and Plot Loss Graph in the training workflow)
+    output_nodes = [nid for nid, n in prompt.items() if node_info(comfy_nodes[n["class_type"]])["output_node"]]
+    assert sorted(good_outputs) == sorted(output_nodes)
 
 
 def test_validation_reports_a_checkpoint_that_is_not_on_disk(comfy_nodes, comfy_files) -> None:
@@ -348,6 +355,30 @@ def test_custom_sampler_graph(comfy_nodes) -> None:
     (decode,) = by_type(prompt, "VAEDecode")
     assert decode["inputs"]["samples"][1] == 0  # "output", not "denoised_output"
     assert source(prompt, decode, "samples") is sampler
+
+
+def test_train_lora_graph(comfy_nodes) -> None:
+    prompt = to_api(load(WORKFLOW_DIR / "diff2flow_train_lora.json"), comfy_nodes)
+    (train,) = by_type(prompt, "D2F_TrainLoRA")
+    assert source(prompt, train, "model")["class_type"] == "CheckpointLoaderSimple"
+    dataset = source(prompt, train, "latents")
+    assert dataset["class_type"] == "MakeTrainingDataset"
+    assert train["inputs"]["latents"][1] == 0 and train["inputs"]["positive"] == [train["inputs"]["latents"][0], 1]
+    assert source(prompt, dataset, "texts")["class_type"] == "LoadImageTextDataSetFromFolder"
+    negative = source(prompt, train, "negative")
+    assert negative["class_type"] == "CLIPTextEncode" and negative["inputs"]["text"] == ""
+    assert train["inputs"]["objective"] == "diff2flow" and train["inputs"]["resume_from"] == "None"
+    train_id = next(k for k, n in prompt.items() if n is train)
+    (save,) = by_type(prompt, "D2F_SaveLoRA")
+    assert save["inputs"]["lora"] == [train_id, 1]
+    (graph,) = by_type(prompt, "LossGraphNode")
+    assert graph["inputs"]["loss"] == [train_id, 2]
+    (sampler,) = by_type(prompt, "D2F_KSampler")
+    assert sampler["inputs"]["model"] == [train_id, 0]  # samples with the trained model
+    (decode,) = by_type(prompt, "VAEDecode")
+    assert source(prompt, decode, "samples") is sampler
+    (image,) = by_type(prompt, "SaveImage")
+    assert source(prompt, image, "images") is decode
 
 
 # ---------------------------------------------------------------------------------------------

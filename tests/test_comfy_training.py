@@ -202,3 +202,24 @@ def test_gradient_checkpointing_gives_the_same_training(pack, tiny_model) -> Non
     for key in plain:
         torch.testing.assert_close(ckpt[key], plain[key], rtol=1e-5, atol=1e-6)
     assert all("forward" not in block.__dict__ for block in model.model.diffusion_model.output_blocks)  # restored
+
+
+def test_trains_a_model_loaded_under_inference_mode(pack, tiny_model, conditioning) -> None:
+    """ComfyUI executes nodes under torch.inference_mode(): a checkpoint loaded in a graph holds
+    inference tensors. Training must still work, and must not change the model's outputs."""
+    with torch.inference_mode():
+        model = tiny_model("eps")
+    ms = model.get_model_object("model_sampling")
+    sigmas = comfy.samplers.calculate_sigmas(ms, "normal", 3)
+    latent = torch.zeros(1, *LATENT)
+    noise = comfy.sample.prepare_noise(latent, 0)
+    cond = conditioning(1)
+
+    def run():
+        return comfy.sample.sample_custom(model, noise, 2.0, comfy.samplers.sampler_object("euler"), sigmas, cond, cond, latent, disable_pbar=True, seed=0)
+
+    before = run()
+    with torch.inference_mode():
+        _, lora, losses, steps = train(pack, model, TrainConfig(steps=2, batch_size=2, targets="all"))
+    assert steps == 2 and all(math.isfinite(v) for v in losses["loss"])
+    assert torch.equal(before, run())

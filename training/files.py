@@ -58,7 +58,7 @@ def save_training_state(path: str | os.PathLike, state: dict[str, Any]) -> pathl
 def load_training_state(path: str | os.PathLike) -> dict[str, Any]:
     path = pathlib.Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"training state {path} does not exist: point resume at a *.state.pt file written by a periodic save")
+        raise FileNotFoundError(f"training state {path} does not exist: point resume at a .d2fstate file written by a periodic save")
     return torch.load(path, map_location="cpu", weights_only=True)
 
 

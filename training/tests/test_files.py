@@ -51,8 +51,8 @@ def test_interrupt_during_write_leaves_no_file(tmp_path) -> None:
 
 
 def test_missing_state_file_error(tmp_path) -> None:
-    with pytest.raises(FileNotFoundError, match="point resume at a \\*.state.pt file"):
-        files.load_training_state(tmp_path / "nope.state.pt")
+    with pytest.raises(FileNotFoundError, match="point resume at a .d2fstate file"):
+        files.load_training_state(tmp_path / "nope.d2fstate")
 
 
 @pytest.mark.parametrize(

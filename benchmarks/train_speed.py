@@ -1,0 +1,223 @@
+"""Training speed and peak memory: Train Diff2Flow LoRA vs. stock TrainLoraNode vs. a bare PyTorch loop.
+
+All three train the same random-weight SD1.5-shaped UNet (ComfyUI's classes; 4 levels, 2 res blocks,
+attention on the first 3 levels, context 768, width ``--channels``) on the same batch (4 latents
+4x32x32, one fixed [1, 77, 768] conditioning), batch size 4, rank 8, fp32, AdamW lr 1e-4:
+
+- ``ours``:  ``train_lora`` of this pack (diff2flow objective), d2f_core LoRA adapters as ComfyUI weight
+  wrappers on the layers of ``--targets`` ("all" = every Linear and Conv weight of the UNet; no biases,
+  no norms; "attention_ff" = attn1/attn2 q, k, v, out + ff.net.0.proj, ff.net.2).
+- ``stock``: ComfyUI's TrainLoraNode (x0 MSE). Its targets are fixed: a LoRA on EVERY Linear and Conv
+  weight, plus a full-size trainable diff on every norm weight and on every bias (it has no option).
+- ``bare``:  plain PyTorch on ``model.model.diffusion_model``: the same d2f_core adapters on the same
+  ``--targets`` layers through ``torch.nn.utils.parametrize``, ``d2f_core.objective_loss("diff2flow")``,
+  ``torch.optim.AdamW``; no ModelPatcher, no weight wrappers.
+
+Each run is a separate subprocess (``--only``), so peak RSS (``ru_maxrss`` at the end of the child, the
+whole process: ComfyUI + pack import, model, training) is per trainer; on CUDA also
+``torch.cuda.max_memory_allocated``. Step times come from an optimizer step post-hook (the same for all
+three); the first ``--warmup`` steps are excluded. ``--gradient-checkpointing`` applies to all three.
+
+    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/train_speed.py [--steps 6] [--channels 64]
+        [--targets all,attention_ff] [--gradient-checkpointing]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib
+import json
+import os
+import pathlib
+import resource
+import subprocess
+import sys
+import time
+from typing import Any
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+BATCH, LATENT, CONTEXT, RANK, LR = 4, (4, 32, 32), 768, 8, 1e-4
+
+
+def load_comfyui() -> tuple[Any, Any]:
+    """ComfyUI (via COMFYUI_PATH, the way the tests find it) with its nodes and this pack loaded:
+    (NODE_CLASS_MAPPINGS, this pack's train_nodes module)."""
+    path = os.environ.get("COMFYUI_PATH", "")
+    if not (path and (pathlib.Path(path) / "comfy" / "model_management.py").is_file()) and ROOT.parent.name != "custom_nodes":
+        sys.exit(f"ComfyUI not found: set COMFYUI_PATH to a ComfyUI 0.8.0 source tree (got {path!r})")
+    sys.path.insert(0, str(ROOT / "tests"))
+    import comfy_harness  # puts ComfyUI on sys.path, picks CPU unless CUDA is present
+
+    if comfy_harness.COMFYUI is None:
+        sys.exit(comfy_harness.COMFYUI_IMPORT_ERROR or comfy_harness.SKIP_REASON)
+    import comfy.utils
+    import nodes
+
+    comfy.utils.PROGRESS_BAR_ENABLED = False
+
+    async def load() -> bool:
+        await nodes.init_extra_nodes(init_custom_nodes=False, init_api_nodes=False)
+        return await nodes.load_custom_node(str(ROOT))
+
+    if not asyncio.run(load()):
+        sys.exit("the Diff2Flow pack failed to load into ComfyUI")
+    package = sys.modules[nodes.NODE_CLASS_MAPPINGS["D2F_ModelPatch"].__module__].__package__
+    return nodes.NODE_CLASS_MAPPINGS, importlib.import_module(package + ".train_nodes")
+
+
+def build_model(channels: int) -> Any:
+    """SD1.5's UNet layout at width ``channels``, seed-fixed random fp32 weights, in a ModelPatcher."""
+    import torch
+    import comfy.model_base, comfy.model_management, comfy.model_patcher, comfy.supported_models  # noqa: E401
+    from comfy_harness import TINY_UNET, randomize_
+
+    unet = dict(TINY_UNET, model_channels=channels, context_dim=CONTEXT, num_res_blocks=[2, 2, 2, 2],
+                channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
+                transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], transformer_depth_middle=1)
+    cfg = comfy.supported_models.SD15(unet)
+    cfg.set_inference_dtype(torch.float32, None)
+    model = comfy.model_base.BaseModel(cfg, model_type=comfy.model_base.ModelType.EPS, device=torch.device("cpu"))
+    randomize_(model, seed=0)
+    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
+                                            offload_device=torch.device("cpu"))
+
+
+def describe(unet: Any, lora_keys: list[str]) -> str:
+    """Which layers a method trains, from its LoRA keys (``<module>.lora_up.weight`` / ``.diff`` / ``.diff_b``)."""
+    import torch
+
+    mods = [unet.get_submodule(k.split("diffusion_model.", 1)[1].rsplit(".lora_up", 1)[0]) for k in lora_keys if k.endswith("lora_up.weight")]
+    lin = sum(isinstance(m, torch.nn.Linear) for m in mods)
+    text = f"LoRA on {lin} Linear + {len(mods) - lin} Conv"
+    diffs, biases = sum(k.endswith(".diff") for k in lora_keys), sum(k.endswith(".diff_b") for k in lora_keys)
+    return text + (f" + {diffs} norm-weight diffs + {biases} bias diffs" if diffs or biases else "")
+
+
+def checkpoint_blocks(unet: Any) -> None:
+    """Plain gradient checkpointing of every UNet block (for the bare loop)."""
+    import torch.utils.checkpoint
+
+    for block in [*unet.input_blocks, unet.middle_block, *unet.output_blocks]:
+        block.forward = lambda *a, _f=block.forward, **k: torch.utils.checkpoint.checkpoint(_f, *a, use_reentrant=False, **k)
+
+
+def child(args: argparse.Namespace) -> None:
+    """Train with one method; print one ``RESULT {json}`` line."""
+    import logging
+
+    logging.disable(logging.WARNING)
+    mappings, train_nodes = load_comfyui()
+    import torch
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+    import comfy.model_management
+    from d2f_core import objective_loss
+    from d2f_core.lora import adapters_state_dict, attach_parametrizations, make_adapter, select_target_modules
+    from training import TrainConfig
+
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    latents = torch.randn(BATCH, *LATENT, generator=gen)
+    context = torch.randn(1, 77, CONTEXT, generator=gen)
+    model = build_model(args.channels)
+    unet = model.model.diffusion_model
+    total = args.warmup + args.steps
+    cuda = comfy.model_management.get_torch_device().type == "cuda"
+    marks: list[float] = []
+
+    def on_step(*_: Any) -> None:
+        if cuda:
+            torch.cuda.synchronize()
+        marks.append(time.perf_counter())
+
+    register_optimizer_step_post_hook(on_step)
+    setup_rss = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") if os.path.exists("/proc/self/statm") else 0
+    if args.only == "stock":
+        out = mappings["TrainLoraNode"].execute(
+            model=[model], latents=[{"samples": latents}], positive=[[[context, {}]]], batch_size=[BATCH],
+            grad_accumulation_steps=[1], steps=[total], learning_rate=[LR], rank=[RANK], optimizer=["AdamW"],
+            loss_function=["MSE"], seed=[0], training_dtype=["fp32"], lora_dtype=["fp32"], algorithm=["LoRA"],
+            gradient_checkpointing=[args.gradient_checkpointing], existing_lora=["[None]"], bucket_mode=[False])
+        lora = {k: v for k, v in out.result[1].items() if not k.endswith(".alpha")}
+    elif args.only == "ours":
+        config = TrainConfig(steps=total, batch_size=BATCH, rank=RANK, alpha=float(RANK), learning_rate=LR, targets=args.targets,
+                             dtype="fp32", gradient_checkpointing=args.gradient_checkpointing, seed=0)
+        _, lora, _, _ = train_nodes.train_lora(model, [{"samples": latents}], [[[context, {}]]], None, config, "bench")
+        lora = {k: v for k, v in lora.items() if not k.endswith(".alpha")}
+    else:
+        d2f = train_nodes.diff2flow_sampling_for(model.get_model_object("model_sampling")).d2f
+        device = comfy.model_management.get_torch_device()
+        unet.requires_grad_(False)
+        modules = select_target_modules(unet, args.targets)
+        adapters = {n: make_adapter("LoRA", m.weight.shape, RANK, float(RANK), torch.Generator().manual_seed(0)) for n, m in modules.items()}
+        attach_parametrizations(modules, adapters)
+        unet.to(device)
+        if args.gradient_checkpointing:
+            checkpoint_blocks(unet)
+        optimizer = torch.optim.AdamW([p for a in adapters.values() for p in a.parameters()], lr=LR, weight_decay=0.01)
+        x0 = model.model.process_latent_in(latents).to(device)
+        cond = context.expand(BATCH, -1, -1).to(device)
+        noise_gen = torch.Generator().manual_seed(0)
+        for _ in range(total):
+            optimizer.zero_grad(set_to_none=True)
+            loss = objective_loss("diff2flow", lambda x, t, **kw: unet(x, t, **kw), d2f, x0, generator=noise_gen, context=cond).loss
+            loss.backward()
+            optimizer.step()
+        lora = {k: v for k, v in adapters_state_dict(adapters).items() if not k.endswith(".alpha")}
+    if len(marks) != total:
+        sys.exit(f"expected {total} optimizer steps, saw {len(marks)}")
+    seconds = (marks[-1] - marks[args.warmup - 1]) / args.steps
+    print("RESULT " + json.dumps({
+        "sec_per_step": seconds, "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "setup_rss": setup_rss,
+        "cuda": torch.cuda.max_memory_allocated() if cuda else None, "trains": describe(unet, sorted(lora)),
+        "params": sum(v.numel() for v in lora.values()), "threads": torch.get_num_threads(),
+    }), flush=True)
+
+
+def run_child(args: argparse.Namespace, only: str, targets: str) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--only", only, "--targets", targets, "--steps", str(args.steps),
+           "--warmup", str(args.warmup), "--channels", str(args.channels)] + (["--gradient-checkpointing"] if args.gradient_checkpointing else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        sys.exit(f"{only} ({targets}) failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=6, help="timed optimizer steps (after the warm-up)")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed first steps")
+    parser.add_argument("--channels", type=int, default=64, help="UNet model_channels (SD1.5: 320)")
+    parser.add_argument("--targets", default="all,attention_ff", help="comma list of targets for ours and bare (all, attention_ff, attention)")
+    parser.add_argument("--gradient-checkpointing", action="store_true", help="for all three trainers")
+    parser.add_argument("--only", choices=["ours", "stock", "bare"], help="child mode: run one trainer, print RESULT json")
+    args = parser.parse_args()
+    if args.steps < 1 or args.warmup < 1:
+        parser.error("--steps and --warmup must be >= 1")
+    if args.only:
+        args.targets = args.targets.split(",")[0]
+        return child(args)
+    targets = args.targets.split(",")
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (0.0, 0.0, 0.0)
+    print(f"model_channels {args.channels}, batch {BATCH}x{LATENT}, rank {RANK}, fp32, {args.warmup} warm-up + {args.steps} timed steps, "
+          f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, {os.cpu_count()} CPUs, load avg {load[0]:.2f} {load[1]:.2f}")
+    rows = [("stock", "(fixed)", run_child(args, "stock", "all"))]
+    for t in targets:
+        rows += [("ours", t, run_child(args, "ours", t)), ("bare", t, run_child(args, "bare", t))]
+    cuda = rows[0][2]["cuda"] is not None
+    print(f"\n{'method':<6} {'targets':<13} {'steps/s':>8} {'s/step':>7} {'peak RSS':>9} {'setup RSS':>9}" + (f" {'CUDA peak':>9}" if cuda else "") + "  trains")
+    for method, t, r in rows:
+        gb = lambda b: f"{b / 2**30:.2f} GB"  # noqa: E731
+        print(f"{method:<6} {t:<13} {1 / r['sec_per_step']:>8.3f} {r['sec_per_step']:>7.2f} {gb(r['rss']):>9} {gb(r['setup_rss']):>9}"
+              + (f" {gb(r['cuda']):>9}" if cuda else "") + f"  {r['trains']} ({r['params'] / 1e6:.2f} M params)")
+    stock = rows[0][2]
+    print()
+    for t in targets:
+        ours, bare = (next(r for m, tt, r in rows if m == name and tt == t) for name in ("ours", "bare"))
+        speed, mem, rel = stock["sec_per_step"] / ours["sec_per_step"], ours["rss"] / stock["rss"], ours["sec_per_step"] / bare["sec_per_step"]
+        mem_text = f"ours/stock peak RSS {mem:.2f}x (target <= 0.6)" + (f", CUDA {ours['cuda'] / stock['cuda']:.2f}x" if cuda else "")
+        print(f"[{t}] ours/stock speed {speed:.2f}x (target >= 2), {mem_text}, ours/bare step time {rel:.3f}x (target <= 1.15)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""The front-end side of the pack, checked without ComfyUI: web/diff2flow.js (the live training
+progress on Train Diff2Flow LoRA) and the help pages in web/docs.
+
+The Python sources are read with ``ast``, never imported (they need ComfyUI). The JavaScript
+tests need ``node`` and are skipped with that reason without it.
+"""
+from __future__ import annotations
+
+import ast
+import json
+import pathlib
+import re
+import shutil
+import subprocess
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+WEB = ROOT / "web"
+EXTENSION = WEB / "diff2flow.js"
+DOCS = WEB / "docs"
+TRAIN_NODES = ROOT / "nodes" / "train_nodes.py"
+NODE = shutil.which("node")
+needs_node = pytest.mark.skipif(NODE is None, reason="node (Node.js) is not on PATH: cannot parse or run web/diff2flow.js")
+
+# events the ComfyUI frontend itself emits; anything else the extension listens to is ours
+FRONTEND_EVENTS = {
+    "status", "executing", "executed", "progress", "progress_state", "execution_start", "execution_success",
+    "execution_error", "execution_interrupted", "execution_cached", "b_preview", "graphChanged", "promptQueued",
+    "logs", "notification", "reconnecting", "reconnected",
+}
+
+
+def module_constant(path: pathlib.Path, name: str) -> str:
+    """The string a module-level ``NAME = "..."`` assigns, read with ast."""
+    for node in ast.parse(path.read_text()).body:
+        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        if any(isinstance(t, ast.Name) and t.id == name for t in targets):
+            assert isinstance(node.value, ast.Constant) and isinstance(node.value.value, str), f"{name} is not a string literal"
+            return node.value.value
+    raise AssertionError(f"{path.name} defines no {name}")
+
+
+def registered_nodes() -> dict[str, list[str]]:
+    """node_id -> input names of every ``io.Schema(node_id="D2F_...", inputs=[...])`` in nodes/*.py."""
+    found: dict[str, list[str]] = {}
+    for path in sorted((ROOT / "nodes").glob("*.py")):
+        for call in ast.walk(ast.parse(path.read_text())):
+            if not isinstance(call, ast.Call):
+                continue
+            kw = {k.arg: k.value for k in call.keywords}
+            node_id = kw.get("node_id")
+            if not (isinstance(node_id, ast.Constant) and isinstance(node_id.value, str) and node_id.value.startswith("D2F_")):
+                continue
+            inputs = kw.get("inputs")
+            elements = inputs.elts if isinstance(inputs, (ast.List, ast.Tuple)) else []
+            names = [e.args[0].value for e in elements if isinstance(e, ast.Call) and e.args and isinstance(e.args[0], ast.Constant)]
+            assert node_id.value not in found, f"node id {node_id.value} registered twice"
+            found[node_id.value] = names
+    return found
+
+
+def js_listened_events(source: str) -> set[str]:
+    """Event names passed to ``addEventListener``, as literals or through ``const NAME = "..."``."""
+    constants = dict(re.findall(r"""\bconst\s+([A-Za-z_$][\w$]*)\s*=\s*["']([^"']*)["']""", source))
+    events = set()
+    for arg in re.findall(r"""addEventListener\(\s*([^,)]+?)\s*,""", source):
+        literal = re.fullmatch(r"""["']([^"']*)["']""", arg)
+        events.add(literal.group(1) if literal else constants.get(arg, f"<unresolved {arg}>"))
+    return events
+
+
+# ---------------------------------------------------------------------------------------------
+# web/diff2flow.js
+
+
+@needs_node
+def test_extension_parses_as_an_es_module() -> None:
+    result = subprocess.run([NODE, "--input-type=module", "--check"], input=EXTENSION.read_text(),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+def test_extension_listens_to_the_progress_event_the_training_node_sends() -> None:
+    event = module_constant(TRAIN_NODES, "PROGRESS_EVENT")
+    source = EXTENSION.read_text()
+    own = js_listened_events(source) - FRONTEND_EVENTS
+    assert own == {event}, f"web/diff2flow.js listens to {sorted(own)}, nodes/train_nodes.py sends {event!r}"
+    assert 'from "../../scripts/app.js"' in source and 'from "../../scripts/api.js"' in source
+    assert len(source.splitlines()) < 120
+
+
+MOCK_APP = """
+const nodes = [{ id: 7, type: "D2F_TrainLoRA", size: [360, 650], flags: {} }, { id: 3, type: "KSampler", size: [300, 200] }];
+export const app = {
+  graph: { _nodes: nodes, getNodeById: (id) => nodes.find((n) => String(n.id) === String(id)), setDirtyCanvas() {} },
+  registerExtension(ext) { globalThis.__extensions = [...(globalThis.__extensions || []), ext]; },
+};
+"""
+MOCK_API = """
+class Api extends EventTarget {
+  constructor() { super(); this.listened = []; }
+  addEventListener(type, ...rest) { this.listened.push(type); return super.addEventListener(type, ...rest); }
+}
+export const api = new Api();
+"""
+DRIVER = """
+import { app } from "./scripts/app.js";
+import { api } from "./scripts/api.js";
+await import("./extensions/diff2flow/diff2flow.js");
+const [ext] = globalThis.__extensions;
+await ext.setup?.(app);
+class TrainNode {}
+class OtherNode {}
+await ext.beforeRegisterNodeDef(TrainNode, { name: "D2F_TrainLoRA" }, app);
+await ext.beforeRegisterNodeDef(OtherNode, { name: "KSampler" }, app);
+const texts = [];
+const ctx = new Proxy({}, {
+  get: (t, k) => (k in t ? t[k] : (...args) => { if (k === "fillText") texts.push(args[0]); }),
+  set: (t, k, v) => ((t[k] = v), true),
+});
+const node = Object.assign(new TrainNode(), app.graph._nodes[0]);
+app.graph._nodes[0] = node;
+const send = (detail) => api.dispatchEvent(new CustomEvent(EVENT, detail === undefined ? {} : { detail }));
+node.onDrawForeground(ctx);  // before any event: draws nothing
+const before = texts.length;
+api.dispatchEvent(new CustomEvent("executing", { detail: "7" }));
+send({ step: 1, steps: 10, loss: 0.5, lr: 0.0001 });
+send({});                      // fields missing
+send(undefined);               // no detail at all
+send({ step: "x", loss: null, lr: NaN });
+send({ step: 3, steps: 10, loss: 0.25, lr: 0.0001 });
+node.onDrawForeground(ctx);
+node.onDrawForeground(null);   // no context: must not throw
+api.dispatchEvent(new CustomEvent("executing", { detail: null }));
+console.log(JSON.stringify({ name: ext.name, listened: api.listened, before, texts,
+  otherPatched: OtherNode.prototype.onDrawForeground !== undefined }));
+"""
+
+
+@needs_node
+def test_extension_draws_progress_on_the_training_node_against_a_mocked_frontend(tmp_path) -> None:
+    event = module_constant(TRAIN_NODES, "PROGRESS_EVENT")
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "scripts" / "app.js").write_text(MOCK_APP)
+    (tmp_path / "scripts" / "api.js").write_text(MOCK_API)
+    ext_dir = tmp_path / "extensions" / "diff2flow"  # where ComfyUI serves WEB_DIRECTORY: ../../scripts resolves
+    ext_dir.mkdir(parents=True)
+    shutil.copy(EXTENSION, ext_dir / "diff2flow.js")
+    (tmp_path / "driver.mjs").write_text(f"const EVENT = {json.dumps(event)};\n" + DRIVER)
+    result = subprocess.run([NODE, str(tmp_path / "driver.mjs")], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["name"] == "diff2flow.training"
+    assert set(out["listened"]) - FRONTEND_EVENTS == {event}
+    assert out["before"] == 0
+    assert any(t.startswith("step 3/10") and "loss 0.2500" in t for t in out["texts"]), out["texts"]
+    assert not out["otherPatched"], "only D2F_TrainLoRA nodes get the progress display"
+
+
+# ---------------------------------------------------------------------------------------------
+# help pages
+
+
+def test_every_registered_node_has_a_help_page() -> None:
+    nodes = registered_nodes()
+    assert {"D2F_TrainLoRA", "D2F_SaveLoRA", "D2F_KSampler"} <= set(nodes), sorted(nodes)
+    missing = [node_id for node_id in nodes if not (DOCS / f"{node_id}.md").is_file()]
+    assert not missing, f"no help page web/docs/<id>.md for {missing}"
+
+
+def test_help_pages_describe_every_input() -> None:
+    undocumented = {}
+    for node_id, inputs in registered_nodes().items():
+        page = DOCS / f"{node_id}.md"
+        if page.is_file():
+            text = page.read_text()
+            undocumented.update({f"{node_id}.{name}": page.name for name in inputs if f"`{name}`" not in text})
+    assert not undocumented, f"inputs not mentioned (as `name`) in their help page: {sorted(undocumented)}"
