@@ -47,6 +47,15 @@ def train(pack, model, config: TrainConfig, n: int = 4, **kw):
     return pack.train_nodes.train_lora(model, latents, positive, negative, config, **kw)
 
 
+def sample_unpatched(model, cond) -> torch.Tensor:
+    """Three stock euler steps of the model as it is (CFG 2, fixed noise)."""
+    sigmas = comfy.samplers.calculate_sigmas(model.get_model_object("model_sampling"), "normal", 3)
+    latent = torch.zeros(1, *LATENT)
+    noise = comfy.sample.prepare_noise(latent, 0)
+    euler = comfy.samplers.sampler_object("euler")
+    return comfy.sample.sample_custom(model, noise, 2.0, euler, sigmas, cond, cond, latent, disable_pbar=True, seed=0)
+
+
 def unet_output(model, x, sigma_ve, cond):
     comfy.model_management.load_models_gpu([model])
     with torch.no_grad():
@@ -113,18 +122,10 @@ def test_saved_lora_loads_in_stock_loader_and_matches_trained_model(pack, tiny_m
 
 def test_input_model_unchanged_after_training(pack, tiny_model, conditioning) -> None:
     model = tiny_model("v")
-    ms = model.get_model_object("model_sampling")
-    sigmas = comfy.samplers.calculate_sigmas(ms, "normal", 3)
-    latent = torch.zeros(1, *LATENT)
-    noise = comfy.sample.prepare_noise(latent, 0)
     cond = conditioning(1)
-
-    def run():
-        return comfy.sample.sample_custom(model, noise, 2.0, comfy.samplers.sampler_object("euler"), sigmas, cond, cond, latent, disable_pbar=True, seed=0)
-
-    before = run()
+    before = sample_unpatched(model, cond)
     train(pack, model, TrainConfig(steps=3, batch_size=2, learning_rate=1e-2, targets="all"))
-    assert torch.equal(before, run())
+    assert torch.equal(before, sample_unpatched(model, cond))
 
 
 def test_resume_equals_straight_run(pack, tiny_model, loras_dir) -> None:
@@ -209,17 +210,9 @@ def test_trains_a_model_loaded_under_inference_mode(pack, tiny_model, conditioni
     inference tensors. Training must still work, and must not change the model's outputs."""
     with torch.inference_mode():
         model = tiny_model("eps")
-    ms = model.get_model_object("model_sampling")
-    sigmas = comfy.samplers.calculate_sigmas(ms, "normal", 3)
-    latent = torch.zeros(1, *LATENT)
-    noise = comfy.sample.prepare_noise(latent, 0)
     cond = conditioning(1)
-
-    def run():
-        return comfy.sample.sample_custom(model, noise, 2.0, comfy.samplers.sampler_object("euler"), sigmas, cond, cond, latent, disable_pbar=True, seed=0)
-
-    before = run()
+    before = sample_unpatched(model, cond)
     with torch.inference_mode():
         _, lora, losses, steps = train(pack, model, TrainConfig(steps=2, batch_size=2, targets="all"))
     assert steps == 2 and all(math.isfinite(v) for v in losses["loss"])
-    assert torch.equal(before, run())
+    assert torch.equal(before, sample_unpatched(model, cond))
