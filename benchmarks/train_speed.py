@@ -9,6 +9,8 @@ attention on the first 3 levels, context 768, width ``--channels``) on the same 
   no norms; "attention_ff" = attn1/attn2 q, k, v, out + ff.net.0.proj, ff.net.2).
 - ``stock``: ComfyUI's TrainLoraNode (x0 MSE). Its targets are fixed: a LoRA on EVERY Linear and Conv
   weight, plus a full-size trainable diff on every norm weight and on every bias (it has no option).
+  It hands the sampler one conditioning per latent, and ComfyUI runs each conditioning over the whole
+  batch, so its UNet sees 4 x 4 = 16 samples per step (the "UNet batch" column).
 - ``bare``:  plain PyTorch on ``model.model.diffusion_model``: the same d2f_core adapters on the same
   ``--targets`` layers through ``torch.nn.utils.parametrize``, ``d2f_core.objective_loss("diff2flow")``,
   ``torch.optim.AdamW``; no ModelPatcher, no weight wrappers.
@@ -16,7 +18,7 @@ attention on the first 3 levels, context 768, width ``--channels``) on the same 
 Each run is a separate subprocess (``--only``), so peak RSS (``ru_maxrss`` at the end of the child, the
 whole process: ComfyUI + pack import, model, training) is per trainer; on CUDA also
 ``torch.cuda.max_memory_allocated``. Step times come from an optimizer step post-hook (the same for all
-three); the first ``--warmup`` steps are excluded. ``--gradient-checkpointing`` applies to all three.
+three); the first ``--warmup`` steps are excluded, s/step is the median (and mean) of the timed steps. ``--gradient-checkpointing`` applies to all three.
 
     COMFYUI_PATH=/path/to/ComfyUI python benchmarks/train_speed.py [--steps 6] [--channels 64]
         [--targets all,attention_ff] [--gradient-checkpointing]
@@ -30,6 +32,7 @@ import json
 import os
 import pathlib
 import resource
+import statistics
 import subprocess
 import sys
 import time
@@ -93,14 +96,6 @@ def describe(unet: Any, lora_keys: list[str]) -> str:
     return text + (f" + {diffs} norm-weight diffs + {biases} bias diffs" if diffs or biases else "")
 
 
-def checkpoint_blocks(unet: Any) -> None:
-    """Plain gradient checkpointing of every UNet block (for the bare loop)."""
-    import torch.utils.checkpoint
-
-    for block in [*unet.input_blocks, unet.middle_block, *unet.output_blocks]:
-        block.forward = lambda *a, _f=block.forward, **k: torch.utils.checkpoint.checkpoint(_f, *a, use_reentrant=False, **k)
-
-
 def child(args: argparse.Namespace) -> None:
     """Train with one method; print one ``RESULT {json}`` line."""
     import logging
@@ -130,6 +125,8 @@ def child(args: argparse.Namespace) -> None:
         marks.append(time.perf_counter())
 
     register_optimizer_step_post_hook(on_step)
+    unet_batch: list[int] = []
+    unet.register_forward_pre_hook(lambda _m, a, k: unet_batch.append((a[0] if a else k["x"]).shape[0]), with_kwargs=True)
     setup_rss = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") if os.path.exists("/proc/self/statm") else 0
     if args.only == "stock":
         out = mappings["TrainLoraNode"].execute(
@@ -151,23 +148,24 @@ def child(args: argparse.Namespace) -> None:
         adapters = {n: make_adapter("LoRA", m.weight.shape, RANK, float(RANK), torch.Generator().manual_seed(0)) for n, m in modules.items()}
         attach_parametrizations(modules, adapters)
         unet.to(device)
-        if args.gradient_checkpointing:
-            checkpoint_blocks(unet)
         optimizer = torch.optim.AdamW([p for a in adapters.values() for p in a.parameters()], lr=LR, weight_decay=0.01)
         x0 = model.model.process_latent_in(latents).to(device)
         cond = context.expand(BATCH, -1, -1).to(device)
         noise_gen = torch.Generator().manual_seed(0)
-        for _ in range(total):
-            optimizer.zero_grad(set_to_none=True)
-            loss = objective_loss("diff2flow", lambda x, t, **kw: unet(x, t, **kw), d2f, x0, generator=noise_gen, context=cond).loss
-            loss.backward()
-            optimizer.step()
+        # the same recompute granularity as the node (the layers inside the UNet's blocks)
+        with train_nodes.gradient_checkpointing(unet, args.gradient_checkpointing):
+            for _ in range(total):
+                optimizer.zero_grad(set_to_none=True)
+                loss = objective_loss("diff2flow", lambda x, t, **kw: unet(x, t, **kw), d2f, x0, generator=noise_gen, context=cond).loss
+                loss.backward()
+                optimizer.step()
         lora = {k: v for k, v in adapters_state_dict(adapters).items() if not k.endswith(".alpha")}
     if len(marks) != total:
         sys.exit(f"expected {total} optimizer steps, saw {len(marks)}")
-    seconds = (marks[-1] - marks[args.warmup - 1]) / args.steps
+    durations = [marks[i] - marks[i - 1] for i in range(args.warmup, total)]
     print("RESULT " + json.dumps({
-        "sec_per_step": seconds, "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "setup_rss": setup_rss,
+        "sec_per_step": statistics.median(durations), "mean": statistics.mean(durations), "unet_batch": max(unet_batch),
+        "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "setup_rss": setup_rss,
         "cuda": torch.cuda.max_memory_allocated() if cuda else None, "trains": describe(unet, sorted(lora)),
         "params": sum(v.numel() for v in lora.values()), "threads": torch.get_num_threads(),
     }), flush=True)
@@ -205,10 +203,12 @@ def main() -> None:
     for t in targets:
         rows += [("ours", t, run_child(args, "ours", t)), ("bare", t, run_child(args, "bare", t))]
     cuda = rows[0][2]["cuda"] is not None
-    print(f"\n{'method':<6} {'targets':<13} {'steps/s':>8} {'s/step':>7} {'peak RSS':>9} {'setup RSS':>9}" + (f" {'CUDA peak':>9}" if cuda else "") + "  trains")
+    print(f"\n{'method':<6} {'targets':<13} {'steps/s':>8} {'s/step':>7} {'(mean)':>7} {'UNet batch':>10} {'peak RSS':>9} {'setup RSS':>9}"
+          + (f" {'CUDA peak':>9}" if cuda else "") + "  trains")
     for method, t, r in rows:
         gb = lambda b: f"{b / 2**30:.2f} GB"  # noqa: E731
-        print(f"{method:<6} {t:<13} {1 / r['sec_per_step']:>8.3f} {r['sec_per_step']:>7.2f} {gb(r['rss']):>9} {gb(r['setup_rss']):>9}"
+        print(f"{method:<6} {t:<13} {1 / r['sec_per_step']:>8.3f} {r['sec_per_step']:>7.2f} {r['mean']:>7.2f} {r['unet_batch']:>10}"
+              f" {gb(r['rss']):>9} {gb(r['setup_rss']):>9}"
               + (f" {gb(r['cuda']):>9}" if cuda else "") + f"  {r['trains']} ({r['params'] / 1e6:.2f} M params)")
     stock = rows[0][2]
     print()

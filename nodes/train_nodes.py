@@ -167,32 +167,34 @@ def trainable_copies_of_inference_tensors(module: torch.nn.Module) -> None:
 
 @contextlib.contextmanager
 def gradient_checkpointing(unet: torch.nn.Module, enabled: bool) -> Iterator[None]:
-    """Recompute the UNet's blocks in the backward pass (less memory, ~30 % more time).
+    """Recompute the UNet's layers in the backward pass (far less activation memory).
 
-    The blocks' ``forward`` is wrapped for the duration of the run only, and restored after.
+    The UNet calls the layers inside its input / middle / output blocks one by one (ResBlocks,
+    SpatialTransformers, up/down-samplers), so those are the modules whose ``forward`` is wrapped,
+    for the duration of the run only, and restored after.
     """
     if not enabled:
         yield
         return
     blocks = [*getattr(unet, "input_blocks", []), getattr(unet, "middle_block", None), *getattr(unet, "output_blocks", [])]
-    blocks = [b for b in blocks if b is not None]
-    originals = []
-    for block in blocks:
-        forward = block.forward
+    layers = [layer for block in blocks if block is not None for layer in block.children()]
+    wrapped = []
+    for layer in layers:
+        forward = layer.forward
 
         def checkpointed(*args, _forward=forward, **kwargs):
             return torch.utils.checkpoint.checkpoint(_forward, *args, use_reentrant=False, **kwargs)
 
-        originals.append((block, "forward" in block.__dict__, block.__dict__.get("forward")))
-        block.forward = checkpointed
+        wrapped.append((layer, layer.__dict__.get("forward")))
+        layer.forward = checkpointed
     try:
         yield
     finally:
-        for block, had_own, own in originals:
-            if had_own:
-                block.forward = own
+        for layer, own in wrapped:
+            if own is not None:
+                layer.forward = own
             else:
-                del block.forward
+                del layer.forward
 
 
 def report_progress(pbar: comfy.utils.ProgressBar, steps: int, step: int, loss: float, lr: float) -> None:

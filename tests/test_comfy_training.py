@@ -195,14 +195,24 @@ def test_node_loss_equals_d2f_core_loss(pack, tiny_model) -> None:
     assert losses["loss"][0] == pytest.approx(expected, rel=1e-5)
 
 
-def test_gradient_checkpointing_gives_the_same_training(pack, tiny_model) -> None:
+def test_gradient_checkpointing_gives_the_same_training(pack, tiny_model, monkeypatch) -> None:
     cfg = dict(steps=3, batch_size=2, learning_rate=1e-2, targets="all", seed=2)
     _, plain, _, _ = train(pack, tiny_model("v"), TrainConfig(**cfg))
     model = tiny_model("v")
+    calls = {"n": 0}
+    checkpoint = torch.utils.checkpoint.checkpoint
+
+    def counting_checkpoint(*args, **kwargs):
+        calls["n"] += 1
+        return checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting_checkpoint)
     _, ckpt, _, _ = train(pack, model, TrainConfig(**cfg, gradient_checkpointing=True))
+    layers = sum(len(list(b.children())) for b in [*model.model.diffusion_model.input_blocks, model.model.diffusion_model.middle_block, *model.model.diffusion_model.output_blocks])
+    assert calls["n"] >= 3 * layers  # every block layer ran under checkpoint in every step
     for key in plain:
         torch.testing.assert_close(ckpt[key], plain[key], rtol=1e-5, atol=1e-6)
-    assert all("forward" not in block.__dict__ for block in model.model.diffusion_model.output_blocks)  # restored
+    assert all("forward" not in layer.__dict__ for block in model.model.diffusion_model.output_blocks for layer in block.children())  # restored
 
 
 def test_trains_a_model_loaded_under_inference_mode(pack, tiny_model, conditioning) -> None:
