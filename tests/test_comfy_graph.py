@@ -280,3 +280,57 @@ def test_image_to_image_graph_with_heun_and_half_denoise(tiny_sd15_checkpoint, i
     (result,) = run_prompts(graph(tiny_sd15_checkpoint, sampler="heun", denoise=0.5, image="gradient.png"))
     assert events(result)[-1] == "execution_success" and "execution_error" not in events(result)
     saved_image(result, io_dirs[1])
+
+
+@pytest.fixture
+def loras_folder(comfy_nodes, tmp_path):
+    import folder_paths
+
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    folder_paths.add_model_folder_path("loras", str(folder), is_default=True)
+    yield folder
+    paths = folder_paths.folder_names_and_paths["loras"][0]
+    if str(folder) in paths:
+        paths.remove(str(folder))
+
+
+def write_lora(checkpoint: str, folder, name: str, metadata) -> None:
+    """A small random LoRA on two attention layers of the checkpoint's UNet (with metadata)."""
+    import comfy.sd
+    import folder_paths
+    from d2f_core.lora import adapters_state_dict, make_adapter, select_target_modules
+    from training.files import save_lora
+
+    model = comfy.sd.load_checkpoint_guess_config(folder_paths.get_full_path_or_raise("checkpoints", checkpoint), output_vae=False, output_clip=False)[0]
+    modules = dict(list(select_target_modules(model.model.diffusion_model, "attention").items())[:2])
+    gen = torch.Generator().manual_seed(0)
+    adapters = {n: make_adapter("LoRA", m.weight.shape, 2, 2.0, gen) for n, m in modules.items()}
+    for a in adapters.values():
+        torch.nn.init.normal_(a.up, std=0.1, generator=gen)
+    save_lora(folder / name, adapters_state_dict(adapters), metadata)
+
+
+def test_loader_configures_the_patch_from_lora_metadata(pack, tiny_sd15_checkpoint, loras_folder, fp32_text_encoder) -> None:
+    from d2f_core.lora_metadata import LoraMetadata
+
+    loader = pack.nodes["D2F_CheckpointLoader"]
+    write_lora(tiny_sd15_checkpoint, loras_folder, "d2f.safetensors", LoraMetadata("diff2flow", "eps", False, rank=2, alpha=2.0))
+    write_lora(tiny_sd15_checkpoint, loras_folder, "naive.safetensors", LoraMetadata("naive_fm", "eps", False))
+    write_lora(tiny_sd15_checkpoint, loras_folder, "vpred.safetensors", LoraMetadata("diff2flow", "v", True))
+    write_lora(tiny_sd15_checkpoint, loras_folder, "plain.safetensors", None)
+
+    model = loader.execute(tiny_sd15_checkpoint, "d2f.safetensors", 1.0, False).result[0]
+    assert pack.model_sampling.is_patched(model) and len(model.patches) == 2
+    assert model.get_model_object("model_sampling").prediction == "eps"
+
+    naive = loader.execute(tiny_sd15_checkpoint, "naive.safetensors", 1.0, False).result[0]
+    ms = naive.get_model_object("model_sampling")
+    assert not pack.model_sampling.is_patched(naive)  # naive FM: x_sigma in, T * sigma, output = velocity
+    assert float(ms.timestep(torch.tensor(0.5))) == pytest.approx(500.0) and ms.calculate_input(0.5, torch.ones(1)).item() == 1.0
+
+    with pytest.raises(ValueError, match="trained on a v-prediction model, but checkpoint .* predicts eps"):
+        loader.execute(tiny_sd15_checkpoint, "vpred.safetensors", 1.0, False)
+
+    plain = loader.execute(tiny_sd15_checkpoint, "plain.safetensors", 0.5, False).result[0]
+    assert pack.model_sampling.is_patched(plain) and len(plain.patches) == 2
