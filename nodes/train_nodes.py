@@ -23,6 +23,7 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
+from d2f_core import scaled_linear
 from d2f_core.lora import ALGORITHMS, TARGETS, adapters_state_dict, make_adapter, select_target_modules
 from d2f_core.lora_metadata import LoraMetadata
 
@@ -232,7 +233,9 @@ def train_lora(model, latents: list, positive: list, negative: Optional[list], c
     d2f = ms.d2f
     data = build_training_data(model, latents, positive, negative)
     name = sanitize_filename(output_name)[: -len(".safetensors")]
+    sd_schedule = torch.allclose(ms.source_alphas_cumprod, scaled_linear(), rtol=1e-5, atol=0)
     metadata_base = dict(objective=config.objective, prediction=d2f.prediction, zero_terminal_snr=d2f.zero_terminal_snr,
+                         schedule="scaled_linear" if sd_schedule else "custom",
                          rank=config.rank, alpha=config.alpha, algorithm=config.algorithm, base_model_hash=base_model_hash(model))
     with torch.inference_mode(False), torch.enable_grad():
         clone = model.clone()

@@ -100,7 +100,7 @@ def test_saved_lora_loads_in_stock_loader_and_matches_trained_model(pack, tiny_m
     assert name == "lora_test.safetensors" and (loras_dir / name).is_file()
     with safe_open(str(loras_dir / name), framework="pt") as f:
         meta = LoraMetadata.from_header(f.metadata())
-        assert meta.steps == 5 and meta.rank == 8 and meta.objective == "diff2flow"
+        assert meta.steps == 5 and meta.rank == 8 and meta.objective == "diff2flow" and meta.schedule == "scaled_linear"
     caplog.set_level("WARNING")
     (loaded,) = comfy_nodes["LoraLoaderModelOnly"]().load_lora_model_only(base, name, 1.0)
     assert "lora key not loaded" not in caplog.text
