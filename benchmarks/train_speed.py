@@ -42,12 +42,16 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 BATCH, LATENT, CONTEXT, RANK, LR = 4, (4, 32, 32), 768, 8, 1e-4
 
 
-def load_comfyui() -> tuple[Any, Any]:
-    """ComfyUI (via COMFYUI_PATH, the way the tests find it) with its nodes and this pack loaded:
-    (NODE_CLASS_MAPPINGS, this pack's train_nodes module)."""
+def check_comfyui() -> None:
     path = os.environ.get("COMFYUI_PATH", "")
     if not (path and (pathlib.Path(path) / "comfy" / "model_management.py").is_file()) and ROOT.parent.name != "custom_nodes":
         sys.exit(f"ComfyUI not found: set COMFYUI_PATH to a ComfyUI 0.8.0 source tree (got {path!r})")
+
+
+def load_comfyui() -> tuple[Any, Any]:
+    """ComfyUI (via COMFYUI_PATH, the way the tests find it) with its nodes and this pack loaded:
+    (NODE_CLASS_MAPPINGS, this pack's train_nodes module)."""
+    check_comfyui()
     sys.path.insert(0, str(ROOT / "tests"))
     import comfy_harness  # puts ComfyUI on sys.path, picks CPU unless CUDA is present
 
@@ -109,6 +113,8 @@ def child(args: argparse.Namespace) -> None:
     from d2f_core.lora import adapters_state_dict, attach_parametrizations, make_adapter, select_target_modules
     from training import TrainConfig
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)
     latents = torch.randn(BATCH, *LATENT, generator=gen)
@@ -173,7 +179,7 @@ def child(args: argparse.Namespace) -> None:
 
 def run_child(args: argparse.Namespace, only: str, targets: str) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--only", only, "--targets", targets, "--steps", str(args.steps),
-           "--warmup", str(args.warmup), "--channels", str(args.channels)] + (["--gradient-checkpointing"] if args.gradient_checkpointing else [])
+           "--warmup", str(args.warmup), "--channels", str(args.channels), "--threads", str(args.threads)] + (["--gradient-checkpointing"] if args.gradient_checkpointing else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
@@ -188,6 +194,7 @@ def main() -> None:
     parser.add_argument("--channels", type=int, default=64, help="UNet model_channels (SD1.5: 320)")
     parser.add_argument("--targets", default="all,attention_ff", help="comma list of targets for ours and bare (all, attention_ff, attention)")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="for all three trainers")
+    parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads in each trainer (0: torch's default)")
     parser.add_argument("--only", choices=["ours", "stock", "bare"], help="child mode: run one trainer, print RESULT json")
     args = parser.parse_args()
     if args.steps < 1 or args.warmup < 1:
@@ -195,14 +202,18 @@ def main() -> None:
     if args.only:
         args.targets = args.targets.split(",")[0]
         return child(args)
+    check_comfyui()
     targets = args.targets.split(",")
     load = os.getloadavg() if hasattr(os, "getloadavg") else (0.0, 0.0, 0.0)
     print(f"model_channels {args.channels}, batch {BATCH}x{LATENT}, rank {RANK}, fp32, {args.warmup} warm-up + {args.steps} timed steps, "
-          f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, {os.cpu_count()} CPUs, load avg {load[0]:.2f} {load[1]:.2f}")
+          f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, {os.cpu_count()} CPUs, "
+          f"load avg {load[0]:.2f} {load[1]:.2f} (1, 5 min)")
     rows = [("stock", "(fixed)", run_child(args, "stock", "all"))]
     for t in targets:
         rows += [("ours", t, run_child(args, "ours", t)), ("bare", t, run_child(args, "bare", t))]
     cuda = rows[0][2]["cuda"] is not None
+    load = os.getloadavg() if hasattr(os, "getloadavg") else (0.0, 0.0, 0.0)
+    print(f"torch threads {rows[0][2]['threads']}, load avg after the runs {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (1, 5, 15 min)")
     print(f"\n{'method':<6} {'targets':<13} {'steps/s':>8} {'s/step':>7} {'(mean)':>7} {'UNet batch':>10} {'peak RSS':>9} {'setup RSS':>9}"
           + (f" {'CUDA peak':>9}" if cuda else "") + "  trains")
     for method, t, r in rows:
