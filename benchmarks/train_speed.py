@@ -18,10 +18,13 @@ attention on the first 3 levels, context 768, width ``--channels``) on the same 
 Each run is a separate subprocess (``--only``), so peak RSS (``ru_maxrss`` at the end of the child, the
 whole process: ComfyUI + pack import, model, training) is per trainer; on CUDA also
 ``torch.cuda.max_memory_allocated``. Step times come from an optimizer step post-hook (the same for all
-three); the first ``--warmup`` steps are excluded, s/step is the median (and mean) of the timed steps. ``--gradient-checkpointing`` applies to all three.
+three); the first ``--warmup`` steps are excluded; s/step is the median (and mean) of the timed steps.
+``--gradient-checkpointing`` applies to all three (each recomputes the layers inside the UNet's blocks).
+Ratios per target: ours/stock speed (goal >= 2), ours/stock peak RSS (<= 0.6), ours/bare step time (<= 1.15).
+The machine should be otherwise idle: a second busy process on the cores skews the step times badly.
 
-    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/train_speed.py [--steps 6] [--channels 64]
-        [--targets all,attention_ff] [--gradient-checkpointing]
+    COMFYUI_PATH=/path/to/ComfyUI python benchmarks/train_speed.py [--steps 6] [--warmup 1] [--channels 64]
+        [--targets all,attention_ff] [--gradient-checkpointing] [--threads N]
 """
 from __future__ import annotations
 
