@@ -29,6 +29,7 @@ __all__ = [
     "naive_fm_loss",
     "diffusion_loss",
     "objective_loss",
+    "evaluate_objective",
     "naive_fm_velocity_fn",
     "validation_sigmas",
     "fm_validation_loss",
@@ -177,15 +178,28 @@ def objective_loss(
         noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=torch.float32).to(x0.device, x0.dtype)
     batch = x0.shape[0]
     if objective == "diffusion":
-        tau = torch.randint(0, d2f.num_timesteps, (batch,), generator=generator, device=gen_device).to(x0.device)
-        return diffusion_loss(network, d2f, x0, noise, tau, *args, **kwargs)
-    sigma = sample_training_sigmas(
-        batch, timestep_sampling, d2f.sigma_max, logit_mean=logit_mean, logit_std=logit_std, shift=shift,
-        generator=generator, device=x0.device,
-    )
+        times = torch.randint(0, d2f.num_timesteps, (batch,), generator=generator, device=gen_device).to(x0.device)
+    else:
+        times = sample_training_sigmas(
+            batch, timestep_sampling, d2f.sigma_max, logit_mean=logit_mean, logit_std=logit_std, shift=shift,
+            generator=generator, device=x0.device,
+        )
+    return evaluate_objective(objective, network, d2f, x0, noise, times, *args, **kwargs)
+
+
+def evaluate_objective(
+    objective: str, network: Network, d2f: Diff2Flow, x0: torch.Tensor, noise: torch.Tensor, times: torch.Tensor,
+    *args: Any, **kwargs: Any,
+) -> ObjectiveOutput:
+    """``objective`` on given noise and times: FM sigmas for ``diff2flow`` / ``naive_fm``,
+    integer tau for ``diffusion``."""
+    if objective == "diffusion":
+        return diffusion_loss(network, d2f, x0, noise, times, *args, **kwargs)
     if objective == "diff2flow":
-        return diff2flow_loss(network, d2f, x0, noise, sigma, *args, **kwargs)
-    return naive_fm_loss(network, x0, noise, sigma, *args, num_timesteps=d2f.num_timesteps, **kwargs)
+        return diff2flow_loss(network, d2f, x0, noise, times, *args, **kwargs)
+    if objective == "naive_fm":
+        return naive_fm_loss(network, x0, noise, times, *args, num_timesteps=d2f.num_timesteps, **kwargs)
+    raise ValueError(f"objective {objective!r} is unknown: choose one of {', '.join(OBJECTIVES)}")
 
 
 def validation_sigmas(segments: int = 8) -> torch.Tensor:

@@ -15,7 +15,8 @@ from typing import Any, Callable, Optional
 
 import torch
 
-from d2f_core import Diff2Flow, diff2flow_loss, diffusion_loss, naive_fm_loss, sample_training_sigmas
+from d2f_core import Diff2Flow, sample_training_sigmas
+from d2f_core.objectives import evaluate_objective
 from d2f_core.lora import WeightAdapter
 
 from .config import TrainConfig
@@ -167,12 +168,7 @@ class Trainer:
         autocast = AUTOCAST_DTYPES.get(cfg.dtype)
         amp = torch.autocast(self.device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
         with amp:
-            if cfg.objective == "diff2flow":
-                out = diff2flow_loss(self.network, self.d2f, x0, noise, times, **cond)
-            elif cfg.objective == "naive_fm":
-                out = naive_fm_loss(self.network, x0, noise, times, num_timesteps=self.d2f.num_timesteps, **cond)
-            else:
-                out = diffusion_loss(self.network, self.d2f, x0, noise, times, **cond)
+            out = evaluate_objective(cfg.objective, self.network, self.d2f, x0, noise, times, **cond)
         return out.loss.float()
 
     def _all_reduce_mean(self, tensors: list[torch.Tensor]) -> None:
