@@ -1,0 +1,230 @@
+"""A headless training run around :class:`Trainer`: its output folder, progress and interrupts.
+
+One run writes into its output folder (rank 0 only)::
+
+    <name>.safetensors           the final LoRA (ComfyUI-native keys + Diff2Flow metadata)
+    <name>_<step>.safetensors    periodic saves (``save_every``) and the save made on interrupt
+    <name>.d2fstate              the training state for an exact resume
+    <name>.toml                  the run's options (``train --config`` reads it back)
+    metrics.jsonl                one JSON line per step: step, loss, lr, seconds, it/s
+    loss.png                     the loss curve
+
+Ctrl-C or SIGTERM: the current step finishes, every process stops at the same step, the state and
+the LoRA are written atomically, and the run exits with 130 / 143 and the command that resumes
+it. A second Ctrl-C abandons the step in flight (the state of the last finished step is saved).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pathlib
+import signal
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, Optional
+
+from d2f_core.lora import adapters_state_dict
+from d2f_core.lora_metadata import LoraMetadata
+
+from . import distributed
+from .distributed import World
+from .engine import Trainer, TrainingError
+from .files import atomic_write, save_lora, save_training_state
+from .plots import save_loss_curve
+
+STATE_SUFFIX = ".d2fstate"
+EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+class StopRequested(Exception):
+    """Raised between steps when any process received Ctrl-C / SIGTERM."""
+
+
+class OutputExists(FileExistsError):
+    pass
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    folder: pathlib.Path
+    name: str
+
+    @property
+    def lora(self) -> pathlib.Path:
+        return self.folder / f"{self.name}.safetensors"
+
+    def lora_at(self, step: int) -> pathlib.Path:
+        return self.folder / f"{self.name}_{step:06d}.safetensors"
+
+    @property
+    def state(self) -> pathlib.Path:
+        return self.folder / f"{self.name}{STATE_SUFFIX}"
+
+    @property
+    def config(self) -> pathlib.Path:
+        return self.folder / f"{self.name}.toml"
+
+    @property
+    def metrics(self) -> pathlib.Path:
+        return self.folder / "metrics.jsonl"
+
+    @property
+    def loss_png(self) -> pathlib.Path:
+        return self.folder / "loss.png"
+
+    def check_new_run(self, resuming: bool, overwrite: bool) -> None:
+        """Refuse to overwrite another run's files (unless resuming it, or asked to)."""
+        if resuming or overwrite:
+            return
+        existing = [p.name for p in (self.lora, self.state) if p.exists()]
+        if existing:
+            raise OutputExists(
+                f"{self.folder} already holds a run named {self.name!r} ({', '.join(existing)}): continue it with "
+                f"--resume {self.state}, choose another --name or --output, or pass --overwrite"
+            )
+
+    def check_writable(self) -> None:
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            probe = self.folder / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"ok")
+            probe.unlink()
+        except OSError as exc:
+            raise OSError(exc.errno, f"output folder {self.folder} is not writable ({exc.strerror}): choose another --output") from exc
+
+
+class StopSignals:
+    """Turns SIGINT / SIGTERM into a request to stop after the current step (a second SIGINT
+    abandons the step: KeyboardInterrupt)."""
+
+    def __init__(self) -> None:
+        self.received: Optional[int] = None
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.received is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+        print(f"\n{signal.Signals(signum).name}: stopping after this step and saving (Ctrl-C again to abandon the step)",
+              file=sys.stderr, flush=True)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator["StopSignals"]:
+        if threading.current_thread() is not threading.main_thread():
+            yield self  # signals reach the main thread only; the caller stops the run otherwise
+            return
+        for sig in EXIT_CODES:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        try:
+            yield self
+        finally:
+            for sig, handler in self._previous.items():
+                signal.signal(sig, handler)
+
+
+class MetricsLog:
+    """metrics.jsonl: one line per step; a resumed run keeps the lines up to its resume step."""
+
+    def __init__(self, path: pathlib.Path, resume_step: int) -> None:
+        self.path = path
+        kept = []
+        if resume_step > 0 and path.is_file():
+            for line in path.read_text(encoding="utf-8").splitlines():
+                try:
+                    if json.loads(line)["step"] <= resume_step:
+                        kept.append(line)
+                except (ValueError, KeyError):
+                    continue
+        text = "".join(line + "\n" for line in kept)
+        atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(text, encoding="utf-8"))
+        self.file = open(path, "a", encoding="utf-8")
+
+    def write(self, record: dict) -> None:
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+
+    def close(self) -> None:
+        self.file.close()
+
+
+def run_headless(
+    trainer: Trainer,
+    files: RunFiles,
+    metadata: Callable[[int], LoraMetadata],
+    world: World = World(),
+    resume_hint: str = "",
+    progress: bool = True,
+) -> int:
+    """Train to ``trainer.config.steps`` writing ``files``; returns the process exit code
+    (0 done, 130 / 143 interrupted and saved, 1 failed)."""
+    main = world.is_main
+    adapters = trainer.adapters
+    config = trainer.config
+    metrics = MetricsLog(files.metrics, trainer.step) if main else None
+    bar = None
+    if main and progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=config.steps, initial=trainer.step, unit="step", dynamic_ncols=True, desc=files.name)
+    stops = StopSignals()
+    started = time.perf_counter()
+    last = [started]
+    step_start_generator = [trainer.generator.get_state()]
+
+    def write_files(final: bool) -> list[pathlib.Path]:
+        if not main:
+            return []
+        lora_path = files.lora if final else files.lora_at(trainer.step)
+        written = [save_lora(lora_path, adapters_state_dict(adapters), metadata(trainer.step)),
+                   save_training_state(files.state, trainer.state_dict())]
+        save_loss_curve(files.loss_png, {config.objective: trainer.losses}, title=f"{files.name}: {config.objective} loss")
+        return written
+
+    def on_step(step: int, loss: float, lr: float) -> None:
+        now = time.perf_counter()
+        if metrics is not None:
+            metrics.write({"step": step, "loss": loss, "lr": lr, "seconds": round(now - started, 4),
+                           "it_s": round(1.0 / max(now - last[0], 1e-9), 4)})
+        if bar is not None:
+            bar.set_postfix(loss=f"{loss:.4g}", lr=f"{lr:.3g}", refresh=False)
+            bar.update(1)
+        last[0] = now
+
+    def check_stop() -> None:
+        step_start_generator[0] = trainer.generator.get_state()
+        if distributed.any_process(stops.received is not None, world):
+            raise StopRequested
+
+    code, message = 0, ""
+    try:
+        with stops.installed():
+            try:
+                trainer.run(on_step=on_step, check_cancel=check_stop, save=lambda t: write_files(final=False))
+            except KeyboardInterrupt:
+                # the step in flight is abandoned: the trainer is as it was before it, except the generator
+                trainer.generator.set_state(step_start_generator[0])
+                raise StopRequested from None
+            written = write_files(final=True)
+            if main:
+                message = f"trained {trainer.step} steps: " + ", ".join(str(p) for p in written)
+    except StopRequested:
+        code = EXIT_CODES.get(stops.received or signal.SIGINT, 130)
+        written = write_files(final=False)
+        if main:
+            message = (
+                f"interrupted at step {trainer.step} of {config.steps}; saved " + ", ".join(str(p) for p in written)
+                + (f"\nresume with: {resume_hint}" if resume_hint else "")
+            )
+    except TrainingError as exc:
+        code, message = 1, f"training failed: {exc}"
+    finally:
+        if bar is not None:
+            bar.close()
+        if metrics is not None:
+            metrics.close()
+    if message:
+        print(message, file=sys.stderr if code else sys.stdout, flush=True)
+    return code
