@@ -7,6 +7,7 @@ prediction type and zero terminal SNR. Keys carry the prefix ``diff2flow.``.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, fields
 from typing import Mapping, Optional
 
@@ -88,3 +89,13 @@ class LoraMetadata:
             if required not in kwargs:
                 raise ValueError(f"malformed Diff2Flow LoRA metadata: {PREFIX}{required} is missing")
         return cls(**kwargs)
+
+
+def read_lora_metadata(path: str | os.PathLike) -> Optional[LoraMetadata]:
+    """The Diff2Flow metadata of a .safetensors LoRA (``None`` for other files or plain LoRAs)."""
+    if not str(path).lower().endswith(".safetensors"):
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return LoraMetadata.from_header(f.metadata())

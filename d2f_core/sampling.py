@@ -138,15 +138,22 @@ def cfg_velocity(
     """Classifier-free guidance: ``v = v_uncond + scale * (v_cond - v_uncond)``.
 
     ``velocity_fn(x, sigma, c)`` is evaluated once per step on the concatenated batch
-    ``[cond, uncond]`` (tensors concatenated along dim 0). ``scale = 1`` skips the uncond pass.
+    ``[cond, uncond]`` (tensors concatenated along dim 0; for dicts of tensors, such as SDXL's
+    ``{"context", "y"}``, each entry is). ``scale = 1`` skips the uncond pass.
     The Diff2Flow conversion is affine in the network output, so guiding velocities equals
     guiding raw outputs or denoised estimates (MATH.md section 4).
     """
     if scale == 1.0:
         return lambda x, sigma: velocity_fn(x, sigma, cond)
+    if isinstance(cond, dict):
+        if set(cond) != set(uncond):
+            raise ValueError(f"cond and uncond must have the same keys, got {sorted(cond)} and {sorted(uncond)}")
+        both = {k: torch.cat([cond[k], uncond[k]]) for k in cond}
+    else:
+        both = torch.cat([cond, uncond])
 
     def guided(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        v = velocity_fn(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([cond, uncond]))
+        v = velocity_fn(torch.cat([x, x]), torch.cat([sigma, sigma]), both)
         v_cond, v_uncond = v.chunk(2)
         return v_uncond + scale * (v_cond - v_uncond)
 

@@ -8,9 +8,8 @@ import comfy.sd
 import comfy.utils
 import folder_paths
 from comfy_api.latest import io
-from safetensors import safe_open
 
-from d2f_core.lora_metadata import LoraMetadata
+from d2f_core.lora_metadata import read_lora_metadata
 
 from .model_sampling import patch_model, prediction_of
 
@@ -47,14 +46,6 @@ class Diff2FlowModelPatch(io.ComfyNode):
     @classmethod
     def execute(cls, model, zero_terminal_snr: bool) -> io.NodeOutput:
         return io.NodeOutput(patch_model(model, zero_terminal_snr))
-
-
-def read_lora_metadata(path: str) -> LoraMetadata | None:
-    """The Diff2Flow metadata of a .safetensors LoRA (None for other files or plain LoRAs)."""
-    if not path.lower().endswith(".safetensors"):
-        return None
-    with safe_open(path, framework="pt") as f:
-        return LoraMetadata.from_header(f.metadata())
 
 
 def naive_flow_sampling(num_timesteps: int = 1000):

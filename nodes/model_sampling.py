@@ -21,7 +21,10 @@ import torch
 import comfy.model_sampling as cms
 
 from d2f_core import Diff2Flow, rescale_zero_terminal_snr
-from d2f_core.schedules import alphas_cumprod_from_discrete_sigmas
+
+from ..training.host import prediction_of, schedule_of
+
+__all__ = ["Diff2FlowModelSampling", "diff2flow_sampling_for", "patch_model", "is_patched", "flow_sigma_max", "prediction_of"]
 
 
 class Diff2FlowModelSampling(cms.CONST, torch.nn.Module):
@@ -84,50 +87,6 @@ class Diff2FlowModelSampling(cms.CONST, torch.nn.Module):
         return repr(self.d2f)
 
 
-def _is_plain_discrete_vp(ms: object) -> bool:
-    """ModelSamplingDiscrete with its own log-sigma table (not EDM, LCM-distilled or Cascade)."""
-    if not isinstance(ms, cms.ModelSamplingDiscrete):
-        return False
-    refused = [cms.ModelSamplingDiscreteEDM, cms.StableCascadeSampling]
-    # ComfyUI's LCM model sampling lives in comfy_extras; refuse it by its base's name
-    if any(isinstance(ms, cls) for cls in refused) or any(c.__name__ == "ModelSamplingDiscreteDistilled" for c in type(ms).__mro__):
-        return False
-    return type(ms).sigma is cms.ModelSamplingDiscrete.sigma
-
-
-def prediction_of(ms: object) -> str:
-    """``"eps"`` or ``"v"`` for a convertible model sampling; ``ValueError`` saying why not otherwise."""
-    name = type(ms).__name__
-    if isinstance(ms, cms.CONST):
-        raise ValueError(
-            f"this model is already a flow model ({name}: SD3, Flux, AuraFlow and the like sample as flow "
-            "models natively); Diff2Flow converts diffusion models (SD1.x, SD2.x, SDXL). Sample it directly "
-            "with the FM scheduler and sampler."
-        )
-    if not isinstance(ms, cms.EPS):
-        raise ValueError(
-            f"cannot convert a model with {name} model sampling: Diff2Flow needs a discrete eps- or "
-            "v-prediction diffusion model (SD1.x, SD2.x, SDXL)."
-        )
-    continuous = (cms.ModelSamplingContinuousEDM, cms.ModelSamplingDiscreteEDM)
-    if isinstance(ms, cms.EDM) or isinstance(ms, continuous):
-        raise ValueError(
-            f"cannot convert a model with {name} model sampling: EDM / continuous-time models are not "
-            "supported; Diff2Flow needs ComfyUI's discrete 1000-step VP schedule (SD1.x, SD2.x, SDXL)."
-        )
-    if isinstance(ms, cms.X0) or any(c.__name__ == "LCM" for c in type(ms).__mro__):
-        raise ValueError(
-            f"cannot convert a model with {name} model sampling: x0 / LCM / img2img prediction is not "
-            "supported, only eps and v. Remove the ModelSamplingDiscrete patch that set it."
-        )
-    if not _is_plain_discrete_vp(ms):
-        raise ValueError(
-            f"cannot convert a model with {name} model sampling: Diff2Flow needs ComfyUI's discrete "
-            "1000-step VP schedule (ModelSamplingDiscrete)."
-        )
-    return "v" if isinstance(ms, cms.V_PREDICTION) else "eps"
-
-
 def diff2flow_sampling_for(ms: object, zero_terminal_snr: bool = False) -> Diff2FlowModelSampling:
     """The Diff2Flow model sampling for the model sampling ``ms`` currently on a model.
 
@@ -136,8 +95,7 @@ def diff2flow_sampling_for(ms: object, zero_terminal_snr: bool = False) -> Diff2
     """
     if isinstance(ms, Diff2FlowModelSampling):
         return Diff2FlowModelSampling(ms.source_alphas_cumprod, ms.prediction, zero_terminal_snr)
-    prediction = prediction_of(ms)
-    ac = alphas_cumprod_from_discrete_sigmas(ms.sigmas.detach().cpu())
+    ac, prediction = schedule_of(ms)
     return Diff2FlowModelSampling(ac, prediction, zero_terminal_snr)
 
 

@@ -7,15 +7,12 @@ shared UNet weights are never touched), and reports progress through ComfyUI's P
 """
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import logging
 import os
 import pathlib
-from typing import Any, Iterator, Optional
+from typing import Any, Optional
 
 import torch
-import torch.utils.checkpoint
 
 import comfy.model_management
 import comfy.sd
@@ -23,18 +20,19 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
-from d2f_core import scaled_linear
-from d2f_core.lora import ALGORITHMS, TARGETS, adapters_state_dict, make_adapter, select_target_modules
+from d2f_core.lora import ALGORITHMS, TARGETS, adapters_state_dict
 from d2f_core.lora_metadata import LoraMetadata
 
 from ..training import TrainConfig, Trainer, TrainingData
 from ..training.config import DTYPES, LR_SCHEDULES, OPTIMIZERS
 from ..training.files import load_training_state, sanitize_filename, save_lora, save_training_state
+from ..training.headless import STATE_SUFFIX
+from ..training.host import attach_adapters, cond_kwargs, gradient_checkpointing, lora_metadata_for, unet_network
 from .model_nodes import naive_flow_sampling
 from .model_sampling import diff2flow_sampling_for, patch_model
 
 CATEGORY = "Diff2Flow/training"
-STATE_SUFFIX = ".d2fstate"  # not a model extension, so LoRA loaders do not list training states
+# STATE_SUFFIX (".d2fstate") is not a model extension, so LoRA loaders do not list training states
 NO_RESUME = "None"
 PROGRESS_EVENT = "diff2flow.train.progress"
 log = logging.getLogger("diff2flow")
@@ -70,17 +68,6 @@ def training_states() -> list[str]:
     return [NO_RESUME] + found
 
 
-def base_model_hash(model) -> str:
-    """A cheap fingerprint of the base UNet: key names, shapes and the first layers' values."""
-    h = hashlib.sha256()
-    sd = model.model.diffusion_model.state_dict()
-    for key in sorted(sd):
-        h.update(f"{key}{tuple(sd[key].shape)}".encode())
-    for key in sorted(sd)[:4]:
-        h.update(sd[key].detach().float().cpu().numpy().tobytes()[:65536])
-    return h.hexdigest()[:16]
-
-
 # ---------------------------------------------------------------------- inputs -> TrainingData
 def split_latents(latents: list[dict]) -> list[torch.Tensor]:
     """LATENT dicts (a batch, or the list ComfyUI's dataset nodes give) -> [C, H, W] tensors."""
@@ -101,19 +88,6 @@ def flatten_conditioning(positive: list) -> list[tuple[torch.Tensor, dict]]:
             tensor, extras = entry[0], entry[1]
             flat.extend((tensor[i : i + 1], extras) for i in range(tensor.shape[0]))
     return flat
-
-
-def cond_kwargs(model, entry: tuple[torch.Tensor, dict], latent: torch.Tensor) -> dict[str, torch.Tensor]:
-    """UNet keyword arguments for one sample: ``context`` and, for SDXL-type models, ``y``."""
-    tensor, extras = entry
-    kwargs = {"context": tensor.float().cpu()}
-    if getattr(model.model, "adm_channels", 0):
-        height, width = latent.shape[-2] * 8, latent.shape[-1] * 8
-        adm = model.model.encode_adm(**{**extras, "width": width, "height": height, "target_width": width,
-                                         "target_height": height, "device": torch.device("cpu")})
-        if adm is not None:
-            kwargs["y"] = adm.float().cpu()
-    return kwargs
 
 
 def build_training_data(model, latents: list[dict], positive: list, negative: Optional[list]) -> TrainingData:
@@ -144,58 +118,6 @@ def build_training_data(model, latents: list[dict], positive: list, negative: Op
         if neg:
             uncond = cond_kwargs(model, neg[0], samples[0])
     return TrainingData(scaled, [cond_kwargs(model, c, s) for c, s in zip(conds, samples)], uncond)
-
-
-def trainable_copies_of_inference_tensors(module: torch.nn.Module) -> None:
-    """Frozen base weights that can take part in autograd.
-
-    ComfyUI runs nodes under ``torch.inference_mode()``, so a checkpoint loaded in a graph holds
-    inference tensors, which autograd refuses to save for backward. They are replaced by plain
-    copies with the same values (the model's outputs do not change); every weight is frozen.
-    """
-    for sub in module.modules():
-        for name, p in list(sub._parameters.items()):
-            if p is None:
-                continue
-            if p.is_inference():
-                sub._parameters[name] = torch.nn.Parameter(p.detach().clone(), requires_grad=False)
-            else:
-                p.requires_grad_(False)
-        for name, b in list(sub._buffers.items()):
-            if b is not None and b.is_inference():
-                sub._buffers[name] = b.clone()
-
-
-@contextlib.contextmanager
-def gradient_checkpointing(unet: torch.nn.Module, enabled: bool) -> Iterator[None]:
-    """Recompute the UNet's layers in the backward pass (far less activation memory).
-
-    The UNet calls the layers inside its input / middle / output blocks one by one (ResBlocks,
-    SpatialTransformers, up/down-samplers), so those are the modules whose ``forward`` is wrapped,
-    for the duration of the run only, and restored after.
-    """
-    if not enabled:
-        yield
-        return
-    blocks = [*getattr(unet, "input_blocks", []), getattr(unet, "middle_block", None), *getattr(unet, "output_blocks", [])]
-    layers = [layer for block in blocks if block is not None for layer in block.children()]
-    wrapped = []
-    for layer in layers:
-        forward = layer.forward
-
-        def checkpointed(*args, _forward=forward, **kwargs):
-            return torch.utils.checkpoint.checkpoint(_forward, *args, use_reentrant=False, **kwargs)
-
-        wrapped.append((layer, layer.__dict__.get("forward")))
-        layer.forward = checkpointed
-    try:
-        yield
-    finally:
-        for layer, own in wrapped:
-            if own is not None:
-                layer.forward = own
-            else:
-                del layer.forward
 
 
 def report_progress(pbar: comfy.utils.ProgressBar, steps: int, step: int, loss: float, lr: float) -> None:
@@ -233,36 +155,17 @@ def train_lora(model, latents: list, positive: list, negative: Optional[list], c
     d2f = ms.d2f
     data = build_training_data(model, latents, positive, negative)
     name = sanitize_filename(output_name)[: -len(".safetensors")]
-    sd_schedule = torch.allclose(ms.source_alphas_cumprod, scaled_linear(), rtol=1e-5, atol=0)
-    metadata_base = dict(objective=config.objective, prediction=d2f.prediction, zero_terminal_snr=d2f.zero_terminal_snr,
-                         schedule="scaled_linear" if sd_schedule else "custom",
-                         rank=config.rank, alpha=config.alpha, algorithm=config.algorithm, base_model_hash=base_model_hash(model))
+    metadata = lora_metadata_for(model, config, d2f, ms.source_alphas_cumprod)
     with torch.inference_mode(False), torch.enable_grad():
-        clone = model.clone()
-        unet = clone.model.diffusion_model
-        modules = select_target_modules(unet, config.targets)
-        gen = torch.Generator().manual_seed(config.seed)
-        adapters = {n: make_adapter(config.algorithm, m.weight.shape, config.rank, config.alpha, gen) for n, m in modules.items()}
-        for n, adapter in adapters.items():
-            clone.add_weight_wrapper(f"diffusion_model.{n}.weight", adapter)
-        comfy.model_management.load_models_gpu([clone], memory_required=1e20, force_full_load=True)
-        device = comfy.model_management.get_torch_device()
-        for adapter in adapters.values():
-            adapter.to(device)
-        trainable_copies_of_inference_tensors(unet)
-
-        def network(x, t, context, y=None):
-            return unet(x, t, context=context, y=y)
-
-        trainer = Trainer(network, adapters, d2f, config, data, device)
+        clone, unet, adapters, device = attach_adapters(model, config)
+        trainer = Trainer(unet_network(unet), adapters, d2f, config, data, device)
         if resume_from and resume_from != NO_RESUME:
             state_path = resume_from if os.path.isabs(resume_from) else str(lora_folder() / resume_from)
             trainer.load_state_dict(load_training_state(state_path))
             log.info("Diff2Flow: resumed %s at step %d", resume_from, trainer.step)
 
         def save(t: Trainer) -> None:
-            meta = LoraMetadata(**metadata_base, steps=t.step)
-            save_lora(lora_folder() / f"{name}_{t.step:06d}.safetensors", adapters_state_dict(adapters), meta)
+            save_lora(lora_folder() / f"{name}_{t.step:06d}.safetensors", adapters_state_dict(adapters), metadata(t.step))
             save_training_state(lora_folder() / f"{name}{STATE_SUFFIX}", t.state_dict())
 
         pbar = comfy.utils.ProgressBar(config.steps)
@@ -275,7 +178,7 @@ def train_lora(model, latents: list, positive: list, negative: Optional[list], c
             )
         for adapter in adapters.values():
             adapter.requires_grad_(False)
-        lora = lora_result({n: a.cpu() for n, a in adapters.items()}, LoraMetadata(**metadata_base, steps=trainer.step))
+        lora = lora_result({n: a.cpu() for n, a in adapters.items()}, metadata(trainer.step))
     return trained_model(model, lora, config.objective, d2f.zero_terminal_snr), lora, {"loss": list(trainer.losses)}, trainer.step
 
 

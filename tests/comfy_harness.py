@@ -7,7 +7,6 @@ Models are tiny SD-architecture UNets with random weights built through ComfyUI'
 """
 from __future__ import annotations
 
-import asyncio
 import os
 import pathlib
 import sys

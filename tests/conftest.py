@@ -56,3 +56,15 @@ def conditioning(comfy_nodes):
         return [[torch.randn(batch, 77, CONTEXT_DIM, generator=gen), {}]]
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_sd15_file(comfy_nodes, tmp_path_factory):
+    """An SD1.5-shaped checkpoint file with random weights (see sd15_checkpoint), written once per session."""
+    from safetensors.torch import save_file
+
+    from sd15_checkpoint import CKPT_NAME, tiny_sd15_state_dict
+
+    path = tmp_path_factory.mktemp("checkpoints") / CKPT_NAME
+    save_file(tiny_sd15_state_dict(), str(path))
+    return path

@@ -187,7 +187,6 @@ def test_node_loss_equals_d2f_core_loss(pack, tiny_model) -> None:
     data = pack.train_nodes.build_training_data(model, latents, positive, None)
     d2f = pack.model_sampling.patch_model(model).get_model_object("model_sampling").d2f
     gen = torch.Generator().manual_seed(11)
-    gen_adapters = torch.Generator().manual_seed(11)  # noqa: F841  (adapters start as identity)
     x0, cond = data.batch(data.draw_indices(2, gen))
     comfy.model_management.load_models_gpu([model])
     unet = model.model.diffusion_model

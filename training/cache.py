@@ -3,6 +3,7 @@
 Layout of a cache folder::
 
     index.json                     entries (source file, size, mtime, caption, bucket, shard) + settings
+    uncond.safetensors             the empty caption's embeddings (caption dropout, CFG)
     shard-<run>-<n>.safetensors    tensors "<key>/latent" [C, h, w] and "<key>/<cond name>" [1, ...]
 
 ``prepare_cache`` re-encodes only what changed: an entry whose image file (size, mtime), bucket and
@@ -27,12 +28,13 @@ from typing import Callable, Optional, Protocol
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from .dataset import DatasetError, ImageRecord, UnreadableImage, bucket_resolutions, load_image
 from .files import atomic_write
 
 INDEX = "index.json"
+UNCOND = "uncond.safetensors"
 FORMAT = "diff2flow-latent-cache/1"
 log = logging.getLogger("diff2flow")
 
@@ -230,6 +232,9 @@ def prepare_cache(
     writer.flush()
     if not entries:
         raise DatasetError(f"none of the {len(records)} images could be read ({summary.skipped[0][1]} ...): nothing was cached")
+    if not same_text or not (folder / UNCOND).is_file():
+        uncond = {k: v.contiguous() for k, v in encoder.encode_text([""])[0].items()}
+        atomic_write(folder / UNCOND, lambda tmp: save_file(uncond, tmp))
     index = {"format": FORMAT, "settings": settings, "entries": entries, "created": time.time()}
     atomic_write(folder / INDEX, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(index, indent=1), encoding="utf-8"))
     reader.handles.clear()  # close the old shards before deleting them
@@ -243,13 +248,15 @@ def prepare_cache(
 
 @dataclass
 class CachedDataset:
-    """A loaded cache: raw latents [C, h, w], conditioning dicts (batch 1), captions, settings."""
+    """A loaded cache: raw latents [C, h, w], conditioning dicts (batch 1) with the empty
+    caption's as ``uncond``, captions, source files and the settings it was made with."""
 
     latents: list[torch.Tensor]
     conds: list[dict[str, torch.Tensor]]
     captions: list[str]
     sources: list[str]
     settings: dict
+    uncond: dict[str, torch.Tensor]
 
 
 def load_cache(cache_dir: str | os.PathLike) -> CachedDataset:
@@ -259,7 +266,9 @@ def load_cache(cache_dir: str | os.PathLike) -> CachedDataset:
         hint = "it does not exist" if not folder.exists() else f"it has no {INDEX}"
         raise DatasetError(f"latent cache {folder}: {hint}. Run `python -m training prepare --dataset DIR --checkpoint CKPT --cache {folder}` first")
     reader = _ShardReader(folder)
-    data = CachedDataset([], [], [], [], index["settings"])
+    if not (folder / UNCOND).is_file():
+        raise DatasetError(f"latent cache {folder} is incomplete ({UNCOND} is missing): run `prepare` again")
+    data = CachedDataset([], [], [], [], index["settings"], load_file(str(folder / UNCOND)))
     for relative, entry in sorted(index["entries"].items()):
         shard = folder / entry["shard"]
         if not shard.is_file():

@@ -1,7 +1,6 @@
 """The dataset folder -> latent cache path of `prepare`, with counting stand-in encoders (no ComfyUI)."""
 from __future__ import annotations
 
-import json
 import os
 import pathlib
 
@@ -72,7 +71,7 @@ def test_prepare_caches_buckets_and_counts_corrupt_and_uncaptioned_images(datase
     assert summary.images == 5 and summary.cached == 4
     assert [s[0] for s in summary.skipped] == ["broken.png"]
     assert summary.missing_captions == ["nested/c.png"]
-    assert enc.images_encoded == 4 and enc.captions_encoded == 4
+    assert enc.images_encoded == 4 and enc.captions_encoded == 5  # 4 captions + the empty one (uncond)
     assert "1 unreadable images skipped" in summary.report() and "broken.png" in summary.report()
     data = load_cache(tmp_path / "cache")
     assert data.sources == ["a.png", "b.jpg", "nested/c.png", "nested/d.png"]
@@ -81,6 +80,7 @@ def test_prepare_caches_buckets_and_counts_corrupt_and_uncaptioned_images(datase
     assert shapes["a.png"] == (4, 8, 8)
     assert shapes["b.jpg"][2] > shapes["b.jpg"][1] and shapes["nested/d.png"][1] > shapes["nested/d.png"][2]
     assert data.captions[2] == "" and data.conds[0]["context"].shape == (1, 1, 8)
+    torch.testing.assert_close(data.uncond["context"], torch.zeros(1, 1, 8))
     # the latent is the encoder's output for the bucket-cropped image
     pixels, _ = load_image(dataset / "a.png", buckets=bucket_resolutions(64, 2.0))
     torch.testing.assert_close(data.latents[0], CountingEncoder().encode_images(pixels[None])[0])

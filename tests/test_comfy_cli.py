@@ -1,0 +1,172 @@
+"""The headless CLI end to end on an SD1.5-shaped random-weight checkpoint: prepare -> train -> sample,
+resume, refusals before compute, torchrun with 2 processes, and the LoRA in stock ComfyUI."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from comfy_harness import COMFYUI, ROOT, require_comfyui
+
+require_comfyui()
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+
+from d2f_core.lora_metadata import read_lora_metadata  # noqa: E402
+from training.cli import main  # noqa: E402
+
+TRAIN = ["--steps", "4", "--batch-size", "2", "--rank", "4", "--learning-rate", "1e-3", "--seed", "3", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> pathlib.Path:
+    """Six small images (two aspect ratios) with captions, one without caption, one corrupt file."""
+    root = tmp_path_factory.mktemp("dataset")
+    gen = np.random.default_rng(0)
+    for i in range(6):
+        size = (64, 64) if i < 4 else (96, 48)
+        arr = (gen.random((size[1], size[0], 3)) * 255).astype(np.uint8)
+        sub = root / ("nested" if i % 2 else "")
+        sub.mkdir(exist_ok=True)
+        Image.fromarray(arr).save(sub / f"img{i}.png")
+        if i != 5:
+            (sub / f"img{i}.txt").write_text(f"a photo of thing {i}", encoding="utf-8")
+    (root / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    return root
+
+
+@pytest.fixture(scope="module")
+def prepared(tiny_sd15_file, dataset, tmp_path_factory, fp32_text_encoder_module) -> pathlib.Path:
+    cache = tmp_path_factory.mktemp("cache")
+    assert main(["prepare", "--dataset", str(dataset), "--checkpoint", str(tiny_sd15_file), "--cache", str(cache),
+                 "--resolution", "64", "--no-progress"]) == 0
+    return cache
+
+
+@pytest.fixture(scope="module")
+def fp32_text_encoder_module(comfy_nodes):
+    import comfy.cli_args
+
+    before = comfy.cli_args.args.fp32_text_enc
+    comfy.cli_args.args.fp32_text_enc = True  # CLIP in fp32: fp16 matmuls are slow on CPU
+    yield
+    comfy.cli_args.args.fp32_text_enc = before
+
+
+def test_prepare_caches_buckets_and_reports(prepared, dataset, tiny_sd15_file, capsys) -> None:
+    index = json.loads((prepared / "index.json").read_text())
+    assert sorted(index["entries"]) == ["img0.png", "img2.png", "img4.png", "nested/img1.png", "nested/img3.png", "nested/img5.png"]
+    buckets = {tuple(e["bucket"]) for e in index["entries"].values()}
+    assert (64, 64) in buckets and any(w > h for w, h in buckets)
+    # a second prepare reuses every entry and reports the corrupt file and the missing caption again
+    assert main(["prepare", "--dataset", str(dataset), "--checkpoint", str(tiny_sd15_file), "--cache", str(prepared),
+                 "--resolution", "64", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "6 of 7 images cached" in out and "0 latents encoded, 6 reused" in out and "0 captions encoded, 6 reused" in out
+    assert "1 unreadable images skipped" in out and "corrupt.jpg" in out
+    assert "1 images have no .txt caption" in out
+
+
+def test_train_writes_lora_state_metrics_and_plot_and_resumes(prepared, tiny_sd15_file, tmp_path, capsys) -> None:
+    out = tmp_path / "run"
+    base = ["train", "--cache", str(prepared), "--checkpoint", str(tiny_sd15_file), "--output", str(out), "--name", "cli"]
+    assert main([*base, *TRAIN, "--save-every", "2", "--caption-dropout", "0.2"]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["cli.d2fstate", "cli.safetensors", "cli.toml", "cli_000002.safetensors", "cli_000004.safetensors", "loss.png", "metrics.jsonl"]
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [1, 2, 3, 4] and all(np.isfinite(m["loss"]) and m["it_s"] > 0 for m in lines)
+    assert Image.open(out / "loss.png").size[0] > 100
+    meta = read_lora_metadata(out / "cli.safetensors")
+    assert (meta.objective, meta.prediction, meta.steps, meta.rank) == ("diff2flow", "eps", 4, 4)
+    # the same run name again is refused (nothing is overwritten); --resume continues it to 6 steps
+    assert main([*base, *TRAIN]) == 2
+    assert "already holds a run named 'cli'" in capsys.readouterr().err
+    assert main(["train", "--config", str(out / "cli.toml"), "--resume", str(out / "cli.d2fstate"), "--steps", "6", "--no-progress"]) == 0
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
+    # straight 6 steps equal 4 + resume 2
+    straight = tmp_path / "straight"
+    assert main(["train", "--config", str(out / "cli.toml"), "--output", str(straight), "--steps", "6", "--no-progress"]) == 0
+    with safe_open(str(out / "cli.safetensors"), "pt") as a, safe_open(str(straight / "cli.safetensors"), "pt") as b:
+        assert set(a.keys()) == set(b.keys())
+        for key in a.keys():
+            torch.testing.assert_close(a.get_tensor(key), b.get_tensor(key), rtol=1e-5, atol=1e-6)
+    # a resume with a different trajectory option is refused before any compute
+    assert main(["train", "--config", str(out / "cli.toml"), "--resume", str(out / "cli.d2fstate"), "--steps", "8",
+                 "--learning-rate", "5e-4", "--no-progress"]) == 2
+    assert "different configuration (learning_rate: saved 0.001, now 0.0005)" in capsys.readouterr().err
+
+
+def test_trained_lora_loads_in_stock_comfyui_and_samples(prepared, tiny_sd15_file, tmp_path, comfy_nodes, caplog) -> None:
+    out = tmp_path / "run"
+    assert main(["train", "--cache", str(prepared), "--checkpoint", str(tiny_sd15_file), "--output", str(out), *TRAIN,
+                 "--targets", "attention_ff"]) == 0
+    import comfy.sd
+    import comfy.utils
+
+    model, clip, _ = comfy.sd.load_checkpoint_guess_config(str(tiny_sd15_file))[:3]
+    lora = comfy.utils.load_torch_file(str(out / "diff2flow_lora.safetensors"), safe_load=True)
+    with caplog.at_level(logging.WARNING):
+        patched, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)
+    assert not [r for r in caplog.records if "lora key not loaded" in r.getMessage()]
+    patched_keys = set(patched.patches)
+    assert len(patched_keys) == len(lora) // 3 and all(k.startswith("diffusion_model.") for k in patched_keys)
+    samples = tmp_path / "samples"
+    assert main(["sample", "--checkpoint", str(tiny_sd15_file), "--lora", str(out / "diff2flow_lora.safetensors"),
+                 "--prompt", "a photo of thing 1", "--prompt", "thing 2", "--steps", "3", "--cfg", "3",
+                 "--width", "64", "--height", "64", "--output", str(samples), "--no-progress"]) == 0
+    pngs = sorted(samples.glob("*.png"))
+    assert len(pngs) == 2
+    a, b = (np.asarray(Image.open(p)) for p in pngs)
+    assert a.shape == (64, 64, 3) and not np.array_equal(a, b)
+    assert "a photo of thing 1" in Image.open(pngs[0]).text["parameters"]
+
+
+def test_bad_inputs_fail_before_compute(tiny_sd15_file, prepared, tmp_path, capsys) -> None:
+    assert main(["prepare", "--dataset", str(tmp_path / "nope"), "--checkpoint", str(tiny_sd15_file), "--cache", str(tmp_path / "c")]) == 2
+    assert "dataset folder" in capsys.readouterr().err
+    (tmp_path / "empty").mkdir()
+    assert main(["prepare", "--dataset", str(tmp_path / "empty"), "--checkpoint", str(tiny_sd15_file), "--cache", str(tmp_path / "c")]) == 2
+    assert "holds no images" in capsys.readouterr().err
+    assert main(["train", "--cache", str(tmp_path / "nocache"), "--checkpoint", str(tiny_sd15_file), "--output", str(tmp_path / "o")]) == 2
+    assert "Run `python -m training prepare" in capsys.readouterr().err
+    # a checkpoint ComfyUI cannot identify as an SD model
+    from safetensors.torch import save_file
+
+    save_file({"foo.weight": torch.zeros(3, 3)}, str(tmp_path / "junk.safetensors"))
+    assert main(["train", "--cache", str(prepared), "--checkpoint", str(tmp_path / "junk.safetensors"), "--output", str(tmp_path / "o2")]) == 2
+    assert "could not be loaded as an SD model" in capsys.readouterr().err
+    assert main(["train", "--cache", str(prepared), "--checkpoint", str(tiny_sd15_file), "--output", str(tmp_path / "o3"), "--rank", "0"]) == 2
+    assert "rank must be a positive integer" in capsys.readouterr().err
+    (tmp_path / "bad.toml").write_text("[train]\nlearning_rat = 1e-4\n")
+    assert main(["train", "--config", str(tmp_path / "bad.toml")]) == 2
+    assert "unknown keys learning_rat" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="torch.distributed with gloo is not available")
+def test_torchrun_two_processes_train_through_the_cli(prepared, tiny_sd15_file, tmp_path) -> None:
+    env = {**os.environ, "COMFYUI_PATH": str(COMFYUI), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    args = ["train", "--cache", str(prepared), "--checkpoint", str(tiny_sd15_file), *TRAIN]
+    one = subprocess.run([sys.executable, "-m", "training", *args, "--output", str(tmp_path / "one")], env=env, cwd=tmp_path,
+                         capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "training",
+                          *args, "--output", str(tmp_path / "two")], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    with safe_open(str(tmp_path / "one" / "diff2flow_lora.safetensors"), "pt") as a, \
+            safe_open(str(tmp_path / "two" / "diff2flow_lora.safetensors"), "pt") as b:
+        assert set(a.keys()) == set(b.keys())
+        moved = 0
+        for key in a.keys():
+            torch.testing.assert_close(b.get_tensor(key), a.get_tensor(key), rtol=1e-4, atol=1e-6)
+            moved += int(key.endswith("lora_up.weight") and a.get_tensor(key).abs().max() > 0)
+        assert moved > 0
+    assert len((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) == 4
