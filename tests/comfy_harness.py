@@ -7,24 +7,15 @@ Models are tiny SD-architecture UNets with random weights built through ComfyUI'
 """
 from __future__ import annotations
 
-import os
 import pathlib
 import sys
 
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+from training.host import find_comfyui  # noqa: E402  (COMFYUI_PATH, or the custom_nodes folder this pack is in)
+
 SKIP_REASON = "ComfyUI not found: set COMFYUI_PATH to a ComfyUI 0.8.0 source tree (or install this pack in ComfyUI/custom_nodes)"
-
-
-def find_comfyui() -> pathlib.Path | None:
-    candidates = [os.environ.get("COMFYUI_PATH", "")]
-    if ROOT.parent.name == "custom_nodes":
-        candidates.append(str(ROOT.parent.parent))
-    for c in candidates:
-        if c and (pathlib.Path(c) / "comfy" / "model_management.py").is_file():
-            return pathlib.Path(c).resolve()
-    return None
 
 
 COMFYUI = find_comfyui()

@@ -118,6 +118,21 @@ def test_cfg_combines_velocities_in_one_batched_call() -> None:
     assert calls == [6, 3]
 
 
+def test_cfg_with_dict_conditioning_concatenates_every_entry() -> None:
+    """SDXL-style conditioning (context and y) is batched entry by entry."""
+
+    def velocity(x, sigma, c):
+        return x * c["context"][:, None] + c["y"][:, None]
+
+    x = torch.ones(2, 2)
+    cond = {"context": torch.full((2,), 2.0), "y": torch.full((2,), 1.0)}
+    uncond = {"context": torch.full((2,), 0.5), "y": torch.zeros(2)}
+    guided = d2f_core.cfg_velocity(velocity, cond, uncond, scale=3.0)
+    torch.testing.assert_close(guided(x, torch.full((2,), 0.5)), torch.full((2, 2), 0.5 + 3.0 * 2.5))
+    with pytest.raises(ValueError, match="same keys"):
+        d2f_core.cfg_velocity(velocity, cond, {"context": torch.zeros(2)}, scale=3.0)
+
+
 def test_cfg_on_velocity_equals_cfg_on_denoised_and_raw_output() -> None:
     """The conversion is affine in the network output (MATH.md section 4)."""
     d2f = make_d2f("eps", False)
