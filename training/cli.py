@@ -113,6 +113,14 @@ def make_config(base: dict[str, Any], given: dict[str, Any]) -> TrainConfig:
 
 
 # ---------------------------------------------------------------------- commands
+def require_checkpoint(path: str | os.PathLike) -> pathlib.Path:
+    """Fail before ComfyUI is even imported when the checkpoint file is missing."""
+    p = pathlib.Path(path)
+    if not p.is_file():
+        raise CliError(f"--checkpoint {p} does not exist: pass the .safetensors / .ckpt file of an SD1.x, SD2.x or SDXL model")
+    return p
+
+
 def _progress_bar(total: int, desc: str, enabled: bool):
     from tqdm import tqdm
 
@@ -128,6 +136,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     bucket_resolutions(args.resolution, args.max_aspect)
     if args.batch_size < 1:
         raise CliError(f"--batch-size must be >= 1, got {args.batch_size}")
+    require_checkpoint(args.checkpoint)
     host.bootstrap_comfyui(cpu=args.cpu or None)
     _, clip, vae = host.load_checkpoint(args.checkpoint)
     encoders = host.CheckpointEncoders(clip, vae, args.checkpoint)
@@ -197,6 +206,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         files.check_writable()
         files.check_new_run(resuming=state is not None, overwrite=args.overwrite)
     cached = load_cache(run["cache"])
+    require_checkpoint(run["checkpoint"])
     distributed.init(world)
 
     import torch
@@ -271,6 +281,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             raise CliError(f"--{name} must be a multiple of 8 and at least 64, got {getattr(args, name)}")
     if args.steps < 1:
         raise CliError(f"--steps must be >= 1, got {args.steps}")
+    require_checkpoint(args.checkpoint)
     meta = None
     if args.lora:
         if not pathlib.Path(args.lora).is_file():
