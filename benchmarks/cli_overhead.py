@@ -8,8 +8,11 @@ with one [1, 77, 768] conditioning), diff2flow objective, AdamW, fp32:
   (weight wrappers on a ModelPatcher clone), ``Trainer`` with its shared generator, and
   ``run_headless`` (metrics.jsonl, progress bar, the stop-signal check, loss.png at the end). Step
   times are the gaps between consecutive ``metrics.jsonl`` records, i.e. every step's full cost.
-- ``bare``: the adapters attached with ``torch.nn.utils.parametrize`` to a second copy of the UNet,
-  ``d2f_core.objective_loss`` + ``loss.backward()`` + ``AdamW.step()`` in a plain loop.
+- ``bare``: the same network (the same clone, weight wrappers and adapters) in a plain loop:
+  ``d2f_core.objective_loss`` + ``loss.backward()`` + ``AdamW.step()`` on the same batch. The ratio
+  is what the trainer adds to a step (batch drawing, the shared generator, NaN guard, metrics,
+  progress bar, stop check); the weight wrappers' cost against ``torch.nn.utils.parametrize`` is
+  train_speed.py's "ours/bare" figure.
 
 The two alternate in ``--rounds`` rounds of ``--steps`` timed steps (after ``--warmup`` untimed
 ones each), in one process, so drift of the machine hits both; the figure is the ratio of the
@@ -55,7 +58,6 @@ def main() -> None:
     import comfy.model_management
 
     from d2f_core import objective_loss
-    from d2f_core.lora import attach_parametrizations, make_adapter, select_target_modules
     from d2f_core.lora_metadata import LoraMetadata
     from training import TrainConfig, Trainer, TrainingData
     from training.headless import RunFiles, run_headless
@@ -93,15 +95,9 @@ def main() -> None:
         seconds = seconds[first:]
         return [b - a for a, b in zip(seconds, seconds[1:])]
 
-    # --- the bare loop on its own copy of the same weights
-    bare_model = build_model(args.channels)
-    bare_unet = bare_model.model.diffusion_model.to(device)
-    bare_unet.requires_grad_(False)
-    modules = select_target_modules(bare_unet, args.targets)
-    bare_adapters = {n: make_adapter("LoRA", m.weight.shape, RANK, float(RANK), torch.Generator().manual_seed(0)) for n, m in modules.items()}
-    attach_parametrizations(modules, bare_adapters)
-    bare_adapters = {n: a.to(device) for n, a in bare_adapters.items()}
-    optimizer = torch.optim.AdamW([p for a in bare_adapters.values() for p in a.parameters()], lr=LR, weight_decay=0.01)
+    # --- the bare loop: the same network (clone, weight wrappers, adapters), batch and objective
+    network = host.unet_network(unet)
+    optimizer = torch.optim.AdamW([p for a in adapters.values() for p in a.parameters()], lr=LR, weight_decay=0.01)
     bare_x0, cond = x0.to(device), context.expand(BATCH, -1, -1).to(device)
     noise_gen = torch.Generator().manual_seed(0)
 
@@ -110,8 +106,9 @@ def main() -> None:
         for _ in range(n):
             start = time.perf_counter()
             optimizer.zero_grad(set_to_none=True)
-            loss = objective_loss("diff2flow", lambda x, t, **kw: bare_unet(x, t, **kw), d2f, bare_x0, generator=noise_gen, context=cond).loss
-            loss.backward()
+            with torch.inference_mode(False), torch.enable_grad():
+                loss = objective_loss("diff2flow", network, d2f, bare_x0, generator=noise_gen, context=cond).loss
+                loss.backward()
             optimizer.step()
             sync()
             times.append(time.perf_counter() - start)
