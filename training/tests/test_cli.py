@@ -1,0 +1,81 @@
+"""The CLI's options and refusals that need no ComfyUI (the end-to-end runs are in tests/test_comfy_cli.py)."""
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import subprocess
+import sys
+
+import pytest
+
+from training import TrainConfig
+from training.cli import build_parser, main, make_config, read_toml, write_toml
+from training.files import save_training_state
+from training.tests.helpers import make_run
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+
+def test_every_training_option_is_a_flag_and_a_toml_key(tmp_path) -> None:
+    parser = build_parser()
+    flags = {f"--{f.name.replace('_', '-')}": f for f in dataclasses.fields(TrainConfig)}
+    train = next(a for a in parser._subparsers._group_actions[0].choices.items() if a[0] == "train")[1]
+    known = {s for action in train._actions for s in action.option_strings}
+    assert set(flags) <= known
+    args = parser.parse_args(["train", "--steps", "7", "--no-zero-terminal-snr", "--training-dtype", "bf16", "--learning-rate", "2e-4"])
+    given = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
+    assert given == {"steps": 7, "zero_terminal_snr": False, "dtype": "bf16", "learning_rate": 2e-4}  # defaults are not "given"
+    # TOML < flags, and the file the CLI writes reads back to the same options
+    write_toml(tmp_path / "run.toml", {"cache": "/c", "checkpoint": "/m.safetensors", "output": "/o", "name": "x",
+                                       **TrainConfig(steps=9, objective="naive_fm", caption_dropout=0.1).to_dict()})
+    values = read_toml(tmp_path / "run.toml")
+    config = make_config(values, given)
+    assert (config.steps, config.objective, config.dtype, config.caption_dropout, config.learning_rate) == (7, "naive_fm", "bf16", 0.1, 2e-4)
+
+
+def test_bad_options_and_files_are_named(tmp_path, capsys) -> None:
+    (tmp_path / "bad.toml").write_text("[train]\nlearning_rat = 1e-4\n")
+    assert main(["train", "--config", str(tmp_path / "bad.toml")]) == 2
+    assert "unknown keys learning_rat" in capsys.readouterr().err
+    (tmp_path / "broken.toml").write_text("steps = = 3")
+    assert main(["train", "--config", str(tmp_path / "broken.toml")]) == 2
+    assert "is not valid TOML" in capsys.readouterr().err
+    assert main(["train", "--cache", str(tmp_path)]) == 2
+    assert "train needs --checkpoint, --output" in capsys.readouterr().err
+    assert main(["train", "--cache", str(tmp_path / "none"), "--checkpoint", "m.safetensors", "--output", str(tmp_path / "o"),
+                 "--caption-dropout", "1.5"]) == 2
+    assert "caption_dropout must lie in [0, 1)" in capsys.readouterr().err
+    # a missing cache is reported before the checkpoint is ever loaded
+    assert main(["train", "--cache", str(tmp_path / "none"), "--checkpoint", "m.safetensors", "--output", str(tmp_path / "o")]) == 2
+    assert "Run `python -m training prepare" in capsys.readouterr().err
+    assert main(["prepare", "--dataset", str(tmp_path / "missing"), "--checkpoint", "m", "--cache", str(tmp_path / "c")]) == 2
+    assert "dataset folder" in capsys.readouterr().err
+    assert main(["sample", "--checkpoint", "m", "--output", str(tmp_path / "s")]) == 2
+    assert "at least one --prompt" in capsys.readouterr().err
+
+
+def test_resume_from_other_options_is_refused_before_any_compute(tmp_path, capsys) -> None:
+    trainer, _, _ = make_run(TrainConfig(steps=4, learning_rate=1e-3))
+    trainer.run()
+    save_training_state(tmp_path / "run.d2fstate", trainer.state_dict())
+    base = ["train", "--resume", str(tmp_path / "run.d2fstate"), "--cache", str(tmp_path / "none"), "--checkpoint", "m"]
+    assert main([*base, "--learning-rate", "5e-4", "--steps", "8"]) == 2
+    assert "different configuration (learning_rate: saved 0.001, now 0.0005)" in capsys.readouterr().err
+    assert main(base) == 2
+    assert "already at step 4 of 4: raise --steps" in capsys.readouterr().err
+    # with matching options the run gets as far as the (missing) cache; the output folder defaults to the state's
+    assert main([*base, "--steps", "8"]) == 2
+    assert "latent cache" in capsys.readouterr().err
+    assert main(["train", "--resume", str(tmp_path / "nope.d2fstate"), "--cache", "c", "--checkpoint", "m"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_module_entry_point_runs() -> None:
+    result = subprocess.run([sys.executable, "-m", "training", "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0 and "prepare" in result.stdout and "sample" in result.stdout
+
+
+@pytest.mark.parametrize("name", ["steps", "rank"])
+def test_non_positive_counts_are_refused(name, capsys) -> None:
+    assert main(["train", "--cache", "c", "--checkpoint", "m", "--output", "o", f"--{name}", "0"]) == 2
+    assert f"{name} must be a positive integer" in capsys.readouterr().err
