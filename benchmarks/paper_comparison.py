@@ -30,7 +30,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import pathlib
 import sys
 import time
@@ -49,6 +48,7 @@ from demo.classifier import predict  # noqa: E402
 from demo.progress import Progress  # noqa: E402
 from demo.store import WEIGHTS_DIR, load_classifier, load_unet  # noqa: E402
 from training import TrainConfig, Trainer  # noqa: E402
+from training.files import ensure_writable_folder  # noqa: E402
 
 OBJECTIVES = ("diffusion", "naive_fm", "diff2flow")
 CHECKPOINT_SAMPLER_STEPS = 8  # the sampler used for FD along the fine-tuning checkpoints
@@ -164,6 +164,18 @@ def summarise(report: dict[str, Any]) -> str:
     def pick(objective: str, adapter: str) -> list[dict]:
         return [r for r in runs if r["objective"] == objective and r["adapter"] == adapter]
 
+    def checkpoint_table(metric, digits: int) -> list[str]:
+        """One row per objective and adapter: ``metric`` zero-shot, then mean ± std at each checkpoint."""
+        rows = ["", "| objective | adapter | " + " | ".join(f"step {c}" for c in [0] + checkpoints) + " |",
+                "|---|---|" + "---|" * (len(checkpoints) + 1)]
+        for objective in OBJECTIVES:
+            for adapter in adapters:
+                rs = pick(objective, adapter)
+                cells = [_fmt(metric(zero[objective]), 0.0, digits)]
+                cells += [_fmt(*_stats([metric(r["checkpoints"][str(c)]) for r in rs]), digits) for c in checkpoints]
+                rows.append(f"| {objective} | {adapter} | " + " | ".join(cells) + " |")
+        return rows
+
     lines = [
         f"# Paper comparison at toy scale ({cfg['prediction']}-prediction tiny UNet, digits 0-6 -> 7-9)",
         "",
@@ -174,29 +186,11 @@ def summarise(report: dict[str, Any]) -> str:
         f"Total {report['seconds'] / 60:.1f} min on {cfg['jobs']} process(es) x 1 thread.",
         "",
         f"## FD over fine-tuning steps ({CHECKPOINT_SAMPLER_STEPS}-step sampler of each objective)",
-        "",
-        "| objective | adapter | " + " | ".join(f"step {c}" for c in [0] + checkpoints) + " |",
-        "|---|---|" + "---|" * (len(checkpoints) + 1),
-    ]
-    for objective in OBJECTIVES:
-        for adapter in adapters:
-            rs = pick(objective, adapter)
-            cells = [_fmt(zero[objective]["fd"][k], 0.0)]
-            cells += [_fmt(*_stats([r["checkpoints"][str(c)]["fd"][k] for r in rs])) for c in checkpoints]
-            lines.append(f"| {objective} | {adapter} | " + " | ".join(cells) + " |")
-    lines += [
+        *checkpoint_table(lambda m: m["fd"][k], 2),
         "",
         "## FM validation loss over fine-tuning steps (MATH.md section 6, every model converted to a velocity)",
-        "",
-        "| objective | adapter | " + " | ".join(f"step {c}" for c in [0] + checkpoints) + " |",
-        "|---|---|" + "---|" * (len(checkpoints) + 1),
+        *checkpoint_table(lambda m: m["val_loss"], 3),
     ]
-    for objective in OBJECTIVES:
-        for adapter in adapters:
-            rs = pick(objective, adapter)
-            cells = [_fmt(zero[objective]["val_loss"], 0.0, 3)]
-            cells += [_fmt(*_stats([r["checkpoints"][str(c)]["val_loss"] for r in rs]), 3) for c in checkpoints]
-            lines.append(f"| {objective} | {adapter} | " + " | ".join(cells) + " |")
     last = str(checkpoints[-1])
     lines += [
         "",
@@ -335,10 +329,7 @@ def main(argv: list[str] | None = None) -> int:
         if not getattr(args, name) > 0:
             p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
     try:
-        args.out.mkdir(parents=True, exist_ok=True)
-        probe = args.out / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        ensure_writable_folder(args.out)
     except OSError as exc:
         p.error(f"--out {args.out} cannot be written: {exc}")
     torch.set_num_threads(1)

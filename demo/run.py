@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import pathlib
 import sys
 import time
@@ -27,7 +26,7 @@ import torch
 
 import d2f_core
 from training import TrainConfig, Trainer
-from training.files import atomic_write
+from training.files import atomic_write, ensure_writable_folder
 from training.plots import save_loss_curve
 
 from . import data as ddata
@@ -88,10 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
 def check_output_folder(out: pathlib.Path) -> None:
     """Create ``out`` and prove it is writable now, before minutes of work are spent."""
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write-test-{os.getpid()}"
-        probe.write_bytes(b"")
-        probe.unlink()
+        ensure_writable_folder(out)
     except OSError as exc:
         raise SystemExit(f"error: --out {out}: the output folder cannot be written ({exc.strerror or exc})") from None
 

@@ -191,9 +191,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = make_config(state["config"] if state else {}, overrides)
     if state is not None:
         saved = TrainConfig.from_dict(state["config"])
-        diff = config.differences(saved)
-        if diff:
-            listed = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
+        listed = config.resume_mismatch(saved)
+        if listed:
             raise CliError(f"--resume {args.resume} comes from a different configuration ({listed}): drop those options to "
                            "continue the saved run, or start a new run without --resume")
         if state["step"] >= config.steps:
@@ -230,12 +229,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise CliError(f"the cache holds {cached.latents[0].shape[0]}-channel latents but {checkpoint.name} needs {channels}: "
                        "run prepare with this checkpoint")
 
-    def conditioning(entry: dict, latent: torch.Tensor) -> dict:
-        return host.cond_kwargs(model, (entry["context"], {"pooled_output": entry.get("pooled_output")}), latent)
-
     latents = [model.model.process_latent_in(lat[None].float()).squeeze(0) for lat in cached.latents]
-    data = TrainingData(latents, [conditioning(c, lat) for c, lat in zip(cached.conds, cached.latents)],
-                        conditioning(cached.uncond, cached.latents[0]))
+    data = TrainingData(latents, [host.text_cond_kwargs(model, c, lat) for c, lat in zip(cached.conds, cached.latents)],
+                        host.text_cond_kwargs(model, cached.uncond, cached.latents[0]))
     ms = model.get_model_object("model_sampling")
     metadata = host.lora_metadata_for(model, config, d2f, host.schedule_of(ms)[0])
     if world.is_main:
@@ -316,9 +312,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     latent_shape = (model.model.latent_format.latent_channels, args.height // 8, args.width // 8)
     probe = torch.zeros(latent_shape)
 
-    def to_kwargs(entry: dict) -> dict:
-        kw = host.cond_kwargs(model, (entry["context"], {"pooled_output": entry.get("pooled_output")}), probe)
-        return {k: v.to(device, dtype) for k, v in kw.items()}
+    def to_kwargs(text: dict) -> dict:
+        return {k: v.to(device, dtype) for k, v in host.text_cond_kwargs(model, text, probe).items()}
 
     def network(x: torch.Tensor, t: torch.Tensor, c: dict) -> torch.Tensor:
         return unet(x.to(dtype), t.to(device), context=c["context"], y=c.get("y")).float()
@@ -412,9 +407,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
     try:
         return args.func(args) or 0
-    except (CliError, DatasetError, HostError, OutputExists, TrainingError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:  # unwritable output, full disk: the previous files were kept
+    # OSError: an unwritable output folder or a full disk (the previous files were kept)
+    except (CliError, DatasetError, HostError, OutputExists, TrainingError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -85,6 +85,10 @@ class TrainConfig:
     def differences(self, other: "TrainConfig") -> dict[str, tuple]:
         return {k: (getattr(other, k), getattr(self, k)) for k in TRAJECTORY_FIELDS if k != "steps" and getattr(self, k) != getattr(other, k)}
 
+    def resume_mismatch(self, saved: "TrainConfig") -> str:
+        """What differs from the options a training state was ``saved`` under ("" if it can continue)."""
+        return ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in self.differences(saved).items())
+
     def to_dict(self) -> dict:
         return asdict(self)
 

@@ -127,9 +127,8 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue a saved run; refuses a state written under different trajectory options."""
         saved = TrainConfig.from_dict(state["config"])
-        diff = self.config.differences(saved)
-        if diff:
-            listed = ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in diff.items())
+        listed = self.config.resume_mismatch(saved)
+        if listed:
             raise TrainingError(f"the resume state comes from a different configuration ({listed}); use the saved settings or start a new run")
         if set(state["adapters"]) != set(self.adapters):
             raise TrainingError("the resume state's adapters do not match this model's target layers")

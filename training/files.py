@@ -17,7 +17,7 @@ from safetensors.torch import save_file
 
 from d2f_core.lora_metadata import LoraMetadata
 
-__all__ = ["atomic_write", "save_lora", "save_training_state", "load_training_state", "sanitize_filename"]
+__all__ = ["atomic_write", "ensure_writable_folder", "save_lora", "save_training_state", "load_training_state", "sanitize_filename"]
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> pathlib.Path:
@@ -39,6 +39,17 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> pathl
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def ensure_writable_folder(folder: str | os.PathLike) -> pathlib.Path:
+    """Create ``folder`` and prove it is writable now (``OSError`` otherwise), before minutes of
+    work are spent on something that could not be saved."""
+    folder = pathlib.Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    probe = folder / f".write-test-{os.getpid()}"
+    probe.write_bytes(b"")
+    probe.unlink()
+    return folder
 
 
 def save_lora(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: LoraMetadata | None = None,

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import pathlib
 import signal
 import sys
@@ -32,7 +31,7 @@ from d2f_core.lora_metadata import LoraMetadata
 from . import distributed
 from .distributed import World
 from .engine import Trainer, TrainingError
-from .files import atomic_write, save_lora, save_training_state
+from .files import atomic_write, ensure_writable_folder, save_lora, save_training_state
 from .plots import save_loss_curve
 
 STATE_SUFFIX = ".d2fstate"
@@ -88,10 +87,7 @@ class RunFiles:
 
     def check_writable(self) -> None:
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            probe = self.folder / f".write-test-{os.getpid()}"
-            probe.write_bytes(b"ok")
-            probe.unlink()
+            ensure_writable_folder(self.folder)
         except OSError as exc:
             raise OSError(exc.errno, f"output folder {self.folder} is not writable ({exc.strerror}): choose another --output") from exc
 

@@ -228,6 +228,12 @@ def lora_metadata_for(model: Any, config: TrainConfig, d2f: Diff2Flow, source_al
     return lambda step: LoraMetadata(**fields, steps=step)
 
 
+def text_cond_kwargs(model: Any, text: dict[str, torch.Tensor], latent: torch.Tensor) -> dict[str, torch.Tensor]:
+    """:func:`cond_kwargs` of an encoded caption as ``CheckpointEncoders.encode_text`` (and the
+    latent cache) hold it: ``{"context", optional "pooled_output"}``."""
+    return cond_kwargs(model, (text["context"], {"pooled_output": text.get("pooled_output")}), latent)
+
+
 def base_model_hash(model: Any) -> str:
     """A cheap fingerprint of the base UNet: key names, shapes and the first layers' values."""
     h = hashlib.sha256()
