@@ -19,11 +19,12 @@ def _comfyui_importable() -> bool:
 
 
 if __package__ and _comfyui_importable():
-    # d2f_core and training are imported by absolute name (they are also the headless
+    # d2f_core, training and d2f_host are imported by absolute name (they are also the headless
     # packages); make them importable from this folder when the pack was not pip-installed.
     # Appended, never prepended: this folder's nodes/ must not shadow ComfyUI's nodes.py.
     _here = os.path.dirname(os.path.abspath(__file__))
-    if importlib.util.find_spec("d2f_core") is None and _here not in sys.path:
+    _missing = any(importlib.util.find_spec(name) is None for name in ("d2f_core", "training", "d2f_host"))
+    if _missing and _here not in sys.path:
         sys.path.append(_here)
     from .nodes import comfy_entrypoint
 

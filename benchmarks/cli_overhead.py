@@ -4,7 +4,7 @@ Both train LoRA adapters (rank 8, ``--targets``) on the same random-weight SD1.5
 (ComfyUI's classes, width ``--channels``; see train_speed.py), the same batch (4 latents 4x32x32
 with one [1, 77, 768] conditioning), diff2flow objective, AdamW, fp32:
 
-- ``cli``:  exactly what ``python -m training train`` runs after loading: ``training.host.attach_adapters``
+- ``cli``:  exactly what ``python -m training train`` runs after loading: ``d2f_host.unet.attach_adapters``
   (weight wrappers on a ModelPatcher clone), ``Trainer`` with its shared generator, and
   ``run_headless`` (metrics.jsonl, progress bar, the stop-signal check, loss.png at the end). Step
   times are the gaps between consecutive ``metrics.jsonl`` records, i.e. every step's full cost.
@@ -33,7 +33,7 @@ import tempfile
 import time
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.append(str(ROOT))  # a fresh clone: d2f_core, training, d2f_host without installing
 sys.path.insert(0, str(ROOT / "benchmarks"))
 sys.path.insert(0, str(ROOT / "tests"))  # comfy_harness: the tiny-model builders
 
@@ -50,9 +50,11 @@ def main() -> None:
     if min(args.steps, args.rounds) < 1 or args.warmup < 0:
         parser.error("--steps and --rounds must be >= 1, --warmup >= 0")
 
-    from training import host
+    from d2f_host.bootstrap import bootstrap_comfyui
 
-    host.bootstrap_comfyui()
+    bootstrap_comfyui()
+    from d2f_host.model_sampling import alignment_of
+    from d2f_host.unet import attach_adapters, unet_network
     logging.disable(logging.WARNING)
     import torch
     import comfy.model_management
@@ -60,7 +62,8 @@ def main() -> None:
     from d2f_core import objective_loss
     from d2f_core.lora_metadata import LoraMetadata
     from training import TrainConfig, Trainer, TrainingData
-    from training.headless import RunFiles, run_headless
+    from training.files import RunFiles
+    from training.headless import run_headless
     from train_speed import BATCH, CONTEXT, LATENT, LR, RANK, build_model
 
     if args.threads:
@@ -73,13 +76,13 @@ def main() -> None:
 
     # --- the CLI's trainer
     model = build_model(args.channels)
-    d2f = host.diff2flow_of(model)
+    d2f = alignment_of(model)
     x0 = model.model.process_latent_in(latents)
     data = TrainingData(list(x0), [{"context": context}])
     config = TrainConfig(steps=1, batch_size=BATCH, rank=RANK, alpha=float(RANK), learning_rate=LR, targets=args.targets, seed=0)
     with torch.inference_mode(False), torch.enable_grad():
-        _, unet, adapters, _ = host.attach_adapters(model, config)
-        trainer = Trainer(host.unet_network(unet), adapters, d2f, config, data, device)
+        _, unet, adapters, _ = attach_adapters(model, config)
+        trainer = Trainer(unet_network(unet), adapters, d2f, config, data, device)
     out = pathlib.Path(tempfile.mkdtemp(prefix="d2f_cli_overhead_"))
     files = RunFiles(out, "bench")
     metadata = lambda step: LoraMetadata("diff2flow", d2f.prediction, False, steps=step)  # noqa: E731
@@ -96,7 +99,7 @@ def main() -> None:
         return [b - a for a, b in zip(seconds, seconds[1:])]
 
     # --- the bare loop: the same network (clone, weight wrappers, adapters), batch and objective
-    network = host.unet_network(unet)
+    network = unet_network(unet)
     optimizer = torch.optim.AdamW([p for a in adapters.values() for p in a.parameters()], lr=LR, weight_decay=0.01)
     bare_x0, cond = x0.to(device), context.expand(BATCH, -1, -1).to(device)
     noise_gen = torch.Generator().manual_seed(0)

@@ -1,6 +1,6 @@
 """Worst relative error of the Diff2Flow velocity against the exact FM velocity.
 
-The diffusion network is the exactly optimal denoiser of a Gaussian mixture (MATH.md section 7);
+The diffusion network is the exactly optimal denoiser of a Gaussian mixture (docs/MATH.md section 7);
 sigma covers [sigma_min, sigma_max] densely plus every integer timestep. Prints one row per
 model type and dtype.
 

@@ -5,7 +5,7 @@
     python benchmarks/paper_comparison.py --jobs 2   # the same runs on 2 processes (1 thread each)
 
 The pretrained model (``demo/weights/unet_<prediction>.safetensors``, digits 0-6 only) is
-fine-tuned on the digits 7-9 under three objectives (MATH.md section 6): ``diffusion`` (eps/v
+fine-tuned on the digits 7-9 under three objectives (docs/MATH.md section 6): ``diffusion`` (eps/v
 MSE at integer timesteps), ``naive_fm`` (the raw output regressed on the FM velocity with no
 alignment) and ``diff2flow``; with LoRA of two ranks and with full fine-tuning (a zero-initialised
 dense delta on every layer, trained by the same ``training.Trainer``); over several seeds.
@@ -14,7 +14,7 @@ Sampling, from the same noise for every model, conditional (no guidance):
 - ``diff2flow``: FM Euler on the uniform sigma grid ``d2f_core.fm_sigmas(steps, sigma_max)``;
 - ``naive_fm``: FM Euler on the same grid with ``naive_fm_velocity_fn`` (raw output = velocity);
 - ``diffusion``: DDIM (eta = 0) with trailing timestep spacing, computed as FM Euler of the
-  Diff2Flow-converted model along the DDIM grid (that IS DDIM, MATH.md section 4).
+  Diff2Flow-converted model along the DDIM grid (that IS DDIM, docs/MATH.md section 4).
 
 Metrics on the digits 7-9: Fréchet distance (FD) of the demo classifier's 32 penultimate
 features, samples vs all real 7-9 digits; the real-vs-real floor (two halves of the real digits);
@@ -22,7 +22,7 @@ and the comparable FM validation loss ``d2f_core.fm_validation_loss`` (every mod
 converted to a velocity first). FD is measured with the 8-step sampler at every fine-tuning
 checkpoint and with every sampler step count at step 0 (zero-shot) and at the last checkpoint.
 
-Time convention (MATH.md section 1): FM sigma in [0, 1], sigma = 1 is noise,
+Time convention (docs/MATH.md section 1): FM sigma in [0, 1], sigma = 1 is noise,
 ``x_sigma = (1 - sigma) x0 + sigma noise``, velocity ``noise - x0``.
 """
 from __future__ import annotations
@@ -50,9 +50,8 @@ from demo.store import WEIGHTS_DIR, load_classifier, load_unet  # noqa: E402
 from training import TrainConfig, Trainer  # noqa: E402
 from training.files import ensure_writable_folder  # noqa: E402
 
-OBJECTIVES = ("diffusion", "naive_fm", "diff2flow")
+OBJECTIVES = ("diffusion", "naive_fm", "diff2flow")  # the paper's comparison, in report order
 CHECKPOINT_SAMPLER_STEPS = 8  # the sampler used for FD along the fine-tuning checkpoints
-SAMPLER_NAMES = {"diffusion": "DDIM (trailing)", "naive_fm": "FM Euler (raw output)", "diff2flow": "FM Euler"}
 
 
 # ------------------------------------------------------------------------------------ setup
@@ -74,13 +73,6 @@ class Setup:
         self.train_data = pipeline.training_data(self.images, self.labels, self.encoder)
 
 
-def sampler_sigmas(objective: str, d2f: d2f_core.Diff2Flow, steps: int) -> torch.Tensor:
-    if objective == "diffusion":
-        return pipeline.ddim_trailing_sigmas(d2f, steps)
-    # naive FM trains on sigma in (0, sigma_max] (d2f_core.objective_loss), so it samples from there too
-    return d2f_core.fm_sigmas(steps, sigma_max=d2f.sigma_max)
-
-
 @torch.no_grad()
 def evaluate(setup: Setup, objective: str, net: torch.nn.Module, sampler_steps: list[int]) -> dict[str, Any]:
     """FD and classifier accuracy per sampler step count, and the FM validation loss."""
@@ -88,7 +80,7 @@ def evaluate(setup: Setup, objective: str, net: torch.nn.Module, sampler_steps: 
     fd, acc = {}, {}
     for steps in sampler_steps:
         samples = pipeline.sample(velocity, setup.eval_ctx, setup.uncond, setup.eval_noise,
-                                  sampler_sigmas(objective, setup.d2f, steps))
+                                  d2f_core.get_objective(objective).sampler_sigmas(setup.d2f, steps))
         if not torch.isfinite(samples).all():
             fd[steps], acc[steps] = float("nan"), float("nan")
             continue
@@ -188,7 +180,7 @@ def summarise(report: dict[str, Any]) -> str:
         f"## FD over fine-tuning steps ({CHECKPOINT_SAMPLER_STEPS}-step sampler of each objective)",
         *checkpoint_table(lambda m: m["fd"][k], 2),
         "",
-        "## FM validation loss over fine-tuning steps (MATH.md section 6, every model converted to a velocity)",
+        "## FM validation loss over fine-tuning steps (docs/MATH.md section 6, every model converted to a velocity)",
         *checkpoint_table(lambda m: m["val_loss"], 3),
     ]
     last = str(checkpoints[-1])
@@ -200,7 +192,7 @@ def summarise(report: dict[str, Any]) -> str:
         "|---|---|" + "---|" * len(sampler_steps),
     ]
     for objective in OBJECTIVES:
-        name = f"{objective} ({SAMPLER_NAMES[objective]})"
+        name = f"{objective} ({d2f_core.get_objective(objective).sampling_label})"
         lines.append(f"| {name} | zero-shot | " + " | ".join(_fmt(zero[objective]["fd"][str(s)], 0.0) for s in sampler_steps) + " |")
         for adapter in adapters:
             rs = pick(objective, adapter)

@@ -21,6 +21,7 @@ from types import ModuleType
 from typing import Any
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.append(str(ROOT))  # a fresh clone: d2f_core and d2f_host without installing (appended: ComfyUI's nodes.py wins)
 
 
 def import_comfyui() -> ModuleType:
@@ -37,14 +38,9 @@ def import_comfyui() -> ModuleType:
 
 
 def load_model_sampling() -> ModuleType:
-    """This pack's ``nodes/model_sampling.py``, imported by path (it needs only ComfyUI and d2f_core;
-    loading the whole pack would make the benchmark depend on every other node module)."""
-    if importlib.util.find_spec("d2f_core") is None:
-        sys.path.append(str(ROOT))
-    spec = importlib.util.spec_from_file_location("d2f_bench_model_sampling", ROOT / "nodes" / "model_sampling.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """The pack's model-sampling module (``d2f_host.model_sampling``: it needs only ComfyUI and
+    d2f_core; loading the whole pack would make the benchmark depend on every node module)."""
+    return importlib.import_module("d2f_host.model_sampling")
 
 
 def build_sd15_shaped(harness: ModuleType, channels: int, context_dim: int, dtype: Any) -> Any:

@@ -42,6 +42,7 @@ import time
 from typing import Any
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
+sys.path.append(str(ROOT))  # a fresh clone: d2f_core, training, d2f_host without installing (appended: ComfyUI's nodes.py wins)
 BATCH, LATENT, CONTEXT, RANK, LR = 4, (4, 32, 32), 768, 8, 1e-4
 
 
@@ -114,6 +115,8 @@ def child(args: argparse.Namespace) -> None:
     import comfy.model_management
     from d2f_core import objective_loss
     from d2f_core.lora import adapters_state_dict, attach_parametrizations, make_adapter, select_target_modules
+    from d2f_host.model_sampling import alignment_of
+    from d2f_host.unet import gradient_checkpointing
     from training import TrainConfig
 
     if args.threads:
@@ -150,7 +153,7 @@ def child(args: argparse.Namespace) -> None:
         _, lora, _, _ = train_nodes.train_lora(model, [{"samples": latents}], [[[context, {}]]], None, config, "bench")
         lora = {k: v for k, v in lora.items() if not k.endswith(".alpha")}
     else:
-        d2f = train_nodes.diff2flow_sampling_for(model.get_model_object("model_sampling")).d2f
+        d2f = alignment_of(model)
         device = comfy.model_management.get_torch_device()
         unet.requires_grad_(False)
         modules = select_target_modules(unet, args.targets)
@@ -162,7 +165,7 @@ def child(args: argparse.Namespace) -> None:
         cond = context.expand(BATCH, -1, -1).to(device)
         noise_gen = torch.Generator().manual_seed(0)
         # the same recompute granularity as the node (the layers inside the UNet's blocks)
-        with train_nodes.gradient_checkpointing(unet, args.gradient_checkpointing):
+        with gradient_checkpointing(unet, args.gradient_checkpointing):
             for _ in range(total):
                 optimizer.zero_grad(set_to_none=True)
                 loss = objective_loss("diff2flow", lambda x, t, **kw: unet(x, t, **kw), d2f, x0, generator=noise_gen, context=cond).loss

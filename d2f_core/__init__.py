@@ -1,6 +1,6 @@
 """d2f_core: the mathematics of Diff2Flow in pure PyTorch (no ComfyUI import, ever).
 
-One time convention throughout (``../shared/docs/MATH.md`` section 1): flow-matching sigma in
+One time convention throughout (``docs/MATH.md`` section 1): flow-matching sigma in
 [0, 1] with **sigma = 1 pure noise**, ``x_sigma = (1 - sigma) x0 + sigma eps`` and velocity
 ``v = eps - x0`` (ComfyUI's CONST model sampling, SD3, Flux). The paper's ``t = 1 - sigma`` and
 ``u = -v`` are translated at the project's borders only.
@@ -8,8 +8,9 @@ One time convention throughout (``../shared/docs/MATH.md`` section 1): flow-matc
 Modules:
     schedules        discrete VP schedules (alphas_cumprod tables), zero terminal SNR
     alignment        :class:`Diff2Flow`: time map, network input, velocity, data estimate
-    sampling         FM sigma grids, Euler / Heun samplers, classifier-free guidance
-    objectives       diff2flow / naive_fm / diffusion losses, timestep samplers, validation loss
+    sampling         FM sigma grids, the sampler registry (Euler, Heun), classifier-free guidance
+    objectives       the objective registry (diff2flow / naive_fm / diffusion), timestep samplers,
+                     validation loss
     gaussian_mixture exactly optimal denoiser of a Gaussian mixture (for tests and benchmarks)
     metrics          sliced Wasserstein distance
 """
@@ -20,10 +21,12 @@ from .metrics import sliced_wasserstein
 from .objectives import (
     OBJECTIVES,
     TIMESTEP_SAMPLERS,
+    Objective,
     ObjectiveOutput,
     diff2flow_loss,
     diffusion_loss,
     fm_validation_loss,
+    get_objective,
     naive_fm_loss,
     naive_fm_velocity_fn,
     objective_loss,
@@ -32,8 +35,11 @@ from .objectives import (
 )
 from .sampling import (
     SAMPLERS,
+    Sampler,
     cfg_velocity,
+    ddim_trailing_sigmas,
     fm_sigmas,
+    get_sampler,
     interpolant,
     inverse_time_shift,
     sample_euler,
@@ -47,17 +53,22 @@ __version__ = "0.1.0"
 __all__ = [
     "Diff2Flow",
     "GaussianMixture",
+    "Objective",
     "ObjectiveOutput",
     "OBJECTIVES",
     "PREDICTION_TYPES",
     "SAMPLERS",
+    "Sampler",
     "TIMESTEP_SAMPLERS",
     "cfg_velocity",
     "cosine",
+    "ddim_trailing_sigmas",
     "diff2flow_loss",
     "diffusion_loss",
     "fm_sigmas",
     "fm_validation_loss",
+    "get_objective",
+    "get_sampler",
     "interpolant",
     "inverse_time_shift",
     "linear",

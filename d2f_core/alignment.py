@@ -1,12 +1,12 @@
 """The Diff2Flow alignment: a discrete VP diffusion model seen as a flow-matching model.
 
-Convention (``../shared/docs/MATH.md`` section 1, the one used everywhere in this package):
+Convention (``docs/MATH.md`` section 1, the one used everywhere in this package):
 FM time is ``sigma`` in [0, 1], **sigma = 1 is pure noise**, the interpolant is
 ``x_sigma = (1 - sigma) * x0 + sigma * eps`` and the velocity is ``v = eps - x0``.
 The paper's ``t = 1 - sigma`` and ``u = -v`` only appear at the borders of the project.
 
 The diffusion side is a table ``alphas_cumprod[tau]``; with ``a = sqrt(ac)``, ``s = sqrt(1 - ac)``
-and ComfyUI's VE sigma ``k = s / a``, the alignment (MATH.md section 3) is
+and ComfyUI's VE sigma ``k = s / a``, the alignment (docs/MATH.md section 3) is
 
     sigma = k / (1 + k),   n(sigma) = sqrt(sigma**2 + (1 - sigma)**2) = 1 / (a + s),
     a = (1 - sigma) / n,   s = sigma / n,   x_tau = x_sigma / n.
@@ -20,15 +20,22 @@ from typing import Any, Callable
 
 import torch
 
-from .schedules import alphas_cumprod_from_discrete_sigmas
+from .schedules import alphas_cumprod_from_discrete_sigmas, rescale_zero_terminal_snr
 
-__all__ = ["Diff2Flow", "PREDICTION_TYPES", "normalize_prediction", "ZERO_TERMINAL_SNR_THRESHOLD"]
+__all__ = [
+    "Diff2Flow",
+    "PREDICTION_TYPES",
+    "normalize_prediction",
+    "ZERO_TERMINAL_SNR_THRESHOLD",
+    "has_zero_terminal_snr",
+    "require_v_prediction_for_zero_terminal_snr",
+]
 
 PREDICTION_TYPES = ("eps", "v")
 _PREDICTION_ALIASES = {"eps": "eps", "epsilon": "eps", "v": "v", "v_prediction": "v"}
 
 # alphas_cumprod[-1] at or below this counts as zero terminal SNR. ComfyUI's own rescale stops
-# at 4.9e-8 (k = 4517) to keep its log-sigma table finite; SD's ordinary schedule ends at 4.7e-3.
+# at 4.9e-8 (k = 4519) to keep its log-sigma table finite; SD's ordinary schedule ends at 4.7e-3.
 ZERO_TERMINAL_SNR_THRESHOLD = 1e-6
 
 
@@ -41,6 +48,30 @@ def normalize_prediction(prediction: str) -> str:
             f"or 'v' (SD2.x-768, v-prediction fine-tunes)"
         )
     return _PREDICTION_ALIASES[key]
+
+
+def has_zero_terminal_snr(alphas_cumprod: torch.Tensor) -> bool:
+    """Whether a schedule ends at (numerically) zero SNR: ``alphas_cumprod[-1] <= 1e-6``.
+
+    True for a table rescaled by :func:`~d2f_core.rescale_zero_terminal_snr` (last entry 0) and for
+    ComfyUI's own zero-SNR table (last entry 4.9e-8, kept finite for its log-sigma table).
+    """
+    return bool(torch.as_tensor(alphas_cumprod).flatten()[-1] <= ZERO_TERMINAL_SNR_THRESHOLD)
+
+
+def require_v_prediction_for_zero_terminal_snr(prediction: str) -> None:
+    """The one place of the rule "zero terminal SNR needs v-prediction" (docs/MATH.md section 9).
+
+    At pure noise an eps network sees no data, so the velocity ``(e - x) / (1 - sigma)`` is
+    undefined at sigma = 1; a v network's velocity stays finite there.
+    """
+    if normalize_prediction(prediction) == "eps":
+        raise ValueError(
+            "eps-prediction cannot be used with a zero-terminal-SNR schedule: zero terminal SNR is only valid "
+            "for v-prediction models, and at pure noise (sigma = 1) an eps network carries no information about "
+            "the data, so the FM velocity is undefined. Turn zero_terminal_snr off (eps models sample from "
+            "their schedule's sigma_max, 0.936 for SD)."
+        )
 
 
 def _float_dtype_for(device: torch.device) -> torch.dtype:
@@ -91,14 +122,9 @@ class Diff2Flow:
         self.prediction = normalize_prediction(prediction)
         self.alphas_cumprod = ac
         self.num_timesteps = int(ac.numel())
-        self.zero_terminal_snr = bool(ac[-1] <= ZERO_TERMINAL_SNR_THRESHOLD)
-        if self.prediction == "eps" and self.zero_terminal_snr:
-            raise ValueError(
-                "eps-prediction cannot be used with a zero-terminal-SNR schedule: at pure noise "
-                "(sigma = 1) an eps network carries no information about the data, so the FM "
-                "velocity (eps - x0) is undefined. Use zero terminal SNR only with v-prediction "
-                "models, or keep the original schedule for eps models."
-            )
+        self.zero_terminal_snr = has_zero_terminal_snr(ac)
+        if self.zero_terminal_snr:
+            require_v_prediction_for_zero_terminal_snr(self.prediction)
         a, s = ac.sqrt(), (1.0 - ac).sqrt()
         # FM sigma of every integer timestep (ascending), and its logit log k = log(s / a), the
         # quantity ComfyUI interpolates linearly between neighbouring timesteps.
@@ -114,9 +140,27 @@ class Diff2Flow:
         return self._sigma_table.clone()
 
     @classmethod
-    def from_discrete_sigmas(cls, sigmas: torch.Tensor, prediction: str = "eps") -> "Diff2Flow":
+    def for_model(cls, alphas_cumprod: torch.Tensor, prediction: str, zero_terminal_snr: bool = False) -> "Diff2Flow":
+        """The alignment of a model with schedule ``alphas_cumprod`` and ``prediction``, optionally
+        with zero terminal SNR: the one constructor the patch, the nodes, the trainer and the CLI use.
+
+        ``zero_terminal_snr`` rescales the schedule (Lin et al., docs/MATH.md section 9) unless it
+        already has zero terminal SNR (:func:`has_zero_terminal_snr`, e.g. ComfyUI's own zsnr
+        schedule of ``v_pred`` + ``ztsnr`` checkpoints): rescaling such a table again would move
+        every timestep of the top of the schedule, so requesting it there changes nothing.
+        Raises ``ValueError`` for zero terminal SNR with eps-prediction.
+        """
+        ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64)
+        if zero_terminal_snr:
+            require_v_prediction_for_zero_terminal_snr(prediction)
+            if not has_zero_terminal_snr(ac):
+                ac = rescale_zero_terminal_snr(ac)
+        return cls(ac, prediction)
+
+    @classmethod
+    def from_discrete_sigmas(cls, sigmas: torch.Tensor, prediction: str = "eps", zero_terminal_snr: bool = False) -> "Diff2Flow":
         """Build from ComfyUI's ``ModelSamplingDiscrete.sigmas`` buffer (VE ``k``, ascending)."""
-        return cls(alphas_cumprod_from_discrete_sigmas(sigmas), prediction)
+        return cls.for_model(alphas_cumprod_from_discrete_sigmas(sigmas), prediction, zero_terminal_snr)
 
     def __repr__(self) -> str:
         return (
@@ -204,7 +248,7 @@ class Diff2Flow:
 
     @staticmethod
     def noise_norm(sigma: torch.Tensor) -> torch.Tensor:
-        """``n(sigma) = sqrt(sigma**2 + (1 - sigma)**2) = 1 / (a + s)`` (MATH.md section 3)."""
+        """``n(sigma) = sqrt(sigma**2 + (1 - sigma)**2) = 1 / (a + s)`` (docs/MATH.md section 3)."""
         return torch.sqrt(sigma**2 + (1 - sigma) ** 2)
 
     def vp_coefficients(self, sigma: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

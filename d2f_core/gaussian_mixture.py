@@ -1,4 +1,4 @@
-"""Exactly solvable data: a Gaussian mixture with its optimal denoiser (MATH.md section 7).
+"""Exactly solvable data: a Gaussian mixture with its optimal denoiser (docs/MATH.md section 7).
 
 Data ``p(x0) = sum_k pi_k N(mu_k, c_k^2 I)`` in ``D`` dimensions. At a VP noise level
 ``x = a x0 + s eps`` the posterior mean ``E[x0 | x]`` is known in closed form, which gives the

@@ -1,4 +1,9 @@
-"""Training objectives and timestep samplers (MATH.md section 6).
+"""Training objectives by name, and timestep samplers (docs/MATH.md section 6).
+
+:data:`OBJECTIVES` is the registry: one :class:`Objective` record per objective holds how times
+and noise are drawn, the loss, and how a model trained with it is sampled. Nodes, the CLI, the
+demo, the loaders and the benchmarks read it; nothing else branches on objective names.
+
 
 Convention: FM sigma in [0, 1], sigma = 1 is noise, ``x_sigma = (1 - sigma) x0 + sigma eps``,
 target velocity ``v = eps - x0``. A *network* is ``network(x_in, timestep, *args, **kwargs)``
@@ -18,11 +23,13 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from .alignment import Diff2Flow
-from .sampling import interpolant, time_shift
+from .sampling import ddim_trailing_sigmas, fm_sigmas, interpolant, time_shift
 
 __all__ = [
     "ObjectiveOutput",
+    "Objective",
     "OBJECTIVES",
+    "get_objective",
     "TIMESTEP_SAMPLERS",
     "sample_training_sigmas",
     "diff2flow_loss",
@@ -35,7 +42,6 @@ __all__ = [
     "fm_validation_loss",
 ]
 
-OBJECTIVES = ("diff2flow", "naive_fm", "diffusion")
 TIMESTEP_SAMPLERS = ("uniform", "logit_normal", "shift")
 Network = Callable[..., torch.Tensor]
 
@@ -76,7 +82,7 @@ def sample_training_sigmas(
     """Draw ``batch`` FM sigmas in ``(0, sigma_max]`` (float32 on ``device``).
 
     ``u`` in (0, 1) is drawn by ``method`` and scaled by ``sigma_max`` (eps models train on
-    ``(0, Diff2Flow.sigma_max]``, MATH.md section 5):
+    ``(0, Diff2Flow.sigma_max]``, docs/MATH.md section 5):
 
     - ``uniform``: ``u ~ U(0, 1)``;
     - ``logit_normal``: ``u = sigmoid(logit_mean + logit_std * z)``, ``z ~ N(0, 1)`` (SD3);
@@ -151,6 +157,133 @@ def diffusion_loss(
     return ObjectiveOutput(per_sample.mean(), per_sample, tau, out, target)
 
 
+def _naive_fm(network: Network, d2f: Diff2Flow, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor,
+              *args: Any, **kwargs: Any) -> ObjectiveOutput:
+    return naive_fm_loss(network, x0, noise, sigma, *args, num_timesteps=d2f.num_timesteps, **kwargs)
+
+
+def _naive_fm_velocity(network: Network, d2f: Diff2Flow) -> Callable[..., torch.Tensor]:
+    return naive_fm_velocity_fn(network, d2f.num_timesteps)
+
+
+def _aligned_velocity(network: Network, d2f: Diff2Flow) -> Callable[..., torch.Tensor]:
+    return d2f.velocity_fn(network)
+
+
+def _fm_grid(d2f: Diff2Flow, steps: int) -> torch.Tensor:
+    return fm_sigmas(steps, sigma_max=d2f.sigma_max)
+
+
+@dataclass(frozen=True)
+class Objective:
+    """Everything that makes one training objective, in one record (the registry :data:`OBJECTIVES`).
+
+    - ``loss(network, d2f, x0, noise, times, **cond) -> ObjectiveOutput``: the loss on given noise
+      and times (the network input and the compared target are the loss function's business).
+    - ``times``: ``"sigma"`` (FM sigma in ``(0, d2f.sigma_max]`` drawn by the timestep sampling) or
+      ``"tau"`` (integer diffusion timestep, uniform).
+    - ``paired_noise``: the noise of each sample comes with the data (reflow's (noise, image) pairs,
+      the per-sample tensor ``"noise"``) instead of being drawn.
+    - ``flow_model``: how a model trained with it is sampled: ``"diff2flow"`` (the aligned model,
+      ``Diff2Flow.velocity_fn`` / the ComfyUI patch) or ``"naive"`` (raw output = velocity at
+      ``T * sigma``, :func:`naive_fm_velocity_fn`).
+    - ``velocity_fn(network, d2f)``: that sampling model as an FM velocity function;
+      ``sampler_sigmas(d2f, steps)``: the sigma grid its own sampler walks (``sampling_label`` names
+      it in reports).
+    - ``sampler``, ``steps``, ``cfg``: the recommended sampling settings (loader and KSampler defaults).
+
+    A new objective is one more entry; per-sample tensors other than ``"noise"`` (for example an
+    image-conditioned model's ``"concat"`` latent) reach the network as keyword arguments.
+    """
+
+    name: str
+    description: str
+    loss: Callable[..., ObjectiveOutput]
+    velocity_fn: Callable[[Network, Diff2Flow], Callable[..., torch.Tensor]] = _aligned_velocity
+    sampler_sigmas: Callable[[Diff2Flow, int], torch.Tensor] = _fm_grid
+    sampling_label: str = "FM Euler"
+    times: str = "sigma"
+    paired_noise: bool = False
+    flow_model: str = "diff2flow"
+    sampler: str = "euler"
+    steps: int = 20
+    cfg: float = 5.0
+
+    def draw(
+        self,
+        x0: torch.Tensor,
+        d2f: Diff2Flow,
+        generator: Optional[torch.Generator] = None,
+        noise: Optional[torch.Tensor] = None,
+        *,
+        timestep_sampling: str = "uniform",
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+        shift: float = 3.0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(noise, times)`` for a batch shaped like ``x0``, drawn from ``generator`` on its own
+        device (noise first, then times: the order every caller relies on for reproducibility).
+
+        ``noise`` is the data's own noise when the data carries it (required for paired-noise
+        objectives); otherwise standard normal noise is drawn.
+        """
+        gen_device = generator.device if generator is not None else torch.device("cpu")
+        batch = x0.shape[0]
+        if noise is None:
+            if self.paired_noise:
+                raise ValueError(
+                    f"objective {self.name!r} trains on (noise, image) pairs, but the training data carries no "
+                    "paired noise: train it on a pairs folder (generated from the teacher model)"
+                )
+            noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=torch.float32)
+        elif tuple(noise.shape) != tuple(x0.shape):
+            raise ValueError(f"paired noise of shape {tuple(noise.shape)} does not match the latents {tuple(x0.shape)}")
+        if self.times == "tau":
+            times = torch.randint(0, d2f.num_timesteps, (batch,), generator=generator, device=gen_device)
+        else:
+            times = sample_training_sigmas(
+                batch, timestep_sampling, d2f.sigma_max, logit_mean=logit_mean, logit_std=logit_std, shift=shift,
+                generator=generator,
+            )
+        return noise, times
+
+
+OBJECTIVES: dict[str, Objective] = {
+    objective.name: objective
+    for objective in (
+        Objective(
+            "diff2flow",
+            "the paper's aligned flow-matching objective: the diffusion network's output turned into an FM "
+            "velocity in closed form",
+            diff2flow_loss,
+        ),
+        Objective(
+            "naive_fm",
+            "flow matching without the alignment: the raw output is regressed on the velocity (for comparison)",
+            _naive_fm,
+            velocity_fn=_naive_fm_velocity,
+            sampling_label="FM Euler (raw output)",
+            flow_model="naive",
+        ),
+        Objective(
+            "diffusion",
+            "the model's own eps / v loss at integer timesteps (ordinary diffusion fine-tuning, for comparison)",
+            diffusion_loss,
+            sampler_sigmas=ddim_trailing_sigmas,
+            sampling_label="DDIM (trailing)",
+            times="tau",
+        ),
+    )
+}
+
+
+def get_objective(name: str) -> Objective:
+    """The registry entry of ``name``, or a ``ValueError`` listing the known objectives."""
+    if name not in OBJECTIVES:
+        raise ValueError(f"objective {name!r} is unknown: choose one of {', '.join(OBJECTIVES)}")
+    return OBJECTIVES[name]
+
+
 def objective_loss(
     objective: str,
     network: Network,
@@ -165,41 +298,26 @@ def objective_loss(
     generator: Optional[torch.Generator] = None,
     **kwargs: Any,
 ) -> ObjectiveOutput:
-    """Draw noise and times and evaluate ``objective`` (one of :data:`OBJECTIVES`).
+    """Draw noise and times (:meth:`Objective.draw`) and evaluate ``objective`` on them.
 
     FM objectives draw sigma in ``(0, d2f.sigma_max]`` with ``timestep_sampling``; naive FM
     uses the same range so the comparison is fair. The diffusion objective draws integer tau
     uniformly. ``generator`` makes the draws reproducible (noise is drawn before times).
     """
-    if objective not in OBJECTIVES:
-        raise ValueError(f"objective {objective!r} is unknown: choose one of {', '.join(OBJECTIVES)}")
-    gen_device = generator.device if generator is not None else x0.device
-    if noise is None:
-        noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=torch.float32).to(x0.device, x0.dtype)
-    batch = x0.shape[0]
-    if objective == "diffusion":
-        times = torch.randint(0, d2f.num_timesteps, (batch,), generator=generator, device=gen_device).to(x0.device)
-    else:
-        times = sample_training_sigmas(
-            batch, timestep_sampling, d2f.sigma_max, logit_mean=logit_mean, logit_std=logit_std, shift=shift,
-            generator=generator, device=x0.device,
-        )
-    return evaluate_objective(objective, network, d2f, x0, noise, times, *args, **kwargs)
+    record = get_objective(objective)
+    noise, times = record.draw(x0, d2f, generator, noise, timestep_sampling=timestep_sampling,
+                               logit_mean=logit_mean, logit_std=logit_std, shift=shift)
+    noise, times = noise.to(x0.device, x0.dtype), times.to(x0.device)
+    return record.loss(network, d2f, x0, noise, times, *args, **kwargs)
 
 
 def evaluate_objective(
     objective: str, network: Network, d2f: Diff2Flow, x0: torch.Tensor, noise: torch.Tensor, times: torch.Tensor,
     *args: Any, **kwargs: Any,
 ) -> ObjectiveOutput:
-    """``objective`` on given noise and times: FM sigmas for ``diff2flow`` / ``naive_fm``,
+    """``objective`` on given noise and times: FM sigmas for the ``times="sigma"`` objectives,
     integer tau for ``diffusion``."""
-    if objective == "diffusion":
-        return diffusion_loss(network, d2f, x0, noise, times, *args, **kwargs)
-    if objective == "diff2flow":
-        return diff2flow_loss(network, d2f, x0, noise, times, *args, **kwargs)
-    if objective == "naive_fm":
-        return naive_fm_loss(network, x0, noise, times, *args, num_timesteps=d2f.num_timesteps, **kwargs)
-    raise ValueError(f"objective {objective!r} is unknown: choose one of {', '.join(OBJECTIVES)}")
+    return get_objective(objective).loss(network, d2f, x0, noise, times, *args, **kwargs)
 
 
 def validation_sigmas(segments: int = 8) -> torch.Tensor:

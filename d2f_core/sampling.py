@@ -1,12 +1,15 @@
 """Flow-matching samplers and sigma grids.
 
-Convention (MATH.md section 1): sigma = 1 is noise, sigma = 0 is data, ``v = eps - x0``.
+:data:`SAMPLERS` is the registry every node combo and CLI choice reads (add a sampler there).
+
+Convention (docs/MATH.md section 1): sigma = 1 is noise, sigma = 0 is data, ``v = eps - x0``.
 A *velocity function* is ``fn(x, sigma) -> v`` with ``x`` of shape [B, ...] and ``sigma`` of
 shape [B]. Samplers integrate ``dx/dsigma = v`` along a decreasing sigma grid, from noise to
 data, in the style of k-diffusion: small free functions with one signature.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
@@ -16,11 +19,14 @@ __all__ = [
     "time_shift",
     "inverse_time_shift",
     "fm_sigmas",
+    "ddim_trailing_sigmas",
     "interpolant",
     "sample_euler",
     "sample_heun",
     "cfg_velocity",
+    "Sampler",
     "SAMPLERS",
+    "get_sampler",
 ]
 
 VelocityFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -67,6 +73,22 @@ def fm_sigmas(steps: int, sigma_max: float = 1.0, shift: float = 1.0, denoise: f
     sigmas = time_shift(u, shift)
     sigmas[-1] = 0.0
     return sigmas
+
+
+def ddim_trailing_sigmas(d2f: Any, steps: int) -> torch.Tensor:
+    """The FM sigmas of DDIM's "trailing" timestep spacing (``tau_i = round(T - i T / steps) - 1``,
+    i = 0 .. steps-1, then the clean end), float64.
+
+    FM Euler on the Diff2Flow-converted model along this grid IS DDIM (eta = 0) along those
+    timesteps (docs/MATH.md section 4), the last step going to x0_hat as DDIM's final step.
+    ``d2f`` is the model's :class:`~d2f_core.Diff2Flow` alignment.
+    """
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    T = d2f.num_timesteps
+    taus = torch.round(torch.arange(T, 0, -T / steps, dtype=torch.float64)) - 1
+    sigmas = d2f.sigma(taus[:steps]).to(torch.float64)
+    return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
 
 
 def interpolant(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
@@ -141,7 +163,7 @@ def cfg_velocity(
     ``[cond, uncond]`` (tensors concatenated along dim 0; for dicts of tensors, such as SDXL's
     ``{"context", "y"}``, each entry is). ``scale = 1`` skips the uncond pass.
     The Diff2Flow conversion is affine in the network output, so guiding velocities equals
-    guiding raw outputs or denoised estimates (MATH.md section 4).
+    guiding raw outputs or denoised estimates (docs/MATH.md section 4).
     """
     if scale == 1.0:
         return lambda x, sigma: velocity_fn(x, sigma, cond)
@@ -160,4 +182,33 @@ def cfg_velocity(
     return guided
 
 
-SAMPLERS = {"euler": sample_euler, "heun": sample_heun}
+@dataclass(frozen=True)
+class Sampler:
+    """One FM sampler of the registry :data:`SAMPLERS`: ``fn(velocity_fn, x, sigmas, callback)``,
+    the network evaluations it spends per step, and a one-line description (node tooltips, CLI help).
+    Calling the record calls ``fn``."""
+
+    name: str
+    fn: Callable[..., torch.Tensor]
+    evaluations_per_step: int
+    description: str
+
+    def __call__(self, velocity_fn: VelocityFn, x: torch.Tensor, sigmas: torch.Tensor,
+                 callback: Optional[Callback] = None) -> torch.Tensor:
+        return self.fn(velocity_fn, x, sigmas, callback=callback)
+
+
+SAMPLERS: dict[str, Sampler] = {
+    s.name: s
+    for s in (
+        Sampler("euler", sample_euler, 1, "FM Euler: first order, one model evaluation per step"),
+        Sampler("heun", sample_heun, 2, "FM Heun: second order, two model evaluations per step (one on the last)"),
+    )
+}
+
+
+def get_sampler(name: str) -> Sampler:
+    """The registry entry of ``name``, or a ``ValueError`` listing the known samplers."""
+    if name not in SAMPLERS:
+        raise ValueError(f"sampler {name!r} is unknown: choose one of {', '.join(SAMPLERS)}")
+    return SAMPLERS[name]

@@ -3,7 +3,7 @@
 A schedule is the table ``alphas_cumprod[tau]`` for integer diffusion timesteps
 ``tau = 0 .. T-1`` (float64, strictly decreasing). In VP form a noisy sample is
 ``x_tau = sqrt(alphas_cumprod[tau]) * x0 + sqrt(1 - alphas_cumprod[tau]) * eps``
-(``../shared/docs/MATH.md`` section 2). :class:`d2f_core.Diff2Flow` maps such a table onto the
+(``docs/MATH.md`` section 2). :class:`d2f_core.Diff2Flow` maps such a table onto the
 flow-matching convention (sigma = 1 is noise).
 """
 from __future__ import annotations

@@ -11,7 +11,7 @@ cross-attention with ``to_q/to_k/to_v/to_out.0``, ``ff.net.0.proj`` / ``ff.net.2
 ``d2f_core.lora.select_target_modules`` finds them by the same patterns as in a real UNet.
 
 Once converted with ``d2f_core.Diff2Flow`` the model is a flow-matching model in the project's
-convention (MATH.md section 1): sigma in [0, 1], ``x_sigma = (1 - sigma) x0 + sigma noise``,
+convention (docs/MATH.md section 1): sigma in [0, 1], ``x_sigma = (1 - sigma) x0 + sigma noise``,
 velocity ``noise - x0``.
 """
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The pieces the demo and the paper-comparison benchmark share: fine-tuning data, adapters,
 velocity functions, samplers and metrics for the tiny UNet.
 
-Time convention (MATH.md section 1): FM sigma in [0, 1], sigma = 1 is noise,
+Time convention (docs/MATH.md section 1): FM sigma in [0, 1], sigma = 1 is noise,
 ``x_sigma = (1 - sigma) x0 + sigma noise``, velocity ``v = noise - x0``; diffusion timesteps
 ``tau`` in 0..999 on SD's scaled-linear schedule appear only inside ``d2f_core.Diff2Flow``.
 """
@@ -17,7 +17,6 @@ from torch import nn
 
 import d2f_core
 from d2f_core.lora import WeightAdapter, attach_parametrizations, make_adapter, select_target_modules
-from d2f_core.objectives import naive_fm_velocity_fn
 from training import TrainingData
 
 from .classifier import DigitClassifier, predict
@@ -82,22 +81,7 @@ def training_data(images: torch.Tensor, labels: torch.Tensor, encoder: ClassEnco
 def velocity_model(objective: str, unet: nn.Module, d2f: d2f_core.Diff2Flow) -> VelocityFn:
     """The model as an FM velocity function ``fn(x_sigma, sigma, context)``: naive-FM models take
     their raw output as the velocity; diffusion and Diff2Flow models are converted in closed form."""
-    if objective == "naive_fm":
-        return naive_fm_velocity_fn(unet, d2f.num_timesteps)
-    return d2f.velocity_fn(unet)
-
-
-def ddim_trailing_sigmas(d2f: d2f_core.Diff2Flow, steps: int) -> torch.Tensor:
-    """The FM sigmas of DDIM's "trailing" timestep spacing (``tau_i = round(T - i T / steps) - 1``,
-    i = 0..steps-1, then the clean end): FM Euler on the Diff2Flow-converted model along this
-    grid IS DDIM (eta = 0) along those timesteps (MATH.md section 4,
-    d2f_core/tests/test_ddim_identity.py), the last step going to x0_hat as DDIM's final step."""
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    T = d2f.num_timesteps
-    taus = torch.round(torch.arange(T, 0, -T / steps, dtype=torch.float64)) - 1
-    sigmas = d2f.sigma(taus[:steps]).to(torch.float64)
-    return torch.cat([sigmas, torch.zeros(1, dtype=torch.float64)])
+    return d2f_core.get_objective(objective).velocity_fn(unet, d2f)
 
 
 @torch.no_grad()
@@ -135,7 +119,7 @@ def evaluate_samples(samples: torch.Tensor, labels: torch.Tensor, real_features:
 
 def validation_loss(velocity: VelocityFn, images: torch.Tensor, ctx: torch.Tensor, seed: int = 0) -> float:
     """``d2f_core.fm_validation_loss``: FM velocity MSE at 8 fixed sigmas with fixed noise, the
-    comparable loss of every objective (MATH.md section 6)."""
+    comparable loss of every objective (docs/MATH.md section 6)."""
     value = d2f_core.fm_validation_loss(velocity, images, ctx, seed=seed)["mean"]
     if not math.isfinite(value):
         raise FloatingPointError("the FM validation loss is not finite")

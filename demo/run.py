@@ -11,7 +11,7 @@
 Metrics on the fine-tuning classes 7-9: Fréchet distance of the digit classifier's features
 (samples vs the real digits, next to the real-vs-real floor), the fraction of samples the
 classifier reads as the requested digit, and the FM validation loss (``d2f_core.fm_validation_loss``).
-Time convention (MATH.md section 1): FM sigma in [0, 1], sigma = 1 is noise,
+Time convention (docs/MATH.md section 1): FM sigma in [0, 1], sigma = 1 is noise,
 ``x_sigma = (1 - sigma) x0 + sigma noise``, velocity ``noise - x0``.
 """
 from __future__ import annotations

@@ -3,15 +3,11 @@ from __future__ import annotations
 
 import logging
 
-import comfy.model_sampling as cms
-import comfy.sd
-import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
-from d2f_core.lora_metadata import read_lora_metadata
-
-from .model_sampling import patch_model, prediction_of
+from d2f_host.checkpoints import apply_lora, load_checkpoint
+from d2f_host.model_sampling import flow_model_for, patch_model
 
 CATEGORY = "Diff2Flow"
 NO_LORA = "None"
@@ -48,17 +44,6 @@ class Diff2FlowModelPatch(io.ComfyNode):
         return io.NodeOutput(patch_model(model, zero_terminal_snr))
 
 
-def naive_flow_sampling(num_timesteps: int = 1000):
-    """Model sampling of a naive-FM fine-tune: input x_sigma as is, timestep T * sigma, output v."""
-
-    class NaiveFlowSampling(cms.ModelSamplingDiscreteFlow, cms.CONST):
-        pass
-
-    ms = NaiveFlowSampling()
-    ms.set_parameters(shift=1.0, timesteps=num_timesteps, multiplier=num_timesteps)
-    return ms
-
-
 class Diff2FlowCheckpointLoader(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
@@ -93,30 +78,16 @@ class Diff2FlowCheckpointLoader(io.ComfyNode):
     @classmethod
     def execute(cls, ckpt_name: str, lora_name: str, lora_strength: float, zero_terminal_snr: bool) -> io.NodeOutput:
         ckpt_path = folder_paths.get_full_path_or_raise("checkpoints", ckpt_name)
-        model, clip, vae = comfy.sd.load_checkpoint_guess_config(
-            ckpt_path, output_vae=True, output_clip=True, embedding_directory=folder_paths.get_folder_paths("embeddings")
-        )[:3]
-        metadata = None
+        model, clip, vae = load_checkpoint(ckpt_path, "optional", embedding_directory=folder_paths.get_folder_paths("embeddings"))
+        objective = "diff2flow"
         if lora_name != NO_LORA:
             lora_path = folder_paths.get_full_path_or_raise("loras", lora_name)
-            metadata = read_lora_metadata(lora_path)
-            lora = comfy.utils.load_torch_file(lora_path, safe_load=True)
-            model, _ = comfy.sd.load_lora_for_models(model, None, lora, lora_strength, 0.0)
-        if metadata is not None:
-            prediction = prediction_of(model.get_model_object("model_sampling"))
-            if metadata.prediction != prediction:
-                raise ValueError(
-                    f"LoRA '{lora_name}' was trained on a {metadata.prediction}-prediction model, but checkpoint "
-                    f"'{ckpt_name}' predicts {prediction}: load the LoRA on the base model it was trained on."
-                )
-            if metadata.zero_terminal_snr != zero_terminal_snr:
-                log.info("Diff2Flow: zero_terminal_snr=%s taken from the metadata of %s", metadata.zero_terminal_snr, lora_name)
-            zero_terminal_snr = metadata.zero_terminal_snr
-            if metadata.objective == "naive_fm":
-                flow = model.clone()
-                flow.add_object_patch("model_sampling", naive_flow_sampling())
-                return io.NodeOutput(flow, clip, vae)
-        return io.NodeOutput(patch_model(model, zero_terminal_snr), clip, vae)
+            model, _, metadata = apply_lora(model, None, lora_path, lora_strength, 0.0, checkpoint=f"checkpoint '{ckpt_name}'")
+            if metadata is not None:
+                if metadata.zero_terminal_snr != zero_terminal_snr:
+                    log.info("Diff2Flow: zero_terminal_snr=%s taken from the metadata of %s", metadata.zero_terminal_snr, lora_name)
+                zero_terminal_snr, objective = metadata.zero_terminal_snr, metadata.objective
+        return io.NodeOutput(flow_model_for(model, objective, zero_terminal_snr), clip, vae)
 
 
 NODES = [Diff2FlowModelPatch, Diff2FlowCheckpointLoader]

@@ -1,11 +1,14 @@
-"""Sampling nodes: FM scheduler, FM Euler sampler (SAMPLER) and the Diff2Flow KSampler."""
+"""Sampling nodes: FM scheduler, FM sampler (SAMPLER) and the Diff2Flow KSampler.
+
+Sampler choices come from ``d2f_core.SAMPLERS`` (the registry): a sampler added there appears in
+every combo here and in the CLI.
+"""
 from __future__ import annotations
 
 from typing import Any, Callable, Optional
 
 import torch
 
-import comfy.model_sampling as cms
 import comfy.sample
 import comfy.samplers
 import comfy.utils
@@ -14,11 +17,12 @@ from comfy_api.latest import io
 
 import d2f_core
 
-from .model_sampling import flow_sigma_max, is_patched, patch_model
+from d2f_host.model_sampling import flow_sigma_max, is_flow_model, patch_model
 
 CATEGORY = "Diff2Flow/sampling"
 
 STEPS_TOOLTIP = "Number of sampling steps (model evaluations for Euler; Heun uses about twice as many)."
+SAMPLER_TOOLTIP = "; ".join(s.description for s in d2f_core.SAMPLERS.values()) + "."
 SHIFT_TOOLTIP = (
     "SD3-style time shift of the FM sigma grid: 1 = uniform in sigma; > 1 spends more steps at high noise "
     "(try 2-3 for few-step sampling or large images)."
@@ -38,9 +42,10 @@ def sample_flow_matching(
     extra_args: Optional[dict] = None,
     callback: Optional[Callable[[dict], Any]] = None,
     disable: Optional[bool] = None,
-    heun: bool = False,
+    sampler: str = "euler",
 ) -> torch.Tensor:
-    """k-diffusion-style sampler function: FM Euler (or Heun) on a flow model.
+    """k-diffusion-style sampler function: the FM sampler ``sampler`` of ``d2f_core.SAMPLERS`` on a
+    flow model.
 
     ComfyUI's wrapped model returns the data estimate; on a flow model (CONST: sigma = 1 is noise)
     the velocity is ``(x - denoised) / sigma``. The sigmas are never 0 where the model is called.
@@ -56,18 +61,18 @@ def sample_flow_matching(
             i = info["i"]
             callback({"x": info["x"], "i": i, "sigma": sigmas[i], "sigma_hat": sigmas[i], "denoised": info["denoised"]})
 
-    sampler = d2f_core.sample_heun if heun else d2f_core.sample_euler
-    return sampler(velocity, x, sigmas, callback=report)
+    return d2f_core.get_sampler(sampler)(velocity, x, sigmas, callback=report)
 
 
-def fm_sampler(heun: bool = False) -> comfy.samplers.KSAMPLER:
-    return comfy.samplers.KSAMPLER(sample_flow_matching, extra_options={"heun": bool(heun)})
+def fm_sampler(name: str = "euler") -> comfy.samplers.KSAMPLER:
+    """The FM sampler ``name`` as a SAMPLER for SamplerCustom / SamplerCustomAdvanced."""
+    d2f_core.get_sampler(name)  # an unknown name fails here, naming the choices
+    return comfy.samplers.KSAMPLER(sample_flow_matching, extra_options={"sampler": name})
 
 
 def as_flow_model(model):
     """The model itself if it is already a flow model, else a Diff2Flow-patched clone."""
-    ms = model.get_model_object("model_sampling")
-    return model if is_patched(model) or isinstance(ms, cms.CONST) else patch_model(model)
+    return model if is_flow_model(model) else patch_model(model)
 
 
 class FMScheduler(io.ComfyNode):
@@ -96,30 +101,28 @@ class FMScheduler(io.ComfyNode):
         return io.NodeOutput(flow_sigmas(model, steps, shift, denoise))
 
 
-class FMEulerSampler(io.ComfyNode):
+class FMSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
+            # the id predates the Heun choice; kept so saved workflows keep loading
             node_id="D2F_FMEulerSampler",
-            display_name="FM Euler Sampler (Diff2Flow)",
+            display_name="FM Sampler (Diff2Flow)",
             category=CATEGORY,
             description=(
-                "The flow-matching Euler sampler (x <- x + (sigma_next - sigma) * v) as a SAMPLER for "
-                "SamplerCustom / SamplerCustomAdvanced, with a second-order Heun option. Use it with the FM "
-                "Scheduler on a Diff2Flow-patched model; previews and progress come through the usual callback."
+                "A flow-matching sampler (Euler: x <- x + (sigma_next - sigma) * v, or second-order Heun) as a "
+                "SAMPLER for SamplerCustom / SamplerCustomAdvanced. Use it with the FM Scheduler on a "
+                "Diff2Flow-patched model; previews and progress come through the usual callback."
             ),
             inputs=[
-                io.Boolean.Input(
-                    "heun", default=False,
-                    tooltip="Heun's second-order correction: about twice the model evaluations, more accurate at few steps.",
-                ),
+                io.Combo.Input("sampler", options=list(d2f_core.SAMPLERS), default="euler", tooltip=SAMPLER_TOOLTIP),
             ],
-            outputs=[io.Sampler.Output(tooltip="FM Euler (or Heun) sampler.")],
+            outputs=[io.Sampler.Output(tooltip="The chosen FM sampler.")],
         )
 
     @classmethod
-    def execute(cls, heun: bool) -> io.NodeOutput:
-        return io.NodeOutput(fm_sampler(heun))
+    def execute(cls, sampler: str) -> io.NodeOutput:
+        return io.NodeOutput(fm_sampler(sampler))
 
 
 class Diff2FlowKSampler(io.ComfyNode):
@@ -139,7 +142,7 @@ class Diff2FlowKSampler(io.ComfyNode):
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True, tooltip="Seed of the initial noise."),
                 io.Int.Input("steps", default=20, min=1, max=10000, tooltip=STEPS_TOOLTIP),
                 io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01, tooltip="Classifier-free guidance scale (1 = no guidance)."),
-                io.Combo.Input("sampler", options=["euler", "heun"], default="euler", tooltip="FM Euler, or FM Heun (second order, ~2x evaluations)."),
+                io.Combo.Input("sampler", options=list(d2f_core.SAMPLERS), default="euler", tooltip=SAMPLER_TOOLTIP),
                 io.Float.Input("shift", default=1.0, min=0.01, max=100.0, step=0.01, tooltip=SHIFT_TOOLTIP),
                 io.Conditioning.Input("positive", tooltip="What the image should show."),
                 io.Conditioning.Input("negative", tooltip="What the image should not show (the unconditional branch of CFG)."),
@@ -158,11 +161,11 @@ class Diff2FlowKSampler(io.ComfyNode):
         noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
         callback = latent_preview.prepare_callback(flow_model, steps)
         latent["samples"] = comfy.sample.sample_custom(
-            flow_model, noise, cfg, fm_sampler(sampler == "heun"), sigmas, positive, negative, samples,
+            flow_model, noise, cfg, fm_sampler(sampler), sigmas, positive, negative, samples,
             noise_mask=latent.get("noise_mask"), callback=callback,
             disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed,
         )
         return io.NodeOutput(latent)
 
 
-NODES = [FMScheduler, FMEulerSampler, Diff2FlowKSampler]
+NODES = [FMScheduler, FMSampler, Diff2FlowKSampler]

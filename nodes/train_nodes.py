@@ -20,19 +20,17 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
-from d2f_core.lora import ALGORITHMS, TARGETS, adapters_state_dict
+from d2f_core.lora import adapters_state_dict
 from d2f_core.lora_metadata import LoraMetadata
-
-from ..training import TrainConfig, Trainer, TrainingData
-from ..training.config import DTYPES, LR_SCHEDULES, OPTIMIZERS
-from ..training.files import load_training_state, sanitize_filename, save_lora, save_training_state
-from ..training.headless import STATE_SUFFIX
-from ..training.host import attach_adapters, cond_kwargs, gradient_checkpointing, lora_metadata_for, unet_network
-from .model_nodes import naive_flow_sampling
-from .model_sampling import diff2flow_sampling_for, patch_model
+from d2f_host.checkpoints import lora_metadata_for
+from d2f_host.conditioning import cond_kwargs
+from d2f_host.model_sampling import alignment_of, flow_model_for
+from d2f_host.unet import attach_adapters, gradient_checkpointing, unet_network
+from training import TrainConfig, Trainer, TrainingData
+from training.config import OptionSpec, available_choices, option_specs
+from training.files import STATE_SUFFIX, RunFiles, load_training_state, sanitize_filename, save_lora, save_training_state
 
 CATEGORY = "Diff2Flow/training"
-# STATE_SUFFIX (".d2fstate") is not a model extension, so LoRA loaders do not list training states
 NO_RESUME = "None"
 PROGRESS_EVENT = "diff2flow.train.progress"
 log = logging.getLogger("diff2flow")
@@ -46,14 +44,6 @@ class Diff2FlowLora(dict):
     carries the Diff2Flow metadata for Save Diff2Flow LoRA."""
 
     metadata: Optional[LoraMetadata] = None
-
-
-def available_optimizers() -> list[str]:
-    try:
-        import bitsandbytes  # noqa: F401
-    except ImportError:
-        return [o for o in OPTIMIZERS if o != "AdamW8bit"]
-    return list(OPTIMIZERS)
 
 
 def lora_folder() -> pathlib.Path:
@@ -113,22 +103,22 @@ def build_training_data(model, latents: list[dict], positive: list, negative: Op
         conds = conds * len(samples)
     scaled = [model.model.process_latent_in(s[None].float()).squeeze(0).cpu() for s in samples]
     uncond = None
-    if negative:
-        neg = flatten_conditioning(negative)
-        if neg:
-            uncond = cond_kwargs(model, neg[0], samples[0])
+    neg = flatten_conditioning(negative) if negative else []
+    if neg:
+        # one unconditional entry per sample: SDXL's y carries the sample's own size
+        uncond = [cond_kwargs(model, neg[0], s) for s in samples]
     return TrainingData(scaled, [cond_kwargs(model, c, s) for c, s in zip(conds, samples)], uncond)
 
 
 def report_progress(pbar: comfy.utils.ProgressBar, steps: int, step: int, loss: float, lr: float) -> None:
+    """Progress to ComfyUI's bar and, when a server runs, the live loss event of the web extension."""
     pbar.update_absolute(step, steps)
     try:
         from server import PromptServer
-
-        if PromptServer.instance is not None:
-            PromptServer.instance.send_sync(PROGRESS_EVENT, {"step": step, "steps": steps, "loss": loss, "lr": lr})
-    except Exception:  # no server (headless use): progress goes to the bar only
-        pass
+    except ImportError:  # ComfyUI used as a library (tests, scripts): the bar is all there is
+        return
+    if getattr(PromptServer, "instance", None) is not None:
+        PromptServer.instance.send_sync(PROGRESS_EVENT, {"step": step, "steps": steps, "loss": loss, "lr": lr})
 
 
 def lora_result(adapters: dict, metadata: LoraMetadata) -> Diff2FlowLora:
@@ -138,24 +128,19 @@ def lora_result(adapters: dict, metadata: LoraMetadata) -> Diff2FlowLora:
 
 
 def trained_model(model, lora: dict, objective: str, zero_terminal_snr: bool):
-    """The input model with the LoRA loaded as stock loaders do, as a flow model for FM objectives."""
+    """The input model with the LoRA loaded as stock loaders do, as the flow model the objective
+    samples as (``Objective.flow_model``)."""
     out, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)
-    if objective == "diff2flow":
-        return patch_model(out, zero_terminal_snr)
-    if objective == "naive_fm":
-        out = out.clone()
-        out.add_object_patch("model_sampling", naive_flow_sampling())
-    return out
+    return flow_model_for(out, objective, zero_terminal_snr)
 
 
 def train_lora(model, latents: list, positive: list, negative: Optional[list], config: TrainConfig,
                output_name: str = "diff2flow_lora", resume_from: str = NO_RESUME) -> tuple[Any, Diff2FlowLora, dict, int]:
     """Train a LoRA on a clone of ``model``; returns (model with LoRA, LoRA, loss map, steps)."""
-    ms = diff2flow_sampling_for(model.get_model_object("model_sampling"), config.zero_terminal_snr)
-    d2f = ms.d2f
+    d2f = alignment_of(model, config.zero_terminal_snr)
     data = build_training_data(model, latents, positive, negative)
-    name = sanitize_filename(output_name)[: -len(".safetensors")]
-    metadata = lora_metadata_for(model, config, d2f, ms.source_alphas_cumprod)
+    files = RunFiles.named(lora_folder(), output_name)
+    metadata = lora_metadata_for(model, config, d2f)
     with torch.inference_mode(False), torch.enable_grad():
         clone, unet, adapters, device = attach_adapters(model, config)
         trainer = Trainer(unet_network(unet), adapters, d2f, config, data, device)
@@ -165,8 +150,8 @@ def train_lora(model, latents: list, positive: list, negative: Optional[list], c
             log.info("Diff2Flow: resumed %s at step %d", resume_from, trainer.step)
 
         def save(t: Trainer) -> None:
-            save_lora(lora_folder() / f"{name}_{t.step:06d}.safetensors", adapters_state_dict(adapters), metadata(t.step))
-            save_training_state(lora_folder() / f"{name}{STATE_SUFFIX}", t.state_dict())
+            save_lora(files.lora_at(t.step), adapters_state_dict(adapters), metadata(t.step))
+            save_training_state(files.state, t.state_dict())
 
         pbar = comfy.utils.ProgressBar(config.steps)
         pbar.update_absolute(trainer.step, config.steps)
@@ -180,6 +165,21 @@ def train_lora(model, latents: list, positive: list, negative: Optional[list], c
             adapter.requires_grad_(False)
         lora = lora_result({n: a.cpu() for n, a in adapters.items()}, metadata(trainer.step))
     return trained_model(model, lora, config.objective, d2f.zero_terminal_snr), lora, {"loss": list(trainer.losses)}, trainer.step
+
+
+def config_input(spec: OptionSpec) -> io.Input:
+    """The node input of one TrainConfig option (its name, default, choices, range and help)."""
+    if spec.choices is not None:
+        return io.Combo.Input(spec.name, options=list(available_choices(spec)), default=spec.default, tooltip=spec.help)
+    if spec.type is bool:
+        return io.Boolean.Input(spec.name, default=spec.default, tooltip=spec.help)
+    if spec.type is int:
+        # a training seed stays fixed: no "control after generate" (it would change the seed of a
+        # resumed run and of every re-queue)
+        extra = {"control_after_generate": False} if spec.name == "seed" else {}
+        return io.Int.Input(spec.name, default=spec.default, min=spec.min, max=spec.max, tooltip=spec.help, **extra)
+    return io.Float.Input(spec.name, default=spec.default, min=spec.min, max=spec.max, step=spec.step, round=False,
+                          tooltip=spec.help)
 
 
 class TrainDiff2FlowLora(io.ComfyNode):
@@ -201,33 +201,15 @@ class TrainDiff2FlowLora(io.ComfyNode):
                 io.Latent.Input("latents", tooltip="Training latents: a LATENT batch, or the list from ComfyUI's dataset nodes."),
                 io.Conditioning.Input("positive", tooltip="Captions: one conditioning for all latents, or one per latent."),
                 io.Conditioning.Input("negative", optional=True, tooltip="Empty / negative conditioning used for caption dropout (keeps CFG working)."),
-                io.Float.Input("caption_dropout", default=0.0, min=0.0, max=0.99, step=0.01, tooltip="Probability of training a sample on the negative conditioning instead of its caption."),
-                io.Combo.Input("objective", options=["diff2flow", "naive_fm", "diffusion"], default="diff2flow", tooltip="diff2flow: the paper's aligned FM objective; naive_fm: FM without alignment; diffusion: the model's own eps/v loss."),
-                io.Int.Input("steps", default=500, min=1, max=1_000_000, tooltip="Optimizer steps to train (in total, including resumed steps)."),
-                io.Int.Input("batch_size", default=1, min=1, max=256, tooltip="Latents per micro-batch."),
-                io.Int.Input("grad_accumulation", default=1, min=1, max=1024, tooltip="Micro-batches per optimizer step (effective batch = batch_size x this)."),
-                io.Float.Input("learning_rate", default=1e-4, min=1e-7, max=1.0, step=1e-6, round=False, tooltip="Peak learning rate."),
-                io.Combo.Input("lr_schedule", options=list(LR_SCHEDULES), default="constant", tooltip="Decay after warmup: constant, cosine to 0, or linear to 0."),
-                io.Int.Input("warmup_steps", default=0, min=0, max=1_000_000, tooltip="Linear warmup steps."),
-                io.Combo.Input("optimizer", options=available_optimizers(), default="AdamW", tooltip="AdamW8bit appears when bitsandbytes is installed."),
-                io.Int.Input("rank", default=8, min=1, max=512, tooltip="Adapter rank."),
-                io.Float.Input("alpha", default=8.0, min=0.01, max=1024.0, step=0.01, tooltip="Adapter alpha; the update is scaled by alpha / rank."),
-                io.Combo.Input("algorithm", options=list(ALGORITHMS), default="LoRA", tooltip="LoRA (low-rank product) or LoHa (Hadamard product of two low-rank terms)."),
-                io.Combo.Input("targets", options=list(TARGETS), default="attention", tooltip="attention: q/k/v/out projections; attention_ff: plus feed-forward; all: every linear and convolution."),
-                io.Combo.Input("timestep_sampling", options=["uniform", "logit_normal", "shift"], default="uniform", tooltip="How training sigmas are drawn (logit_normal: SD3; shift: more high-noise steps)."),
-                io.Boolean.Input("zero_terminal_snr", default=False, tooltip="Train with zero terminal SNR so the model learns pure noise (v-prediction only)."),
-                io.Combo.Input("training_dtype", options=list(DTYPES), default="fp32", tooltip="bf16 (recommended on GPUs), fp16 with loss scaling, or fp32. Adapter weights stay fp32."),
-                io.Boolean.Input("gradient_checkpointing", default=False, tooltip="Recompute activations in the backward pass: much less memory, about 30 % slower."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, tooltip="Seed of adapter initialisation, batches, noise and timesteps."),
-                io.Int.Input("save_every", default=0, min=0, max=1_000_000, tooltip="Save the LoRA and the training state every N steps (0: only at the end, through Save Diff2Flow LoRA)."),
+                *[config_input(spec) for spec in option_specs()],
                 io.String.Input("output_name", default="diff2flow_lora", tooltip="File name stem for periodic saves in models/loras."),
                 io.Combo.Input("resume_from", options=training_states(), default=NO_RESUME, tooltip="A training state (.d2fstate) from an earlier run's periodic save, to continue it exactly."),
             ],
             outputs=[
-                io.Model.Output(tooltip="The model with the trained LoRA (and the Diff2Flow patch for the FM objectives)."),
+                io.Model.Output(tooltip="The model with the trained LoRA, as the flow model its objective samples as (the Diff2Flow patch; naive-flow sampling for naive_fm)."),
                 LoraModel.Output(tooltip="The trained LoRA (ComfyUI-native keys): Save Diff2Flow LoRA, SaveLoRA or LoraModelLoader."),
                 LossMap.Output(tooltip="Loss per step, for Loss Graph."),
-                io.Int.Output(tooltip="Steps trained in total."),
+                io.Int.Output(display_name="steps", tooltip="Steps trained in total."),
             ],
         )
 
@@ -235,15 +217,7 @@ class TrainDiff2FlowLora(io.ComfyNode):
     def execute(cls, model, latents, positive, **lists) -> io.NodeOutput:
         first = {k: v[0] if isinstance(v, list) and v else v for k, v in lists.items()}
         negative = lists.get("negative")
-        config = TrainConfig(
-            objective=first["objective"], steps=first["steps"], batch_size=first["batch_size"],
-            grad_accumulation=first["grad_accumulation"], learning_rate=first["learning_rate"],
-            lr_schedule=first["lr_schedule"], warmup_steps=first["warmup_steps"], optimizer=first["optimizer"],
-            rank=first["rank"], alpha=first["alpha"], algorithm=first["algorithm"], targets=first["targets"],
-            timestep_sampling=first["timestep_sampling"], zero_terminal_snr=first["zero_terminal_snr"],
-            dtype=first["training_dtype"], gradient_checkpointing=first["gradient_checkpointing"], seed=first["seed"],
-            caption_dropout=first["caption_dropout"], save_every=first["save_every"],
-        )
+        config = TrainConfig(**{spec.name: first[spec.name] for spec in option_specs()})
         result = train_lora(model[0], latents, positive, negative, config, first["output_name"], first["resume_from"])
         return io.NodeOutput(*result)
 

@@ -13,7 +13,7 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-from training.host import find_comfyui  # noqa: E402  (COMFYUI_PATH, or the custom_nodes folder this pack is in)
+from d2f_host.bootstrap import find_comfyui  # noqa: E402  (COMFYUI_PATH, or the custom_nodes folder this pack is in)
 
 SKIP_REASON = "ComfyUI not found: set COMFYUI_PATH to a ComfyUI 0.8.0 source tree (or install this pack in ComfyUI/custom_nodes)"
 

@@ -33,7 +33,7 @@ def pack(comfy_nodes):
     package = sys.modules[comfy_nodes["D2F_ModelPatch"].__module__].__package__  # "<pack>.nodes"
 
     class Pack:
-        model_sampling = importlib.import_module(package + ".model_sampling")
+        model_sampling = importlib.import_module("d2f_host.model_sampling")
         sampling_nodes = importlib.import_module(package + ".sampling_nodes")
         model_nodes = importlib.import_module(package + ".model_nodes")
         train_nodes = importlib.import_module(package + ".train_nodes")

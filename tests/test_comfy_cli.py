@@ -177,11 +177,13 @@ def test_torchrun_two_processes_train_through_the_cli(prepared, tiny_sd15_file, 
         moved = 0
         for key in a.keys():
             # per tensor, relative to its norm: the 2 shards of a batch sum in another order in float32, and
-            # Adam's normalised updates carry those 1e-7 differences into the weights (measured: 2e-4 at most;
-            # the pure-torch test in training/tests holds 1e-5 elementwise). lora_up starts at 0, so its norm
-            # is all that training moved.
+            # Adam's normalised updates carry those 1e-7 differences into the weights (measured at most: 2e-4
+            # with torch's CPU wheel, 1.1e-3 with its CUDA wheel running on a CPU, whose convolution kernels
+            # depend on the batch size; the pure-torch test in training/tests holds 1e-5 elementwise; a wrong
+            # shard or a missing gradient average moves the weights by O(1)). lora_up starts at 0, so its
+            # norm is all that training moved.
             ta, tb = a.get_tensor(key).double(), b.get_tensor(key).double()
-            assert (ta - tb).norm() <= 1e-3 * ta.norm() + 1e-8, key
+            assert (ta - tb).norm() <= 5e-3 * ta.norm() + 1e-8, key
             moved += int(key.endswith("lora_up.weight") and ta.abs().max() > 0)
         assert moved > 0
     assert len((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) == 4

@@ -74,8 +74,18 @@ def is_widget(io_type: str, options: dict) -> bool:
     return io_type in WIDGET_TYPES and not options.get("forceInput", False)
 
 
-def widget_value_count(options: dict) -> int:
-    return 1 + sum(1 for key in EXTRA_WIDGET_OPTIONS if options.get(key))
+# INT inputs the frontend gives a "control after generate" widget unless the schema says otherwise
+SEED_NAMES = ("seed", "noise_seed")
+
+
+def widget_value_count(options: dict, name: str = "", io_type: str = "") -> int:
+    """Widget values the frontend saves for one input: its own, plus upload widgets and the
+    "control after generate" widget (set by the schema, or implied for INT seeds unless disabled)."""
+    extra = sum(1 for key in EXTRA_WIDGET_OPTIONS if key != "control_after_generate" and options.get(key))
+    control = options.get("control_after_generate")
+    if control is None:
+        control = io_type == "INT" and name in SEED_NAMES
+    return 1 + extra + int(bool(control))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,7 +160,7 @@ def check_workflow(wf: dict, registry: dict[str, type]) -> list[str]:
             if not is_widget(io_type, options) and name not in linked:
                 problems.append(f"{where}: required input {name!r} ({io_type}) is not connected")
         # widget values: one per widget input, plus control_after_generate / upload widgets
-        expected = sum(widget_value_count(o) for _, t, o in input_specs(info) if is_widget(t, o))
+        expected = sum(widget_value_count(o, n, t) for n, t, o in input_specs(info) if is_widget(t, o))
         if len(node["widgets_values"]) != expected:
             problems.append(f"{where}: {len(node['widgets_values'])} widgets_values, the node has {expected} widget values")
 
@@ -207,7 +217,7 @@ def to_api(wf: dict, registry: dict[str, type]) -> dict[str, dict]:
             link = ui_inputs.get(name, {}).get("link")
             if is_widget(io_type, options):
                 value = next(values)
-                for _ in range(widget_value_count(options) - 1):
+                for _ in range(widget_value_count(options, name, io_type) - 1):
                     next(values)  # control_after_generate / upload widget: frontend only
                 inputs[name] = value
             if link is not None:  # a socket, or a widget converted to an input

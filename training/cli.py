@@ -5,9 +5,9 @@
              metrics.jsonl, loss.png); one process, or many through torchrun (data parallel)
     sample   checkpoint (+ LoRA) + prompts -> PNGs with FM Euler / Heun
 
-ComfyUI reads the checkpoints (``COMFYUI_PATH``, or the ComfyUI this pack is installed in). Every
-option of the Train Diff2Flow LoRA node is a ``train`` flag and a key of the ``--config`` TOML
-file; flags win over the file, the file over the defaults. A resumed run starts from the options
+ComfyUI reads the checkpoints (``COMFYUI_PATH``, or the ComfyUI this pack is installed in), always
+through ``d2f_host``. Every option of the Train Diff2Flow LoRA node is a ``train`` flag and a key of
+the ``--config`` TOML file (both generated from ``TrainConfig``, training/config.py); flags win over the file, the file over the defaults. A resumed run starts from the options
 saved in its state, so ``train --resume RUN.d2fstate`` with the same paths is enough.
 """
 from __future__ import annotations
@@ -20,27 +20,13 @@ import pathlib
 import sys
 from typing import Any, Optional, Sequence
 
-from .config import DTYPES, LR_SCHEDULES, OPTIMIZERS, TrainConfig
+from .config import TrainConfig, option_specs
+from .files import STATE_SUFFIX
 
 log = logging.getLogger("diff2flow")
 
-# choices for the TrainConfig options that have them (validated again by TrainConfig)
-_CHOICES = {"lr_schedule": LR_SCHEDULES, "optimizer": OPTIMIZERS, "dtype": DTYPES}
 # run options of `train` that are not TrainConfig fields (also valid TOML keys)
 RUN_KEYS = ("cache", "checkpoint", "output", "name")
-_HELP = {
-    "objective": "diff2flow (aligned FM, the paper), naive_fm, or diffusion (the model's own eps/v loss)",
-    "steps": "optimizer steps in total (a resumed run continues to this many)",
-    "batch_size": "global batch: split evenly over torchrun processes",
-    "grad_accumulation": "micro-batches per optimizer step",
-    "rank": "adapter rank", "alpha": "adapter alpha (update scaled by alpha / rank)",
-    "algorithm": "LoRA or LoHa", "targets": "attention, attention_ff or all",
-    "timestep_sampling": "uniform, logit_normal or shift",
-    "zero_terminal_snr": "train with zero terminal SNR (v-prediction models only)",
-    "dtype": "autocast dtype: bf16, fp16 (with loss scaling) or fp32",
-    "save_every": "save the LoRA and the training state every N steps (0: at the end only)",
-    "caption_dropout": "probability of training a sample on the empty caption",
-}
 
 
 class CliError(Exception):
@@ -53,18 +39,17 @@ def _flag(name: str) -> str:
 
 
 def add_train_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field; defaults are SUPPRESSed so only given flags override."""
+    """One flag per TrainConfig option, with the option's own help and choices (training/config.py);
+    defaults are SUPPRESSed so only given flags override the TOML file and the resume state."""
     group = parser.add_argument_group("training options (also TOML keys of --config)")
-    defaults = TrainConfig()
-    for f in dataclasses.fields(TrainConfig):
-        default = getattr(defaults, f.name)
-        help_text = f"{_HELP.get(f.name, f.name.replace('_', ' '))} (default {default})"
-        names = [_flag(f.name)] + (["--training-dtype"] if f.name == "dtype" else [])
-        if isinstance(default, bool):
-            group.add_argument(*names, dest=f.name, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+    for spec in option_specs():
+        help_text = f"{spec.help} (default {spec.default})"
+        if spec.type is bool:
+            group.add_argument(_flag(spec.name), dest=spec.name, action=argparse.BooleanOptionalAction,
+                               default=argparse.SUPPRESS, help=help_text)
         else:
-            group.add_argument(*names, dest=f.name, type=type(default), default=argparse.SUPPRESS, help=help_text,
-                               choices=_CHOICES.get(f.name), metavar=f.name.upper())
+            group.add_argument(_flag(spec.name), dest=spec.name, type=spec.type, default=argparse.SUPPRESS, help=help_text,
+                               choices=spec.choices, metavar=spec.name.upper())
 
 
 def read_toml(path: str | os.PathLike) -> dict[str, Any]:
@@ -127,19 +112,28 @@ def _progress_bar(total: int, desc: str, enabled: bool):
     return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, disable=not enabled)
 
 
+def _host(args: argparse.Namespace) -> None:
+    """Import ComfyUI (the host library that reads checkpoints) for this command."""
+    from d2f_host.bootstrap import bootstrap_comfyui
+
+    bootstrap_comfyui(cpu=args.cpu or None)
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     from .cache import prepare_cache
     from .dataset import bucket_resolutions, scan_folder
-    from . import host
 
     records = scan_folder(args.dataset)  # a missing / empty folder fails before ComfyUI loads
     bucket_resolutions(args.resolution, args.max_aspect)
     if args.batch_size < 1:
         raise CliError(f"--batch-size must be >= 1, got {args.batch_size}")
     require_checkpoint(args.checkpoint)
-    host.bootstrap_comfyui(cpu=args.cpu or None)
-    _, clip, vae = host.load_checkpoint(args.checkpoint)
-    encoders = host.CheckpointEncoders(clip, vae, args.checkpoint)
+    _host(args)
+    from d2f_host.checkpoints import load_checkpoint
+    from d2f_host.conditioning import CheckpointEncoders
+
+    _, clip, vae = load_checkpoint(args.checkpoint)
+    encoders = CheckpointEncoders(clip, vae, args.checkpoint)
     bar = _progress_bar(len(records), "prepare", not args.no_progress)
     try:
         summary = prepare_cache(records, args.cache, encoders, args.resolution, args.max_aspect, args.batch_size,
@@ -169,8 +163,8 @@ def _train_values(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, A
             state = load_training_state(state_path)
         except FileNotFoundError as exc:
             raise CliError(str(exc)) from exc
-        if not run["name"] and state_path.name.endswith(".d2fstate"):
-            run["name"] = state_path.name[: -len(".d2fstate")]
+        if not run["name"] and state_path.name.endswith(STATE_SUFFIX):
+            run["name"] = state_path.name[: -len(STATE_SUFFIX)]
         if not run["output"]:
             run["output"] = str(state_path.parent)
     overrides = {**{k: v for k, v in toml.items() if k not in RUN_KEYS}, **given}
@@ -184,8 +178,8 @@ def _train_values(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, A
 def cmd_train(args: argparse.Namespace) -> int:
     from . import distributed
     from .cache import load_cache
-    from .files import sanitize_filename
-    from .headless import RunFiles, run_headless
+    from .files import RunFiles
+    from .headless import run_headless
 
     run, overrides, state = _train_values(args)
     config = make_config(state["config"] if state else {}, overrides)
@@ -200,7 +194,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     world = distributed.world_from_env()
     if config.batch_size % world.world_size:
         raise CliError(f"--batch-size {config.batch_size} (the global batch) must be divisible by the {world.world_size} processes")
-    files = RunFiles(pathlib.Path(run["output"]), sanitize_filename(run["name"])[: -len(".safetensors")])
+    files = RunFiles.named(run["output"], run["name"])
     if world.is_main:
         files.check_writable()
         files.check_new_run(resuming=state is not None, overwrite=args.overwrite)
@@ -210,60 +204,64 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     import torch
 
-    from . import host
-    from .data import TrainingData
+    _host(args)
+    from d2f_host.checkpoints import load_checkpoint, lora_metadata_for
+    from d2f_host.model_sampling import alignment_of
+    from d2f_host.unet import attach_adapters, gradient_checkpointing, unet_network
+
     from .engine import Trainer
 
-    host.bootstrap_comfyui(cpu=args.cpu or None)
     checkpoint = pathlib.Path(run["checkpoint"])
-    model, _, _ = host.load_checkpoint(checkpoint, need_encoders=False)
+    model, _, _ = load_checkpoint(checkpoint, encoders="skip")
     if cached.settings.get("checkpoint") not in (None, str(checkpoint.resolve())):
         log.warning("the cache was prepared with %s, training uses %s: fine only if both share the VAE and text encoder",
                     cached.settings["checkpoint"], checkpoint)
     try:
-        d2f = host.diff2flow_of(model, config.zero_terminal_snr)
+        d2f = alignment_of(model, config.zero_terminal_snr)
     except ValueError as exc:
         raise CliError(f"--zero-terminal-snr: {exc}") from exc
-    channels = model.model.latent_format.latent_channels
-    if cached.latents[0].shape[0] != channels:
-        raise CliError(f"the cache holds {cached.latents[0].shape[0]}-channel latents but {checkpoint.name} needs {channels}: "
-                       "run prepare with this checkpoint")
-
-    latents = [model.model.process_latent_in(lat[None].float()).squeeze(0) for lat in cached.latents]
-    data = TrainingData(latents, [host.text_cond_kwargs(model, c, lat) for c, lat in zip(cached.conds, cached.latents)],
-                        host.text_cond_kwargs(model, cached.uncond, cached.latents[0]))
-    ms = model.get_model_object("model_sampling")
-    metadata = host.lora_metadata_for(model, config, d2f, host.schedule_of(ms)[0])
+    data = training_data_from_cache(model, cached, checkpoint)
+    metadata = lora_metadata_for(model, config, d2f)
     if world.is_main:
         write_toml(files.config, {**{k: str(pathlib.Path(v).resolve()) if k != "name" else files.name for k, v in run.items()},
                                   **config.to_dict()})
     launcher = "torchrun --nproc_per_node N -m training" if world.distributed else "python -m training"
     hint = f"{launcher} train --config {files.config} --resume {files.state}"
     with torch.inference_mode(False), torch.enable_grad():
-        clone, unet, adapters, device = host.attach_adapters(model, config)
-        trainer = Trainer(host.unet_network(unet), adapters, d2f, config, data, device, world.rank, world.world_size)
+        clone, unet, adapters, device = attach_adapters(model, config)
+        trainer = Trainer(unet_network(unet), adapters, d2f, config, data, device, world.rank, world.world_size)
         if state is not None:
             trainer.load_state_dict(state)
             print(f"resuming {files.name} at step {trainer.step} of {config.steps}", flush=True)
-        with host.gradient_checkpointing(unet, config.gradient_checkpointing):
+        with gradient_checkpointing(unet, config.gradient_checkpointing):
             code = run_headless(trainer, files, metadata, world, resume_hint=hint, progress=not args.no_progress)
     distributed.barrier(world)
     distributed.finish(world, code)
     return code
 
 
-def cmd_sample(args: argparse.Namespace) -> int:
-    import numpy as np
-    import torch
-    from PIL import Image
-    from PIL.PngImagePlugin import PngInfo
+def training_data_from_cache(model: Any, cached: Any, checkpoint: pathlib.Path) -> Any:
+    """TrainingData of a latent cache for ``model``: latents in the model's scale, each caption's
+    UNet arguments, and the empty caption's per sample (SDXL's ``y`` carries each sample's size)."""
+    from d2f_host.conditioning import text_cond_kwargs
 
-    import d2f_core
-    from d2f_core.lora_metadata import read_lora_metadata
-    from d2f_core.objectives import naive_fm_velocity_fn
+    from .data import TrainingData
 
-    from . import host
+    channels = model.model.latent_format.latent_channels
+    if cached.latents[0].shape[0] != channels:
+        raise CliError(f"the cache holds {cached.latents[0].shape[0]}-channel latents but {checkpoint.name} needs {channels}: "
+                       "run prepare with this checkpoint")
+    try:
+        conds = [text_cond_kwargs(model, c, lat) for c, lat in zip(cached.conds, cached.latents)]
+        unconds = [text_cond_kwargs(model, cached.uncond, lat) for lat in cached.latents]
+    except ValueError as exc:
+        raise CliError(f"the cache's text embeddings do not fit {checkpoint.name} ({exc}): run prepare with this checkpoint") from exc
+    latents = [model.model.process_latent_in(lat[None].float()).squeeze(0) for lat in cached.latents]
+    return TrainingData(latents, conds, unconds)
 
+
+# ---------------------------------------------------------------------- sample: load, sample, save
+def read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompts_file:
         path = pathlib.Path(args.prompts_file)
@@ -272,80 +270,115 @@ def cmd_sample(args: argparse.Namespace) -> int:
         prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not prompts:
         raise CliError("sample needs at least one --prompt (or a --prompts-file with one prompt per line)")
+    return prompts
+
+
+@dataclasses.dataclass
+class SamplingModel:
+    """A checkpoint (+ LoRA) ready for headless FM sampling: the velocity function of the
+    objective it was trained with, its alignment, encoders and the device it runs on."""
+
+    model: Any
+    vae: Any
+    encoders: Any
+    d2f: Any
+    velocity: Any  # fn(x_sigma, sigma, cond kwargs) -> v
+    device: Any
+
+
+def load_sampling_model(args: argparse.Namespace) -> SamplingModel:
+    import d2f_core
+    from d2f_host.checkpoints import apply_lora, load_checkpoint
+    from d2f_host.conditioning import CheckpointEncoders
+    from d2f_host.model_sampling import alignment_of
+    from d2f_host.unet import inference_network
+
+    model, clip, vae = load_checkpoint(args.checkpoint)
+    metadata = None
+    if args.lora:
+        try:
+            model, clip, metadata = apply_lora(model, clip, args.lora, args.lora_strength, args.lora_strength)
+        except ValueError as exc:
+            raise CliError(f"--lora {args.lora}: {exc}") from exc
+    zsnr = args.zero_terminal_snr if args.zero_terminal_snr is not None else bool(metadata and metadata.zero_terminal_snr)
+    try:
+        d2f = alignment_of(model, zsnr)
+    except ValueError as exc:
+        raise CliError(f"--zero-terminal-snr: {exc}") from exc
+    network, device = inference_network(model)
+    objective = d2f_core.get_objective(metadata.objective if metadata else "diff2flow")
+    velocity = objective.velocity_fn(lambda x, t, c: network(x, t, **c), d2f)
+    return SamplingModel(model, vae, CheckpointEncoders(clip, vae, args.checkpoint), d2f, velocity, device)
+
+
+def save_png(path: pathlib.Path, image: Any, parameters: str) -> pathlib.Path:
+    """An image [H, W, 3] in [0, 1] as PNG with its sampling parameters as text."""
+    import numpy as np
+    from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
+
+    pixels = (image.clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    info = PngInfo()
+    info.add_text("parameters", parameters)
+    Image.fromarray(pixels).save(path, pnginfo=info)
+    return path
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    prompts = read_prompts(args)
     for name in ("width", "height"):
         if getattr(args, name) < 64 or getattr(args, name) % 8:
             raise CliError(f"--{name} must be a multiple of 8 and at least 64, got {getattr(args, name)}")
     if args.steps < 1:
         raise CliError(f"--steps must be >= 1, got {args.steps}")
     require_checkpoint(args.checkpoint)
-    meta = None
-    if args.lora:
-        if not pathlib.Path(args.lora).is_file():
-            raise CliError(f"--lora {args.lora} does not exist")
-        try:
-            meta = read_lora_metadata(args.lora)
-        except ValueError as exc:
-            raise CliError(f"--lora {args.lora}: {exc}") from exc
-    zsnr = args.zero_terminal_snr if args.zero_terminal_snr is not None else bool(meta and meta.zero_terminal_snr)
+    if args.lora and not pathlib.Path(args.lora).is_file():
+        raise CliError(f"--lora {args.lora} does not exist")
     out = pathlib.Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
 
-    host.bootstrap_comfyui(cpu=args.cpu or None)
-    import comfy.model_management
-    import comfy.sd
-    import comfy.utils
+    import torch
+    from tqdm import tqdm
 
-    model, clip, vae = host.load_checkpoint(args.checkpoint)
-    if args.lora:
-        lora = comfy.utils.load_torch_file(args.lora, safe_load=True)
-        model, clip = comfy.sd.load_lora_for_models(model, clip, lora, args.lora_strength, args.lora_strength)
-    try:
-        d2f = host.diff2flow_of(model, zsnr)
-    except ValueError as exc:
-        raise CliError(f"--zero-terminal-snr: {exc}") from exc
-    encoders = host.CheckpointEncoders(clip, vae, args.checkpoint)
-    uncond_text = encoders.encode_text([args.negative])[0]
-    comfy.model_management.load_models_gpu([model])
-    unet = model.model.diffusion_model
-    device = comfy.model_management.get_torch_device()
-    dtype = model.model.get_dtype()
-    latent_shape = (model.model.latent_format.latent_channels, args.height // 8, args.width // 8)
+    import d2f_core
+
+    _host(args)
+    from d2f_host.conditioning import text_cond_kwargs
+
+    sm = load_sampling_model(args)
+    latent_shape = (sm.model.model.latent_format.latent_channels, args.height // 8, args.width // 8)
     probe = torch.zeros(latent_shape)
 
-    def to_kwargs(text: dict) -> dict:
-        return {k: v.to(device, dtype) for k, v in host.text_cond_kwargs(model, text, probe).items()}
+    def cond_of(text: dict) -> dict:
+        return {k: v.to(sm.device) for k, v in text_cond_kwargs(sm.model, text, probe).items()}
 
-    def network(x: torch.Tensor, t: torch.Tensor, c: dict) -> torch.Tensor:
-        return unet(x.to(dtype), t.to(device), context=c["context"], y=c.get("y")).float()
-
-    objective = meta.objective if meta else "diff2flow"
-    velocity = naive_fm_velocity_fn(network) if objective == "naive_fm" else d2f.velocity_fn(network)
-    sigmas = d2f_core.fm_sigmas(args.steps, sigma_max=d2f.sigma_max, shift=args.shift)
-    sampler = d2f_core.SAMPLERS[args.sampler]
+    uncond = cond_of(sm.encoders.encode_text([args.negative])[0])
+    sigmas = d2f_core.fm_sigmas(args.steps, sigma_max=sm.d2f.sigma_max, shift=args.shift)
+    sampler = d2f_core.get_sampler(args.sampler)
     written = []
     with torch.inference_mode():
-        from tqdm import tqdm
-
         for i, prompt in enumerate(tqdm(prompts, desc="sample", unit="prompt", disable=args.no_progress)):
-            cond, uncond = to_kwargs(encoders.encode_text([prompt])[0]), to_kwargs(uncond_text)
+            cond = cond_of(sm.encoders.encode_text([prompt])[0])
             for j in range(args.images_per_prompt):
                 seed = args.seed + i * args.images_per_prompt + j
                 noise = torch.randn((1, *latent_shape), generator=torch.Generator().manual_seed(seed))
-                x = (d2f.sigma_max * noise).to(device)
-                latent = sampler(d2f_core.cfg_velocity(velocity, cond, uncond, args.cfg), x, sigmas)
-                image = vae.decode(model.model.process_latent_out(latent.cpu().float()))[0]
-                pixels = (image.clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
-                info = PngInfo()
-                info.add_text("parameters", f"{prompt}\nsteps {args.steps}, cfg {args.cfg}, shift {args.shift}, seed {seed}, "
-                                            f"sampler FM {args.sampler}, lora {args.lora or '-'}")
-                path = out / f"{i:03d}_{j:02d}_seed{seed}.png"
-                Image.fromarray(pixels).save(path, pnginfo=info)
-                written.append(path)
+                x = (sm.d2f.sigma_max * noise).to(sm.device)
+                latent = sampler(d2f_core.cfg_velocity(sm.velocity, cond, uncond, args.cfg), x, sigmas)
+                image = sm.vae.decode(sm.model.model.process_latent_out(latent.cpu().float()))[0]
+                parameters = (f"{prompt}\nsteps {args.steps}, cfg {args.cfg}, shift {args.shift}, seed {seed}, "
+                              f"sampler FM {args.sampler}, lora {args.lora or '-'}")
+                written.append(save_png(out / f"{i:03d}_{j:02d}_seed{seed}.png", image, parameters))
     print(f"wrote {len(written)} images to {out.resolve()}")
     return 0
 
 
 # ---------------------------------------------------------------------- parser
+def _samplers() -> dict:
+    from d2f_core import SAMPLERS
+
+    return SAMPLERS
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -382,7 +415,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=20)
     s.add_argument("--cfg", type=float, default=5.0)
     s.add_argument("--shift", type=float, default=1.0, help="SD3-style time shift of the FM grid (1 = uniform)")
-    s.add_argument("--sampler", choices=sorted(("euler", "heun")), default="euler")
+    s.add_argument("--sampler", choices=list(_samplers()), default="euler",
+                   help="; ".join(f"{n}: {r.description}" for n, r in _samplers().items()))
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--width", type=int, default=512)
     s.add_argument("--height", type=int, default=512)
@@ -402,8 +436,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     from .cache import DatasetError
     from .engine import TrainingError
-    from .headless import OutputExists
-    from .host import HostError
+    from d2f_host.bootstrap import HostError
+
+    from .files import OutputExists
 
     try:
         return args.func(args) or 0

@@ -1,9 +1,13 @@
-"""Training options (one dataclass for the node, the CLI and the training state)."""
+"""Training options: one dataclass for the node, the CLI and the training state.
+
+Every field carries its own help text, choices, range and UI step (``dataclasses.field``
+metadata, read through :func:`option_specs`); the Train Diff2Flow LoRA node builds its inputs and
+``python -m training train`` its flags from them, so an option is declared once, here.
+"""
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, Optional, Sequence
 
 from d2f_core import OBJECTIVES, TIMESTEP_SAMPLERS
 from d2f_core.lora import ALGORITHMS, TARGETS
@@ -20,46 +24,73 @@ TRAJECTORY_FIELDS = (
 )
 
 
+def option(default: Any, help: str, *, choices: Optional[Sequence[str]] = None, min: Optional[float] = None,
+           max: Optional[float] = None, step: Optional[float] = None) -> Any:
+    """A TrainConfig field with the metadata the node inputs and CLI flags are generated from."""
+    meta = {"help": help, "choices": tuple(choices) if choices is not None else None, "min": min, "max": max, "step": step}
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class OptionSpec:
+    """One training option as the node and the CLI see it."""
+
+    name: str
+    type: type
+    default: Any
+    help: str
+    choices: Optional[tuple[str, ...]]
+    min: Optional[float]
+    max: Optional[float]
+    step: Optional[float]
+
+
 @dataclass
 class TrainConfig:
-    """Every option of a Diff2Flow LoRA training run (MATH.md section 6 for the objectives)."""
+    """Every option of a Diff2Flow LoRA training run (docs/MATH.md section 6 for the objectives)."""
 
-    objective: str = "diff2flow"
-    steps: int = 500
-    batch_size: int = 1
-    grad_accumulation: int = 1
-    learning_rate: float = 1e-4
-    lr_schedule: str = "constant"
-    warmup_steps: int = 0
-    optimizer: str = "AdamW"
-    weight_decay: float = 0.01
-    rank: int = 8
-    alpha: float = 8.0
-    algorithm: str = "LoRA"
-    targets: str = "attention"
-    timestep_sampling: str = "uniform"
-    logit_mean: float = 0.0
-    logit_std: float = 1.0
-    shift: float = 3.0
-    zero_terminal_snr: bool = False
-    dtype: str = "fp32"
-    gradient_checkpointing: bool = False
-    seed: int = 0
-    caption_dropout: float = 0.0
-    save_every: int = 0
+    objective: str = option("diff2flow", "; ".join(f"{o.name}: {o.description}" for o in OBJECTIVES.values()),
+                            choices=tuple(OBJECTIVES))
+    steps: int = option(500, "Optimizer steps in total (a resumed run continues to this many).", min=1, max=1_000_000)
+    batch_size: int = option(1, "Latents per micro-batch: the global batch, split evenly over torchrun processes.", min=1, max=256)
+    grad_accumulation: int = option(1, "Micro-batches per optimizer step (effective batch = batch_size x this).", min=1, max=1024)
+    learning_rate: float = option(1e-4, "Peak learning rate.", min=1e-7, max=1.0, step=1e-6)
+    lr_schedule: str = option("constant", "Decay after warmup: constant, cosine to 0, or linear to 0.", choices=LR_SCHEDULES)
+    warmup_steps: int = option(0, "Linear warmup steps.", min=0, max=1_000_000)
+    optimizer: str = option("AdamW", "Optimizer (AdamW8bit needs the bitsandbytes package).", choices=OPTIMIZERS)
+    weight_decay: float = option(0.01, "Weight decay of AdamW / SGD.", min=0.0, max=1.0, step=0.001)
+    rank: int = option(8, "Adapter rank.", min=1, max=512)
+    alpha: float = option(8.0, "Adapter alpha; the update is scaled by alpha / rank.", min=0.01, max=1024.0, step=0.01)
+    algorithm: str = option("LoRA", "LoRA (low-rank product) or LoHa (Hadamard product of two low-rank terms).",
+                            choices=tuple(ALGORITHMS))
+    targets: str = option("attention", "attention: q/k/v/out projections; attention_ff: plus feed-forward; all: every "
+                          "linear and convolution.", choices=tuple(TARGETS))
+    timestep_sampling: str = option("uniform", "How training sigmas are drawn: uniform, logit_normal (SD3) or shift "
+                                    "(more high-noise steps).", choices=TIMESTEP_SAMPLERS)
+    logit_mean: float = option(0.0, "Mean of logit_normal timestep sampling.", min=-10.0, max=10.0, step=0.01)
+    logit_std: float = option(1.0, "Standard deviation of logit_normal timestep sampling.", min=0.01, max=10.0, step=0.01)
+    shift: float = option(3.0, "Shift of the shift timestep sampling (> 1: more high-noise steps).", min=0.01, max=100.0, step=0.01)
+    zero_terminal_snr: bool = option(False, "Train with zero terminal SNR so the model learns pure noise (v-prediction "
+                                     "only; a model whose schedule already has it is not rescaled again).")
+    dtype: str = option("fp32", "Autocast dtype: bf16 (recommended on GPUs), fp16 with loss scaling, or fp32. Adapter "
+                        "weights stay fp32.", choices=DTYPES)
+    gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass: much less memory, about "
+                                          "30 % slower.")
+    seed: int = option(0, "Seed of adapter initialisation, batches, noise and timesteps (fixed: a resumed run must "
+                       "use the same).", min=0, max=0xFFFFFFFFFFFFFFFF)
+    caption_dropout: float = option(0.0, "Probability of training a sample on the empty / negative caption instead "
+                                    "of its own (keeps classifier-free guidance working).", min=0.0, max=0.99, step=0.01)
+    save_every: int = option(0, "Save the LoRA and the training state every N steps (0: only at the end).",
+                             min=0, max=1_000_000)
 
     def __post_init__(self) -> None:
         self.validate()
 
     def validate(self) -> None:
-        choices = {
-            "objective": OBJECTIVES, "lr_schedule": LR_SCHEDULES, "optimizer": OPTIMIZERS,
-            "algorithm": tuple(ALGORITHMS), "targets": tuple(TARGETS), "timestep_sampling": TIMESTEP_SAMPLERS,
-            "dtype": DTYPES,
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ValueError(f"{name}={getattr(self, name)!r} is not supported: choose one of {', '.join(allowed)}")
+        for spec in option_specs():
+            value = getattr(self, spec.name)
+            if spec.choices is not None and value not in spec.choices:
+                raise ValueError(f"{spec.name}={value!r} is not supported: choose one of {', '.join(spec.choices)}")
         positive = ("steps", "batch_size", "grad_accumulation", "rank")
         for name in positive:
             value = getattr(self, name)
@@ -76,11 +107,15 @@ class TrainConfig:
             raise ValueError(f"caption_dropout must lie in [0, 1), got {self.caption_dropout}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        if not self.logit_std > 0:
+            raise ValueError(f"logit_std must be > 0, got {self.logit_std}")
+        if not self.shift > 0:
+            raise ValueError(f"shift must be > 0, got {self.shift}")
 
-    def fingerprint(self) -> str:
-        """Hash of the options that determine the trajectory (checked on resume)."""
-        data = {k: getattr(self, k) for k in TRAJECTORY_FIELDS if k != "steps"}
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+    def timestep_options(self) -> dict[str, Any]:
+        """The keyword arguments of ``d2f_core.Objective.draw`` that select the timestep sampling."""
+        return {"timestep_sampling": self.timestep_sampling, "logit_mean": self.logit_mean,
+                "logit_std": self.logit_std, "shift": self.shift}
 
     def differences(self, other: "TrainConfig") -> dict[str, tuple]:
         return {k: (getattr(other, k), getattr(self, k)) for k in TRAJECTORY_FIELDS if k != "steps" and getattr(self, k) != getattr(other, k)}
@@ -99,3 +134,25 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"unknown training options: {', '.join(unknown)}")
         return cls(**data)
+
+
+def available_choices(spec: OptionSpec) -> tuple[str, ...]:
+    """The choices of an option that this installation can run (AdamW8bit needs bitsandbytes)."""
+    choices = spec.choices or ()
+    if "AdamW8bit" in choices:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            return tuple(c for c in choices if c != "AdamW8bit")
+    return tuple(choices)
+
+
+def option_specs() -> list[OptionSpec]:
+    """Every TrainConfig option with its type, default, help, choices and range, in field order."""
+    specs = []
+    for f in fields(TrainConfig):
+        default = f.default if f.default is not MISSING else None
+        meta = f.metadata
+        specs.append(OptionSpec(f.name, type(default), default, meta.get("help", f.name), meta.get("choices"),
+                                meta.get("min"), meta.get("max"), meta.get("step")))
+    return specs

@@ -1,4 +1,5 @@
-"""Training data: latents with per-sample conditioning, and deterministic batch drawing."""
+"""Training data: latents with per-sample conditioning (and per-sample tensors such as reflow's
+paired noise), and deterministic batch drawing."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -18,13 +19,17 @@ class TrainingData:
     """``latents[i]`` (shape [C, H, W], already in the model's latent scale) with ``conds[i]``
     (network keyword arguments with a batch dimension of 1, e.g. ``{"context": [1, 77, 768]}``).
 
-    ``uncond`` is the empty/negative conditioning used for caption dropout. Samples of different
-    shapes (resolution buckets, prompt lengths) are only batched with samples of their own shape.
+    ``uncond`` is the empty/negative conditioning used for caption dropout: one for all samples, or
+    one per sample (SDXL's ``y`` embeds each sample's own size). ``extras[i]`` holds
+    per-sample tensors the objective reads, without a batch dimension (``"noise"``: the paired noise
+    of reflow's (noise, image) pairs, shaped like the latent). Samples of different shapes
+    (resolution buckets, prompt lengths) are only batched with samples of their own shape.
     """
 
     latents: list[torch.Tensor]
     conds: list[Cond]
-    uncond: Optional[Cond] = None
+    uncond: Optional[Cond | list[Cond]] = None
+    extras: Optional[list[dict[str, torch.Tensor]]] = None
     buckets: list[list[int]] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -40,6 +45,19 @@ class TrainingData:
         for i, lat in enumerate(self.latents):
             if lat.ndim != 3:
                 raise ValueError(f"latent {i} has shape {tuple(lat.shape)}; expected [channels, height, width]")
+        if isinstance(self.uncond, list) and len(self.uncond) != len(self.latents):
+            raise ValueError(f"{len(self.latents)} latents but {len(self.uncond)} unconditional conditionings: give one for "
+                             "all latents or exactly one per latent")
+        if self.extras is not None:
+            if len(self.extras) != len(self.latents):
+                raise ValueError(f"{len(self.latents)} latents but {len(self.extras)} per-sample extras: give one per latent")
+            keys = set(self.extras[0])
+            for i, (lat, extra) in enumerate(zip(self.latents, self.extras)):
+                if set(extra) != keys:
+                    raise ValueError(f"sample {i} carries {sorted(extra)} but sample 0 carries {sorted(keys)}")
+                if "noise" in extra and tuple(extra["noise"].shape) != tuple(lat.shape):
+                    raise ValueError(f"sample {i}: paired noise of shape {tuple(extra['noise'].shape)} does not match "
+                                     f"its latent {tuple(lat.shape)}")
         groups: dict[tuple, list[int]] = {}
         for i, (lat, cond) in enumerate(zip(self.latents, self.conds)):
             groups.setdefault(_signature(lat, cond), []).append(i)
@@ -60,11 +78,18 @@ class TrainingData:
         return [bucket[int(i)] for i in pick]
 
     def batch(self, indices: list[int], dropout: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Cond]:
-        """Stack the samples; where ``dropout[j]`` is true, sample j gets ``uncond``."""
+        """``(x0, cond)`` of the samples, stacked; where ``dropout[j]`` is true, sample j gets ``uncond``."""
         x0 = torch.stack([self.latents[i] for i in indices])
         conds = []
         for j, i in enumerate(indices):
             use_uncond = dropout is not None and bool(dropout[j]) and self.uncond is not None
-            conds.append(self.uncond if use_uncond else self.conds[i])
+            uncond = self.uncond[i] if isinstance(self.uncond, list) else self.uncond
+            conds.append(uncond if use_uncond else self.conds[i])
         keys = conds[0].keys()
         return x0, {k: torch.cat([c[k] for c in conds]) for k in keys}
+
+    def batch_extras(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        """The per-sample extras of the samples, stacked (empty when the data carries none)."""
+        if self.extras is None:
+            return {}
+        return {k: torch.stack([self.extras[i][k] for i in indices]) for k in self.extras[0]}

@@ -1,22 +1,24 @@
-"""The training loop: Diff2Flow / naive-FM / diffusion fine-tuning of weight adapters.
+"""The training loop: fine-tuning of weight adapters under any objective of ``d2f_core.OBJECTIVES``.
 
 Everything random (batch choice, caption dropout, noise, sigma or tau) is drawn from ONE CPU
 ``torch.Generator`` seeded from the config; it is part of the training state, so ``N`` steps +
-resume + ``N`` steps equals ``2N`` straight steps. The loss comes from ``d2f_core.objective_loss``
-(velocity space from the raw network output for the FM objectives, MATH.md section 6).
+resume + ``N`` steps equals ``2N`` straight steps. Noise and times come from the objective's own
+``Objective.draw`` (the same draw ``d2f_core.objective_loss`` makes; the data's paired noise when it
+carries one) and the loss from its ``Objective.loss`` (docs/MATH.md section 6).
 """
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
-from dataclasses import dataclass, field
+import warnings
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
 
-from d2f_core import Diff2Flow, sample_training_sigmas
-from d2f_core.objectives import evaluate_objective
+from d2f_core import Diff2Flow, get_objective
 from d2f_core.lora import WeightAdapter
 
 from .config import TrainConfig
@@ -24,6 +26,7 @@ from .data import TrainingData
 
 Network = Callable[..., torch.Tensor]
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+log = logging.getLogger("diff2flow")
 
 
 class TrainingError(RuntimeError):
@@ -35,8 +38,6 @@ class TrainResult:
     steps: int
     losses: list[float]
     seconds: float
-    stopped_early: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def lr_lambda(config: TrainConfig) -> Callable[[int], float]:
@@ -97,6 +98,12 @@ class Trainer:
         if config.zero_terminal_snr and not d2f.zero_terminal_snr:
             raise ValueError("config.zero_terminal_snr is set but the alignment's schedule has no zero terminal SNR")
         self.network, self.adapters, self.d2f, self.config, self.data = network, adapters, d2f, config, data
+        self.objective = get_objective(config.objective)
+        if self.objective.paired_noise and (data.extras is None or "noise" not in data.extras[0]):
+            raise ValueError(
+                f"objective {config.objective!r} trains on (noise, image) pairs, but the training data carries no "
+                "paired noise: train it on a pairs folder generated from the teacher model"
+            )
         self.device = torch.device(device)
         self.rank, self.world_size = rank, world_size
         self.params = [p for a in adapters.values() for p in a.parameters() if p.requires_grad]
@@ -105,6 +112,9 @@ class Trainer:
         self.optimizer = build_optimizer(config.optimizer, self.params, config.learning_rate, config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.dtype == "fp16")
+        if config.dtype == "fp16" and self.device.type == "cpu":
+            log.warning("dtype fp16 on the CPU is emulated and several times slower than fp32 (measured 4-5x): "
+                        "train in fp32 (or bf16) on the CPU; fp16 pays off on GPUs")
         self.generator = torch.Generator().manual_seed(config.seed)
         self.step = 0
         self.losses: list[float] = []
@@ -116,7 +126,6 @@ class Trainer:
             "step": self.step,
             "losses": list(self.losses),
             "config": self.config.to_dict(),
-            "fingerprint": self.config.fingerprint(),
             "adapters": {name: {k: v.detach().cpu() for k, v in a.state_dict().items()} for name, a in self.adapters.items()},
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
@@ -144,22 +153,16 @@ class Trainer:
 
     # ------------------------------------------------------------------ loop
     def _micro_batch_loss(self) -> torch.Tensor:
-        """This process's shard of one global micro-batch. Draw order (indices, dropout, noise,
-        times) matches ``d2f_core.objective_loss`` with the same generator."""
+        """This process's shard of one global micro-batch. Draw order: indices, dropout, then the
+        objective's noise and times (as ``d2f_core.objective_loss`` with the same generator)."""
         cfg, gen = self.config, self.generator
         indices = self.data.draw_indices(cfg.batch_size, gen)
         dropout = None
         if cfg.caption_dropout > 0 and self.data.uncond is not None:
             dropout = torch.rand(cfg.batch_size, generator=gen) < cfg.caption_dropout
         x0, cond = self.data.batch(indices, dropout)
-        noise = torch.randn(x0.shape, generator=gen, dtype=torch.float32)
-        if cfg.objective == "diffusion":
-            times = torch.randint(0, self.d2f.num_timesteps, (cfg.batch_size,), generator=gen)
-        else:
-            times = sample_training_sigmas(
-                cfg.batch_size, cfg.timestep_sampling, self.d2f.sigma_max, logit_mean=cfg.logit_mean,
-                logit_std=cfg.logit_std, shift=cfg.shift, generator=gen,
-            )
+        paired = self.data.batch_extras(indices).get("noise")
+        noise, times = self.objective.draw(x0, self.d2f, gen, paired, **cfg.timestep_options())
         shard = slice(self.rank * cfg.batch_size // self.world_size, (self.rank + 1) * cfg.batch_size // self.world_size)
         x0, noise, times = (t[shard].to(self.device) for t in (x0, noise, times))
         x0 = x0.float()
@@ -167,7 +170,7 @@ class Trainer:
         autocast = AUTOCAST_DTYPES.get(cfg.dtype)
         amp = torch.autocast(self.device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
         with amp:
-            out = evaluate_objective(cfg.objective, self.network, self.d2f, x0, noise, times, **cond)
+            out = self.objective.loss(self.network, self.d2f, x0, noise.float(), times, **cond)
         return out.loss.float()
 
     def _all_reduce_mean(self, tensors: list[torch.Tensor]) -> None:
@@ -212,9 +215,18 @@ class Trainer:
         reported = torch.tensor([total], dtype=torch.float64, device=self.device)
         self._all_reduce_mean([reported])
         total = reported.item()
+        scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
         self.scaler.step(self.optimizer)
         self.scaler.update()
-        self.scheduler.step()
+        skipped = scale is not None and self.scaler.get_scale() < scale
+        with warnings.catch_warnings():
+            if skipped:
+                # fp16 loss scaling skipped this optimizer step (inf / NaN gradients): the step still
+                # counts for the LR schedule, so torch's "scheduler before optimizer" warning is moot
+                log.info("fp16 loss scaling skipped step %d (non-finite gradients); scale now %g", self.step + 1,
+                         self.scaler.get_scale())
+                warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
+            self.scheduler.step()
         self.step += 1
         self.losses.append(total)
         return total

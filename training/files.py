@@ -1,5 +1,13 @@
 """Files a training run writes: LoRA safetensors with Diff2Flow metadata and the training state.
 
+:class:`RunFiles` owns every file name of a run (the node and the CLI both use it)::
+
+    <name>.safetensors           the final LoRA (ComfyUI-native keys + Diff2Flow metadata)
+    <name>_<step>.safetensors    periodic saves (``save_every``) and the save made on interrupt
+    <name>.d2fstate              the training state for an exact resume
+    <name>.toml                  the run's options (``train --config`` reads it back; CLI)
+    metrics.jsonl, loss.png      per-step metrics and the loss curve (CLI)
+
 Every write is atomic: the data goes to a temporary file in the same folder, is flushed to disk,
 then renamed over the final name. An interrupted or failed write (a full disk included) never
 leaves a corrupt file under the final name, and the previous file stays as it was.
@@ -10,6 +18,7 @@ import errno
 import os
 import pathlib
 import re
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
@@ -17,7 +26,13 @@ from safetensors.torch import save_file
 
 from d2f_core.lora_metadata import LoraMetadata
 
-__all__ = ["atomic_write", "ensure_writable_folder", "save_lora", "save_training_state", "load_training_state", "sanitize_filename"]
+__all__ = [
+    "STATE_SUFFIX", "RunFiles", "OutputExists", "atomic_write", "ensure_writable_folder", "save_lora",
+    "save_training_state", "load_training_state", "sanitize_filename",
+]
+
+# not a model extension, so LoRA loaders never list training states
+STATE_SUFFIX = ".d2fstate"
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> pathlib.Path:
@@ -84,3 +99,60 @@ def sanitize_filename(name: str, suffix: str = ".safetensors") -> str:
     stem = _UNSAFE.sub("_", stem).strip(" .")
     stem = stem.replace(" ", "_")
     return (stem or "diff2flow_lora") + suffix
+
+
+class OutputExists(FileExistsError):
+    pass
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """The files of the run named ``name`` in ``folder`` (see the module docstring)."""
+
+    folder: pathlib.Path
+    name: str
+
+    @classmethod
+    def named(cls, folder: str | os.PathLike, name: str) -> "RunFiles":
+        """The run files for a user-given run name (sanitised: no folders, no odd characters)."""
+        return cls(pathlib.Path(folder), sanitize_filename(name)[: -len(".safetensors")])
+
+    @property
+    def lora(self) -> pathlib.Path:
+        return self.folder / f"{self.name}.safetensors"
+
+    def lora_at(self, step: int) -> pathlib.Path:
+        return self.folder / f"{self.name}_{step:06d}.safetensors"
+
+    @property
+    def state(self) -> pathlib.Path:
+        return self.folder / f"{self.name}{STATE_SUFFIX}"
+
+    @property
+    def config(self) -> pathlib.Path:
+        return self.folder / f"{self.name}.toml"
+
+    @property
+    def metrics(self) -> pathlib.Path:
+        return self.folder / "metrics.jsonl"
+
+    @property
+    def loss_png(self) -> pathlib.Path:
+        return self.folder / "loss.png"
+
+    def check_new_run(self, resuming: bool, overwrite: bool) -> None:
+        """Refuse to overwrite another run's files (unless resuming it, or asked to)."""
+        if resuming or overwrite:
+            return
+        existing = [p.name for p in (self.lora, self.state) if p.exists()]
+        if existing:
+            raise OutputExists(
+                f"{self.folder} already holds a run named {self.name!r} ({', '.join(existing)}): continue it with "
+                f"--resume {self.state}, choose another --name or --output, or pass --overwrite"
+            )
+
+    def check_writable(self) -> None:
+        try:
+            ensure_writable_folder(self.folder)
+        except OSError as exc:
+            raise OSError(exc.errno, f"output folder {self.folder} is not writable ({exc.strerror}): choose another --output") from exc

@@ -1,13 +1,8 @@
-"""A headless training run around :class:`Trainer`: its output folder, progress and interrupts.
+"""A headless training run around :class:`Trainer`: its output files, progress and interrupts.
 
-One run writes into its output folder (rank 0 only)::
-
-    <name>.safetensors           the final LoRA (ComfyUI-native keys + Diff2Flow metadata)
-    <name>_<step>.safetensors    periodic saves (``save_every``) and the save made on interrupt
-    <name>.d2fstate              the training state for an exact resume
-    <name>.toml                  the run's options (``train --config`` reads it back)
-    metrics.jsonl                one JSON line per step: step, loss, lr, seconds, it/s
-    loss.png                     the loss curve
+One run writes the files of :class:`training.files.RunFiles` into its output folder (rank 0 only):
+the LoRA, periodic saves, the training state, ``metrics.jsonl`` (one JSON line per step: step,
+loss, lr, seconds, it/s) and ``loss.png``.
 
 Ctrl-C or SIGTERM: the current step finishes, every process stops at the same step, the state and
 the LoRA are written atomically, and the run exits with 130 / 143 and the command that resumes
@@ -22,7 +17,6 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from typing import Callable, Iterator, Optional
 
 from d2f_core.lora import adapters_state_dict
@@ -31,65 +25,14 @@ from d2f_core.lora_metadata import LoraMetadata
 from . import distributed
 from .distributed import World
 from .engine import Trainer, TrainingError
-from .files import atomic_write, ensure_writable_folder, save_lora, save_training_state
+from .files import RunFiles, atomic_write, save_lora, save_training_state
 from .plots import save_loss_curve
 
-STATE_SUFFIX = ".d2fstate"
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
 class StopRequested(Exception):
     """Raised between steps when any process received Ctrl-C / SIGTERM."""
-
-
-class OutputExists(FileExistsError):
-    pass
-
-
-@dataclass(frozen=True)
-class RunFiles:
-    folder: pathlib.Path
-    name: str
-
-    @property
-    def lora(self) -> pathlib.Path:
-        return self.folder / f"{self.name}.safetensors"
-
-    def lora_at(self, step: int) -> pathlib.Path:
-        return self.folder / f"{self.name}_{step:06d}.safetensors"
-
-    @property
-    def state(self) -> pathlib.Path:
-        return self.folder / f"{self.name}{STATE_SUFFIX}"
-
-    @property
-    def config(self) -> pathlib.Path:
-        return self.folder / f"{self.name}.toml"
-
-    @property
-    def metrics(self) -> pathlib.Path:
-        return self.folder / "metrics.jsonl"
-
-    @property
-    def loss_png(self) -> pathlib.Path:
-        return self.folder / "loss.png"
-
-    def check_new_run(self, resuming: bool, overwrite: bool) -> None:
-        """Refuse to overwrite another run's files (unless resuming it, or asked to)."""
-        if resuming or overwrite:
-            return
-        existing = [p.name for p in (self.lora, self.state) if p.exists()]
-        if existing:
-            raise OutputExists(
-                f"{self.folder} already holds a run named {self.name!r} ({', '.join(existing)}): continue it with "
-                f"--resume {self.state}, choose another --name or --output, or pass --overwrite"
-            )
-
-    def check_writable(self) -> None:
-        try:
-            ensure_writable_folder(self.folder)
-        except OSError as exc:
-            raise OSError(exc.errno, f"output folder {self.folder} is not writable ({exc.strerror}): choose another --output") from exc
 
 
 class StopSignals:

@@ -1,4 +1,4 @@
-"""Independent re-implementations used as test oracles (written from MATH.md and ComfyUI's
+"""Independent re-implementations used as test oracles (written from docs/MATH.md and ComfyUI's
 documented behaviour, not from d2f_core): ComfyUI's log-sigma interpolation, its EPS and
 V_PREDICTION denoisers, and a DDIM step in VP coordinates."""
 from __future__ import annotations

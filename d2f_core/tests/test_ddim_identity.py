@@ -1,5 +1,5 @@
 """Zero-shot identity: an FM Euler step of the converted model from sigma to sigma' is one DDIM
-(eta = 0) step between the mapped timesteps, for ANY network (MATH.md section 4)."""
+(eta = 0) step between the mapped timesteps, for ANY network (docs/MATH.md section 4)."""
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,4 @@
-"""MATH.md section 5: finite everywhere a model type allows a sigma, clear errors elsewhere."""
+"""docs/MATH.md section 5: finite everywhere a model type allows a sigma, clear errors elsewhere."""
 from __future__ import annotations
 
 import pytest

@@ -1,5 +1,5 @@
 """Exactness: with the exactly optimal Gaussian-mixture denoiser, the converted velocity is the
-exact FM velocity (MATH.md sections 4 and 7), and the data estimate is the unpatched one."""
+exact FM velocity (docs/MATH.md sections 4 and 7), and the data estimate is the unpatched one."""
 from __future__ import annotations
 
 import pytest
@@ -61,7 +61,7 @@ def test_model_output_from_velocity_inverts_velocity(prediction: str, zsnr: bool
 
 
 def test_exactness_check_detects_a_one_step_table_offset() -> None:
-    """The check is sharp: the reference code's one-step table offset (MATH.md section 8) fails it."""
+    """The check is sharp: the reference code's one-step table offset (docs/MATH.md section 8) fails it."""
     d2f = make_d2f("eps", False)
     shifted = d2f_core.Diff2Flow(torch.cat([d2f.alphas_cumprod[1:], d2f.alphas_cumprod[-1:] * 0.99]), "eps")
     gmm = mixture()

@@ -1,4 +1,4 @@
-"""Training objectives (MATH.md section 6): finite losses and gradients, optimality, weights."""
+"""Training objectives (docs/MATH.md section 6): finite losses and gradients, optimality, weights."""
 from __future__ import annotations
 
 import math

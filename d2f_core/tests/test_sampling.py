@@ -134,7 +134,7 @@ def test_cfg_with_dict_conditioning_concatenates_every_entry() -> None:
 
 
 def test_cfg_on_velocity_equals_cfg_on_denoised_and_raw_output() -> None:
-    """The conversion is affine in the network output (MATH.md section 4)."""
+    """The conversion is affine in the network output (docs/MATH.md section 4)."""
     d2f = make_d2f("eps", False)
     x, oc, ou = torch.randn(3, 4, 5, dtype=torch.float64)
     sigma, w = torch.full((4,), 0.6, dtype=torch.float64), 5.0

@@ -112,7 +112,7 @@ def test_frechet_distance_closed_form() -> None:
 
 def test_ddim_trailing_grid_maps_to_trailing_timesteps() -> None:
     d2f = d2f_core.Diff2Flow(d2f_core.scaled_linear(), "v")
-    sigmas = pipeline.ddim_trailing_sigmas(d2f, 4)
+    sigmas = d2f_core.ddim_trailing_sigmas(d2f, 4)
     assert sigmas[-1] == 0 and sigmas[0] == pytest.approx(d2f.sigma_max)
     torch.testing.assert_close(d2f.timestep(sigmas[:-1]).double(), torch.tensor([999.0, 749.0, 499.0, 249.0], dtype=torch.float64), atol=1e-6, rtol=0)
 

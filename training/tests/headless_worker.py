@@ -14,8 +14,8 @@ import torch
 
 from d2f_core.lora_metadata import LoraMetadata
 from training import TrainConfig, distributed
-from training.files import load_training_state
-from training.headless import RunFiles, run_headless
+from training.files import RunFiles, load_training_state
+from training.headless import run_headless
 from training.tests.helpers import make_run
 
 

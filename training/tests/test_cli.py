@@ -22,7 +22,7 @@ def test_every_training_option_is_a_flag_and_a_toml_key(tmp_path) -> None:
     train = next(a for a in parser._subparsers._group_actions[0].choices.items() if a[0] == "train")[1]
     known = {s for action in train._actions for s in action.option_strings}
     assert set(flags) <= known
-    args = parser.parse_args(["train", "--steps", "7", "--no-zero-terminal-snr", "--training-dtype", "bf16", "--learning-rate", "2e-4"])
+    args = parser.parse_args(["train", "--steps", "7", "--no-zero-terminal-snr", "--dtype", "bf16", "--learning-rate", "2e-4"])
     given = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
     assert given == {"steps": 7, "zero_terminal_snr": False, "dtype": "bf16", "learning_rate": 2e-4}  # defaults are not "given"
     # TOML < flags, and the file the CLI writes reads back to the same options

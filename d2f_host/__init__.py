@@ -1,0 +1,18 @@
+"""d2f_host: ComfyUI as the host library -- the ONE layer of this pack that imports ComfyUI.
+
+The ComfyUI nodes (``nodes/``) and the headless CLI (``python -m training``) both reach ComfyUI
+only through these modules; ``d2f_core`` (the math) and ``training`` (the engine) never import it
+(``tests/test_layers.py`` enforces the rule).
+
+    bootstrap       find ComfyUI (COMFYUI_PATH or the custom_nodes folder) and import it headless
+    model_sampling  classify a model's sampling, build its alignment, the Diff2Flow patch and the
+                    naive-flow model sampling, apply an objective's flow model
+    checkpoints     load and check SD checkpoints, fingerprints, LoRA metadata of a run
+    conditioning    text / VAE encoding and UNet keyword arguments (``context``, SDXL's ``y``)
+    unet            adapters as weight wrappers on a clone, gradient checkpointing, the raw UNet
+                    as the engine's and the headless sampler's ``network``
+
+Only :mod:`d2f_host.bootstrap` may be imported before ComfyUI is importable; the other modules
+import ComfyUI at the top and are imported after :func:`~d2f_host.bootstrap.bootstrap_comfyui`
+(headless) or inside a running ComfyUI (nodes).
+"""

@@ -1,0 +1,108 @@
+"""SD checkpoints and LoRA files through ComfyUI's own loaders, checked for Diff2Flow."""
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+from typing import Any, Callable, Optional
+
+import torch
+
+import comfy.sd
+import comfy.utils
+
+from d2f_core import Diff2Flow, scaled_linear
+from d2f_core.lora_metadata import LoraMetadata, read_lora_metadata
+from training.config import TrainConfig
+
+from .bootstrap import HostError
+from .model_sampling import prediction_of, schedule_of
+
+__all__ = ["load_checkpoint", "apply_lora", "file_fingerprint", "base_model_hash", "schedule_name", "lora_metadata_for"]
+
+
+def load_checkpoint(path: str | os.PathLike, encoders: str = "required", embedding_directory: Any = None) -> tuple[Any, Any, Any]:
+    """(MODEL, CLIP, VAE) of an SD checkpoint through ComfyUI's own loader, checked to be a
+    diffusion model Diff2Flow can convert (``HostError`` naming the file and the reason otherwise).
+
+    ``encoders``: ``"required"`` (a checkpoint without text encoder or VAE is refused),
+    ``"optional"`` (missing ones come back as ``None``, as in ComfyUI's checkpoint loader) or
+    ``"skip"`` (not loaded: training from a latent cache needs only the UNet).
+    """
+    if encoders not in ("required", "optional", "skip"):
+        raise ValueError(f"encoders must be 'required', 'optional' or 'skip', got {encoders!r}")
+    load = encoders != "skip"
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise HostError(f"checkpoint {path} does not exist: pass the .safetensors / .ckpt file of an SD1.x, SD2.x or SDXL model")
+    try:
+        model, clip, vae = comfy.sd.load_checkpoint_guess_config(
+            str(path), output_vae=load, output_clip=load, embedding_directory=embedding_directory
+        )[:3]
+    except Exception as exc:  # ComfyUI raises RuntimeError / ValueError / safetensors errors for files it cannot read
+        raise HostError(f"checkpoint {path} could not be loaded as an SD model ({exc}): pass an SD1.x, SD2.x or SDXL checkpoint") from exc
+    if model is None:
+        raise HostError(f"checkpoint {path} holds no diffusion model (UNet): pass a full SD checkpoint")
+    try:
+        prediction_of(model.get_model_object("model_sampling"))
+    except ValueError as exc:
+        raise HostError(f"checkpoint {path} is an unsupported model type ({type(model.model).__name__}): {exc}") from exc
+    if encoders == "required" and (clip is None or vae is None):
+        missing = " and ".join(n for n, v in (("text encoder", clip), ("VAE", vae)) if v is None)
+        raise HostError(f"checkpoint {path} has no {missing}: `prepare` and `sample` need a checkpoint that includes them")
+    return model, clip, vae
+
+
+def apply_lora(model: Any, clip: Any, path: str | os.PathLike, strength_model: float = 1.0,
+               strength_clip: float = 0.0, checkpoint: str = "the checkpoint") -> tuple[Any, Any, Optional[LoraMetadata]]:
+    """``(model, clip, metadata)`` with the LoRA file at ``path`` loaded as stock loaders do.
+
+    ``metadata`` is the file's Diff2Flow metadata (``None`` for a plain LoRA); a LoRA trained on
+    the other prediction type than ``model`` is refused with the fix named (``checkpoint`` names the
+    base model in that message).
+    """
+    name = pathlib.Path(path).name
+    metadata = read_lora_metadata(path)
+    if metadata is not None:
+        prediction = prediction_of(model.get_model_object("model_sampling"))
+        if metadata.prediction != prediction:
+            raise ValueError(
+                f"LoRA '{name}' was trained on a {metadata.prediction}-prediction model, but {checkpoint} predicts "
+                f"{prediction}: load the LoRA on the base model it was trained on."
+            )
+    lora = comfy.utils.load_torch_file(str(path), safe_load=True)
+    model, clip = comfy.sd.load_lora_for_models(model, clip, lora, strength_model, strength_clip)
+    return model, clip, metadata
+
+
+def file_fingerprint(path: str | os.PathLike) -> str:
+    """Identity of a file for cache validity: resolved path, size and modification time."""
+    p = pathlib.Path(path).resolve()
+    st = p.stat()
+    return hashlib.sha1(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
+
+
+def base_model_hash(model: Any) -> str:
+    """A cheap fingerprint of the base UNet: key names, shapes and the first layers' values."""
+    h = hashlib.sha256()
+    sd = model.model.diffusion_model.state_dict()
+    for key in sorted(sd):
+        h.update(f"{key}{tuple(sd[key].shape)}".encode())
+    for key in sorted(sd)[:4]:
+        h.update(sd[key].detach().float().cpu().numpy().tobytes()[:65536])
+    return h.hexdigest()[:16]
+
+
+def schedule_name(alphas_cumprod: torch.Tensor) -> str:
+    """``scaled_linear`` for SD's own schedule, ``custom`` for anything else (LoRA metadata)."""
+    return "scaled_linear" if torch.allclose(torch.as_tensor(alphas_cumprod, dtype=torch.float64), scaled_linear(), rtol=1e-5, atol=0) else "custom"
+
+
+def lora_metadata_for(model: Any, config: TrainConfig, d2f: Diff2Flow) -> Callable[[int], LoraMetadata]:
+    """``metadata(step)``: what a LoRA trained on ``model`` under ``config`` with alignment ``d2f``
+    records (the same for the node and the CLI, so both write the same format)."""
+    source, _ = schedule_of(model.get_model_object("model_sampling"))
+    fields = dict(objective=config.objective, prediction=d2f.prediction, zero_terminal_snr=d2f.zero_terminal_snr,
+                  schedule=schedule_name(source), rank=config.rank, alpha=config.alpha,
+                  algorithm=config.algorithm, base_model_hash=base_model_hash(model))
+    return lambda step: LoraMetadata(**fields, steps=step)
