@@ -7,10 +7,11 @@ from tqdm import tqdm
 
 
 class Progress(tqdm):
-    """``with Progress(total, "label") as bar: bar.update(1, "status")``; writes to stderr."""
+    """``with Progress(total, "label", unit="step") as bar: bar.update(1, "status")``; writes to
+    stderr. One bar counts one kind of work, so its rate and ETA are meaningful."""
 
-    def __init__(self, total: int, label: str, enabled: bool = True) -> None:
-        super().__init__(total=int(total), desc=label, dynamic_ncols=True, disable=not enabled)
+    def __init__(self, total: int, label: str, unit: str = "it", enabled: bool = True) -> None:
+        super().__init__(total=int(total), desc=label, unit=unit, dynamic_ncols=True, disable=not enabled)
 
     def update(self, n: int = 1, status: Optional[str] = None) -> Optional[bool]:
         if status:

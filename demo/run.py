@@ -125,15 +125,13 @@ def main(argv: list[str] | None = None) -> int:
     grid_ctx, fd_ctx = pipeline.contexts(encoder, grid_labels), pipeline.contexts(encoder, fd_labels)
     val_ctx = pipeline.contexts(encoder, labels)
 
-    sample_work = (len(grid_labels) + args.samples) * args.sample_steps
-    bar = Progress(2 * sample_work + args.steps, "demo", enabled=show)
-
     def evaluate(velocity, stage: str) -> tuple[torch.Tensor, dict]:
-        per_step = lambda n: bar.update(n * args.sample_steps, f"{stage}: sampling")  # noqa: E731
-        grid = pipeline.sample(velocity, grid_ctx, uncond, grid_noise, sigmas, args.cfg)
-        per_step(len(grid_labels))
-        fd_samples = pipeline.sample(velocity, fd_ctx, uncond, fd_noise, sigmas, args.cfg)
-        per_step(args.samples)
+        # one bar per phase, each in its own unit, so every ETA is a real one
+        with Progress(len(grid_labels) + args.samples, f"{stage} sampling", unit="img", enabled=show) as bar:
+            grid = pipeline.sample(velocity, grid_ctx, uncond, grid_noise, sigmas, args.cfg)
+            bar.update(len(grid_labels))
+            fd_samples = pipeline.sample(velocity, fd_ctx, uncond, fd_noise, sigmas, args.cfg)
+            bar.update(args.samples)
         ev = pipeline.evaluate_samples(fd_samples, fd_labels, real_features, classifier)
         return grid, {"fd": ev.fd, "accuracy": ev.accuracy, "fm_val_loss": pipeline.validation_loss(velocity, images, val_ctx)}
 
@@ -147,11 +145,11 @@ def main(argv: list[str] | None = None) -> int:
     tuned = pipeline.fresh_copy(unet)
     adapters = pipeline.attach_adapters(tuned, "lora", rank=args.rank, targets=config.targets, seed=args.seed)
     trainer = Trainer(tuned, adapters, d2f, config, pipeline.training_data(images, labels, encoder))
-    trainer.run(on_step=lambda step, loss, lr: bar.update(1, f"fine-tune loss {loss:.4f}"))
+    with Progress(args.steps, "fine-tune", unit="step", enabled=show) as bar:
+        trainer.run(on_step=lambda step, loss, lr: bar.update(1, f"loss {loss:.4f}"))
 
     with torch.no_grad():
         grid_after, after = evaluate(d2f.velocity_fn(tuned), "fine-tuned")
-    bar.close()
 
     # ---------------------------------------------------------------- outputs
     seconds = time.perf_counter() - start

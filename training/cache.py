@@ -150,19 +150,22 @@ class _ShardWriter:
         self.pending, self.count = {}, 0
 
 
-def prepare_cache(
-    records: list[ImageRecord],
-    cache_dir: str | os.PathLike,
-    encoder: Encoder,
-    resolution: int = 512,
-    max_aspect: float = 2.0,
-    batch_size: int = 4,
-    shard_size: int = 256,
-    progress: Optional[Callable[[int, int], None]] = None,
-    extra_settings: Optional[dict] = None,
-) -> PrepareSummary:
-    """Encode ``records`` into the cache at ``cache_dir`` (reusing what did not change)."""
-    start = time.perf_counter()
+@dataclass
+class CachePlan:
+    """What ``prepare`` may reuse: the previous index and whether its image / text encodings are
+    still valid under the settings of this run."""
+
+    folder: pathlib.Path
+    old: dict
+    settings: dict
+    same_images: bool
+    same_text: bool
+    buckets: list[tuple[int, int]]
+
+
+def plan_cache(cache_dir: str | os.PathLike, encoder: Encoder, resolution: int, max_aspect: float,
+               extra_settings: Optional[dict] = None) -> CachePlan:
+    """Read the previous index of ``cache_dir`` (if any) and compare its settings with this run's."""
     folder = pathlib.Path(cache_dir)
     folder.mkdir(parents=True, exist_ok=True)
     old = read_index(folder) or {"entries": {}, "settings": {}}
@@ -173,9 +176,15 @@ def prepare_cache(
     }
     same_images = all(old["settings"].get(k) == settings[k] for k in ("resolution", "max_aspect", "image_encoder"))
     same_text = old["settings"].get("text_encoder") == settings["text_encoder"]
-    buckets = bucket_resolutions(resolution, max_aspect)
-    reader, writer = _ShardReader(folder), _ShardWriter(folder, shard_size)
-    summary = PrepareSummary(images=len(records))
+    return CachePlan(folder, old, settings, same_images, same_text, bucket_resolutions(resolution, max_aspect))
+
+
+def encode_entries(plan: CachePlan, records: list[ImageRecord], encoder: Encoder, writer: "_ShardWriter",
+                   summary: PrepareSummary, batch_size: int = 4,
+                   progress: Optional[Callable[[int, int], None]] = None) -> dict[str, dict]:
+    """Index entries of ``records``, reusing the plan's valid encodings and encoding the rest in
+    batches of one bucket; the tensors go to ``writer``. Unreadable images are counted and skipped."""
+    reader = _ShardReader(plan.folder)
     entries: dict[str, dict] = {}
 
     def encode_batch(batch: list[tuple[ImageRecord, torch.Tensor, dict]]) -> None:
@@ -193,10 +202,10 @@ def prepare_cache(
     batch: list = []
     for done, record in enumerate(records, 1):
         key = entry_key(record.relative)
-        prev = old["entries"].get(record.relative)
+        prev = plan.old["entries"].get(record.relative)
         stat = record.path.stat()
         entry = {"key": key, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "caption": record.caption}
-        image_unchanged = same_images and prev is not None and prev["size"] == stat.st_size and prev["mtime_ns"] == stat.st_mtime_ns
+        image_unchanged = plan.same_images and prev is not None and prev["size"] == stat.st_size and prev["mtime_ns"] == stat.st_mtime_ns
         pixels = None
         if image_unchanged:
             entry["bucket"] = prev["bucket"]
@@ -204,14 +213,14 @@ def prepare_cache(
             summary.reused_latents += 1
         else:
             try:
-                pixels, bucket = load_image(record.path, buckets=buckets)
+                pixels, bucket = load_image(record.path, buckets=plan.buckets)
             except UnreadableImage as exc:
                 summary.skipped.append((record.relative, str(exc)))
                 log.warning("skipping unreadable image %s (%s)", record.relative, exc)
                 continue
             entry["bucket"] = list(bucket)
             summary.encoded_latents += 1
-        if same_text and prev is not None and prev["caption"] == record.caption:
+        if plan.same_text and prev is not None and prev["caption"] == record.caption:
             entry["text"] = reader.conds(prev["shard"], prev["key"])
             summary.reused_captions += 1
         else:
@@ -230,18 +239,46 @@ def prepare_cache(
     if batch:
         encode_batch(batch)
     writer.flush()
-    if not entries:
-        raise DatasetError(f"none of the {len(records)} images could be read ({summary.skipped[0][1]} ...): nothing was cached")
-    if not same_text or not (folder / UNCOND).is_file():
+    reader.handles.clear()  # close the old shards before they may be deleted
+    return entries
+
+
+def write_index(plan: CachePlan, entries: dict[str, dict], encoder: Encoder, live_shards: list[str]) -> None:
+    """Commit a prepared cache: the empty caption's embeddings (when the text encoder changed),
+    the index (atomically), then delete the shards no entry refers to any more."""
+    folder = plan.folder
+    if not plan.same_text or not (folder / UNCOND).is_file():
         uncond = {k: v.contiguous() for k, v in encoder.encode_text([""])[0].items()}
         atomic_write(folder / UNCOND, lambda tmp: save_file(uncond, tmp))
-    index = {"format": FORMAT, "settings": settings, "entries": entries, "created": time.time()}
+    index = {"format": FORMAT, "settings": plan.settings, "entries": entries, "created": time.time()}
     atomic_write(folder / INDEX, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(index, indent=1), encoding="utf-8"))
-    reader.handles.clear()  # close the old shards before deleting them
-    live = set(writer.written)
+    live = set(live_shards)
     for stale in folder.glob("shard-*.safetensors"):
         if stale.name not in live:
             stale.unlink(missing_ok=True)
+
+
+def prepare_cache(
+    records: list[ImageRecord],
+    cache_dir: str | os.PathLike,
+    encoder: Encoder,
+    resolution: int = 512,
+    max_aspect: float = 2.0,
+    batch_size: int = 4,
+    shard_size: int = 256,
+    progress: Optional[Callable[[int, int], None]] = None,
+    extra_settings: Optional[dict] = None,
+) -> PrepareSummary:
+    """Encode ``records`` into the cache at ``cache_dir`` (reusing what did not change): plan,
+    encode, write the index."""
+    start = time.perf_counter()
+    plan = plan_cache(cache_dir, encoder, resolution, max_aspect, extra_settings)
+    writer = _ShardWriter(plan.folder, shard_size)
+    summary = PrepareSummary(images=len(records))
+    entries = encode_entries(plan, records, encoder, writer, summary, batch_size, progress)
+    if not entries:
+        raise DatasetError(f"none of the {len(records)} images could be read ({summary.skipped[0][1]} ...): nothing was cached")
+    write_index(plan, entries, encoder, writer.written)
     summary.seconds = time.perf_counter() - start
     return summary
 
