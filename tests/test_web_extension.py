@@ -162,18 +162,33 @@ def test_extension_draws_progress_on_the_training_node_against_a_mocked_frontend
 # help pages
 
 
+def help_page(node_id: str, locale: str = "en") -> pathlib.Path:
+    """Where the front-end looks first: ``<WEB_DIRECTORY>/docs/<node id>/<locale>.md`` (frontend 1.35
+    falls back to ``docs/<node id>.md`` only after a 404)."""
+    return DOCS / node_id / f"{locale}.md"
+
+
+def test_help_pages_use_the_per_locale_layout_only() -> None:
+    """One copy per page: no ``docs/<id>.md`` beside ``docs/<id>/en.md``, nothing else in docs/."""
+    nodes = registered_nodes()
+    stray = sorted(str(p.relative_to(DOCS)) for p in DOCS.rglob("*") if p.is_file() and p.parent.name not in nodes)
+    assert not stray, f"files in web/docs outside web/docs/<node id>/: {stray}"
+    unknown = sorted(p.name for p in DOCS.iterdir() if p.is_dir() and p.name not in nodes)
+    assert not unknown, f"help pages for nodes that are not registered: {unknown}"
+
+
 def test_every_registered_node_has_a_help_page() -> None:
     nodes = registered_nodes()
     assert {"D2F_TrainLoRA", "D2F_SaveLoRA", "D2F_KSampler"} <= set(nodes), sorted(nodes)
-    missing = [node_id for node_id in nodes if not (DOCS / f"{node_id}.md").is_file()]
-    assert not missing, f"no help page web/docs/<id>.md for {missing}"
+    missing = [node_id for node_id in nodes if not help_page(node_id).is_file()]
+    assert not missing, f"no help page web/docs/<id>/en.md for {missing}"
 
 
 def test_help_pages_describe_every_input() -> None:
     undocumented = {}
     for node_id, inputs in registered_nodes().items():
-        page = DOCS / f"{node_id}.md"
+        page = help_page(node_id)
         if page.is_file():
             text = page.read_text()
-            undocumented.update({f"{node_id}.{name}": page.name for name in inputs if f"`{name}`" not in text})
+            undocumented.update({f"{node_id}.{name}": str(page.relative_to(DOCS)) for name in inputs if f"`{name}`" not in text})
     assert not undocumented, f"inputs not mentioned (as `name`) in their help page: {sorted(undocumented)}"

@@ -7,7 +7,7 @@ import { api } from "../../scripts/api.js";
 const EVENT = "diff2flow.train.progress";
 const NODE_TYPE = "D2F_TrainLoRA";
 const HISTORY = 200; // losses kept for the sparkline
-const BOX_HEIGHT = 44; // drawn above the title, so it never covers the widgets
+const BOX_HEIGHT = 44; // drawn above the title and the badges, so it never covers widgets or badges
 
 const states = new Map(); // node id (string) -> {step, steps, loss, lr, losses}
 let executingId = null;
@@ -71,9 +71,11 @@ function drawSparkline(ctx, losses, x, y, w, h) {
 function drawProgress(node, ctx) {
   const state = states.get(String(node.id));
   if (!state || !ctx || node.flags?.collapsed) return;
-  const title = (globalThis.LiteGraph && globalThis.LiteGraph.NODE_TITLE_HEIGHT) || 30;
-  const width = num(node.size?.[0]) ?? 300;
-  const top = -title - BOX_HEIGHT - 4;
+  const title = (globalThis.LiteGraph && globalThis.LiteGraph.NODE_TITLE_HEIGHT) || 30, width = num(node.size?.[0]) ?? 300;
+  // LiteGraph draws the node's badges (source pack, node id) in a row right above the title: stay above them
+  const badges = (node.badges || []).map((b) => (typeof b === "function" ? b() : b)).filter((b) => b && b.visible !== false);
+  const badgeRow = badges.length ? Math.max(...badges.map((b) => num(b.height) ?? 20)) + 2 : 0;
+  const top = -title - badgeRow - BOX_HEIGHT - 4;
   ctx.save();
   ctx.fillStyle = "rgba(20, 20, 20, 0.85)";
   ctx.fillRect(0, top, width, BOX_HEIGHT);

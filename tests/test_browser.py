@@ -1,0 +1,390 @@
+"""The pack in a real browser: ComfyUI's server with this repository in ``custom_nodes/`` and its
+own front-end (comfyui-frontend-package) in headless Chromium.
+
+- every example workflow loads in the page with all node types registered, and every widget holds
+  the value the file intends (the front-end's own widgets, including the "control after generate"
+  it adds to INT inputs named ``seed``, serialised back, and each value valid for its widget), and
+  no node covers another;
+- a tiny training graph queued from the page makes the live loss display of web/diff2flow.js update
+  on the Train Diff2Flow LoRA node, without covering the node's badges;
+- a node's help page opens in the front-end from ``web/docs/<node id>/en.md``;
+- the Templates browser shows a thumbnail (example_workflows/<name>.jpg) for every example workflow.
+
+Needs ComfyUI (``COMFYUI_PATH``, see comfy_harness), Playwright for Python and a Chromium binary
+(``/usr/bin/chromium`` or ``CHROMIUM_PATH``); skipped with the reason otherwise. The server and the
+browser are started once per session and always stopped. About 1 minute on 2 CPU cores, most of it
+writing the tiny checkpoint, starting ComfyUI and training 6 steps.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import pathlib
+import re
+import time
+from typing import Any
+
+import pytest
+
+from comfy_harness import COMFYUI, COMFYUI_IMPORT_ERROR, ROOT, SKIP_REASON
+from comfy_server import (PACK_NAME, ComfyServer, browser_missing, launch_chromium, load_workflow, open_app,
+                          write_workflow_inputs)
+
+if COMFYUI is None:
+    pytest.skip(COMFYUI_IMPORT_ERROR or SKIP_REASON, allow_module_level=True)
+if browser_missing():
+    pytest.skip(browser_missing(), allow_module_level=True)
+
+WORKFLOWS = sorted((ROOT / "example_workflows").glob("*.json"))
+DOCS = ROOT / "web" / "docs"
+TRAIN_STEPS = 6
+THUMBNAIL_MAX_BYTES = 60_000
+WAIT_TRAINING_S = 150  # checkpoint load + CLIP + 6 steps: ~20 s on 2 cores
+
+
+# ---------------------------------------------------------------------------------------------
+# what the page runs
+
+
+# Records what web/diff2flow.js draws on the real canvas: the progress texts ("step s/N  loss ..."),
+# the rectangle filled just before each (the box behind the text), and where the watched badge
+# texts are drawn above the node, all in canvas pixels.
+INIT_SCRIPT = """
+window.__d2f = { progress: [], box: null, text: null, badges: {}, watch: [], events: [], done: [] };
+(() => {
+  const toCanvas = (ctx, x0, y0, x1, y1) => {
+    const m = ctx.getTransform();
+    const a = m.transformPoint(new DOMPoint(x0, y0)), b = m.transformPoint(new DOMPoint(x1, y1));
+    return [Math.min(a.x, b.x), Math.min(a.y, b.y), Math.max(a.x, b.x), Math.max(a.y, b.y)];
+  };
+  let lastFill = null;
+  const fillRect = CanvasRenderingContext2D.prototype.fillRect;
+  CanvasRenderingContext2D.prototype.fillRect = function (x, y, w, h) {
+    lastFill = [this, x, y, w, h];
+    return fillRect.apply(this, arguments);
+  };
+  const fillText = CanvasRenderingContext2D.prototype.fillText;
+  CanvasRenderingContext2D.prototype.fillText = function (text, x, y) {
+    const s = window.__d2f;
+    if (typeof text === "string" && text.startsWith("step ")) {
+      if (s.progress[s.progress.length - 1] !== text) s.progress.push(text);
+      if (lastFill && lastFill[0] === this) s.box = toCanvas(this, lastFill[1], lastFill[2], lastFill[1] + lastFill[3], lastFill[2] + lastFill[4]);
+      s.text = toCanvas(this, x, y, x + this.measureText(text).width, y + 12);
+    } else if (s.watch.includes(text) && y < 0) {
+      // a badge: drawn above the node's body (y < 0 in node coordinates; a combo widget may show the same text)
+      const h = 12;  // badge text: 12 px, baseline "middle"
+      s.badges[text] = toCanvas(this, x, y - h / 2, x + this.measureText(text).width, y + h / 2);
+    }
+    return fillText.apply(this, arguments);
+  };
+})();
+"""
+
+# Every node of the loaded graph: is its type registered, where it is drawn (title bar included), its
+# widgets (name, type, value, limits, options) and the widgets_values the front-end would save.
+READ_GRAPH = """() => window.app.graph._nodes.map((n) => ({
+  id: n.id, type: n.type, registered: !!window.LiteGraph.registered_node_types[n.type],
+  box: [n.pos[0], n.pos[1] - window.LiteGraph.NODE_TITLE_HEIGHT, n.pos[0] + n.size[0], n.pos[1] + n.size[1]],
+  saved: n.serialize().widgets_values ?? null,
+  widgets: (n.widgets || []).map((w) => {
+    let values = w.options?.values;
+    if (typeof values === "function") values = values(w, n);
+    return { name: w.name, type: w.type, value: w.value === undefined ? "<undefined>" : w.value,
+             min: w.options?.min ?? null, max: w.options?.max ?? null, values: Array.isArray(values) ? values : null };
+  }),
+}))"""
+
+# A tiny training graph built with the front-end's own node classes, widgets set by input name:
+# Load Checkpoint -> CLIP Text Encode / Empty Latent (64 px) -> Train Diff2Flow LoRA -> Plot Loss Graph.
+BUILD_TRAINING_GRAPH = """async ([ckpt, steps]) => {
+  const app = window.app;
+  await app.loadGraphData({ nodes: [], links: [], groups: [], config: {}, extra: {}, version: 0.4,
+                            last_node_id: 0, last_link_id: 0 }, true, true, "browser-test-training");
+  const add = (type, pos) => { const n = window.LiteGraph.createNode(type); n.pos = pos; app.graph.add(n); return n; };
+  const set = (node, name, value) => {
+    const w = node.widgets.find((w) => w.name === name);
+    if (!w) throw new Error(`${node.type} has no widget ${name}`);
+    w.value = value;
+  };
+  const wire = (src, type, dst, name) => {
+    const out = src.outputs.findIndex((o) => o.type === type);
+    const inp = dst.inputs.findIndex((i) => i.name === name);
+    if (out < 0 || inp < 0) throw new Error(`cannot connect ${src.type} ${type} to ${dst.type}.${name}`);
+    src.connect(out, dst, inp);
+  };
+  const loader = add("CheckpointLoaderSimple", [40, 120]);
+  set(loader, "ckpt_name", ckpt);
+  const text = add("CLIPTextEncode", [40, 320]);
+  set(text, "text", "a photo");
+  const latent = add("EmptyLatentImage", [40, 560]);
+  set(latent, "width", 64); set(latent, "height", 64); set(latent, "batch_size", 1);
+  const train = add("D2F_TrainLoRA", [460, 160]);
+  set(train, "steps", steps); set(train, "rank", 2);
+  const control = train.widgets.find((w) => w.name === "control_after_generate");
+  if (control) control.value = "fixed";
+  const plot = add("LossGraphNode", [900, 160]);
+  wire(loader, "MODEL", train, "model"); wire(loader, "CLIP", text, "clip");
+  wire(latent, "LATENT", train, "latents"); wire(text, "CONDITIONING", train, "positive");
+  wire(train, "LOSS_MAP", plot, "loss");
+  app.canvas.ds.scale = 1; app.canvas.ds.offset = [0, 0];
+  app.canvas.setDirty(true, true);
+  const s = window.__d2f;
+  s.watch = (train.badges || []).map((b) => (typeof b === "function" ? b() : b)).filter((b) => b?.visible).map((b) => b.text);
+  const { api } = await import("/scripts/api.js");
+  api.addEventListener("diff2flow.train.progress", (e) => s.events.push(e.detail));
+  for (const type of ["execution_success", "execution_error", "execution_interrupted"])
+    api.addEventListener(type, (e) => s.done.push({ type, detail: e.detail }));
+  return { id: train.id, badges: s.watch };
+}"""
+
+
+# ---------------------------------------------------------------------------------------------
+# fixtures
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory):
+    """ComfyUI on a loopback port with this pack, the tiny SD1.5 checkpoint and the workflows' files."""
+    from safetensors.torch import save_file
+
+    from sd15_checkpoint import CKPT_NAME, tiny_sd15_state_dict
+
+    base = tmp_path_factory.mktemp("comfyui_base")
+    write_workflow_inputs(base, WORKFLOWS)
+    save_file(tiny_sd15_state_dict(), str(base / "models" / "checkpoints" / CKPT_NAME))
+    with ComfyServer(COMFYUI, base) as srv:
+        srv.ckpt_name = CKPT_NAME
+        yield srv
+    assert srv.proc.poll() is not None, "the ComfyUI server is still running"
+
+
+@pytest.fixture(scope="session")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as pw:
+        chromium = launch_chromium(pw)
+        try:
+            yield chromium
+        finally:
+            chromium.close()
+
+
+@pytest.fixture(scope="session")
+def page(server, browser):
+    """One page on the server's front-end for every test; records uncaught errors and /docs/ answers."""
+    pg = open_app(browser, server, init_script=INIT_SCRIPT)
+    pg.set_default_timeout(30_000)
+    pg.errors = []
+    pg.docs_responses = []
+    pg.on("pageerror", lambda e: pg.errors.append(str(e)))
+    pg.on("response", lambda r: pg.docs_responses.append((r.url, r.status)) if "/docs/" in r.url else None)
+    yield pg
+    pg.close()
+
+
+# ---------------------------------------------------------------------------------------------
+# (a) the example workflows, as the front-end loads them
+
+
+def overlap(a: list[float], b: list[float]) -> bool:
+    """Do two [x0, y0, x1, y1] rectangles share any area?"""
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def same_value(a: Any, b: Any) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12)
+    return a == b
+
+
+def widget_problem(w: dict) -> str:
+    """Why a widget's value cannot be what a workflow meant ('' when it is a valid value)."""
+    value, kind = w["value"], w["type"]
+    if kind in ("number", "slider", "knob"):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            return f"holds {value!r}, not a number"
+        if (w["min"] is not None and value < w["min"]) or (w["max"] is not None and value > w["max"]):
+            return f"holds {value!r}, outside [{w['min']}, {w['max']}]"
+    elif kind == "combo" and w["values"] is not None and value not in w["values"]:
+        return f"holds {value!r}, not one of {w['values'][:8]}"
+    elif kind == "toggle" and not isinstance(value, bool):
+        return f"holds {value!r}, not a boolean"
+    elif kind in ("text", "customtext") and not isinstance(value, str):
+        return f"holds {value!r}, not a string"
+    return ""
+
+
+def workflow_problems(wf: dict, graph: list[dict]) -> list[str]:
+    """Everything the front-end made differently from what the workflow file says."""
+    problems = []
+    loaded = {n["id"]: n for n in graph}
+    for node in wf["nodes"]:
+        where = f"node {node['id']} ({node['type']})"
+        got = loaded.get(node["id"])
+        if got is None or got["type"] != node["type"]:
+            problems.append(f"{where}: not in the loaded graph")
+            continue
+        if not got["registered"]:
+            problems.append(f"{where}: node type missing in the front-end (not registered by the server)")
+            continue
+        values, widgets = node.get("widgets_values"), got["widgets"]
+        if isinstance(values, list):
+            if len(values) != len(widgets):
+                problems.append(f"{where}: the file has {len(values)} widgets_values, the front-end made {len(widgets)} "
+                                f"widgets {[w['name'] for w in widgets]}")
+            if got["saved"] is None or len(got["saved"]) != len(values) or not all(map(same_value, got["saved"], values)):
+                problems.append(f"{where}: saved back as {got['saved']}, the file has {values}")
+        for w in widgets:
+            why = widget_problem(w)
+            if why:
+                problems.append(f"{where}: widget {w['name']!r} ({w['type']}) {why}")
+    for i, a in enumerate(graph):
+        for b in graph[i + 1:]:
+            if overlap(a["box"], b["box"]):
+                problems.append(f"node {a['id']} ({a['type']}) and node {b['id']} ({b['type']}) cover each other on the canvas")
+    return problems
+
+
+@pytest.mark.parametrize("path", WORKFLOWS, ids=lambda p: p.stem)
+def test_example_workflow_loads_with_every_widget_as_the_file_says(page, path) -> None:
+    wf = json.loads(path.read_text())
+    errors_before = len(page.errors)
+    load_workflow(page, wf, path.stem)
+    graph = page.evaluate(READ_GRAPH)
+    assert sorted(n["id"] for n in graph) == sorted(n["id"] for n in wf["nodes"])
+    problems = workflow_problems(wf, graph)
+    assert not problems, f"{path.name} in the front-end:\n" + "\n".join(problems)
+    assert page.errors[errors_before:] == [], "uncaught errors in the page while loading"
+
+
+def test_workflow_check_catches_a_widget_value_that_went_astray(page) -> None:
+    """A KSampler-type node with its seed's "control after generate" value removed from the file:
+    every later value lands one widget early, and the check names the widgets that got them."""
+    wf = json.loads((ROOT / "example_workflows" / "diff2flow_text_to_image.json").read_text())
+    node = next(n for n in wf["nodes"] if n["type"] == "D2F_KSampler")
+    node["widgets_values"].remove("fixed")
+    load_workflow(page, wf, "browser-test-broken")
+    problems = workflow_problems(wf, page.evaluate(READ_GRAPH))
+    joined = "\n".join(problems)
+    assert f"node {node['id']} (D2F_KSampler): the file has {len(node['widgets_values'])} widgets_values" in joined
+    assert "widget 'control_after_generate' (combo) holds" in joined, joined
+
+
+# ---------------------------------------------------------------------------------------------
+# (b) live training progress on the node
+
+
+def test_queued_training_updates_the_live_loss_display(page, server, tmp_path) -> None:
+    train = page.evaluate(BUILD_TRAINING_GRAPH, [server.ckpt_name, TRAIN_STEPS])
+    assert train["badges"], "the training node shows no badge (the node source badge is on by default)"
+    page.evaluate("async () => { await window.app.queuePrompt(0, 1); }")
+    seen_live = set()
+    deadline = time.monotonic() + WAIT_TRAINING_S
+    while time.monotonic() < deadline:
+        state = page.evaluate("() => ({ done: window.__d2f.done, progress: window.__d2f.progress.slice(-1) })")
+        if state["progress"]:
+            seen_live.add(state["progress"][0])
+        if state["done"]:
+            break
+        time.sleep(0.25)
+    state = page.evaluate("() => window.__d2f")
+    page.screenshot(path=str(tmp_path / "training.png"))
+    assert state["done"], f"no execution_success within {WAIT_TRAINING_S} s; server log:\n{server.log()[-3000:]}"
+    assert state["done"][0]["type"] == "execution_success", state["done"][0]
+
+    events = state["events"]
+    assert [e["step"] for e in events] == list(range(1, TRAIN_STEPS + 1)), events
+    assert all(e["steps"] == TRAIN_STEPS and math.isfinite(e["loss"]) and e["lr"] > 0 for e in events), events
+    drawn = [re.match(r"step (\d+)/(\d+)  loss (\S+)", t) for t in state["progress"]]
+    assert all(drawn), state["progress"]
+    steps_drawn = [int(m.group(1)) for m in drawn]
+    # live: several steps appeared on the canvas while training ran, in order, ending at the last one
+    assert len(set(steps_drawn)) >= 2 and steps_drawn == sorted(steps_drawn), state["progress"]
+    assert steps_drawn[-1] == TRAIN_STEPS and all(int(m.group(2)) == TRAIN_STEPS for m in drawn)
+    assert float(drawn[-1].group(3)) == pytest.approx(events[-1]["loss"], rel=1e-3, abs=1e-4)
+    assert len(seen_live) >= 2, f"the display did not change while the prompt ran: {seen_live}"
+    # the box behind the text stays clear of the node's badges
+    assert state["box"] and state["text"] and state["box"][0] <= state["text"][0] <= state["box"][2], state
+    for text, rect in state["badges"].items():
+        assert not overlap(state["box"], rect), f"the live loss box {state['box']} covers the badge {text!r} at {rect}"
+    assert set(state["badges"]) == set(train["badges"]), f"badges not drawn: {train['badges']} vs {state['badges']}"
+
+
+# ---------------------------------------------------------------------------------------------
+# (c) help pages
+
+
+def test_help_page_opens_in_the_front_end(page) -> None:
+    node_id = "D2F_KSampler"
+    # the heading of the page as shipped (web/docs/<id>/en.md; an old-layout web/docs/<id>.md still gives the heading,
+    # so that the requests below show what the front-end got)
+    page_md = next(p for p in (DOCS / node_id / "en.md", DOCS / f"{node_id}.md") if p.is_file()).read_text()
+    heading = next(line[2:].strip() for line in page_md.splitlines() if line.startswith("# "))
+    wf = json.loads((ROOT / "example_workflows" / "diff2flow_text_to_image.json").read_text())
+    load_workflow(page, wf, "browser-test-help")
+    page.docs_responses.clear()
+    page.evaluate("""(type) => { const n = window.app.graph._nodes.find((n) => n.type === type);
+        window.app.canvas.deselectAll?.(); window.app.canvas.selectNode(n); window.app.canvas.setDirty(true, true); }""", node_id)
+    page.locator(".selection-toolbox button:has(i[class*='lucide--info'])").click(timeout=10_000)
+    help_box = page.locator(".node-help-content")
+    help_box.filter(has_text=heading).wait_for(state="visible", timeout=15_000)
+    text = help_box.inner_text()
+    inputs = page.evaluate("(t) => window.app.graph._nodes.find((n) => n.type === t).inputs.map((i) => i.name)", node_id)
+    widgets = page.evaluate("(t) => window.app.graph._nodes.find((n) => n.type === t).widgets.map((w) => w.name)", node_id)
+    names = {*inputs, *widgets} - {"control_after_generate"}
+    assert names and all(name in text for name in names), f"help page lacks inputs: {sorted(n for n in names if n not in text)}"
+    first = f"/extensions/{PACK_NAME}/docs/{node_id}/en.md"
+    assert page.docs_responses and page.docs_responses[0][0].endswith(first), page.docs_responses
+    assert all(status == 200 for _, status in page.docs_responses), page.docs_responses
+
+
+def test_every_node_help_page_is_served_where_the_front_end_asks_first(server) -> None:
+    info = server.get_json("/api/object_info")
+    ours = sorted(name for name, node in info.items() if node.get("python_module") == f"custom_nodes.{PACK_NAME}")
+    assert "D2F_TrainLoRA" in ours, ours
+    for node_id in ours:
+        status, headers, body = server.request(f"/extensions/{PACK_NAME}/docs/{node_id}/en.md")
+        assert status == 200, f"{node_id}: /extensions/{PACK_NAME}/docs/{node_id}/en.md answered {status}"
+        assert "text/html" not in headers.get("Content-Type", ""), headers  # the front-end treats html as missing
+        assert body.decode().lstrip().startswith("# "), f"{node_id}: help page does not start with a heading"
+
+
+# ---------------------------------------------------------------------------------------------
+# (d) thumbnails for the Templates browser
+
+
+def test_every_example_workflow_has_a_thumbnail(server) -> None:
+    from PIL import Image
+
+    listed = server.get_json("/api/workflow_templates").get(PACK_NAME, [])
+    assert sorted(listed) == [p.stem for p in WORKFLOWS], listed
+    for name in listed:
+        # the URL the Templates browser asks for: /api/workflow_templates/<pack>/<name>.jpg
+        status, headers, body = server.request(f"/api/workflow_templates/{PACK_NAME}/{name}.jpg")
+        assert status == 200, f"{name}.jpg answered {status}: run python tests/make_workflow_thumbnails.py"
+        assert len(body) <= THUMBNAIL_MAX_BYTES, f"{name}.jpg is {len(body)} bytes"
+        image = Image.open(io.BytesIO(body))
+        assert image.format == "JPEG" and image.width >= 256 and image.height >= 128, (image.format, image.size)
+
+
+def test_templates_browser_shows_the_thumbnails(page) -> None:
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    names = [p.stem for p in WORKFLOWS]
+    page.evaluate("() => window.app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+    try:
+        # the pack's own category (under Extensions) in the dialog's navigation
+        page.locator(".p-dialog").get_by_text(PACK_NAME, exact=True).first.click(timeout=15_000)
+        # the cards load each <name>.jpg and show it as an <img alt="<name>"> (a placeholder without it)
+        page.wait_for_function("""(names) => names.every((n) => {
+            const img = document.querySelector(`.p-dialog img[alt="${n}"]`);
+            return img && img.complete && img.naturalWidth > 0; })""", arg=names, timeout=20_000)
+    except PlaywrightTimeout:
+        shown = page.evaluate("() => [...document.querySelectorAll('.p-dialog img')].map((i) => [i.alt, i.complete, i.naturalWidth])")
+        pytest.fail(f"the Templates browser does not show a thumbnail for each of {names}: {shown}")
+    finally:
+        page.keyboard.press("Escape")
