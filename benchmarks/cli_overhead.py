@@ -46,7 +46,10 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps before each block")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: torch's default)")
+    parser.add_argument("--quick", action="store_true", help="a short run that checks the script (figures meaningless)")
     args = parser.parse_args()
+    if args.quick:
+        args.channels, args.steps, args.warmup, args.rounds = 32, 1, 1, 1
     if min(args.steps, args.rounds) < 1 or args.warmup < 0:
         parser.error("--steps and --rounds must be >= 1, --warmup >= 0")
 

@@ -202,7 +202,10 @@ def main() -> None:
     parser.add_argument("--gradient-checkpointing", action="store_true", help="for all three trainers")
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads in each trainer (0: torch's default)")
     parser.add_argument("--only", choices=["ours", "stock", "bare"], help="child mode: run one trainer, print RESULT json")
+    parser.add_argument("--quick", action="store_true", help="a short run that checks the script (figures meaningless)")
     args = parser.parse_args()
+    if args.quick:
+        args.steps, args.warmup, args.channels, args.targets = 1, 1, 32, "attention_ff"
     if args.steps < 1 or args.warmup < 1:
         parser.error("--steps and --warmup must be >= 1")
     if args.only:
