@@ -102,12 +102,19 @@ def build_training_data(model, latents: list[dict], positive: list, negative: Op
     if len(conds) == 1:
         conds = conds * len(samples)
     scaled = [model.model.process_latent_in(s[None].float()).squeeze(0).cpu() for s in samples]
-    uncond = None
+    positive_kwargs = unet_kwargs(model, "positive", conds, samples)
     neg = flatten_conditioning(negative) if negative else []
-    if neg:
-        # one unconditional entry per sample: SDXL's y carries the sample's own size
-        uncond = [cond_kwargs(model, neg[0], s) for s in samples]
-    return TrainingData(scaled, [cond_kwargs(model, c, s) for c, s in zip(conds, samples)], uncond)
+    # one unconditional entry per sample: SDXL's y carries the sample's own size
+    uncond = unet_kwargs(model, "negative", neg[:1] * len(samples), samples) if neg else None
+    return TrainingData(scaled, positive_kwargs, uncond)
+
+
+def unet_kwargs(model, input_name: str, entries: list, samples: list[torch.Tensor]) -> list[dict]:
+    """The UNet arguments of each sample's conditioning entry; errors name the node input."""
+    try:
+        return [cond_kwargs(model, entry, sample) for entry, sample in zip(entries, samples)]
+    except ValueError as exc:
+        raise ValueError(f"{input_name}: {exc}") from exc
 
 
 def report_progress(pbar: comfy.utils.ProgressBar, steps: int, step: int, loss: float, lr: float) -> None:
