@@ -32,6 +32,7 @@ from .objectives import (
 )
 from .sampling import (
     SAMPLERS,
+    START_RULES,
     cfg_velocity,
     fm_sigmas,
     interpolant,
@@ -51,6 +52,7 @@ __all__ = [
     "OBJECTIVES",
     "PREDICTION_TYPES",
     "SAMPLERS",
+    "START_RULES",
     "TIMESTEP_SAMPLERS",
     "cfg_velocity",
     "cosine",
