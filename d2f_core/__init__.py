@@ -36,6 +36,7 @@ from .objectives import (
 from .sampling import (
     SAMPLERS,
     Sampler,
+    START_RULES,
     cfg_velocity,
     ddim_trailing_sigmas,
     fm_sigmas,
@@ -59,6 +60,7 @@ __all__ = [
     "PREDICTION_TYPES",
     "SAMPLERS",
     "Sampler",
+    "START_RULES",
     "TIMESTEP_SAMPLERS",
     "cfg_velocity",
     "cosine",

@@ -13,6 +13,11 @@ and ComfyUI's VE sigma ``k = s / a``, the alignment (docs/MATH.md section 3) is
 
 ``a``, ``s`` and ``n`` are closed-form functions of sigma; only the timestep handed to the
 network comes from the table, by the exact inverse of ComfyUI's log-k interpolation.
+
+Above the table (sigma in (sigma_max, 1], schedules without zero terminal SNR, docs/MATH.md section 10)
+the network is evaluated as at its last entry: timestep T-1 on the VP input ``x / n(sigma)``, its
+output converted to ``x0_hat`` with the table end's ``a_T``, ``s_T`` (the level the network was
+told), and ``v = (x - x0_hat) / sigma`` at the actual sigma; finite up to sigma = 1, eps included.
 """
 from __future__ import annotations
 
@@ -105,8 +110,13 @@ class Diff2Flow:
     Raises:
         ValueError: for a malformed table, an unknown prediction type, or eps-prediction on a
             zero-terminal-SNR schedule (an eps network cannot give the velocity at pure noise).
-            The per-call checks of ``sigma`` (in [0, 1]; eps below 1) run for sigma on the CPU;
-            for sigma on an accelerator they are skipped, since each would stall its queue.
+            The per-call check of ``sigma`` (in [0, 1]) runs for sigma on the CPU; for sigma on
+            an accelerator it is skipped, since it would stall its queue.
+
+    Sigmas in ``(sigma_max, 1]`` (no zero terminal SNR) use the table-end rule of the module
+    docstring: :meth:`timestep` gives T-1, :meth:`model_input` ``x / n(sigma)``, and
+    :meth:`denoised` / :meth:`velocity` convert with the table end's coefficients, so each of
+    them is consistent on its own (ComfyUI calls them separately).
     """
 
     def __init__(self, alphas_cumprod: torch.Tensor, prediction: str = "eps") -> None:
@@ -186,8 +196,10 @@ class Diff2Flow:
 
         The exact inverse of ComfyUI's ``ModelSamplingDiscrete.sigma`` (log k linear between
         neighbouring integer timesteps) on this table, with ``k = sigma / (1 - sigma)``. Sigmas
-        outside ``[sigma_min, sigma_max]`` clamp to timestep 0 or T-1. Where a table end is
-        exactly 0 or 1 (zero terminal SNR: k = inf) the last segment is linear in sigma instead.
+        outside ``[sigma_min, sigma_max]`` clamp to timestep 0 or T-1 (above sigma_max the
+        conversions use the table end's coefficients to match: see :meth:`denoised`). Where a
+        table end is exactly 0 or 1 (zero terminal SNR: k = inf) the last segment is linear in
+        sigma instead.
         Returns float32 (float64 for float64 input) of the shape of ``sigma``.
         """
         out_dtype = torch.float64 if torch.as_tensor(sigma).dtype == torch.float64 else torch.float32
@@ -238,13 +250,29 @@ class Diff2Flow:
             raise ValueError(f"{what}: sigma must lie in [0, 1] (1 = pure noise), got {s[bad].flatten()[:4].tolist()}")
         return s
 
-    def _check_eps_at_noise(self, s: torch.Tensor, what: str) -> None:
-        if self.prediction == "eps" and s.device.type == "cpu" and bool((s >= 1).any()):
-            raise ValueError(
-                f"{what}: an eps-prediction model cannot give the velocity or data estimate at "
-                f"sigma = 1 (pure noise; the conversion divides by 1 - sigma). Start sampling at "
-                f"sigma_max = {self.sigma_max:.5f} (the schedule's noisiest level) or below."
-            )
+    def _denoised_coefficients(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(c_x, c_o)`` with ``x0_hat = c_x * x + c_o * out`` (float64, the shape of ``s``).
+
+        On [0, sigma_max] the closed forms in sigma. Above sigma_max the network ran at timestep
+        T-1 on ``x / n(sigma)``, so its output is read with the table end's coefficients:
+        ``x0_hat = (x / n(sigma) - s_T e) / a_T`` (eps), ``a_T x / n(sigma) - s_T w`` (v).
+        """
+        lo = s.clamp(max=self.sigma_max)  # the level the network was told (s itself in the table)
+        if self.prediction == "eps":
+            c_x, c_o = 1 / (1 - lo), -lo / (1 - lo)
+        else:
+            n = self.noise_norm(lo)
+            c_x, c_o = (1 - lo) / n**2, -lo / n
+        # the table end's coefficient of x / n(sigma_max), applied to the input x / n(sigma)
+        # actually fed; the ratio is exactly 1 inside the table
+        return c_x * (self.noise_norm(lo) / self.noise_norm(s)), c_o
+
+    def _above_table(self, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(above, hi, d_x, d_o)``: where sigma > sigma_max, sigma clamped to at least sigma_max
+        (positive, so every branch stays finite), and the data-estimate coefficients there."""
+        hi = s.clamp(min=self.sigma_max)
+        d_x, d_o = self._denoised_coefficients(hi)
+        return s > self.sigma_max, hi, d_x, d_o
 
     @staticmethod
     def noise_norm(sigma: torch.Tensor) -> torch.Tensor:
@@ -266,7 +294,8 @@ class Diff2Flow:
         return (c_x * x.to(compute) + c_o * out.to(compute)).to(result_dtype)
 
     def model_input(self, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
-        """What the diffusion network receives for the FM state ``x = x_sigma``: ``x / n(sigma)``."""
+        """What the diffusion network receives for the FM state ``x = x_sigma``: ``x / n(sigma)``
+        (the VP coordinates of sigma, also above sigma_max, where the timestep is T-1)."""
         s = self._checked_sigma(sigma, x, "model_input")
         c = _expand_like(1 / self.noise_norm(s), x)
         compute = torch.promote_types(x.dtype, torch.float32)
@@ -275,46 +304,63 @@ class Diff2Flow:
     def velocity(self, model_output: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
         """FM velocity ``v = eps - x0`` from the raw network output, in closed form.
 
-        - eps-prediction ``e``: ``v = (e - x) / (1 - sigma)`` (undefined at sigma = 1: raises).
-        - v-prediction ``w``: ``v = (2 sigma - 1) x / n**2 + w / n``, finite on all of [0, 1].
+        - eps-prediction ``e``: ``v = (e - x) / (1 - sigma)``.
+        - v-prediction ``w``: ``v = (2 sigma - 1) x / n**2 + w / n``.
+        - above sigma_max (no zero terminal SNR): ``v = (x - x0_hat) / sigma`` with the table-end
+          data estimate of :meth:`denoised`; finite up to sigma = 1 for eps and v.
 
         ``x`` is the FM state ``x_sigma`` (not the network input), ``sigma`` the FM sigma.
         """
         s = self._checked_sigma(sigma, x, "velocity")
+        lo = s.clamp(max=self.sigma_max)
         if self.prediction == "eps":
-            self._check_eps_at_noise(s, "velocity")
-            return self._combine(-1 / (1 - s), x, 1 / (1 - s), model_output)
-        n = self.noise_norm(s)
-        return self._combine((2 * s - 1) / n**2, x, 1 / n, model_output)
+            c_x, c_o = -1 / (1 - lo), 1 / (1 - lo)
+        else:
+            n = self.noise_norm(lo)
+            c_x, c_o = (2 * lo - 1) / n**2, 1 / n
+        if self.sigma_max < 1:
+            above, hi, d_x, d_o = self._above_table(s)
+            c_x = torch.where(above, (1 - d_x) / hi, c_x)
+            c_o = torch.where(above, -d_o / hi, c_o)
+        return self._combine(c_x, x, c_o, model_output)
 
     def denoised(self, model_output: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
         """The data estimate ``x0_hat`` (ComfyUI's "denoised") from the raw network output.
 
-        - eps: ``x0_hat = (x - sigma * e) / (1 - sigma)`` (raises at sigma = 1).
+        - eps: ``x0_hat = (x - sigma * e) / (1 - sigma)``.
         - v:   ``x0_hat = (1 - sigma) x / n**2 - sigma w / n``.
+        - above sigma_max (no zero terminal SNR): the network saw ``x / n(sigma)`` at timestep
+          T-1, so ``x0_hat = (x / n(sigma) - s_T e) / a_T`` (eps) or ``a_T x / n(sigma) - s_T w``
+          (v) with the table end's ``a_T``, ``s_T`` (docs/MATH.md section 10).
 
-        It equals the unpatched model's prediction at the same noise level, and
-        ``x0_hat = x - sigma * velocity(...)``.
+        It equals the unpatched model's prediction at the same noise level (at sigma_max for
+        sigmas above it, on the same network input), and ``x0_hat = x - sigma * velocity(...)``.
         """
         s = self._checked_sigma(sigma, x, "denoised")
-        if self.prediction == "eps":
-            self._check_eps_at_noise(s, "denoised")
-            return self._combine(1 / (1 - s), x, -s / (1 - s), model_output)
-        n = self.noise_norm(s)
-        return self._combine((1 - s) / n**2, x, -s / n, model_output)
+        c_x, c_o = self._denoised_coefficients(s)
+        return self._combine(c_x, x, c_o, model_output)
 
     def model_output_from_velocity(
         self, velocity: torch.Tensor, x: torch.Tensor, sigma: torch.Tensor | float
     ) -> torch.Tensor:
         """Inverse of :meth:`velocity`: the raw eps or v output that yields ``velocity`` at ``x``.
 
-        eps: ``e = x + (1 - sigma) v``; v: ``w = n v - (2 sigma - 1) x / n``.
+        eps: ``e = x + (1 - sigma) v``; v: ``w = n v - (2 sigma - 1) x / n``; above sigma_max the
+        inverse of the table-end rule, ``out = ((1 - d_x) x - sigma v) / d_o`` with
+        ``x0_hat = d_x x + d_o out``.
         """
         s = self._checked_sigma(sigma, x, "model_output_from_velocity")
+        lo = s.clamp(max=self.sigma_max)
         if self.prediction == "eps":
-            return self._combine(torch.ones_like(s), x, 1 - s, velocity)
-        n = self.noise_norm(s)
-        return self._combine(-(2 * s - 1) / n, x, n, velocity)
+            c_x, c_v = torch.ones_like(lo), 1 - lo
+        else:
+            n = self.noise_norm(lo)
+            c_x, c_v = -(2 * lo - 1) / n, n
+        if self.sigma_max < 1:
+            above, hi, d_x, d_o = self._above_table(s)
+            c_x = torch.where(above, (1 - d_x) / d_o, c_x)
+            c_v = torch.where(above, -hi / d_o, c_v)
+        return self._combine(c_x, x, c_v, velocity)
 
     # ------------------------------------------------------------------ wrapping a network
     def network_inputs(self, x: torch.Tensor, sigma: torch.Tensor | float) -> tuple[torch.Tensor, torch.Tensor]:

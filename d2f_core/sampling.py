@@ -20,6 +20,7 @@ __all__ = [
     "inverse_time_shift",
     "fm_sigmas",
     "ddim_trailing_sigmas",
+    "START_RULES",
     "interpolant",
     "sample_euler",
     "sample_heun",
@@ -50,7 +51,13 @@ def inverse_time_shift(sigma: torch.Tensor | float, shift: float) -> torch.Tenso
     return sigma / (shift - (shift - 1) * sigma)
 
 
-def fm_sigmas(steps: int, sigma_max: float = 1.0, shift: float = 1.0, denoise: float = 1.0) -> torch.Tensor:
+START_RULES = ("sigma_max", "noise")
+"""Where sampling from pure noise starts on a schedule with ``sigma_max < 1`` (see :func:`fm_sigmas`)."""
+
+
+def fm_sigmas(
+    steps: int, sigma_max: float = 1.0, shift: float = 1.0, denoise: float = 1.0, start: str = "sigma_max"
+) -> torch.Tensor:
     """A decreasing FM sigma grid of ``steps + 1`` values ending at 0 (float64).
 
     Uniform in the unshifted time ``u`` from ``denoise * u_max`` down to 0, mapped through
@@ -61,6 +68,20 @@ def fm_sigmas(steps: int, sigma_max: float = 1.0, shift: float = 1.0, denoise: f
 
     ``sigma_max`` is the model's noisiest level: 1.0 for flow models and zero-terminal-SNR
     v-models, the schedule's ``Diff2Flow.sigma_max`` (0.936 for SD) otherwise.
+
+    ``start`` (one of :data:`START_RULES`; docs/MATH.md section 10) says where text-to-image sampling
+    starts when ``sigma_max < 1``:
+
+    - ``"sigma_max"`` (default, SD practice): the grid starts at sigma_max, the sampler at
+      ``x = sigma_max * noise`` (which drops the ``(1 - sigma_max) x0`` part of that level).
+    - ``"noise"``: only the first value becomes 1. The sampler starts from pure noise
+      ``x = noise`` and its first step, from 1 to ``sigmas[1]``, uses the network at its table
+      end (``Diff2Flow``'s rule above sigma_max); every later sigma, and the number of steps and
+      network evaluations, are those of ``"sigma_max"``.
+
+    Either way the sampler's start is ``x = sigmas[0] * noise`` (ComfyUI's flow noise scaling
+    with an empty latent). ``start`` changes nothing where ``sigma_max = 1`` or ``denoise < 1``
+    (img2img starts below the top of the schedule).
     """
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
@@ -68,10 +89,14 @@ def fm_sigmas(steps: int, sigma_max: float = 1.0, shift: float = 1.0, denoise: f
         raise ValueError(f"sigma_max must lie in (0, 1], got {sigma_max}")
     if not 0 < denoise <= 1:
         raise ValueError(f"denoise must lie in (0, 1] (1 = from pure noise), got {denoise}")
+    if start not in START_RULES:
+        raise ValueError(f"start={start!r} is not a start rule: use one of {', '.join(map(repr, START_RULES))}")
     u_max = float(inverse_time_shift(sigma_max, shift))
     u = torch.linspace(denoise * u_max, 0.0, steps + 1, dtype=torch.float64)
     sigmas = time_shift(u, shift)
     sigmas[-1] = 0.0
+    if start == "noise" and denoise == 1:
+        sigmas[0] = 1.0
     return sigmas
 
 

@@ -353,7 +353,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         return {k: v.to(sm.device) for k, v in text_cond_kwargs(sm.model, text, probe).items()}
 
     uncond = cond_of(sm.encoders.encode_text([args.negative])[0])
-    sigmas = d2f_core.fm_sigmas(args.steps, sigma_max=sm.d2f.sigma_max, shift=args.shift)
+    sigmas = d2f_core.fm_sigmas(args.steps, sigma_max=sm.d2f.sigma_max, shift=args.shift, start=args.start)
     sampler = d2f_core.get_sampler(args.sampler)
     written = []
     with torch.inference_mode():
@@ -362,7 +362,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
             for j in range(args.images_per_prompt):
                 seed = args.seed + i * args.images_per_prompt + j
                 noise = torch.randn((1, *latent_shape), generator=torch.Generator().manual_seed(seed))
-                x = (sm.d2f.sigma_max * noise).to(sm.device)
+                x = (float(sigmas[0]) * noise).to(sm.device)  # the state at the grid's first sigma
                 latent = sampler(d2f_core.cfg_velocity(sm.velocity, cond, uncond, args.cfg), x, sigmas)
                 image = sm.vae.decode(sm.model.model.process_latent_out(latent.cpu().float()))[0]
                 parameters = (f"{prompt}\nsteps {args.steps}, cfg {args.cfg}, shift {args.shift}, seed {seed}, "
@@ -373,13 +373,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------------- parser
-def _samplers() -> dict:
-    from d2f_core import SAMPLERS
-
-    return SAMPLERS
-
-
 def build_parser() -> argparse.ArgumentParser:
+    from d2f_core import SAMPLERS, START_RULES
+
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{prepare,train,sample}")
@@ -415,8 +411,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", type=int, default=20)
     s.add_argument("--cfg", type=float, default=5.0)
     s.add_argument("--shift", type=float, default=1.0, help="SD3-style time shift of the FM grid (1 = uniform)")
-    s.add_argument("--sampler", choices=list(_samplers()), default="euler",
-                   help="; ".join(f"{n}: {r.description}" for n, r in _samplers().items()))
+    s.add_argument("--start", choices=list(START_RULES), default="sigma_max",
+                   help="where sampling starts on SD models without zero terminal SNR: sigma_max (0.936 * noise) "
+                        "or noise (pure noise at sigma 1; only the first step changes; docs/MATH.md section 10)")
+    s.add_argument("--sampler", choices=list(SAMPLERS), default="euler",
+                   help="; ".join(f"{n}: {r.description}" for n, r in SAMPLERS.items()))
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--width", type=int, default=512)
     s.add_argument("--height", type=int, default=512)

@@ -11,9 +11,8 @@ from d2f_core.tests.helpers import CASES, make_d2f
 
 def edge_sigmas(d2f: d2f_core.Diff2Flow) -> list[float]:
     m = d2f.sigma_max
-    values = [0.0, 1e-6, m - 1e-6, m, m + 1e-6, 1 - 1e-6, 1.0]
-    allowed = [s for s in values if s <= 1.0 and (d2f.prediction == "v" or s < 1.0)]
-    return allowed
+    # every model type allows all of [0, 1]: above sigma_max the table-end rule applies (eps too)
+    return [s for s in (0.0, 1e-6, m - 1e-6, m, m + 1e-6, 1 - 1e-6, 1.0) if s <= 1.0]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -44,11 +43,15 @@ def test_v_prediction_at_pure_noise_is_exact_formula() -> None:
 
 
 @pytest.mark.parametrize("method", ["velocity", "denoised"])
-def test_eps_at_sigma_one_raises_clear_error(method: str) -> None:
+def test_eps_at_sigma_one_is_the_table_end_formula(method: str) -> None:
+    """eps at sigma = 1 (an error before the table-end rule, docs/MATH.md section 10): n(1) = 1, so the
+    network saw x itself at timestep T-1 and x0_hat = (x - s_T e) / a_T, v = x - x0_hat."""
     d2f = make_d2f("eps", False)
-    x = torch.randn(2, 3)
-    with pytest.raises(ValueError, match=r"eps-prediction model cannot .* sigma = 1.*sigma_max = 0\.93596"):
-        getattr(d2f, method)(x, x, torch.tensor([0.5, 1.0]))
+    x, e = torch.randn(2, 2, 3, dtype=torch.float64)
+    a_t, s_t = d2f.alphas_cumprod[-1].sqrt(), (1 - d2f.alphas_cumprod[-1]).sqrt()
+    x0_hat = (x - s_t * e) / a_t
+    expected = {"denoised": x0_hat, "velocity": x - x0_hat}[method]
+    torch.testing.assert_close(getattr(d2f, method)(e, x, torch.tensor([1.0, 1.0], dtype=torch.float64)), expected)
 
 
 @pytest.mark.parametrize("bad", [-0.1, 1.5, float("nan")])
