@@ -29,6 +29,9 @@ from d2f_host.unet import attach_adapters, gradient_checkpointing, unet_network
 from training import TrainConfig, Trainer, TrainingData
 from training.config import OptionSpec, available_choices, option_specs
 from training.files import STATE_SUFFIX, RunFiles, load_training_state, sanitize_filename, save_lora, save_training_state
+from training.pairs import load_pairs
+
+from .reflow_nodes import Pairs
 
 CATEGORY = "Diff2Flow/training"
 NO_RESUME = "None"
@@ -142,10 +145,19 @@ def trained_model(model, lora: dict, objective: str, zero_terminal_snr: bool):
 
 
 def train_lora(model, latents: list, positive: list, negative: Optional[list], config: TrainConfig,
-               output_name: str = "diff2flow_lora", resume_from: str = NO_RESUME) -> tuple[Any, Diff2FlowLora, dict, int]:
-    """Train a LoRA on a clone of ``model``; returns (model with LoRA, LoRA, loss map, steps)."""
+               output_name: str = "diff2flow_lora", resume_from: str = NO_RESUME,
+               pairs: Optional[str] = None) -> tuple[Any, Diff2FlowLora, dict, int]:
+    """Train a LoRA on a clone of ``model``; returns (model with LoRA, LoRA, loss map, steps).
+
+    With ``pairs`` (a folder of Diff2Flow Reflow Pairs) the training data are the pairs (images,
+    their prompts, their noise) instead of ``latents`` / ``positive``."""
     d2f = alignment_of(model, config.zero_terminal_snr)
-    data = build_training_data(model, latents, positive, negative)
+    if pairs:
+        data = load_pairs(pairs).training_data()
+    elif latents and positive:
+        data = build_training_data(model, latents, positive, negative)
+    else:
+        raise ValueError("connect latents and positive (captioned training data), or pairs (from Diff2Flow Reflow Pairs)")
     files = RunFiles.named(lora_folder(), output_name)
     metadata = lora_metadata_for(model, config, d2f)
     with torch.inference_mode(False), torch.enable_grad():
@@ -205,9 +217,10 @@ class TrainDiff2FlowLora(io.ComfyNode):
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The base SD1.x / SD2.x / SDXL model (eps or v prediction)."),
-                io.Latent.Input("latents", tooltip="Training latents: a LATENT batch, or the list from ComfyUI's dataset nodes."),
-                io.Conditioning.Input("positive", tooltip="Captions: one conditioning for all latents, or one per latent."),
+                io.Latent.Input("latents", optional=True, tooltip="Training latents: a LATENT batch, or the list from ComfyUI's dataset nodes (not needed with pairs)."),
+                io.Conditioning.Input("positive", optional=True, tooltip="Captions: one conditioning for all latents, or one per latent (not needed with pairs)."),
                 io.Conditioning.Input("negative", optional=True, tooltip="Empty / negative conditioning used for caption dropout (keeps CFG working)."),
+                Pairs.Input("pairs", optional=True, tooltip="Reflow pairs from Diff2Flow Reflow Pairs: train on them (objective 'reflow') instead of latents / positive."),
                 *[config_input(spec) for spec in option_specs()],
                 io.String.Input("output_name", default="diff2flow_lora", tooltip="File name stem for periodic saves in models/loras."),
                 io.Combo.Input("resume_from", options=training_states(), default=NO_RESUME, tooltip="A training state (.d2fstate) from an earlier run's periodic save, to continue it exactly."),
@@ -221,11 +234,12 @@ class TrainDiff2FlowLora(io.ComfyNode):
         )
 
     @classmethod
-    def execute(cls, model, latents, positive, **lists) -> io.NodeOutput:
+    def execute(cls, model, latents=None, positive=None, **lists) -> io.NodeOutput:
         first = {k: v[0] if isinstance(v, list) and v else v for k, v in lists.items()}
         negative = lists.get("negative")
         config = TrainConfig(**{spec.name: first[spec.name] for spec in option_specs()})
-        result = train_lora(model[0], latents, positive, negative, config, first["output_name"], first["resume_from"])
+        result = train_lora(model[0], latents, positive, negative, config, first["output_name"], first["resume_from"],
+                            first.get("pairs"))
         return io.NodeOutput(*result)
 
 

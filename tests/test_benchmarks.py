@@ -19,6 +19,7 @@ BENCHMARKS = ROOT / "benchmarks"
 SCRIPTS = {
     "exactness.py": (False, "max rel. error"),
     "paper_comparison.py": (False, "FD by sampler steps"),
+    "start_rule.py": (False, "beats 'sigma_max'"),  # its table is checked in d2f_core/tests/test_top_of_schedule.py
     "patch_overhead.py": (True, "ratio"),
     "train_speed.py": (True, "ours/bare step time"),
     "cli_overhead.py": (True, "CLI / bare step time"),

@@ -94,7 +94,7 @@ _UNSAFE = re.compile(r"[^A-Za-z0-9._ -]+")
 def sanitize_filename(name: str, suffix: str = ".safetensors") -> str:
     """A plain file name from user text: no folders, no '..', no control or odd characters."""
     stem = pathlib.PurePath(str(name).replace("\\", "/")).name
-    if stem.endswith(suffix):
+    if suffix and stem.endswith(suffix):
         stem = stem[: -len(suffix)]
     stem = _UNSAFE.sub("_", stem).strip(" .")
     stem = stem.replace(" ", "_")

@@ -1,0 +1,102 @@
+"""Reflow node: Diff2Flow Reflow Pairs (noise -> image couplings of a teacher, for few-step LoRAs).
+
+The pairs themselves are ``training.pairs`` (pure torch: per-index seeds, shards, manifest,
+append / resume); this node gathers the teacher (a ComfyUI MODEL, LoRAs applied), the prompts and
+the settings, and reports progress with previews through ComfyUI's own callback. The Train
+Diff2Flow LoRA node trains on the folder with the ``reflow`` objective.
+"""
+from __future__ import annotations
+
+import pathlib
+
+import torch
+
+import comfy.model_management
+import folder_paths
+import latent_preview
+from comfy_api.latest import io
+
+import d2f_core
+from d2f_host.checkpoints import base_model_hash
+from d2f_host.conditioning import cond_kwargs
+from d2f_host.model_sampling import alignment_of, is_patched
+from d2f_host.unet import inference_network
+from training.files import sanitize_filename
+from training.pairs import PairSettings, generate_pairs
+
+CATEGORY = "Diff2Flow/reflow"
+Pairs = io.Custom("DIFF2FLOW_PAIRS")
+
+
+def pairs_folder(name: str) -> pathlib.Path:
+    """A pairs folder under ComfyUI's output directory (``name`` may not leave it)."""
+    return pathlib.Path(folder_paths.get_output_directory()) / "diff2flow_pairs" / sanitize_filename(name, suffix="")
+
+
+def teacher_alignment(model) -> d2f_core.Diff2Flow:
+    """The alignment the teacher samples with: its own patch when converted, else the plain one."""
+    return model.get_model_object("model_sampling").d2f if is_patched(model) else alignment_of(model)
+
+
+class Diff2FlowReflowPairs(io.ComfyNode):
+    @classmethod
+    def define_schema(cls) -> io.Schema:
+        return io.Schema(
+            node_id="D2F_ReflowPairs",
+            display_name="Diff2Flow Reflow Pairs",
+            category=CATEGORY,
+            is_output_node=True,
+            description=(
+                "Generates reflow pairs (noise, image) by integrating the teacher model's flow ODE from each noise: "
+                "the training data of a few-step Diff2Flow LoRA (Train Diff2Flow LoRA with objective 'reflow'). "
+                "Each pair depends only on its index and the seed, so a rerun with a larger count adds only the "
+                "missing pairs and a cancelled run keeps every finished shard."
+            ),
+            inputs=[
+                io.Model.Input("model", tooltip="The teacher: an SD1.x / SD2.x / SDXL model (with LoRAs applied), converted or not."),
+                io.Conditioning.Input("positive", tooltip="The prompts: a conditioning with one or several entries; pair i uses prompt i mod P."),
+                io.Conditioning.Input("negative", optional=True, tooltip="The negative prompt for classifier-free guidance (needed when cfg != 1)."),
+                io.Int.Input("count", default=256, min=1, max=10_000_000, tooltip="Pairs the folder should hold (a larger count appends)."),
+                io.Int.Input("width", default=512, min=64, max=4096, step=8, tooltip="Image width in pixels."),
+                io.Int.Input("height", default=512, min=64, max=4096, step=8, tooltip="Image height in pixels."),
+                io.Int.Input("steps", default=32, min=1, max=1000, tooltip="Teacher ODE steps per pair (the pairs' accuracy)."),
+                io.Float.Input("cfg", default=5.0, min=1.0, max=30.0, step=0.1, tooltip="Guidance of the teacher; a student of guided pairs samples at cfg 1."),
+                io.Combo.Input("sampler", options=list(d2f_core.SAMPLERS), default="euler", tooltip="The teacher's FM sampler."),
+                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=False,
+                             tooltip="Seed of every pair's noise (pair i's noise depends on the seed and i only)."),
+                io.Int.Input("batch_size", default=4, min=1, max=256, tooltip="Pairs per network batch (part of the pairs' identity)."),
+                io.String.Input("folder", default="reflow_pairs", tooltip="Folder name under output/diff2flow_pairs."),
+            ],
+            outputs=[Pairs.Output(tooltip="The pairs folder, for Train Diff2Flow LoRA's pairs input.")],
+        )
+
+    @classmethod
+    def execute(cls, model, positive, count, width, height, steps, cfg, sampler, seed, batch_size, folder,
+                negative=None) -> io.NodeOutput:
+        if not positive:
+            raise ValueError("positive is empty: connect a CLIP Text Encode with the prompts")
+        if cfg != 1.0 and not negative:
+            raise ValueError(f"cfg {cfg} needs the negative conditioning: connect it, or set cfg to 1")
+        d2f = teacher_alignment(model)
+        channels = model.model.latent_format.latent_channels
+        probe = torch.zeros(channels, height // 8, width // 8)
+        conds = [cond_kwargs(model, (entry[0][i : i + 1], entry[1]), probe)
+                 for entry in positive for i in range(entry[0].shape[0])]
+        uncond = cond_kwargs(model, (negative[0][0][:1], negative[0][1]), probe) if negative else None
+        settings = PairSettings(shape=tuple(probe.shape), sigma_max=d2f.sigma_max, sampler=sampler, steps=steps, cfg=cfg,
+                                seed=seed, batch_size=batch_size, teacher={"base_model_hash": base_model_hash(model),
+                                                                          "patches": len(model.patches), "prediction": d2f.prediction})
+        network, device = inference_network(model)
+        velocity = d2f.velocity_fn(lambda x, t, c: network(x, t, **{k: v.to(device) for k, v in c.items()}))
+        preview = latent_preview.prepare_callback(model, count)
+        target = pairs_folder(folder)
+        with torch.inference_mode():
+            summary = generate_pairs(
+                velocity, conds, target, count, settings, uncond, device=device,
+                progress=lambda p: preview(p.done - 1, p.latest, None, p.total),
+                check_cancel=comfy.model_management.throw_exception_if_processing_interrupted,
+            )
+        return io.NodeOutput(str(summary.folder), ui={"text": [summary.report()]})
+
+
+NODES = [Diff2FlowReflowPairs]
