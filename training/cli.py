@@ -252,7 +252,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         teacher_cfg = float(pairs.settings["cfg"])
     metadata = lora_metadata_for(model, config, d2f, teacher_cfg=teacher_cfg)
     if world.is_main:
-        write_toml(files.config, {**{k: str(pathlib.Path(v).resolve()) if k != "name" else files.name for k, v in run.items()},
+        write_toml(files.config, {**{k: str(pathlib.Path(v).resolve()) if k != "name" else files.name
+                                     for k, v in run.items() if v},
                                   **config.to_dict()})
     launcher = "torchrun --nproc_per_node N -m training" if world.distributed else "python -m training"
     hint = f"{launcher} train --config {files.config} --resume {files.state}"
