@@ -3,27 +3,45 @@
 The header (``safetensors`` ``__metadata__``, string to string) tells a loader how the LoRA
 was trained, so the model patch can be configured from it: which objective (a ``naive_fm``
 LoRA needs plain flow sampling, ``diff2flow`` and ``diffusion`` LoRAs the Diff2Flow patch),
-prediction type and zero terminal SNR. Keys carry the prefix ``diff2flow.``.
+prediction type and zero terminal SNR, and how the result samples best (a ``reflow`` LoRA: few
+steps at cfg 1). Keys carry the prefix ``diff2flow.``.
+
+Compatibility: every field after the first three is optional, so files written before a field
+existed still parse (the field is ``None``), and keys this version does not know are ignored, so
+older toolkits read newer files of the same format version.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import asdict, dataclass, fields
-from typing import Mapping, Optional
+from typing import Mapping, NamedTuple, Optional
 
 from .alignment import normalize_prediction
-from .objectives import OBJECTIVES
+from .objectives import OBJECTIVES, get_objective
 
-__all__ = ["FORMAT_VERSION", "PREFIX", "LoraMetadata"]
+__all__ = ["FORMAT_VERSION", "PREFIX", "LoraMetadata", "SamplingDefaults", "read_lora_metadata"]
 
 FORMAT_VERSION = 1
 PREFIX = "diff2flow."
 
 
+class SamplingDefaults(NamedTuple):
+    """How a model samples by default: FM sampler name, steps and CFG scale."""
+
+    sampler: str
+    steps: int
+    cfg: float
+
+
 @dataclass(frozen=True)
 class LoraMetadata:
     """What a Diff2Flow LoRA file records about its training (all fields but the first three
-    are informational)."""
+    are informational).
+
+    ``sampler`` / ``sampling_steps`` / ``sampling_cfg`` are the recommended sampling settings (the
+    objective's registry defaults when the LoRA was trained); ``teacher_cfg`` is the guidance scale
+    a ``reflow`` LoRA's training pairs were generated with (the student has it built in).
+    """
 
     objective: str
     prediction: str
@@ -34,6 +52,10 @@ class LoraMetadata:
     algorithm: str = "LoRA"
     steps: Optional[int] = None
     base_model_hash: str = ""
+    sampler: Optional[str] = None
+    sampling_steps: Optional[int] = None
+    sampling_cfg: Optional[float] = None
+    teacher_cfg: Optional[float] = None
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -42,6 +64,18 @@ class LoraMetadata:
         object.__setattr__(self, "prediction", normalize_prediction(self.prediction))
         if self.zero_terminal_snr and self.prediction == "eps":
             raise ValueError("zero terminal SNR is only valid for v-prediction (this metadata says eps)")
+        if self.sampling_steps is not None and self.sampling_steps < 1:
+            raise ValueError(f"sampling_steps must be >= 1, got {self.sampling_steps}")
+
+    def sampling_defaults(self) -> SamplingDefaults:
+        """The sampler, steps and cfg to sample this LoRA with: what the file records, and for what
+        it does not (files written before these fields existed) its objective's registry defaults."""
+        objective = get_objective(self.objective)
+        return SamplingDefaults(
+            self.sampler or objective.sampler,
+            self.sampling_steps if self.sampling_steps is not None else objective.steps,
+            self.sampling_cfg if self.sampling_cfg is not None else objective.cfg,
+        )
 
     def to_header(self) -> dict[str, str]:
         """The ``__metadata__`` entries (strings only, as safetensors requires)."""
@@ -77,9 +111,9 @@ class LoraMetadata:
                     if value not in ("true", "false"):
                         raise ValueError(value)
                     kwargs[key] = value == "true"
-                elif key in ("rank", "steps", "format_version"):
+                elif key in ("rank", "steps", "sampling_steps", "format_version"):
                     kwargs[key] = int(value)
-                elif key == "alpha":
+                elif key in ("alpha", "sampling_cfg", "teacher_cfg"):
                     kwargs[key] = float(value)
                 else:
                     kwargs[key] = value

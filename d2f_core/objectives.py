@@ -14,6 +14,8 @@ returning its raw output (eps or v for a diffusion model, the velocity for naive
 - ``naive_fm``: the same interpolant fed directly, at timestep ``T * sigma``, output taken as
   the velocity (fine-tuning a diffusion model as FM without the alignment).
 - ``diffusion``: integer ``tau`` uniform, ``x_tau = a x0 + s eps``, target eps or v.
+- ``reflow``: the ``diff2flow`` loss on the teacher's (noise, image) pairs: the noise ``z`` comes
+  with the data, ``x_sigma = (1 - sigma) x0 + sigma z``, target ``z - x0`` (docs/MATH.md section 6).
 """
 from __future__ import annotations
 
@@ -272,6 +274,17 @@ OBJECTIVES: dict[str, Objective] = {
             sampler_sigmas=ddim_trailing_sigmas,
             sampling_label="DDIM (trailing)",
             times="tau",
+        ),
+        Objective(
+            "reflow",
+            "few-step sampling: the diff2flow loss on the straight line between each (noise, image) pair of a "
+            "teacher's ODE (train on a pairs folder); sample with 1-4 Euler steps at cfg 1",
+            # the same loss as diff2flow: only the coupling differs (the noise is the pair's z, not drawn)
+            diff2flow_loss,
+            paired_noise=True,
+            # a student of guided pairs has the guidance built in: it samples at cfg 1 (measured: benchmarks/reflow.py)
+            steps=2,
+            cfg=1.0,
         ),
     )
 }

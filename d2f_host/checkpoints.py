@@ -11,7 +11,7 @@ import torch
 import comfy.sd
 import comfy.utils
 
-from d2f_core import Diff2Flow, scaled_linear
+from d2f_core import Diff2Flow, get_objective, scaled_linear
 from d2f_core.lora_metadata import LoraMetadata, read_lora_metadata
 from training.config import TrainConfig
 
@@ -98,11 +98,16 @@ def schedule_name(alphas_cumprod: torch.Tensor) -> str:
     return "scaled_linear" if torch.allclose(torch.as_tensor(alphas_cumprod, dtype=torch.float64), scaled_linear(), rtol=1e-5, atol=0) else "custom"
 
 
-def lora_metadata_for(model: Any, config: TrainConfig, d2f: Diff2Flow) -> Callable[[int], LoraMetadata]:
+def lora_metadata_for(model: Any, config: TrainConfig, d2f: Diff2Flow,
+                      teacher_cfg: Optional[float] = None) -> Callable[[int], LoraMetadata]:
     """``metadata(step)``: what a LoRA trained on ``model`` under ``config`` with alignment ``d2f``
-    records (the same for the node and the CLI, so both write the same format)."""
+    records (the same for the node and the CLI, so both write the same format): the objective's
+    recommended sampling from the registry, and ``teacher_cfg``, the guidance of the pairs a
+    ``reflow`` LoRA was trained on (``None`` for other data)."""
     source, _ = schedule_of(model.get_model_object("model_sampling"))
+    objective = get_objective(config.objective)
     fields = dict(objective=config.objective, prediction=d2f.prediction, zero_terminal_snr=d2f.zero_terminal_snr,
                   schedule=schedule_name(source), rank=config.rank, alpha=config.alpha,
-                  algorithm=config.algorithm, base_model_hash=base_model_hash(model))
+                  algorithm=config.algorithm, base_model_hash=base_model_hash(model), sampler=objective.sampler,
+                  sampling_steps=objective.steps, sampling_cfg=objective.cfg, teacher_cfg=teacher_cfg)
     return lambda step: LoraMetadata(**fields, steps=step)

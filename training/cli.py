@@ -3,12 +3,18 @@
     prepare  image folder (+ .txt captions) + checkpoint -> latent cache (safetensors shards)
     train    latent cache + checkpoint + options -> LoRA (+ periodic saves, resumable state,
              metrics.jsonl, loss.png); one process, or many through torchrun (data parallel)
-    sample   checkpoint (+ LoRA) + prompts -> PNGs with FM Euler / Heun
+    pairs    checkpoint (+ LoRA) + prompts -> reflow pairs (noise, image) of its ODE (training/pairs.py);
+             resumable, appendable, one process or many through torchrun (disjoint shards)
+    sample   checkpoint (+ LoRA) + prompts -> PNGs with FM Euler / Heun (a LoRA's metadata sets the
+             default sampler, steps and cfg: a reflow LoRA samples in 2 steps at cfg 1)
 
 ComfyUI reads the checkpoints (``COMFYUI_PATH``, or the ComfyUI this pack is installed in), always
 through ``d2f_host``. Every option of the Train Diff2Flow LoRA node is a ``train`` flag and a key of
-the ``--config`` TOML file (both generated from ``TrainConfig``, training/config.py); flags win over the file, the file over the defaults. A resumed run starts from the options
-saved in its state, so ``train --resume RUN.d2fstate`` with the same paths is enough.
+the ``--config`` TOML file (both generated from ``TrainConfig``, training/config.py), every option of
+``pairs`` likewise from ``PairsConfig``; flags win over the file, the file over the defaults. A resumed
+run starts from the options saved in its state, so ``train --resume RUN.d2fstate`` with the same paths
+is enough. ``train --pairs DIR`` trains on a pairs folder instead of a latent cache (objective
+``reflow``: the straight line between each pair).
 """
 from __future__ import annotations
 
@@ -20,13 +26,14 @@ import pathlib
 import sys
 from typing import Any, Optional, Sequence
 
-from .config import TrainConfig, option_specs
+from .config import PairsConfig, TrainConfig, option_specs
 from .files import STATE_SUFFIX
 
 log = logging.getLogger("diff2flow")
 
-# run options of `train` that are not TrainConfig fields (also valid TOML keys)
-RUN_KEYS = ("cache", "checkpoint", "output", "name")
+# run options of `train` / `pairs` that are not fields of their config class (also valid TOML keys)
+RUN_KEYS = ("cache", "pairs", "checkpoint", "output", "name")
+PAIRS_RUN_KEYS = ("checkpoint", "lora", "prompts", "output")
 
 
 class CliError(Exception):
@@ -38,11 +45,12 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def add_train_config_flags(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig option, with the option's own help and choices (training/config.py);
-    defaults are SUPPRESSed so only given flags override the TOML file and the resume state."""
-    group = parser.add_argument_group("training options (also TOML keys of --config)")
-    for spec in option_specs():
+def add_config_flags(parser: argparse.ArgumentParser, cls: type = TrainConfig, title: str = "training options") -> None:
+    """One flag per option of ``cls`` (``TrainConfig`` or ``PairsConfig``), with the option's own help
+    and choices (training/config.py); defaults are SUPPRESSed so only given flags override the TOML
+    file and the resume state."""
+    group = parser.add_argument_group(f"{title} (also TOML keys of --config)")
+    for spec in option_specs(cls):
         help_text = f"{spec.help} (default {spec.default})"
         if spec.type is bool:
             group.add_argument(_flag(spec.name), dest=spec.name, action=argparse.BooleanOptionalAction,
@@ -52,7 +60,10 @@ def add_train_config_flags(parser: argparse.ArgumentParser) -> None:
                                choices=spec.choices, metavar=spec.name.upper())
 
 
-def read_toml(path: str | os.PathLike) -> dict[str, Any]:
+def read_toml(path: str | os.PathLike, cls: type = TrainConfig, run_keys: Sequence[str] = RUN_KEYS,
+              table: str = "train") -> dict[str, Any]:
+    """The keys of a TOML file (its ``[table]`` table, or its top level) that are options of ``cls``
+    or ``run_keys``; any other key is refused, named."""
     if sys.version_info >= (3, 11):
         import tomllib
     else:  # pragma: no cover - Python 3.10
@@ -64,16 +75,16 @@ def read_toml(path: str | os.PathLike) -> dict[str, Any]:
         data = tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as exc:
         raise CliError(f"--config {path} is not valid TOML: {exc}") from exc
-    data = data.get("train", data)  # a [train] table or top-level keys
-    allowed = {f.name for f in dataclasses.fields(TrainConfig)} | set(RUN_KEYS)
+    data = data.get(table, data)  # a [train] / [pairs] table or top-level keys
+    allowed = {f.name for f in dataclasses.fields(cls)} | set(run_keys)
     unknown = sorted(set(data) - allowed)
     if unknown:
         raise CliError(f"--config {path}: unknown keys {', '.join(unknown)} (allowed: {', '.join(sorted(allowed))})")
     return data
 
 
-def write_toml(path: pathlib.Path, values: dict[str, Any]) -> None:
-    """The run's options as a flat [train] table that ``--config`` reads back."""
+def write_toml(path: pathlib.Path, values: dict[str, Any], table: str = "train") -> None:
+    """The run's options as a flat [train] (or [pairs]) table that ``--config`` reads back."""
     from .files import atomic_write
 
     def literal(v: Any) -> str:
@@ -83,18 +94,19 @@ def write_toml(path: pathlib.Path, values: dict[str, Any]) -> None:
             return repr(v)
         return '"' + str(v).replace("\\", "\\\\").replace('"', '\\"') + '"'
 
-    text = "# Diff2Flow training run: python -m training train --config THIS_FILE\n[train]\n"
+    text = f"# Diff2Flow run: python -m training {table} --config THIS_FILE\n[{table}]\n"
     text += "".join(f"{k} = {literal(v)}\n" for k, v in values.items() if v is not None)
     atomic_write(path, lambda tmp: pathlib.Path(tmp).write_text(text, encoding="utf-8"))
 
 
-def make_config(base: dict[str, Any], given: dict[str, Any]) -> TrainConfig:
-    names = {f.name for f in dataclasses.fields(TrainConfig)}
+def make_config(base: dict[str, Any], given: dict[str, Any], cls: type = TrainConfig) -> Any:
+    names = {f.name for f in dataclasses.fields(cls)}
     values = {**{k: v for k, v in base.items() if k in names}, **{k: v for k, v in given.items() if k in names}}
     try:
-        return TrainConfig(**values)
+        return cls(**values)
     except (TypeError, ValueError) as exc:
-        raise CliError(f"invalid training option: {exc}") from exc
+        what = "training" if cls is TrainConfig else "pairs"
+        raise CliError(f"invalid {what} option: {exc}") from exc
 
 
 # ---------------------------------------------------------------------- commands
@@ -106,10 +118,10 @@ def require_checkpoint(path: str | os.PathLike) -> pathlib.Path:
     return p
 
 
-def _progress_bar(total: int, desc: str, enabled: bool):
+def _progress_bar(total: int, desc: str, enabled: bool, unit: str = "img"):
     from tqdm import tqdm
 
-    return tqdm(total=total, desc=desc, unit="img", dynamic_ncols=True, disable=not enabled)
+    return tqdm(total=total, desc=desc, unit=unit, dynamic_ncols=True, disable=not enabled)
 
 
 def _host(args: argparse.Namespace) -> None:
@@ -168,18 +180,26 @@ def _train_values(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, A
         if not run["output"]:
             run["output"] = str(state_path.parent)
     overrides = {**{k: v for k, v in toml.items() if k not in RUN_KEYS}, **given}
-    missing = [k for k in ("cache", "checkpoint", "output") if not run[k]]
+    missing = [k for k in ("checkpoint", "output") if not run[k]]
+    if not run["cache"] and not run["pairs"]:
+        missing.insert(0, "cache")
     if missing:
-        raise CliError("train needs " + ", ".join(_flag(k) for k in missing) + " (as flags or keys of --config)")
+        raise CliError("train needs " + ", ".join(_flag(k) for k in missing) + " (as flags or keys of --config; "
+                       "--pairs instead of --cache for a pairs folder)")
+    if run["cache"] and run["pairs"]:
+        raise CliError("train takes --cache (a latent cache) or --pairs (a reflow pairs folder), not both")
     run["name"] = run["name"] or "diff2flow_lora"
     return run, overrides, state
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from . import distributed
+    import d2f_core
+
     from .cache import load_cache
     from .files import RunFiles
     from .headless import run_headless
+    from .pairs import load_pairs
 
     run, overrides, state = _train_values(args)
     config = make_config(state["config"] if state else {}, overrides)
@@ -191,6 +211,9 @@ def cmd_train(args: argparse.Namespace) -> int:
                            "continue the saved run, or start a new run without --resume")
         if state["step"] >= config.steps:
             raise CliError(f"--resume {args.resume} is already at step {state['step']} of {config.steps}: raise --steps to train further")
+    if d2f_core.get_objective(config.objective).paired_noise and not run["pairs"]:
+        raise CliError(f"objective {config.objective} trains on (noise, image) pairs: pass --pairs DIR (a folder from "
+                       "`python -m training pairs`) instead of --cache")
     world = distributed.world_from_env()
     if config.batch_size % world.world_size:
         raise CliError(f"--batch-size {config.batch_size} (the global batch) must be divisible by the {world.world_size} processes")
@@ -198,7 +221,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if world.is_main:
         files.check_writable()
         files.check_new_run(resuming=state is not None, overwrite=args.overwrite)
-    cached = load_cache(run["cache"])
+    cached = load_cache(run["cache"]) if run["cache"] else None
+    pairs = load_pairs(run["pairs"]) if run["pairs"] else None
     require_checkpoint(run["checkpoint"])
     distributed.init(world)
 
@@ -213,17 +237,23 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     checkpoint = pathlib.Path(run["checkpoint"])
     model, _, _ = load_checkpoint(checkpoint, encoders="skip")
-    if cached.settings.get("checkpoint") not in (None, str(checkpoint.resolve())):
-        log.warning("the cache was prepared with %s, training uses %s: fine only if both share the VAE and text encoder",
-                    cached.settings["checkpoint"], checkpoint)
     try:
         d2f = alignment_of(model, config.zero_terminal_snr)
     except ValueError as exc:
         raise CliError(f"--zero-terminal-snr: {exc}") from exc
-    data = training_data_from_cache(model, cached, checkpoint)
-    metadata = lora_metadata_for(model, config, d2f)
+    if cached is not None:
+        if cached.settings.get("checkpoint") not in (None, str(checkpoint.resolve())):
+            log.warning("the cache was prepared with %s, training uses %s: fine only if both share the VAE and text encoder",
+                        cached.settings["checkpoint"], checkpoint)
+        data = training_data_from_cache(model, cached, checkpoint)
+        teacher_cfg = None
+    else:
+        data = training_data_from_pairs(model, pairs, checkpoint, run["pairs"])
+        teacher_cfg = float(pairs.settings["cfg"])
+    metadata = lora_metadata_for(model, config, d2f, teacher_cfg=teacher_cfg)
     if world.is_main:
-        write_toml(files.config, {**{k: str(pathlib.Path(v).resolve()) if k != "name" else files.name for k, v in run.items()},
+        write_toml(files.config, {**{k: str(pathlib.Path(v).resolve()) if k != "name" else files.name
+                                     for k, v in run.items() if v},
                                   **config.to_dict()})
     launcher = "torchrun --nproc_per_node N -m training" if world.distributed else "python -m training"
     hint = f"{launcher} train --config {files.config} --resume {files.state}"
@@ -260,14 +290,111 @@ def training_data_from_cache(model: Any, cached: Any, checkpoint: pathlib.Path) 
     return TrainingData(latents, conds, unconds)
 
 
+def training_data_from_pairs(model: Any, pairs: Any, checkpoint: pathlib.Path, folder: str) -> Any:
+    """TrainingData of a pairs folder for ``model``: the pairs hold the teacher's network arguments
+    and latents in the model's scale already; the latent channels must fit, and a teacher other than
+    this base model is worth a warning (a reflow student starts from its teacher)."""
+    from d2f_host.checkpoints import base_model_hash
+
+    channels = model.model.latent_format.latent_channels
+    if pairs.latents.shape[1] != channels:
+        raise CliError(f"--pairs {folder} holds {pairs.latents.shape[1]}-channel latents but {checkpoint.name} needs "
+                       f"{channels}: generate the pairs with a model of this family")
+    teacher = pairs.settings.get("teacher", {}).get("checkpoint_hash")
+    if teacher not in (None, base_model_hash(model)):
+        log.warning("the pairs come from another base model (UNet fingerprint %s) than %s: reflow usually trains the "
+                    "teacher's own base model", teacher, checkpoint.name)
+    return pairs.training_data()
+
+
+# ---------------------------------------------------------------------- pairs: a teacher's ODE couplings
+def _pairs_values(args: argparse.Namespace) -> tuple[dict[str, Any], PairsConfig]:
+    """(file options, PairsConfig): defaults < TOML < flags."""
+    given = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(PairsConfig)}}
+    toml = read_toml(args.config, PairsConfig, PAIRS_RUN_KEYS, "pairs") if args.config else {}
+    run = {k: getattr(args, k, None) or toml.get(k) for k in PAIRS_RUN_KEYS}
+    missing = [k for k in ("checkpoint", "prompts", "output") if not run[k]]
+    if missing:
+        raise CliError("pairs needs " + ", ".join(_flag(k) for k in missing) + " (as flags or keys of --config)")
+    config = make_config({k: v for k, v in toml.items() if k not in PAIRS_RUN_KEYS}, given, PairsConfig)
+    return run, config
+
+
+def read_prompt_lines(path: str | os.PathLike, flag: str) -> list[str]:
+    """The non-empty lines of a prompt file, or a CliError naming ``flag``."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise CliError(f"{flag} {path} does not exist: pass a text file with one prompt per line")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise CliError(f"{flag} {path} holds no prompt (only empty lines): write one prompt per line")
+    return prompts
+
+
+def cmd_pairs(args: argparse.Namespace) -> int:
+    from . import distributed
+    from .files import file_sha256
+    from .pairs import PairSettings, generate_pairs
+
+    run, config = _pairs_values(args)
+    prompts = read_prompt_lines(run["prompts"], "--prompts")
+    require_checkpoint(run["checkpoint"])
+    if run["lora"] and not pathlib.Path(run["lora"]).is_file():
+        raise CliError(f"--lora {run['lora']} does not exist")
+    world = distributed.world_from_env()
+    distributed.init(world)
+
+    import torch
+
+    _host(args)
+    from d2f_host.conditioning import text_cond_kwargs
+
+    # zero terminal SNR: on when asked, or when the teacher's LoRA was trained with it (its metadata)
+    sm = load_sampling_model(run["checkpoint"], run["lora"], config.lora_strength, config.zero_terminal_snr or None)
+    shape = (sm.model.model.latent_format.latent_channels, config.height // 8, config.width // 8)
+    probe = torch.zeros(shape)
+    conds = [text_cond_kwargs(sm.model, text, probe) for text in sm.encoders.encode_text(prompts)]
+    uncond = text_cond_kwargs(sm.model, sm.encoders.encode_text([config.negative])[0], probe)
+    teacher = {"checkpoint_hash": sm.base_hash, "lora_sha256": file_sha256(run["lora"]) if run["lora"] else None,
+               "lora_strength": config.lora_strength if run["lora"] else None, "objective": sm.objective.name,
+               "prediction": sm.d2f.prediction, "zero_terminal_snr": sm.d2f.zero_terminal_snr}
+    settings = PairSettings(shape, sm.d2f.sigma_max, config.sampler, config.steps, config.cfg, config.shift, config.seed,
+                            config.batch_size, teacher)
+    sources = {"checkpoint": str(pathlib.Path(run["checkpoint"]).resolve()), "negative": config.negative,
+               "lora": str(pathlib.Path(run["lora"]).resolve()) if run["lora"] else None}
+    bar = _progress_bar(0, "pairs", world.is_main and not args.no_progress, unit="pair")
+
+    def progress(report: Any) -> None:
+        bar.total = report.total
+        bar.update(report.done - bar.n)
+
+    try:
+        summary = generate_pairs(sm.velocity, conds, run["output"], config.count, settings, uncond,
+                                 shard_size=config.shard_size, device=sm.device, rank=world.rank,
+                                 world_size=world.world_size, barrier=lambda: distributed.barrier(world),
+                                 progress=progress, labels=prompts, sources=sources)
+    except KeyboardInterrupt:
+        bar.close()
+        print(f"interrupted: the finished shards in {run['output']} are kept; run the same command again to generate "
+              "the rest", file=sys.stderr)
+        distributed.finish(world, 130)
+        return 130
+    finally:
+        bar.close()
+    if world.is_main:
+        write_toml(pathlib.Path(run["output"]) / "pairs.toml",
+                   {**{k: str(pathlib.Path(v).resolve()) for k, v in run.items() if v}, **config.to_dict()}, table="pairs")
+        print(summary.report())
+    distributed.barrier(world)
+    distributed.finish(world, 0)
+    return 0
+
+
 # ---------------------------------------------------------------------- sample: load, sample, save
 def read_prompts(args: argparse.Namespace) -> list[str]:
     prompts = list(args.prompt or [])
     if args.prompts_file:
-        path = pathlib.Path(args.prompts_file)
-        if not path.is_file():
-            raise CliError(f"--prompts-file {path} does not exist")
-        prompts += [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        prompts += read_prompt_lines(args.prompts_file, "--prompts-file")
     if not prompts:
         raise CliError("sample needs at least one --prompt (or a --prompts-file with one prompt per line)")
     return prompts
@@ -276,7 +403,8 @@ def read_prompts(args: argparse.Namespace) -> list[str]:
 @dataclasses.dataclass
 class SamplingModel:
     """A checkpoint (+ LoRA) ready for headless FM sampling: the velocity function of the
-    objective it was trained with, its alignment, encoders and the device it runs on."""
+    objective it was trained with, its alignment, encoders, the device it runs on, the LoRA's
+    Diff2Flow metadata (``None`` without one) and the base UNet's fingerprint."""
 
     model: Any
     vae: Any
@@ -284,23 +412,36 @@ class SamplingModel:
     d2f: Any
     velocity: Any  # fn(x_sigma, sigma, cond kwargs) -> v
     device: Any
+    objective: Any  # the d2f_core.Objective the model samples as
+    metadata: Any
+    base_hash: str
+
+    def sampling_defaults(self) -> Any:
+        """Sampler, steps and cfg when none are given: the LoRA's recorded ones, else its objective's."""
+        from d2f_core.lora_metadata import SamplingDefaults
+
+        if self.metadata is not None:
+            return self.metadata.sampling_defaults()
+        return SamplingDefaults(self.objective.sampler, self.objective.steps, self.objective.cfg)
 
 
-def load_sampling_model(args: argparse.Namespace) -> SamplingModel:
+def load_sampling_model(checkpoint: str | os.PathLike, lora: Optional[str] = None, lora_strength: float = 1.0,
+                        zero_terminal_snr: Optional[bool] = None) -> SamplingModel:
     import d2f_core
-    from d2f_host.checkpoints import apply_lora, load_checkpoint
+    from d2f_host.checkpoints import apply_lora, base_model_hash, load_checkpoint
     from d2f_host.conditioning import CheckpointEncoders
     from d2f_host.model_sampling import alignment_of
     from d2f_host.unet import inference_network
 
-    model, clip, vae = load_checkpoint(args.checkpoint)
+    model, clip, vae = load_checkpoint(checkpoint)
+    base_hash = base_model_hash(model)  # before a LoRA is merged into the weights
     metadata = None
-    if args.lora:
+    if lora:
         try:
-            model, clip, metadata = apply_lora(model, clip, args.lora, args.lora_strength, args.lora_strength)
+            model, clip, metadata = apply_lora(model, clip, lora, lora_strength, lora_strength)
         except ValueError as exc:
-            raise CliError(f"--lora {args.lora}: {exc}") from exc
-    zsnr = args.zero_terminal_snr if args.zero_terminal_snr is not None else bool(metadata and metadata.zero_terminal_snr)
+            raise CliError(f"--lora {lora}: {exc}") from exc
+    zsnr = zero_terminal_snr if zero_terminal_snr is not None else bool(metadata and metadata.zero_terminal_snr)
     try:
         d2f = alignment_of(model, zsnr)
     except ValueError as exc:
@@ -308,7 +449,8 @@ def load_sampling_model(args: argparse.Namespace) -> SamplingModel:
     network, device = inference_network(model)
     objective = d2f_core.get_objective(metadata.objective if metadata else "diff2flow")
     velocity = objective.velocity_fn(lambda x, t, c: network(x, t, **c), d2f)
-    return SamplingModel(model, vae, CheckpointEncoders(clip, vae, args.checkpoint), d2f, velocity, device)
+    return SamplingModel(model, vae, CheckpointEncoders(clip, vae, checkpoint), d2f, velocity, device, objective, metadata,
+                         base_hash)
 
 
 def save_png(path: pathlib.Path, image: Any, parameters: str) -> pathlib.Path:
@@ -329,7 +471,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     for name in ("width", "height"):
         if getattr(args, name) < 64 or getattr(args, name) % 8:
             raise CliError(f"--{name} must be a multiple of 8 and at least 64, got {getattr(args, name)}")
-    if args.steps < 1:
+    if args.steps is not None and args.steps < 1:
         raise CliError(f"--steps must be >= 1, got {args.steps}")
     require_checkpoint(args.checkpoint)
     if args.lora and not pathlib.Path(args.lora).is_file():
@@ -345,7 +487,14 @@ def cmd_sample(args: argparse.Namespace) -> int:
     _host(args)
     from d2f_host.conditioning import text_cond_kwargs
 
-    sm = load_sampling_model(args)
+    sm = load_sampling_model(args.checkpoint, args.lora, args.lora_strength, args.zero_terminal_snr)
+    # what is not given comes from the LoRA's metadata (a reflow LoRA: 2 steps at cfg 1) or its objective
+    defaults = sm.sampling_defaults()
+    given = {"sampler": args.sampler, "steps": args.steps, "cfg": args.cfg}
+    args.sampler, args.steps, args.cfg = (v if v is not None else d for v, d in zip(given.values(), defaults))
+    if any(v is None for v in given.values()):
+        print(f"sampling with FM {args.sampler}, {args.steps} steps, cfg {args.cfg:g}"
+              + (f" ({sm.objective.name} LoRA defaults)" if sm.metadata is not None else ""), flush=True)
     latent_shape = (sm.model.model.latent_format.latent_channels, args.height // 8, args.width // 8)
     probe = torch.zeros(latent_shape)
 
@@ -378,7 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="python -m training", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{prepare,train,sample}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{prepare,train,pairs,sample}")
 
     p = sub.add_parser("prepare", help="image folder + captions -> latent cache")
     p.add_argument("--dataset", required=True, help="folder of images with same-name .txt captions (nested folders allowed)")
@@ -389,16 +538,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=4, help="images per VAE call (default 4)")
     p.set_defaults(func=cmd_prepare)
 
-    t = sub.add_parser("train", help="latent cache + checkpoint -> Diff2Flow LoRA")
+    t = sub.add_parser("train", help="latent cache (or reflow pairs) + checkpoint -> Diff2Flow LoRA")
     t.add_argument("--config", help="TOML file with any of the options below (flags override it)")
     t.add_argument("--cache", default=None, help="latent cache folder from prepare")
+    t.add_argument("--pairs", default=None, help="instead of --cache: a reflow pairs folder from the pairs command "
+                   "(train it with --objective reflow)")
     t.add_argument("--checkpoint", default=None, help="the base SD checkpoint")
     t.add_argument("--output", default=None, help="output folder for the LoRA, saves, state, metrics.jsonl and loss.png")
     t.add_argument("--name", default=None, help="file name stem of the LoRA (default diff2flow_lora)")
     t.add_argument("--resume", default=None, help="a .d2fstate file to continue exactly (its options are used)")
     t.add_argument("--overwrite", action="store_true", help="replace the files of an earlier run with the same --name")
-    add_train_config_flags(t)
+    add_config_flags(t)
     t.set_defaults(func=cmd_train)
+
+    r = sub.add_parser("pairs", help="checkpoint (+ LoRA) + prompts -> reflow pairs of its ODE")
+    r.add_argument("--config", help="TOML file with any of the options below (flags override it)")
+    r.add_argument("--checkpoint", default=None, help="the teacher's SD1.x / SD2.x / SDXL checkpoint")
+    r.add_argument("--lora", default=None, help="a LoRA applied to the teacher (k-times reflow: the previous reflow LoRA)")
+    r.add_argument("--prompts", default=None, help="a text file with one prompt per line (pair i uses prompt i mod N)")
+    r.add_argument("--output", default=None, help="the pairs folder (created; a rerun resumes or appends to it)")
+    add_config_flags(r, PairsConfig, "pair options")
+    r.set_defaults(func=cmd_pairs)
 
     s = sub.add_parser("sample", help="checkpoint (+ LoRA) + prompts -> PNGs with FM Euler")
     s.add_argument("--checkpoint", required=True)
@@ -408,14 +568,17 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--prompts-file", default=None, help="a text file with one prompt per line")
     s.add_argument("--negative", default="", help="negative prompt for CFG (default empty)")
     s.add_argument("--output", required=True, help="folder for the PNGs")
-    s.add_argument("--steps", type=int, default=20)
-    s.add_argument("--cfg", type=float, default=5.0)
+    s.add_argument("--steps", type=int, default=None,
+                   help="sampler steps (default: the LoRA's recommended steps, else its objective's: 20)")
+    s.add_argument("--cfg", type=float, default=None,
+                   help="guidance scale (default: the LoRA's recommended cfg, else its objective's: 5)")
     s.add_argument("--shift", type=float, default=1.0, help="SD3-style time shift of the FM grid (1 = uniform)")
     s.add_argument("--start", choices=list(START_RULES), default="sigma_max",
                    help="where sampling starts on SD models without zero terminal SNR: sigma_max (0.936 * noise) "
                         "or noise (pure noise at sigma 1; only the first step changes; docs/MATH.md section 10)")
-    s.add_argument("--sampler", choices=list(SAMPLERS), default="euler",
-                   help="; ".join(f"{n}: {r.description}" for n, r in SAMPLERS.items()))
+    s.add_argument("--sampler", choices=list(SAMPLERS), default=None,
+                   help="; ".join(f"{n}: {r.description}" for n, r in SAMPLERS.items())
+                   + " (default: the LoRA's recommended sampler, else euler)")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--width", type=int, default=512)
     s.add_argument("--height", type=int, default=512)
@@ -424,7 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override the LoRA metadata's zero terminal SNR (v models only)")
     s.set_defaults(func=cmd_sample)
 
-    for sp in (p, t, s):
+    for sp in (p, t, r, s):
         sp.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
         sp.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
     return parser
@@ -438,10 +601,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from d2f_host.bootstrap import HostError
 
     from .files import OutputExists
+    from .pairs import PairsError
 
     try:
         return args.func(args) or 0
     # OSError: an unwritable output folder or a full disk (the previous files were kept)
-    except (CliError, DatasetError, HostError, OutputExists, TrainingError, OSError) as exc:
+    except (CliError, DatasetError, HostError, OutputExists, PairsError, TrainingError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

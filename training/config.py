@@ -1,15 +1,16 @@
-"""Training options: one dataclass for the node, the CLI and the training state.
+"""Options: one dataclass for the training node, the CLI and the training state (:class:`TrainConfig`),
+and one for reflow pair generation (:class:`PairsConfig`).
 
 Every field carries its own help text, choices, range and UI step (``dataclasses.field``
 metadata, read through :func:`option_specs`); the Train Diff2Flow LoRA node builds its inputs and
-``python -m training train`` its flags from them, so an option is declared once, here.
+``python -m training train`` / ``pairs`` their flags from them, so an option is declared once, here.
 """
 from __future__ import annotations
 
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Optional, Sequence
 
-from d2f_core import OBJECTIVES, TIMESTEP_SAMPLERS
+from d2f_core import OBJECTIVES, SAMPLERS, TIMESTEP_SAMPLERS
 from d2f_core.lora import ALGORITHMS, TARGETS
 
 OPTIMIZERS = ("AdamW", "Adam", "SGD", "AdamW8bit")
@@ -147,10 +148,65 @@ def available_choices(spec: OptionSpec) -> tuple[str, ...]:
     return tuple(choices)
 
 
-def option_specs() -> list[OptionSpec]:
-    """Every TrainConfig option with its type, default, help, choices and range, in field order."""
+@dataclass
+class PairsConfig:
+    """Every option of reflow pair generation (training/pairs.py) but the files: the teacher's ODE
+    solve, the per-index seed, the size and how the work is batched and sharded."""
+
+    count: int = option(1000, "Pairs the folder should hold: a rerun with a larger count generates only the missing "
+                        "ones.", min=1, max=100_000_000)
+    steps: int = option(32, "Teacher ODE steps per pair (measured on the demo: the 32-step result is within the "
+                        "sampling noise of 100 steps).", min=1, max=1000)
+    cfg: float = option(5.0, "Classifier-free guidance of the teacher (the student samples at cfg 1: the guidance "
+                        "is built into its pairs).", min=0.0, max=100.0, step=0.1)
+    sampler: str = option("euler", "; ".join(f"{s.name}: {s.description}" for s in SAMPLERS.values()), choices=tuple(SAMPLERS))
+    shift: float = option(1.0, "SD3-style time shift of the teacher's FM sigma grid (1 = uniform).", min=0.01, max=100.0, step=0.01)
+    seed: int = option(0, "Seed of the noise: pair i's noise comes from (seed, i) alone.", min=0, max=0xFFFFFFFFFFFFFFFF)
+    width: int = option(512, "Image width in pixels (a multiple of 8).", min=64, max=8192, step=8)
+    height: int = option(512, "Image height in pixels (a multiple of 8).", min=64, max=8192, step=8)
+    batch_size: int = option(8, "Pairs per network batch (a resume or append must use the same: it decides the "
+                             "last bits of every pair).", min=1, max=4096)
+    shard_size: int = option(256, "Pairs per shard file, a multiple of batch_size: what an interruption can lose, and "
+                             "the unit of work of a torchrun process.", min=1, max=1_000_000)
+    lora_strength: float = option(1.0, "Strength of the teacher's LoRA (k-times reflow: the previous reflow LoRA).",
+                                  min=-10.0, max=10.0, step=0.01)
+    negative: str = option("", "Negative prompt of the guidance (the empty prompt by default).")
+    zero_terminal_snr: bool = option(False, "Sample the teacher with zero terminal SNR (v-prediction only; a teacher "
+                                     "LoRA trained with it turns it on by itself).")
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
+        for name in ("width", "height"):
+            if getattr(self, name) % 8:
+                raise ValueError(f"{name} must be a multiple of 8, got {getattr(self, name)}")
+        if self.shard_size % self.batch_size:
+            raise ValueError(f"shard_size {self.shard_size} must be a multiple of batch_size {self.batch_size}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def check_ranges(config: Any) -> None:
+    """Every option of ``config`` of its declared type, among its choices and within its range
+    (``ValueError`` naming the option)."""
+    for spec in option_specs(type(config)):
+        value = getattr(config, spec.name)
+        if spec.type is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+            setattr(config, spec.name, value)
+        if not isinstance(value, spec.type) or (spec.type is int and isinstance(value, bool)):
+            raise ValueError(f"{spec.name} must be {spec.type.__name__}, got {value!r}")
+        if spec.choices is not None and value not in spec.choices:
+            raise ValueError(f"{spec.name}={value!r} is not supported: choose one of {', '.join(spec.choices)}")
+        if (spec.min is not None and value < spec.min) or (spec.max is not None and value > spec.max):
+            raise ValueError(f"{spec.name} must lie in [{spec.min:g}, {spec.max:g}], got {value!r}")
+
+
+def option_specs(cls: type = TrainConfig) -> list[OptionSpec]:
+    """Every option of ``cls`` (:class:`TrainConfig` or :class:`PairsConfig`) with its type, default,
+    help, choices and range, in field order."""
     specs = []
-    for f in fields(TrainConfig):
+    for f in fields(cls):
         default = f.default if f.default is not MISSING else None
         meta = f.metadata
         specs.append(OptionSpec(f.name, type(default), default, meta.get("help", f.name), meta.get("choices"),

@@ -161,7 +161,9 @@ class Trainer:
         if cfg.caption_dropout > 0 and self.data.uncond is not None:
             dropout = torch.rand(cfg.batch_size, generator=gen) < cfg.caption_dropout
         x0, cond = self.data.batch(indices, dropout)
-        paired = self.data.batch_extras(indices).get("noise")
+        # the data's noise is used only by an objective that trains on pairs (teacher samples trained
+        # under diff2flow draw fresh noise, as any other data does)
+        paired = self.data.batch_extras(indices).get("noise") if self.objective.paired_noise else None
         noise, times = self.objective.draw(x0, self.d2f, gen, paired, **cfg.timestep_options())
         shard = slice(self.rank * cfg.batch_size // self.world_size, (self.rank + 1) * cfg.batch_size // self.world_size)
         x0, noise, times = (t[shard].to(self.device) for t in (x0, noise, times))

@@ -15,6 +15,7 @@ leaves a corrupt file under the final name, and the previous file stays as it wa
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import pathlib
 import re
@@ -28,7 +29,7 @@ from d2f_core.lora_metadata import LoraMetadata
 
 __all__ = [
     "STATE_SUFFIX", "RunFiles", "OutputExists", "atomic_write", "ensure_writable_folder", "save_lora",
-    "save_training_state", "load_training_state", "sanitize_filename",
+    "save_training_state", "load_training_state", "sanitize_filename", "file_sha256",
 ]
 
 # not a model extension, so LoRA loaders never list training states
@@ -54,6 +55,15 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> pathl
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def file_sha256(path: str | os.PathLike, length: int = 16) -> str:
+    """The first ``length`` hex digits of a file's SHA-256 (its identity wherever it is moved)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:length]
 
 
 def ensure_writable_folder(folder: str | os.PathLike) -> pathlib.Path:

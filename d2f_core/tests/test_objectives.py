@@ -10,6 +10,7 @@ import d2f_core
 from d2f_core import GaussianMixture
 
 from d2f_core.tests.helpers import CASES, make_d2f, mixture, optimal_network
+from d2f_core.tests.reference import oracle_sigma_fm
 from d2f_core.tests.nets import TinyDenoiser
 
 
@@ -22,8 +23,9 @@ def test_objectives_give_finite_loss_and_gradients(objective: str, prediction: s
     x0 = torch.randn(6, 4, 8, 8, device=device)
     cond = torch.randn(6, 4, device=device)
     gen = torch.Generator(device=device).manual_seed(0)
+    paired = torch.randn(x0.shape, device=device) if d2f_core.get_objective(objective).paired_noise else None
     for sampling in d2f_core.TIMESTEP_SAMPLERS:
-        out = d2f_core.objective_loss(objective, net, d2f, x0, cond, timestep_sampling=sampling, generator=gen)
+        out = d2f_core.objective_loss(objective, net, d2f, x0, cond, noise=paired, timestep_sampling=sampling, generator=gen)
         net.zero_grad()
         out.loss.backward()
         assert torch.isfinite(out.loss) and out.loss > 0 and out.per_sample.shape == (6,)
@@ -181,3 +183,48 @@ def test_validation_loss_is_comparable_across_models() -> None:
             assert math.isclose(a, b, rel_tol=1e-6)
     naive = d2f_core.fm_validation_loss(d2f_core.naive_fm_velocity_fn(lambda x, t: gmm.fm_velocity(x, t / 1000)), x0)
     assert naive["per_segment"] == pytest.approx(exact["per_segment"], rel=1e-6)
+
+
+@pytest.mark.parametrize("prediction,zsnr", CASES)
+def test_reflow_loss_equals_a_hand_written_reference_on_the_pairs(prediction: str, zsnr: bool) -> None:
+    """reflow on given pairs (z, x0): the straight line between them, target z - x0, the velocity from
+    the raw output by the closed forms of docs/MATH.md section 3, written out here (not d2f_core's)."""
+    torch.manual_seed(0)
+    d2f = make_d2f(prediction, zsnr)
+    net = TinyDenoiser(channels=2).double()
+    gen = torch.Generator().manual_seed(4)
+    x0, z = torch.randn(2, 5, 2, 4, 4, generator=gen, dtype=torch.float64)
+    sigma = torch.tensor([0.05, 0.3, 0.5, 0.7, 0.93], dtype=torch.float64)
+    record = d2f_core.get_objective("reflow")
+    assert record.paired_noise and record.flow_model == "diff2flow" and record.cfg == 1.0
+    out = record.loss(net, d2f, x0, z, sigma)
+    s4 = sigma[:, None, None, None]
+    x = (1 - s4) * x0 + s4 * z
+    n = torch.sqrt(s4**2 + (1 - s4) ** 2)
+    raw = net(x / n, oracle_timestep(d2f, sigma))
+    v = (raw - x) / (1 - s4) if prediction == "eps" else (2 * s4 - 1) * x / n**2 + raw / n
+    torch.testing.assert_close(out.per_sample, (v - (z - x0)).pow(2).flatten(1).mean(1))
+    torch.testing.assert_close(out.target, z - x0)
+    # through the registry's draw: the pair's z is used as it is, only sigma is drawn
+    drawn_z, drawn_sigma = record.draw(x0, d2f, torch.Generator().manual_seed(1), z)
+    assert drawn_z is z and drawn_sigma.shape == (5,) and (drawn_sigma <= d2f.sigma_max).all()
+
+
+def oracle_timestep(d2f: d2f_core.Diff2Flow, sigma: torch.Tensor) -> torch.Tensor:
+    """The fractional timestep whose reference-interpolated noise level is ``sigma`` (bisection on
+    the reference interpolation of d2f_core/tests/reference.py, not on d2f_core's inverse)."""
+    low = torch.zeros_like(sigma)
+    high = torch.full_like(sigma, d2f.num_timesteps - 1.0)
+    for _ in range(60):
+        mid = (low + high) / 2
+        below = oracle_sigma_fm(d2f.alphas_cumprod, mid) < sigma
+        low, high = torch.where(below, mid, low), torch.where(below, high, mid)
+    return (low + high) / 2
+
+
+def test_reflow_refuses_data_without_pairs() -> None:
+    d2f = make_d2f("v", False)
+    with pytest.raises(ValueError, match="objective 'reflow' trains on \\(noise, image\\) pairs.*pairs folder"):
+        d2f_core.objective_loss("reflow", TinyDenoiser(channels=2), d2f, torch.zeros(2, 2, 4, 4))
+    with pytest.raises(ValueError, match="paired noise of shape \\(2, 2, 4, 4\\) does not match the latents \\(2, 2, 4, 2\\)"):
+        d2f_core.get_objective("reflow").draw(torch.zeros(2, 2, 4, 2), d2f, None, torch.zeros(2, 2, 4, 4))

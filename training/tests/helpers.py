@@ -34,7 +34,10 @@ def make_run(config: TrainConfig, prediction: str = "eps", n: int = 4, model_see
     data_gen = torch.Generator().manual_seed(7)
     latents = [torch.randn(4, 8, 8, generator=data_gen) for _ in range(n)]
     conds = [{"context": torch.randn(1, 3, 4, generator=data_gen)} for _ in range(n)]
-    data = TrainingData(latents, conds, uncond={"context": torch.zeros(1, 3, 4)})
+    # objectives that train on (noise, image) pairs get a fixed noise per latent, as a pairs folder holds
+    extras = [{"noise": torch.randn(4, 8, 8, generator=data_gen)} for _ in range(n)] \
+        if d2f_core.get_objective(config.objective).paired_noise else None
+    data = TrainingData(latents, conds, uncond={"context": torch.zeros(1, 3, 4)}, extras=extras)
     ac = d2f_core.scaled_linear()
     if config.zero_terminal_snr:
         ac = d2f_core.rescale_zero_terminal_snr(ac)

@@ -79,3 +79,47 @@ def test_module_entry_point_runs() -> None:
 def test_non_positive_counts_are_refused(name, capsys) -> None:
     assert main(["train", "--cache", "c", "--checkpoint", "m", "--output", "o", f"--{name}", "0"]) == 2
     assert f"{name} must be a positive integer" in capsys.readouterr().err
+
+
+def test_every_pairs_option_is_a_flag_and_a_toml_key(tmp_path) -> None:
+    from training.cli import PAIRS_RUN_KEYS, _pairs_values
+    from training.config import PairsConfig
+
+    parser = build_parser()
+    pairs = parser._subparsers._group_actions[0].choices["pairs"]
+    known = {s for action in pairs._actions for s in action.option_strings}
+    assert {f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(PairsConfig)} | {"--checkpoint", "--prompts", "--output"} <= known
+    write_toml(tmp_path / "pairs.toml", {"checkpoint": "/m.safetensors", "prompts": "/p.txt", "output": "/o",
+                                         **PairsConfig(count=64, steps=16, cfg=3.0, batch_size=4, shard_size=16).to_dict()},
+               table="pairs")
+    args = parser.parse_args(["pairs", "--config", str(tmp_path / "pairs.toml"), "--steps", "8", "--zero-terminal-snr"])
+    run, config = _pairs_values(args)  # TOML < flags
+    assert run == {"checkpoint": "/m.safetensors", "lora": None, "prompts": "/p.txt", "output": "/o"} and set(run) == set(PAIRS_RUN_KEYS)
+    assert (config.count, config.steps, config.cfg, config.batch_size, config.shard_size, config.zero_terminal_snr) == \
+        (64, 8, 3.0, 4, 16, True)
+
+
+def test_pairs_and_reflow_refusals_come_before_any_model_is_loaded(tmp_path, capsys) -> None:
+    (tmp_path / "empty.txt").write_text("\n  \n")
+    (tmp_path / "prompts.txt").write_text("a cat\n\na dog\n")
+    base = ["pairs", "--checkpoint", str(tmp_path / "m.safetensors"), "--output", str(tmp_path / "out")]
+    cases = [
+        (["pairs", "--output", "o"], "pairs needs --checkpoint, --prompts (as flags or keys of --config)"),
+        ([*base, "--prompts", str(tmp_path / "none.txt")], "--prompts " + str(tmp_path / "none.txt") + " does not exist"),
+        ([*base, "--prompts", str(tmp_path / "empty.txt")], "holds no prompt (only empty lines)"),
+        ([*base, "--prompts", str(tmp_path / "prompts.txt")], "--checkpoint " + str(tmp_path / "m.safetensors") + " does not exist"),
+        ([*base, "--prompts", str(tmp_path / "prompts.txt"), "--count", "0"], "invalid pairs option: count must lie in [1, "),
+        ([*base, "--prompts", str(tmp_path / "prompts.txt"), "--width", "100"], "width must be a multiple of 8, got 100"),
+        ([*base, "--prompts", str(tmp_path / "prompts.txt"), "--shard-size", "12"], "shard_size 12 must be a multiple of batch_size 8"),
+        (["train", "--cache", "c", "--checkpoint", "m", "--output", "o", "--objective", "reflow"],
+         "objective reflow trains on (noise, image) pairs: pass --pairs DIR"),
+        (["train", "--cache", "c", "--pairs", "p", "--checkpoint", "m", "--output", "o"], "--cache (a latent cache) or --pairs"),
+        (["train", "--pairs", str(tmp_path / "nope"), "--checkpoint", "m", "--output", "o", "--objective", "reflow"],
+         "it does not exist. Generate pairs first: python -m training pairs"),
+    ]
+    for argv, message in cases:
+        assert main(argv) == 2, argv
+        assert message in capsys.readouterr().err, argv
+    (tmp_path / "bad.toml").write_text("[pairs]\ncounts = 3\n")
+    assert main(["pairs", "--config", str(tmp_path / "bad.toml")]) == 2
+    assert "unknown keys counts" in capsys.readouterr().err

@@ -20,10 +20,12 @@ def test_each_objective_overfits_a_fixed_batch(objective: str, prediction: str) 
 
     def fixed_loss() -> float:  # the objective on the same noise and times before and after
         x0, cond = trainer.data.batch(list(range(4)))
+        paired = trainer.data.batch_extras(list(range(4))).get("noise")  # reflow's pairs (None for the others)
         gen = torch.Generator().manual_seed(99)
         with torch.no_grad():
             return sum(
-                d2f_core.objective_loss(objective, net, trainer.d2f, x0, generator=gen, **cond).loss.item() for _ in range(16)
+                d2f_core.objective_loss(objective, net, trainer.d2f, x0, noise=paired, generator=gen, **cond).loss.item()
+                for _ in range(16)
             ) / 16
 
     before = fixed_loss()
@@ -152,3 +154,18 @@ def test_mismatched_data_is_refused() -> None:
         TrainingData([], [])
     with pytest.raises(ValueError, match="3 latents but 2 conditionings"):
         TrainingData([torch.zeros(4, 8, 8)] * 3, [{"context": torch.zeros(1, 3, 4)}] * 2)
+
+
+def test_reflow_is_refused_without_paired_noise_and_others_ignore_it() -> None:
+    from training import Trainer, TrainingData
+
+    trainer, net, adapters = make_run(TrainConfig(steps=1, batch_size=2))
+    plain = TrainingData(trainer.data.latents, trainer.data.conds, trainer.data.uncond)
+    with pytest.raises(ValueError, match="objective 'reflow' trains on \\(noise, image\\) pairs.*pairs folder"):
+        Trainer(net, adapters, trainer.d2f, TrainConfig(objective="reflow", steps=1), plain)
+    # diff2flow on data that carries pairs draws its own noise: the same loss with or without the pairs
+    paired = TrainingData(plain.latents, plain.conds, plain.uncond, extras=[{"noise": torch.ones_like(x)} for x in plain.latents])
+    config = TrainConfig(steps=1, batch_size=2, seed=5)
+    with_pairs = Trainer(net, adapters, trainer.d2f, config, paired).train_step()
+    trainer, net, adapters = make_run(config)
+    assert trainer.train_step() == pytest.approx(with_pairs, rel=1e-6)

@@ -1,0 +1,135 @@
+"""Reflow headless end to end in a real ComfyUI 0.8.0 (tiny SD1.5-shaped checkpoint): python -m training pairs -> train --pairs --objective reflow -> sample; see test_comfy_reflow.py for the node.
+``pairs`` -> ``train --pairs --objective reflow`` -> ``sample`` with the LoRA's recommended settings,
+the LoRA in stock ComfyUI with no missing keys, appending pairs, k-times reflow (a reflow LoRA as
+the teacher) and a checkpoint that cannot be converted."""
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+
+import pytest
+
+from comfy_harness import require_comfyui
+
+require_comfyui()
+
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+
+from d2f_core.lora_metadata import read_lora_metadata  # noqa: E402
+from training.cli import main  # noqa: E402
+from training.pairs import load_pairs, pair_shards  # noqa: E402
+
+SIZE = ["--width", "64", "--height", "64"]
+
+
+@pytest.fixture(scope="module")
+def fp32_text_encoder(comfy_nodes):
+    import comfy.cli_args
+
+    before = comfy.cli_args.args.fp32_text_enc
+    comfy.cli_args.args.fp32_text_enc = True  # CLIP in fp32: fp16 matmuls are slow on CPU
+    yield
+    comfy.cli_args.args.fp32_text_enc = before
+
+
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory) -> pathlib.Path:
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text("a photo of a cat\n\na drawing of a house\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def pairs_folder(tiny_sd15_file, prompts, tmp_path_factory, fp32_text_encoder) -> pathlib.Path:
+    out = tmp_path_factory.mktemp("reflow") / "pairs"
+    assert main(["pairs", "--checkpoint", str(tiny_sd15_file), "--prompts", str(prompts), "--count", "4", "--steps", "3",
+                 "--cfg", "3", *SIZE, "--batch-size", "2", "--shard-size", "2", "--output", str(out), "--no-progress"]) == 0
+    return out
+
+
+def test_pairs_command_writes_shards_manifest_and_the_options(pairs_folder, tiny_sd15_file) -> None:
+    assert [(a, b) for a, b, _ in pair_shards(pairs_folder)] == [(0, 2), (2, 4)]
+    manifest = json.loads((pairs_folder / "manifest.json").read_text())
+    settings = manifest["settings"]
+    assert (manifest["count"], settings["steps"], settings["cfg"], settings["shape"]) == (4, 3, 3.0, [4, 8, 8])
+    assert settings["teacher"]["prediction"] == "eps" and len(settings["teacher"]["checkpoint_hash"]) == 16
+    assert settings["sigma_max"] == pytest.approx(0.93596, abs=1e-4)  # an SD eps model starts at its sigma_max
+    assert manifest["labels"] == ["a photo of a cat", "a drawing of a house"]
+    assert manifest["sources"]["checkpoint"] == str(tiny_sd15_file.resolve())
+    pairs = load_pairs(pairs_folder)
+    assert pairs.conds[0]["context"].shape == (1, 77, 768) and pairs.uncond["context"].shape == (1, 77, 768)
+    assert torch.isfinite(pairs.latents).all() and not torch.equal(pairs.latents[0], pairs.latents[2])
+    assert "[pairs]" in (pairs_folder / "pairs.toml").read_text()
+
+
+def test_a_larger_count_appends_and_keeps_the_finished_pairs(pairs_folder, tiny_sd15_file, prompts, capsys) -> None:
+    before = {p.name: load_file(str(p)) for _, _, p in pair_shards(pairs_folder)}
+    assert main(["pairs", "--config", str(pairs_folder / "pairs.toml"), "--count", "6", "--no-progress"]) == 0
+    assert "6 pairs in" in capsys.readouterr().out
+    after = {p.name: load_file(str(p)) for _, _, p in pair_shards(pairs_folder)}
+    assert sorted(after) == sorted(before) + ["pairs-000000004-000000006.safetensors"]
+    assert all(torch.equal(after[n][k], t) for n, tensors in before.items() for k, t in tensors.items())
+    # other settings into the same folder are refused, naming the difference
+    assert main(["pairs", "--config", str(pairs_folder / "pairs.toml"), "--cfg", "4", "--no-progress"]) == 2
+    assert "other settings (cfg: folder 3.0, now 4.0)" in capsys.readouterr().err
+
+
+def test_reflow_trains_on_the_pairs_and_samples_with_the_loras_defaults(pairs_folder, tiny_sd15_file, tmp_path, caplog,
+                                                                       capsys) -> None:
+    run = tmp_path / "run"
+    assert main(["train", "--pairs", str(pairs_folder), "--checkpoint", str(tiny_sd15_file), "--output", str(run),
+                 "--objective", "reflow", "--steps", "3", "--batch-size", "2", "--rank", "4", "--learning-rate", "1e-3",
+                 "--targets", "attention_ff", "--no-progress"]) == 0
+    lora_path = run / "diff2flow_lora.safetensors"
+    meta = read_lora_metadata(lora_path)
+    assert (meta.objective, meta.steps, meta.sampler, meta.sampling_steps, meta.sampling_cfg, meta.teacher_cfg) == \
+        ("reflow", 3, "euler", 2, 1.0, 3.0)
+    assert 'pairs = "' in (run / "diff2flow_lora.toml").read_text()
+
+    import comfy.sd
+    import comfy.utils
+
+    model, _, _ = comfy.sd.load_checkpoint_guess_config(str(tiny_sd15_file))[:3]
+    lora = comfy.utils.load_torch_file(str(lora_path), safe_load=True)
+    with caplog.at_level(logging.WARNING):
+        patched, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)
+    assert not [r for r in caplog.records if "lora key not loaded" in r.getMessage()]
+    assert len(patched.patches) == len(lora) // 3
+
+    samples = tmp_path / "samples"
+    capsys.readouterr()
+    assert main(["sample", "--checkpoint", str(tiny_sd15_file), "--lora", str(lora_path), "--prompt", "a photo of a cat",
+                 *SIZE, "--output", str(samples), "--no-progress"]) == 0
+    assert "sampling with FM euler, 2 steps, cfg 1 (reflow LoRA defaults)" in capsys.readouterr().out
+    (png,) = samples.glob("*.png")
+    assert "steps 2, cfg 1.0" in Image.open(png).text["parameters"]
+    # a flag still wins over the metadata
+    assert main(["sample", "--checkpoint", str(tiny_sd15_file), "--lora", str(lora_path), "--prompt", "a photo of a cat",
+                 *SIZE, "--steps", "3", "--output", str(tmp_path / "s3"), "--no-progress"]) == 0
+    (png,) = (tmp_path / "s3").glob("*.png")
+    assert "steps 3, cfg 1.0" in Image.open(png).text["parameters"]
+
+    # k-times reflow: the reflow LoRA is the next teacher; the manifest names it
+    again = tmp_path / "pairs2"
+    assert main(["pairs", "--checkpoint", str(tiny_sd15_file), "--lora", str(lora_path), "--prompts", str(_prompts(tmp_path)),
+                 "--count", "2", "--steps", "2", "--cfg", "1", *SIZE, "--batch-size", "2", "--shard-size", "2",
+                 "--output", str(again), "--no-progress"]) == 0
+    teacher = json.loads((again / "manifest.json").read_text())["settings"]["teacher"]
+    assert teacher["objective"] == "reflow" and teacher["lora_strength"] == 1.0 and len(teacher["lora_sha256"]) == 16
+
+
+def _prompts(folder: pathlib.Path) -> pathlib.Path:
+    path = folder / "one.txt"
+    path.write_text("a photo of a cat\n", encoding="utf-8")
+    return path
+
+
+def test_a_checkpoint_that_is_no_sd_model_is_refused(tmp_path, prompts, capsys) -> None:
+    save_file({"foo.weight": torch.zeros(3, 3)}, str(tmp_path / "junk.safetensors"))
+    assert main(["pairs", "--checkpoint", str(tmp_path / "junk.safetensors"), "--prompts", str(prompts), "--count", "2",
+                 *SIZE, "--output", str(tmp_path / "p"), "--no-progress"]) == 2
+    assert "could not be loaded as an SD model" in capsys.readouterr().err
+    assert not (tmp_path / "p").exists()  # nothing was written

@@ -1,0 +1,463 @@
+"""Reflow pairs: (noise, image) couplings of a teacher's probability-flow ODE, in safetensors shards.
+
+For each index ``i`` the noise ``z_i`` comes from a seed derived from ``(seed, i)`` alone, the
+conditioning is prompt ``i mod P``, and the teacher's ODE is integrated from ``sigma_max * z_i``
+down to sigma = 0 with a ``d2f_core.SAMPLERS`` sampler (optionally with CFG), giving ``x0_i``. The
+reflow objective then trains on the straight line between ``z_i`` and ``x0_i`` (docs/MATH.md
+sections 6 and 12). Time convention: FM sigma in [0, 1], sigma = 1 is noise.
+
+Folder layout::
+
+    manifest.json                      format, the settings every pair depends on, count, sources
+    conds.safetensors                  "<prompt id>/<name>": the teacher's network keyword arguments per
+                                       prompt (batch dimension 1); "uncond/<name>": the negative's
+    pairs-<start>-<stop>.safetensors   "noise", "latent" [N, C, H, W] float32, "index", "prompt" [N] int64
+                                       for the indices start <= i < stop
+
+Determinism: a network batch is always the aligned block of ``batch_size`` indices
+``[j * B, (j + 1) * B)``, computed whole (a block that reaches past ``count`` too: its extra pairs are
+dropped), so every pair is computed in the same batch whatever the count, the shard layout, the
+number of processes or the point a run was resumed from: the pairs are bit-identical on the CPU.
+
+Resumable and appendable: a run generates only the indices no shard holds yet (a larger count
+appends); each shard is written atomically when finished, so an interrupted run, a cancel or a full
+disk keeps every finished shard. Several processes (torchrun) take disjoint shards; rank 0 writes
+the manifest. This module does not import ComfyUI: the teacher is a velocity function.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import pathlib
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Sequence
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import d2f_core
+
+from .data import TrainingData
+from .files import atomic_write, ensure_writable_folder
+
+__all__ = [
+    "FORMAT", "PairSettings", "PairProgress", "PairsSummary", "PairsError", "Pairs", "pair_seed", "pair_noise",
+    "generate_pairs", "load_pairs", "pair_shards",
+]
+
+FORMAT = "diff2flow-reflow-pairs/1"
+MANIFEST = "manifest.json"
+CONDS = "conds.safetensors"
+_SHARD = re.compile(r"^pairs-(\d{9})-(\d{9})\.safetensors$")
+
+Cond = dict[str, torch.Tensor]
+# fn(x_sigma [B, C, H, W], sigma [B], cond: network keyword arguments batched like x) -> velocity
+VelocityFn = Callable[[torch.Tensor, torch.Tensor, Cond], torch.Tensor]
+
+
+class PairsError(ValueError):
+    """A pairs folder or request that cannot be used, with the fix named."""
+
+
+@dataclass(frozen=True)
+class PairSettings:
+    """Everything a pair depends on; a run that resumes or appends to a folder must use the same.
+
+    ``teacher`` identifies the teacher model (checkpoint hash, LoRA, prediction, ...: whatever the
+    caller can name it by; compared as a whole). ``shape`` is the latent shape [C, H, W];
+    ``sigma_max`` the teacher's noisiest level (sampling starts at ``sigma_max * z``);
+    ``shift`` the time shift of the FM sigma grid. ``batch_size`` is part of the settings because
+    the batch a pair is computed in decides its last bits.
+    """
+
+    shape: tuple[int, int, int]
+    sigma_max: float = 1.0
+    sampler: str = "euler"
+    steps: int = 32
+    cfg: float = 1.0
+    shift: float = 1.0
+    seed: int = 0
+    batch_size: int = 8
+    teacher: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+        if len(self.shape) != 3 or min(self.shape) < 1:
+            raise PairsError(f"shape must be [channels, height, width] of positive sizes, got {list(self.shape)}")
+        d2f_core.get_sampler(self.sampler)
+        for name in ("steps", "batch_size"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise PairsError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if not isinstance(self.seed, int) or self.seed < 0:
+            raise PairsError(f"seed must be an integer >= 0, got {self.seed!r}")
+        if not 0 < self.sigma_max <= 1:
+            raise PairsError(f"sigma_max must lie in (0, 1], got {self.sigma_max}")
+        if not self.shift > 0 or not math.isfinite(self.cfg):
+            raise PairsError(f"shift must be > 0 and cfg finite, got shift {self.shift}, cfg {self.cfg}")
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["shape"] = list(self.shape)
+        return out
+
+    def sigmas(self) -> torch.Tensor:
+        """The teacher's FM sigma grid, from ``sigma_max`` to 0 (float64)."""
+        return d2f_core.fm_sigmas(self.steps, sigma_max=self.sigma_max, shift=self.shift)
+
+
+@dataclass
+class PairProgress:
+    """One progress report: ``done`` of ``total`` pairs of this process, ``seconds`` since it
+    started generating, and the last batch's images (``latest`` [B, C, H, W], for previews)."""
+
+    done: int
+    total: int
+    seconds: float
+    latest: torch.Tensor
+
+    @property
+    def pairs_per_second(self) -> float:
+        return self.done / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass
+class PairsSummary:
+    folder: pathlib.Path
+    count: int  # pairs the folder holds now (all processes)
+    generated: int  # by this process in this run
+    reused: int  # already in the folder when the run started
+    seconds: float
+
+    def report(self) -> str:
+        rate = self.generated / self.seconds if self.seconds > 0 else 0.0
+        return (f"{self.count} pairs in {self.folder}: {self.generated} generated in {self.seconds:.1f} s "
+                f"({rate:.2f} pairs/s), {self.reused} already there")
+
+
+# ------------------------------------------------------------------------------ per-index randomness
+def pair_seed(seed: int, index: int) -> int:
+    """The seed of pair ``index``: a hash of ``(seed, index)``, the same on every platform and
+    independent of how the indices are split into shards, batches or processes."""
+    digest = hashlib.sha256(f"diff2flow-pair/{seed}/{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+
+
+def pair_noise(seed: int, index: int, shape: Sequence[int]) -> torch.Tensor:
+    """The standard normal noise ``z_index`` (float32, drawn on the CPU so every device agrees)."""
+    return torch.randn(tuple(shape), generator=torch.Generator().manual_seed(pair_seed(seed, index)))
+
+
+# ------------------------------------------------------------------------------ the folder
+def pair_shards(folder: str | os.PathLike) -> list[tuple[int, int, pathlib.Path]]:
+    """The finished shards of a pairs folder as ``(start, stop, path)``, sorted."""
+    folder = pathlib.Path(folder)
+    found = []
+    for path in folder.glob("pairs-*.safetensors"):
+        match = _SHARD.match(path.name)
+        if match:
+            found.append((int(match.group(1)), int(match.group(2)), path))
+    return sorted(found)
+
+
+def _covered(shards: list[tuple[int, int, pathlib.Path]]) -> set[int]:
+    return {i for start, stop, _ in shards for i in range(start, stop)}
+
+
+def _read_manifest(folder: pathlib.Path) -> Optional[dict]:
+    path = folder / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as exc:
+        raise PairsError(f"{path} is not valid JSON ({exc}): generate into an empty folder") from exc
+    if manifest.get("format") != FORMAT:
+        raise PairsError(f"{folder} is not a Diff2Flow pairs folder ({path.name} has format {manifest.get('format')!r}): "
+                         "generate into an empty folder")
+    return manifest
+
+
+def _write_manifest(folder: pathlib.Path, manifest: dict) -> None:
+    text = json.dumps(manifest, indent=1, sort_keys=True)
+    atomic_write(folder / MANIFEST, lambda tmp: pathlib.Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def _flat_conds(conds: Sequence[Cond], uncond: Optional[Cond]) -> dict[str, torch.Tensor]:
+    flat = {f"{i}/{k}": v.detach().cpu().contiguous() for i, c in enumerate(conds) for k, v in c.items()}
+    if uncond is not None:
+        flat.update({f"uncond/{k}": v.detach().cpu().contiguous() for k, v in uncond.items()})
+    return flat
+
+
+def _split_conds(flat: dict[str, torch.Tensor], prompts: int) -> tuple[list[Cond], Optional[Cond]]:
+    conds: list[Cond] = [{} for _ in range(prompts)]
+    uncond: Cond = {}
+    for key, value in flat.items():
+        owner, name = key.split("/", 1)
+        if owner == "uncond":
+            uncond[name] = value
+        else:
+            conds[int(owner)][name] = value
+    return conds, uncond or None
+
+
+def _check_same_conds(folder: pathlib.Path, flat: dict[str, torch.Tensor]) -> None:
+    """The folder's conditionings are this run's (up to the round-off of encoding on another device)."""
+    stored = load_file(str(folder / CONDS))
+    same = stored.keys() == flat.keys() and all(
+        stored[k].shape == flat[k].shape and torch.allclose(stored[k].float(), flat[k].float(), rtol=1e-3, atol=1e-4)
+        for k in flat)
+    if not same:
+        raise PairsError(f"{folder} holds pairs generated from other prompts (or another negative prompt / text "
+                         "encoder): use the same prompts to resume or append, or generate into a new folder")
+
+
+def _check_folder(folder: pathlib.Path, settings: PairSettings, flat: dict[str, torch.Tensor], labels: list[str]) -> int:
+    """Check that ``folder`` may receive these pairs; returns the count its manifest records (0 if new)."""
+    manifest = _read_manifest(folder) if folder.is_dir() else None
+    if manifest is None:
+        if folder.is_dir() and pair_shards(folder):
+            raise PairsError(f"{folder} holds pair shards but no {MANIFEST}: generate into an empty folder")
+        return 0
+    saved = manifest["settings"]
+    mine = settings.to_dict()
+    differs = [f"{k}: folder {saved.get(k)!r}, now {mine[k]!r}" for k in mine if saved.get(k) != mine[k]]
+    if differs:
+        raise PairsError(f"{folder} holds pairs generated with other settings ({'; '.join(differs)}): use the same "
+                         "settings to resume or append, or generate into a new folder")
+    if not (folder / CONDS).is_file():
+        raise PairsError(f"{folder} is incomplete ({CONDS} is missing): generate into a new folder")
+    if labels and manifest.get("labels") and manifest["labels"] != labels:
+        raise PairsError(f"{folder} holds pairs of other prompts ({len(manifest['labels'])} prompts, the first "
+                         f"{manifest['labels'][0]!r}): use the same prompts to resume or append, or generate into a new folder")
+    _check_same_conds(folder, flat)
+    return int(manifest.get("count", 0))
+
+
+# ------------------------------------------------------------------------------ work plan
+def _units(count: int, shard_size: int, have: set[int]) -> list[tuple[int, int]]:
+    """The shards still to write: maximal runs of missing indices within each aligned block of
+    ``shard_size`` indices, as ``(start, stop)``."""
+    units = []
+    for block in range(0, count, shard_size):
+        start = None
+        for i in range(block, min(block + shard_size, count) + 1):
+            missing = i < min(block + shard_size, count) and i not in have
+            if missing and start is None:
+                start = i
+            elif not missing and start is not None:
+                units.append((start, i))
+                start = None
+    return units
+
+
+def _match_tokens(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-attention contexts of different token counts repeated to a common count (as ComfyUI
+    concatenates a long prompt with a short negative): repeating the keys and values of
+    attention leaves its output unchanged."""
+    if a.ndim != 3 or b.ndim != 3 or a.shape[1] == b.shape[1]:
+        return a, b
+    common = math.lcm(a.shape[1], b.shape[1])
+    return a.repeat(1, common // a.shape[1], 1), b.repeat(1, common // b.shape[1], 1)
+
+
+def _batch_conds(conds: Sequence[Cond], uncond: Optional[Cond], prompt_ids: list[int],
+                 device: torch.device) -> tuple[Cond, Optional[Cond]]:
+    cond = {k: torch.cat([conds[p][k] for p in prompt_ids]).to(device) for k in conds[prompt_ids[0]]}
+    if uncond is None:
+        return cond, None
+    neg = {k: v.to(device).expand(len(prompt_ids), *v.shape[1:]) for k, v in uncond.items()}
+    for k in cond.keys() & neg.keys():
+        cond[k], neg[k] = _match_tokens(cond[k], neg[k])
+    return cond, neg
+
+
+@torch.no_grad()
+def _generate_block(velocity: VelocityFn, conds: Sequence[Cond], uncond: Optional[Cond], settings: PairSettings,
+                    block: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(indices, noise, x0)`` of the aligned batch block ``block`` (all ``batch_size`` indices).
+
+    Prompts whose conditionings differ in shape (a long prompt) are sampled as separate groups, in
+    index order, so the grouping too depends on the indices alone."""
+    size = settings.batch_size
+    indices = torch.arange(block * size, (block + 1) * size)
+    noise = torch.stack([pair_noise(settings.seed, int(i), settings.shape) for i in indices])
+    prompt = indices % len(conds)
+    groups: dict[tuple, list[int]] = {}
+    for j, p in enumerate(prompt.tolist()):
+        groups.setdefault(tuple((k, tuple(v.shape)) for k, v in sorted(conds[p].items())), []).append(j)
+    x0 = torch.empty_like(noise)
+    sampler, sigmas = d2f_core.get_sampler(settings.sampler), settings.sigmas()
+    for members in groups.values():
+        cond, neg = _batch_conds(conds, uncond if settings.cfg != 1.0 else None, prompt[members].tolist(), device)
+        guided = d2f_core.cfg_velocity(velocity, cond, neg, settings.cfg)
+        x = (settings.sigma_max * noise[members]).to(device)
+        x0[members] = sampler(guided, x, sigmas).float().cpu()
+    return indices, noise, x0
+
+
+# ------------------------------------------------------------------------------ generation
+def generate_pairs(
+    velocity: VelocityFn,
+    conds: Sequence[Cond],
+    folder: str | os.PathLike,
+    count: int,
+    settings: PairSettings,
+    uncond: Optional[Cond] = None,
+    *,
+    shard_size: int = 256,
+    device: torch.device | str = "cpu",
+    rank: int = 0,
+    world_size: int = 1,
+    barrier: Callable[[], None] = lambda: None,
+    progress: Optional[Callable[[PairProgress], None]] = None,
+    check_cancel: Optional[Callable[[], None]] = None,
+    labels: Optional[Sequence[str]] = None,
+    sources: Optional[dict[str, Any]] = None,
+) -> PairsSummary:
+    """Generate the pairs ``0 .. count - 1`` that ``folder`` does not hold yet.
+
+    Args:
+        velocity: the teacher as ``fn(x_sigma, sigma, cond) -> v`` (FM convention; for a Diff2Flow
+            model ``Objective.velocity_fn(network, d2f)`` of its objective).
+        conds: the network keyword arguments of each prompt (tensors with batch dimension 1); pair
+            ``i`` uses ``conds[i % len(conds)]``. ``uncond``: the negative's, required for ``cfg != 1``.
+        count: the pairs the folder should hold; ``settings``: what every pair depends on.
+        shard_size: pairs per shard file (a multiple of ``settings.batch_size``): the unit that an
+            interruption can lose and the unit of work of a process.
+        rank, world_size, barrier: this process's place among torchrun processes and a function that
+            waits for all of them (``training.distributed.barrier``); each process takes every
+            ``world_size``-th missing shard, and rank 0 writes the manifest.
+        progress: called after each batch with a :class:`PairProgress`; ``check_cancel``: called
+            before each batch, raises to stop (finished shards are kept).
+        labels: the prompts' texts (recorded in the manifest); ``sources``: file paths and other
+            details recorded in the manifest but not compared on resume.
+
+    Raises :class:`PairsError` for bad arguments or a folder holding other pairs, and ``OSError``
+    when a shard cannot be written (a full disk: the finished shards are kept).
+    """
+    if not conds:
+        raise PairsError("no prompts: give at least one prompt (conditioning) to generate pairs for")
+    if not isinstance(count, int) or count < 1:
+        raise PairsError(f"count must be a positive integer, got {count!r}")
+    if settings.cfg != 1.0 and uncond is None:
+        raise PairsError(f"cfg {settings.cfg} needs the negative (unconditional) conditioning: pass uncond, or cfg 1")
+    if not isinstance(shard_size, int) or shard_size < 1 or shard_size % settings.batch_size:
+        raise PairsError(f"shard_size must be a positive multiple of batch_size {settings.batch_size}, got {shard_size!r}")
+    if labels is not None and len(labels) != len(conds):
+        raise PairsError(f"{len(labels)} prompt texts for {len(conds)} conditionings: give one per conditioning")
+    folder = pathlib.Path(folder)
+    device = torch.device(device)
+    labels = list(labels or [])
+    flat = _flat_conds(conds, uncond)
+    previous = _check_folder(folder, settings, flat, labels)
+    manifest = {"format": FORMAT, "settings": settings.to_dict(), "prompts": len(conds), "labels": labels,
+                "sources": sources or {}}
+    if rank == 0:
+        ensure_writable_folder(folder)
+        for stale in folder.glob(".pairs-*.tmp"):  # temporary files of a killed run
+            stale.unlink(missing_ok=True)
+        if not (folder / CONDS).is_file():
+            atomic_write(folder / CONDS, lambda tmp: save_file(flat, tmp))
+    have = _covered(pair_shards(folder)) if folder.is_dir() else set()
+    units = _units(count, shard_size, have)
+    reused = len(have & set(range(count)))
+    if rank == 0:
+        _write_manifest(folder, {**manifest, "count": max(previous, reused)})
+    barrier()  # every process planned from the same shards before any writes a new one
+    # every process, and every resumed run, samples with the stored conditionings: the pairs do not
+    # depend on where (on which device) the prompts were encoded
+    conds, uncond = _split_conds(load_file(str(folder / CONDS)), len(conds))
+    mine = units[rank::world_size]
+    total = sum(stop - start for start, stop in mine)
+    done, start_time = 0, time.perf_counter()
+    size = settings.batch_size
+    for start, stop in mine:
+        noise, latents, indices = [], [], []
+        for block in range(start // size, (stop - 1) // size + 1):
+            if check_cancel is not None:
+                check_cancel()
+            idx, z, x0 = _generate_block(velocity, conds, uncond, settings, block, device)
+            keep = (idx >= start) & (idx < stop)
+            indices.append(idx[keep])
+            noise.append(z[keep])
+            latents.append(x0[keep])
+            done += int(keep.sum())
+            if progress is not None:
+                progress(PairProgress(done, total, time.perf_counter() - start_time, x0[keep]))
+        index = torch.cat(indices)
+        tensors = {"noise": torch.cat(noise).contiguous(), "latent": torch.cat(latents).contiguous(), "index": index,
+                   "prompt": index % len(conds)}
+        path = folder / f"pairs-{start:09d}-{stop:09d}.safetensors"
+        try:
+            atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+        except OSError as exc:
+            kept = len(_covered(pair_shards(folder)))
+            raise OSError(exc.errno, f"{exc.strerror or exc}. The {kept} pairs of the finished shards in {folder} are kept: "
+                                     "free space and run the same command again to generate the rest") from exc
+    seconds = time.perf_counter() - start_time
+    barrier()  # every shard of this run is written
+    held = len(_covered(pair_shards(folder)))
+    if rank == 0:
+        _write_manifest(folder, {**manifest, "count": held})
+    return PairsSummary(folder, held, done, reused, seconds)
+
+
+# ------------------------------------------------------------------------------ loading
+@dataclass
+class Pairs:
+    """A loaded pairs folder: ``noise`` and ``latents`` [N, C, H, W] (the teacher's latent scale),
+    ``index`` and ``prompt`` [N] in index order, the conditioning of each prompt and the negative's."""
+
+    manifest: dict
+    index: torch.Tensor
+    prompt: torch.Tensor
+    noise: torch.Tensor
+    latents: torch.Tensor
+    conds: list[Cond]
+    uncond: Optional[Cond]
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return self.manifest["settings"]
+
+    def training_data(self) -> TrainingData:
+        """Training data for the ``reflow`` objective: each pair's image as the latent, its prompt's
+        conditioning, and its noise as the per-sample ``"noise"``."""
+        return TrainingData(
+            latents=list(self.latents),
+            conds=[self.conds[int(p)] for p in self.prompt],
+            uncond=self.uncond,
+            extras=[{"noise": z} for z in self.noise],
+        )
+
+
+def load_pairs(folder: str | os.PathLike) -> Pairs:
+    """Every finished pair of ``folder`` (an interrupted run's finished shards included)."""
+    folder = pathlib.Path(folder)
+    manifest = _read_manifest(folder) if folder.is_dir() else None
+    if manifest is None:
+        hint = "it does not exist" if not folder.exists() else f"it has no {MANIFEST}"
+        raise PairsError(f"pairs folder {folder}: {hint}. Generate pairs first: python -m training pairs --checkpoint CKPT "
+                         f"--prompts PROMPTS.txt --count N --output {folder}")
+    shards = pair_shards(folder)
+    if not shards:
+        raise PairsError(f"pairs folder {folder} holds no finished shard: run the pairs command again to generate them")
+    parts: dict[str, list[torch.Tensor]] = {"index": [], "prompt": [], "noise": [], "latent": []}
+    for _, _, path in shards:
+        with safe_open(str(path), framework="pt") as f:
+            for name in parts:
+                parts[name].append(f.get_tensor(name))
+    data = {name: torch.cat(values) for name, values in parts.items()}
+    order = torch.argsort(data["index"])
+    data = {name: value[order] for name, value in data.items()}
+    if (data["index"][1:] == data["index"][:-1]).any():
+        raise PairsError(f"pairs folder {folder} holds an index twice (overlapping shards): remove the extra shard files")
+    conds, uncond = _split_conds(load_file(str(folder / CONDS)), int(manifest["prompts"]))
+    return Pairs(manifest, data["index"], data["prompt"], data["noise"], data["latent"], conds, uncond)
