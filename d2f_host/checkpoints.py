@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import pathlib
 from typing import Any, Callable, Optional
@@ -18,7 +19,9 @@ from training.config import TrainConfig
 from .bootstrap import HostError
 from .model_sampling import prediction_of, schedule_of
 
-__all__ = ["load_checkpoint", "apply_lora", "file_fingerprint", "base_model_hash", "schedule_name", "lora_metadata_for"]
+__all__ = ["load_checkpoint", "apply_lora", "file_fingerprint", "base_model_hash", "schedule_name", "check_pairs_fit",
+           "lora_metadata_for"]
+log = logging.getLogger("diff2flow")
 
 
 def load_checkpoint(path: str | os.PathLike, encoders: str = "required", embedding_directory: Any = None) -> tuple[Any, Any, Any]:
@@ -96,6 +99,19 @@ def base_model_hash(model: Any) -> str:
 def schedule_name(alphas_cumprod: torch.Tensor) -> str:
     """``scaled_linear`` for SD's own schedule, ``custom`` for anything else (LoRA metadata)."""
     return "scaled_linear" if torch.allclose(torch.as_tensor(alphas_cumprod, dtype=torch.float64), scaled_linear(), rtol=1e-5, atol=0) else "custom"
+
+
+def check_pairs_fit(model: Any, pairs: Any, folder: str) -> None:
+    """Refuse reflow pairs (``training.pairs.Pairs``) whose latents do not fit ``model``; warn when
+    they come from another base model (a reflow student starts from its teacher)."""
+    channels = model.model.latent_format.latent_channels
+    if pairs.latents.shape[1] != channels:
+        raise ValueError(f"the pairs in {folder} hold {pairs.latents.shape[1]}-channel latents but this model needs "
+                         f"{channels}: generate the pairs with a model of this family")
+    teacher = pairs.settings.get("teacher", {}).get("checkpoint_hash")
+    if teacher not in (None, base_model_hash(model)):
+        log.warning("the pairs in %s come from another base model (UNet fingerprint %s): reflow usually trains the "
+                    "teacher's own base model", folder, teacher)
 
 
 def lora_metadata_for(model: Any, config: TrainConfig, d2f: Diff2Flow,

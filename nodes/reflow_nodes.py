@@ -84,7 +84,7 @@ class Diff2FlowReflowPairs(io.ComfyNode):
                  for entry in positive for i in range(entry[0].shape[0])]
         uncond = cond_kwargs(model, (negative[0][0][:1], negative[0][1]), probe) if negative else None
         settings = PairSettings(shape=tuple(probe.shape), sigma_max=d2f.sigma_max, sampler=sampler, steps=steps, cfg=cfg,
-                                seed=seed, batch_size=batch_size, teacher={"base_model_hash": base_model_hash(model),
+                                seed=seed, batch_size=batch_size, teacher={"checkpoint_hash": base_model_hash(model),
                                                                           "patches": len(model.patches), "prediction": d2f.prediction})
         network, device = inference_network(model)
         velocity = d2f.velocity_fn(lambda x, t, c: network(x, t, **{k: v.to(device) for k, v in c.items()}))

@@ -22,7 +22,7 @@ from comfy_api.latest import io
 
 from d2f_core.lora import adapters_state_dict
 from d2f_core.lora_metadata import LoraMetadata
-from d2f_host.checkpoints import lora_metadata_for
+from d2f_host.checkpoints import check_pairs_fit, lora_metadata_for
 from d2f_host.conditioning import cond_kwargs
 from d2f_host.model_sampling import alignment_of, flow_model_for
 from d2f_host.unet import attach_adapters, gradient_checkpointing, unet_network
@@ -152,14 +152,17 @@ def train_lora(model, latents: list, positive: list, negative: Optional[list], c
     With ``pairs`` (a folder of Diff2Flow Reflow Pairs) the training data are the pairs (images,
     their prompts, their noise) instead of ``latents`` / ``positive``."""
     d2f = alignment_of(model, config.zero_terminal_snr)
+    teacher_cfg = None
     if pairs:
-        data = load_pairs(pairs).training_data()
+        loaded = load_pairs(pairs)
+        check_pairs_fit(model, loaded, pairs)
+        data, teacher_cfg = loaded.training_data(), float(loaded.settings["cfg"])
     elif latents and positive:
         data = build_training_data(model, latents, positive, negative)
     else:
         raise ValueError("connect latents and positive (captioned training data), or pairs (from Diff2Flow Reflow Pairs)")
     files = RunFiles.named(lora_folder(), output_name)
-    metadata = lora_metadata_for(model, config, d2f)
+    metadata = lora_metadata_for(model, config, d2f, teacher_cfg=teacher_cfg)
     with torch.inference_mode(False), torch.enable_grad():
         clone, unet, adapters, device = attach_adapters(model, config)
         trainer = Trainer(unet_network(unet), adapters, d2f, config, data, device)

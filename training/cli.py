@@ -248,7 +248,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         data = training_data_from_cache(model, cached, checkpoint)
         teacher_cfg = None
     else:
-        data = training_data_from_pairs(model, pairs, checkpoint, run["pairs"])
+        data = training_data_from_pairs(model, pairs, run["pairs"])
         teacher_cfg = float(pairs.settings["cfg"])
     metadata = lora_metadata_for(model, config, d2f, teacher_cfg=teacher_cfg)
     if world.is_main:
@@ -290,20 +290,15 @@ def training_data_from_cache(model: Any, cached: Any, checkpoint: pathlib.Path) 
     return TrainingData(latents, conds, unconds)
 
 
-def training_data_from_pairs(model: Any, pairs: Any, checkpoint: pathlib.Path, folder: str) -> Any:
-    """TrainingData of a pairs folder for ``model``: the pairs hold the teacher's network arguments
-    and latents in the model's scale already; the latent channels must fit, and a teacher other than
-    this base model is worth a warning (a reflow student starts from its teacher)."""
-    from d2f_host.checkpoints import base_model_hash
+def training_data_from_pairs(model: Any, pairs: Any, folder: str) -> Any:
+    """TrainingData of a pairs folder for ``model`` (the pairs hold the teacher's network arguments
+    and latents in the model's scale already), checked to fit it."""
+    from d2f_host.checkpoints import check_pairs_fit
 
-    channels = model.model.latent_format.latent_channels
-    if pairs.latents.shape[1] != channels:
-        raise CliError(f"--pairs {folder} holds {pairs.latents.shape[1]}-channel latents but {checkpoint.name} needs "
-                       f"{channels}: generate the pairs with a model of this family")
-    teacher = pairs.settings.get("teacher", {}).get("checkpoint_hash")
-    if teacher not in (None, base_model_hash(model)):
-        log.warning("the pairs come from another base model (UNet fingerprint %s) than %s: reflow usually trains the "
-                    "teacher's own base model", teacher, checkpoint.name)
+    try:
+        check_pairs_fit(model, pairs, folder)
+    except ValueError as exc:
+        raise CliError(f"--pairs: {exc}") from exc
     return pairs.training_data()
 
 
