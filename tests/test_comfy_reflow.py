@@ -80,6 +80,6 @@ def test_reflow_without_pairs_is_refused_before_training(comfy_nodes, tiny_model
     args = {name: [getattr(i, "default", None)] for name, i in spec.items() if getattr(i, "default", None) is not None}
     gen = torch.Generator().manual_seed(0)
     args.update(model=[tiny_model("eps")], latents=[{"samples": torch.randn(2, 4, 8, 8, generator=gen)}],
-                positive=prompts(1), objective=["reflow"], steps=[2])
+                positive=[prompts(1)], objective=["reflow"], steps=[2])
     with pytest.raises(ValueError, match="pairs"):
         node.execute(**args)
