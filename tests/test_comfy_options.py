@@ -155,9 +155,10 @@ def test_every_option_reaches_the_trainer(pack, comfy_nodes, tiny_model, monkeyp
     got = trainer.config.to_dict()
     given = {k: v for k, v in NON_DEFAULT.items() if k not in missing}
     assert {k: got[k] for k in given} == given
-    assert {type(a).__name__ for a in trainer.adapters.values()} == {"LoHaAdapter"}
-    assert {a.rank for a in trainer.adapters.values()} == {3} and {float(a.alpha) for a in trainer.adapters.values()} == {1.5}
-    assert set(trainer.adapters) == expected_targets(model.model.diffusion_model, "attention_ff")
+    assert {type(a).__name__ for a in trainer.adapters.values()} == {"LoHaAdapter"}, "algorithm"
+    assert {a.rank for a in trainer.adapters.values()} == {3}, "rank"
+    assert {float(a.alpha) for a in trainer.adapters.values()} == {1.5}, "alpha"
+    assert set(trainer.adapters) == expected_targets(model.model.diffusion_model, "attention_ff"), "targets"
     assert trainer.d2f.zero_terminal_snr and trainer.d2f.sigma_max == 1.0
     if missing:
         pytest.xfail(f"the node has no input for the training options {missing}: they always take TrainConfig's defaults")
@@ -259,7 +260,7 @@ def test_dtype_runs_the_unet_under_autocast(pack, comfy_nodes, tiny_model, monke
     _, lora, losses, _ = run_node(comfy_nodes, tiny_model("eps"), dict(steps=2, batch_size=2, dtype=dtype))
     assert len(spy.calls) == 2
     for call in spy.calls:
-        assert call["autocast"] == (expected is not None)
+        assert call["autocast"] == (expected is not None), f"dtype={dtype}: the UNet ran with autocast enabled={call['autocast']}"
         if expected is not None:
             assert call["autocast_dtype"] == expected
     assert all(v.dtype == torch.float32 for v in lora.values())  # the LoRA is saved in fp32
@@ -326,6 +327,7 @@ def test_seed_determines_the_lora(comfy_nodes, tiny_model) -> None:
     b = run_node(comfy_nodes, tiny_model("eps"), {**options, "seed": 1})[1]
     c = run_node(comfy_nodes, tiny_model("eps"), {**options, "seed": 2})[1]
     assert a.keys() == b.keys() == c.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a), "the same seed gave different LoRAs"
     downs = [k for k in a if k.endswith("lora_down.weight")]
-    assert all(not torch.equal(a[k], c[k]) for k in downs)  # the adapters' initialisation follows the seed
+    same = [k for k in downs if torch.equal(a[k], c[k])]
+    assert not same, f"seeds 1 and 2 initialised {len(same)} of {len(downs)} lora_down tensors identically"

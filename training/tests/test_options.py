@@ -369,7 +369,7 @@ def test_rank_and_alpha_set_adapter_shapes_and_delta_scale(rank: int, alpha: flo
     for name, module in select_target_modules(run.net, "all").items():
         adapter = run.adapters[name]
         out, fan_in = module.weight.shape[0], math.prod(module.weight.shape[1:])
-        assert isinstance(adapter, LoRAAdapter)
+        assert isinstance(adapter, LoRAAdapter), f"{name}: algorithm=LoRA gave a {type(adapter).__name__}"
         assert tuple(adapter.up.shape) == (out, rank) and tuple(adapter.down.shape) == (rank, fan_in)
         assert float(adapter.alpha) == alpha
         expected = base[name] + (alpha / rank) * (adapter.up @ adapter.down).reshape(module.weight.shape)
@@ -386,7 +386,7 @@ def test_loha_trains_hadamard_factors() -> None:
     for name, module in select_target_modules(run.net, "all").items():
         a = run.adapters[name]
         out, fan_in = module.weight.shape[0], math.prod(module.weight.shape[1:])
-        assert isinstance(a, LoHaAdapter)
+        assert isinstance(a, LoHaAdapter), f"{name}: algorithm=LoHa gave a {type(a).__name__}"
         assert [tuple(a.w1_a.shape), tuple(a.w1_b.shape), tuple(a.w2_a.shape), tuple(a.w2_b.shape)] == [
             (out, rank), (rank, fan_in), (out, rank), (rank, fan_in)]
         expected = base[name] + (alpha / rank) * ((a.w1_a @ a.w1_b) * (a.w2_a @ a.w2_b)).reshape(module.weight.shape)
