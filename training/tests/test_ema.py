@@ -11,9 +11,9 @@ from safetensors.torch import load_file
 from d2f_core.lora import adapters_state_dict
 from d2f_core.lora_metadata import LoraMetadata
 from training import TrainConfig, TrainingError
-from training.files import RunFiles, load_training_state, save_training_state
+from training.files import RunFiles
 from training.headless import run_headless
-from training.tests.helpers import make_run
+from training.tests.helpers import make_run, straight_and_resumed
 
 BASE = dict(batch_size=2, learning_rate=1e-2, seed=3)
 
@@ -67,15 +67,7 @@ def test_ema_off_leaves_training_exactly_as_before() -> None:
 
 def test_resume_with_ema_equals_straight_run(tmp_path) -> None:
     config = TrainConfig(steps=8, ema_decay=0.8, grad_accumulation=2, caption_dropout=0.3, **BASE)
-    straight, _, _ = make_run(config)
-    straight.run()
-    half, _, _ = make_run(config)
-    half.config = TrainConfig(**{**config.to_dict(), "steps": 4})
-    half.run()
-    save_training_state(tmp_path / "run.d2fstate", half.state_dict())
-    resumed, _, _ = make_run(config)
-    resumed.load_state_dict(load_training_state(tmp_path / "run.d2fstate"))
-    resumed.run()
+    straight, resumed = straight_and_resumed(config, tmp_path, at=4)
     assert resumed.losses == straight.losses
     assert_equal(params(resumed.adapters), params(straight.adapters))
     assert_equal(params(resumed.ema.adapters), params(straight.ema.adapters))  # bit for bit on the CPU
