@@ -28,7 +28,8 @@ from d2f_host.model_sampling import alignment_of, flow_model_for
 from d2f_host.unet import attach_adapters, gradient_checkpointing, unet_network
 from training import TrainConfig, Trainer, TrainingData
 from training.config import OptionSpec, available_choices, option_specs
-from training.files import STATE_SUFFIX, RunFiles, load_training_state, sanitize_filename, save_lora, save_training_state
+from training.files import (STATE_SUFFIX, RunFiles, load_training_state, sanitize_filename, save_lora, save_run_lora,
+                            write_periodic_save)
 from training.pairs import load_pairs
 
 from .reflow_nodes import Pairs
@@ -172,8 +173,7 @@ def train_lora(model, latents: list, positive: list, negative: Optional[list], c
             log.info("Diff2Flow: resumed %s at step %d", resume_from, trainer.step)
 
         def save(t: Trainer) -> None:
-            save_lora(files.lora_at(t.step), adapters_state_dict(adapters), metadata(t.step))
-            save_training_state(files.state, t.state_dict())
+            write_periodic_save(files, t, metadata(t.step))
 
         pbar = comfy.utils.ProgressBar(config.steps)
         pbar.update_absolute(trainer.step, config.steps)
@@ -185,7 +185,9 @@ def train_lora(model, latents: list, positive: list, negative: Optional[list], c
             )
         for adapter in adapters.values():
             adapter.requires_grad_(False)
-        lora = lora_result({n: a.cpu() for n, a in adapters.items()}, metadata(trainer.step))
+        save_run_lora(files, trainer, metadata(trainer.step), raw=True)  # <output_name>_raw (save_raw with EMA)
+        # the outputs hold the saved weights: the EMA's when EMA is on
+        lora = lora_result({n: a.cpu() for n, a in trainer.saved_adapters().items()}, metadata(trainer.step))
     return trained_model(model, lora, config.objective, d2f.zero_terminal_snr), lora, {"loss": list(trainer.losses)}, trainer.step
 
 
@@ -225,12 +227,12 @@ class TrainDiff2FlowLora(io.ComfyNode):
                 io.Conditioning.Input("negative", optional=True, tooltip="Empty / negative conditioning used for caption dropout (keeps CFG working)."),
                 Pairs.Input("pairs", optional=True, tooltip="Reflow pairs from Diff2Flow Reflow Pairs: train on them (objective 'reflow') instead of latents / positive."),
                 *[config_input(spec) for spec in option_specs()],
-                io.String.Input("output_name", default="diff2flow_lora", tooltip="File name stem for periodic saves in models/loras."),
+                io.String.Input("output_name", default="diff2flow_lora", tooltip="File name stem for periodic saves in models/loras (<name>_<step>.safetensors, <name>.d2fstate; <name>_raw.safetensors with save_raw)."),
                 io.Combo.Input("resume_from", options=training_states(), default=NO_RESUME, tooltip="A training state (.d2fstate) from an earlier run's periodic save, to continue it exactly."),
             ],
             outputs=[
-                io.Model.Output(tooltip="The model with the trained LoRA, as the flow model its objective samples as (the Diff2Flow patch; naive-flow sampling for naive_fm)."),
-                LoraModel.Output(tooltip="The trained LoRA (ComfyUI-native keys): Save Diff2Flow LoRA, SaveLoRA or LoraModelLoader."),
+                io.Model.Output(tooltip="The model with the trained LoRA (EMA weights when ema_decay > 0), as the flow model its objective samples as (the Diff2Flow patch; naive-flow sampling for naive_fm)."),
+                LoraModel.Output(tooltip="The trained LoRA (ComfyUI-native keys; the EMA weights when ema_decay > 0): Save Diff2Flow LoRA, SaveLoRA or LoraModelLoader."),
                 LossMap.Output(tooltip="Loss per step, for Loss Graph."),
                 io.Int.Output(display_name="steps", tooltip="Steps trained in total."),
             ],

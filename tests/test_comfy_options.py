@@ -136,7 +136,8 @@ NON_DEFAULT = dict(
     objective="naive_fm", steps=2, batch_size=2, grad_accumulation=2, learning_rate=2e-3, lr_schedule="cosine",
     warmup_steps=1, optimizer="SGD", weight_decay=0.05, rank=3, alpha=1.5, algorithm="LoHa", targets="attention_ff",
     timestep_sampling="logit_normal", logit_mean=0.5, logit_std=0.7, shift=2.0, zero_terminal_snr=True, dtype="bf16",
-    gradient_checkpointing=True, seed=9, caption_dropout=0.2, save_every=0,
+    gradient_checkpointing=True, seed=9, caption_dropout=0.2, save_every=0, ema_decay=0.9, ema_warmup=False, keep_last=2,
+    save_raw=True,
 )
 
 

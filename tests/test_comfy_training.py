@@ -140,6 +140,30 @@ def test_resume_equals_straight_run(pack, tiny_model, loras_dir) -> None:
     assert (loras_dir / "half_000003.safetensors").is_file() and (loras_dir / "half_000006.safetensors").is_file()
 
 
+def test_node_outputs_and_saves_the_ema_weights_and_keeps_the_last_saves(pack, tiny_model, loras_dir, comfy_nodes) -> None:
+    from safetensors.torch import load_file
+
+    cfg = dict(steps=4, batch_size=2, learning_rate=1e-2, targets="all", save_every=1, seed=4)
+    _, raw, _, _ = train(pack, tiny_model("eps"), TrainConfig(**cfg), output_name="plain")
+    trained, ema, _, _ = train(pack, tiny_model("eps"), TrainConfig(**cfg, ema_decay=0.9, save_raw=True, keep_last=2),
+                               output_name="ema")
+    raw_file, last_save = load_file(loras_dir / "ema_raw.safetensors"), load_file(loras_dir / "ema_000004.safetensors")
+    assert raw.keys() == ema.keys() == raw_file.keys() == last_save.keys()
+    assert all(torch.equal(raw_file[k], raw[k]) for k in raw)  # EMA never changes the training; the raw file is raw
+    assert any(not torch.equal(ema[k], raw[k]) for k in raw), "the LORA_MODEL output is the raw weights"
+    assert all(torch.equal(last_save[k], ema[k]) for k in ema)  # the periodic save is the EMA too
+    assert sorted(p.name for p in loras_dir.iterdir()) == [
+        "ema.d2fstate", "ema_000003.safetensors", "ema_000003_raw.safetensors", "ema_000004.safetensors",
+        "ema_000004_raw.safetensors", "ema_raw.safetensors",  # keep_last 2
+        "plain.d2fstate", *[f"plain_{s:06d}.safetensors" for s in (1, 2, 3, 4)],  # keep_last 0: all
+    ]
+    # the MODEL output holds the EMA weights: the same network as the EMA file loaded by stock LoraLoaderModelOnly
+    (stock,) = comfy_nodes["LoraLoaderModelOnly"]().load_lora_model_only(tiny_model("eps"), "ema_000004.safetensors", 1.0)
+    x, cond, sigma = torch.randn(1, *LATENT), torch.randn(1, 77, 64), torch.tensor([0.5])
+    expected = unet_output(pack.model_sampling.patch_model(stock), x, sigma, cond)
+    torch.testing.assert_close(unet_output(trained, x, sigma, cond), expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+
+
 def test_cancel_keeps_last_periodic_save_loadable(pack, tiny_model, loras_dir, comfy_nodes, monkeypatch) -> None:
     report = pack.train_nodes.report_progress
 

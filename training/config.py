@@ -22,6 +22,8 @@ TRAJECTORY_FIELDS = (
     "objective", "batch_size", "grad_accumulation", "learning_rate", "lr_schedule", "warmup_steps",
     "optimizer", "weight_decay", "rank", "alpha", "algorithm", "targets", "timestep_sampling",
     "logit_mean", "logit_std", "shift", "zero_terminal_snr", "dtype", "seed", "caption_dropout", "steps",
+    # not the raw weights' trajectory, but the EMA's: a resumed average must continue the same average
+    "ema_decay", "ema_warmup",
 )
 
 
@@ -81,8 +83,18 @@ class TrainConfig:
                        "use the same).", min=0, max=0xFFFFFFFFFFFFFFFF)
     caption_dropout: float = option(0.0, "Probability of training a sample on the empty / negative caption instead "
                                     "of its own (keeps classifier-free guidance working).", min=0.0, max=0.99, step=0.01)
+    ema_decay: float = option(0.0, "Keep an exponential moving average (EMA) of the adapter weights with this decay "
+                              "(0: off; 0.999 as the reference Diff2Flow configs). With EMA on, every saved LoRA and the "
+                              "LoRA / MODEL outputs are the EMA weights.", min=0.0, max=0.99999, step=0.0001)
+    ema_warmup: bool = option(True, "Ramp the EMA decay up over the first steps: optimizer step t averages with "
+                              "min(ema_decay, (1 + t) / (10 + t)) (LDM's LitEma), so the average does not cling to the "
+                              "initial weights; off: ema_decay from step 1.")
     save_every: int = option(0, "Save the LoRA and the training state every N steps (0: only at the end).",
                              min=0, max=1_000_000)
+    keep_last: int = option(0, "Keep only the last N periodic saves of this run, deleting older ones after each save "
+                            "(0: keep all). The save the training state belongs to is never deleted.", min=0, max=1_000_000)
+    save_raw: bool = option(False, "With EMA on, also save the raw (non-averaged) weights next to every LoRA as "
+                            "<name>_raw.safetensors / <name>_<step>_raw.safetensors.")
 
     def __post_init__(self) -> None:
         self.validate()
@@ -97,7 +109,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("warmup_steps", "save_every", "seed"):
+        for name in ("warmup_steps", "save_every", "keep_last", "seed"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
         if not self.learning_rate > 0:
@@ -106,6 +118,8 @@ class TrainConfig:
             raise ValueError(f"alpha must be > 0, got {self.alpha}")
         if not 0 <= self.caption_dropout < 1:
             raise ValueError(f"caption_dropout must lie in [0, 1), got {self.caption_dropout}")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError(f"ema_decay must lie in [0, 1) (0: no EMA; 0.999 is typical), got {self.ema_decay}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if not self.logit_std > 0:
@@ -119,7 +133,11 @@ class TrainConfig:
                 "logit_std": self.logit_std, "shift": self.shift}
 
     def differences(self, other: "TrainConfig") -> dict[str, tuple]:
-        return {k: (getattr(other, k), getattr(self, k)) for k in TRAJECTORY_FIELDS if k != "steps" and getattr(self, k) != getattr(other, k)}
+        ignored = {"steps"}
+        if self.ema_decay == other.ema_decay == 0:
+            ignored.add("ema_warmup")  # no EMA on either side: its warmup changes nothing
+        return {k: (getattr(other, k), getattr(self, k)) for k in TRAJECTORY_FIELDS
+                if k not in ignored and getattr(self, k) != getattr(other, k)}
 
     def resume_mismatch(self, saved: "TrainConfig") -> str:
         """What differs from the options a training state was ``saved`` under ("" if it can continue)."""

@@ -5,6 +5,10 @@ Everything random (batch choice, caption dropout, noise, sigma or tau) is drawn 
 resume + ``N`` steps equals ``2N`` straight steps. Noise and times come from the objective's own
 ``Objective.draw`` (the same draw ``d2f_core.objective_loss`` makes; the data's paired noise when it
 carries one) and the loss from its ``Objective.loss`` (docs/MATH.md section 6).
+
+With ``ema_decay`` > 0 the trainer also keeps an exponential moving average of the adapter weights
+(:class:`AdapterEMA`, updated after every optimizer step, part of the training state); the saved
+LoRA is then the average (:meth:`Trainer.saved_adapters`).
 """
 from __future__ import annotations
 
@@ -17,9 +21,10 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from d2f_core import Diff2Flow, get_objective
-from d2f_core.lora import WeightAdapter
+from d2f_core.lora import WeightAdapter, adapters_state_dict
 
 from .config import TrainConfig
 from .data import TrainingData
@@ -72,6 +77,47 @@ def build_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weig
     return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
 
 
+class AdapterEMA:
+    """Exponential moving average of the adapter weights (``torch.optim.swa_utils.AveragedModel``).
+
+    Rule (LDM's ``LitEma``, the reference Diff2Flow configs' EMA): the average starts as the
+    initial weights, ``EMA_0 = theta_0``; after optimizer step ``t`` (t = 1, 2, ...)
+    ``EMA_t = d_t * EMA_{t-1} + (1 - d_t) * theta_t`` with ``d_t = min(decay, (1 + t) / (10 + t))``
+    when ``warmup`` is on and ``d_t = decay`` otherwise. Only parameters are averaged; the adapters'
+    constant buffers (``alpha``) are copied. The average lives on the adapters' device.
+    """
+
+    def __init__(self, adapters: dict[str, WeightAdapter], decay: float, warmup: bool) -> None:
+        if not 0 < decay < 1:
+            raise ValueError(f"ema_decay must lie in (0, 1) for an EMA, got {decay}")
+        self.decay, self.warmup = decay, warmup
+        # a ModuleList, not a ModuleDict: adapter names are module paths, and ModuleDict refuses dots
+        self._source = torch.nn.ModuleList(adapters.values())
+        self.averaged = AveragedModel(self._source, multi_avg_fn=self._average, use_buffers=False)
+        self.averaged.requires_grad_(False)
+        self.averaged.update_parameters(self._source)  # the first update copies: EMA_0 = theta_0, n_averaged = 1
+        self.adapters: dict[str, WeightAdapter] = dict(zip(adapters, self.averaged.module))
+
+    def decay_at(self, step: int) -> float:
+        """``d_t`` of the update after optimizer step ``step`` (t >= 1)."""
+        return min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
+
+    def _average(self, averaged: list[torch.Tensor], current: list[torch.Tensor], num_averaged: torch.Tensor) -> None:
+        # n_averaged counts EMA_0, so at the update after step t it equals t; the CPU buffer is read
+        # instead of ``num_averaged`` (its copy on the adapters' device) to avoid a device sync
+        get_ema_multi_avg_fn(self.decay_at(int(self.averaged.n_averaged)))(averaged, current, num_averaged)
+
+    def update(self) -> None:
+        """Average in the adapters' current weights (call once after each optimizer step)."""
+        self.averaged.update_parameters(self._source)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {k: v.detach().cpu() for k, v in self.averaged.state_dict().items()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.averaged.load_state_dict(state)
+
+
 class Trainer:
     """Optimises ``adapters`` (already attached to ``network``) under ``config.objective``.
 
@@ -116,12 +162,28 @@ class Trainer:
             log.warning("dtype fp16 on the CPU is emulated and several times slower than fp32 (measured 4-5x): "
                         "train in fp32 (or bf16) on the CPU; fp16 pays off on GPUs")
         self.generator = torch.Generator().manual_seed(config.seed)
+        self.ema = AdapterEMA(adapters, config.ema_decay, config.ema_warmup) if config.ema_decay > 0 else None
         self.step = 0
         self.losses: list[float] = []
 
+    # ------------------------------------------------------------------ weights
+    def saved_adapters(self) -> dict[str, WeightAdapter]:
+        """The adapters a saved LoRA holds: the EMA's when EMA is on, the trained ones otherwise."""
+        return self.ema.adapters if self.ema is not None else self.adapters
+
+    @property
+    def saves_raw(self) -> bool:
+        """Whether the raw weights are saved next to the LoRA (``save_raw`` with EMA on; without EMA
+        the LoRA already is the raw weights)."""
+        return self.ema is not None and self.config.save_raw
+
+    def lora_state_dict(self, raw: bool = False) -> dict[str, torch.Tensor]:
+        """ComfyUI-native LoRA tensors of :meth:`saved_adapters` (``raw``: of the trained adapters)."""
+        return adapters_state_dict(self.adapters if raw else self.saved_adapters())
+
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
-        return {
+        state = {
             "format": "diff2flow-training-state/1",
             "step": self.step,
             "losses": list(self.losses),
@@ -132,6 +194,9 @@ class Trainer:
             "scaler": self.scaler.state_dict(),
             "generator": self.generator.get_state(),
         }
+        if self.ema is not None:  # without EMA the state is exactly what it was before EMA existed
+            state["ema"] = self.ema.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Continue a saved run; refuses a state written under different trajectory options."""
@@ -141,9 +206,13 @@ class Trainer:
             raise TrainingError(f"the resume state comes from a different configuration ({listed}); use the saved settings or start a new run")
         if set(state["adapters"]) != set(self.adapters):
             raise TrainingError("the resume state's adapters do not match this model's target layers")
+        if self.ema is not None and "ema" not in state:
+            raise TrainingError("the resume state has no EMA weights: resume it with ema_decay 0, or start a new run")
         with torch.no_grad():
             for name, adapter in self.adapters.items():
                 adapter.load_state_dict(state["adapters"][name])
+        if self.ema is not None:
+            self.ema.load_state_dict(state["ema"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -220,6 +289,8 @@ class Trainer:
         scale = self.scaler.get_scale() if self.scaler.is_enabled() else None
         self.scaler.step(self.optimizer)
         self.scaler.update()
+        if self.ema is not None:
+            self.ema.update()
         skipped = scale is not None and self.scaler.get_scale() < scale
         with warnings.catch_warnings():
             if skipped:

@@ -4,33 +4,47 @@
 
     <name>.safetensors           the final LoRA (ComfyUI-native keys + Diff2Flow metadata)
     <name>_<step>.safetensors    periodic saves (``save_every``) and the save made on interrupt
-    <name>.d2fstate              the training state for an exact resume
+    <name>_raw.safetensors       with EMA on and ``save_raw``: the raw weights next to the final LoRA
+    <name>_<step>_raw.safetensors   ... and next to each periodic save (the same periodic save)
+    <name>.d2fstate              the training state for an exact resume; it belongs to the
+                                 periodic save of its step, which ``keep_last`` never deletes
     <name>.toml                  the run's options (``train --config`` reads it back; CLI)
     metrics.jsonl, loss.png      per-step metrics and the loss curve (CLI)
 
 Every write is atomic: the data goes to a temporary file in the same folder, is flushed to disk,
 then renamed over the final name. An interrupted or failed write (a full disk included) never
 leaves a corrupt file under the final name, and the previous file stays as it was.
+
+With EMA on (``ema_decay`` > 0) every LoRA of a run holds the EMA weights
+(:meth:`training.engine.Trainer.saved_adapters`); :func:`save_run_lora` and
+:func:`write_periodic_save` are the one place the node and the CLI write a run's LoRA files, and
+:func:`prune_periodic_saves` the one place ``keep_last`` deletes old ones.
 """
 from __future__ import annotations
 
 import errno
 import hashlib
+import logging
 import os
 import pathlib
 import re
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 from safetensors.torch import save_file
 
-from d2f_core.lora_metadata import LoraMetadata
+from d2f_core.lora_metadata import PREFIX, LoraMetadata
+
+if TYPE_CHECKING:
+    from .engine import Trainer
 
 __all__ = [
     "STATE_SUFFIX", "RunFiles", "OutputExists", "atomic_write", "ensure_writable_folder", "save_lora",
-    "save_training_state", "load_training_state", "sanitize_filename", "file_sha256",
+    "save_training_state", "load_training_state", "sanitize_filename", "file_sha256", "save_run_lora",
+    "write_periodic_save", "prune_periodic_saves",
 ]
+log = logging.getLogger("diff2flow")
 
 # not a model extension, so LoRA loaders never list training states
 STATE_SUFFIX = ".d2fstate"
@@ -135,6 +149,36 @@ class RunFiles:
         return self.folder / f"{self.name}_{step:06d}.safetensors"
 
     @property
+    def raw_lora(self) -> pathlib.Path:
+        return self.folder / f"{self.name}_raw.safetensors"
+
+    def raw_lora_at(self, step: int) -> pathlib.Path:
+        return self.folder / f"{self.name}_{step:06d}_raw.safetensors"
+
+    def periodic_saves(self) -> dict[int, list[pathlib.Path]]:
+        """The files of this run's periodic saves in its folder, by step: exactly the names
+        :meth:`lora_at` and :meth:`raw_lora_at` give (other runs' and unrelated files never match)."""
+        pattern = re.compile(re.escape(self.name) + r"_(\d{6,})(_raw)?\.safetensors")
+        saves: dict[int, list[pathlib.Path]] = {}
+        if not self.folder.is_dir():
+            return saves
+        for path in sorted(self.folder.iterdir()):
+            match = pattern.fullmatch(path.name)
+            if match is None or not path.is_file():
+                continue
+            step = int(match.group(1))
+            if path.name in (self.lora_at(step).name, self.raw_lora_at(step).name):  # no stray leading zeros
+                saves.setdefault(step, []).append(path)
+        return saves
+
+    def state_step(self) -> Optional[int]:
+        """The step of this run's training state on disk (``None`` when there is none)."""
+        if not self.state.is_file():
+            return None
+        # mmap: only the small pickle is read, not the adapter and optimizer tensors
+        return int(torch.load(self.state, map_location="cpu", weights_only=True, mmap=True)["step"])
+
+    @property
     def state(self) -> pathlib.Path:
         return self.folder / f"{self.name}{STATE_SUFFIX}"
 
@@ -166,3 +210,61 @@ class RunFiles:
             ensure_writable_folder(self.folder)
         except OSError as exc:
             raise OSError(exc.errno, f"output folder {self.folder} is not writable ({exc.strerror}): choose another --output") from exc
+
+
+# ---------------------------------------------------------------------- a run's saves (node and CLI)
+def save_run_lora(files: RunFiles, trainer: "Trainer", metadata: LoraMetadata, step: Optional[int] = None,
+                  raw: bool = False) -> Optional[pathlib.Path]:
+    """Write one LoRA file of a save: the saved weights (the EMA's when EMA is on) or, with ``raw``,
+    the raw weights (only when ``trainer.saves_raw``: ``None`` otherwise), under the periodic name
+    of ``step`` or, with ``step`` None, the final name."""
+    if raw and not trainer.saves_raw:
+        return None
+    if step is None:
+        path = files.raw_lora if raw else files.lora
+    else:
+        path = files.raw_lora_at(step) if raw else files.lora_at(step)
+    header = None
+    if trainer.ema is not None:  # without EMA the header is what it was before EMA existed
+        header = {PREFIX + "weights": "raw" if raw else "ema", PREFIX + "ema_decay": str(trainer.config.ema_decay)}
+    return save_lora(path, trainer.lora_state_dict(raw=raw), metadata, header)
+
+
+def write_periodic_save(files: RunFiles, trainer: "Trainer", metadata: LoraMetadata) -> list[pathlib.Path]:
+    """A periodic save at ``trainer.step`` (also the save made on interrupt): the LoRA, the raw LoRA
+    when asked, the training state, then :func:`prune_periodic_saves` with ``keep_last``."""
+    written = [save_run_lora(files, trainer, metadata, trainer.step),
+               save_run_lora(files, trainer, metadata, trainer.step, raw=True),
+               save_training_state(files.state, trainer.state_dict())]
+    prune_periodic_saves(files, trainer.config.keep_last, trainer.step)
+    return [p for p in written if p is not None]
+
+
+def prune_periodic_saves(files: RunFiles, keep_last: int, step: int) -> list[pathlib.Path]:
+    """Delete this run's periodic saves older than its last ``keep_last`` ones (0: keep all).
+
+    The saves considered are those at steps up to ``step`` (the save just written): a later-step
+    save left by an earlier run of the same name is not "older" and stays. The save the run's
+    training state belongs to (its step, read from the file) is never deleted, nor is anything
+    whose name is not a periodic save of this run (:meth:`RunFiles.periodic_saves`). Returns the
+    deleted files.
+    """
+    if keep_last <= 0:
+        return []
+    saves = files.periodic_saves()
+    older = sorted(s for s in saves if s <= step)[:-keep_last]
+    if not older:
+        return []
+    try:
+        protected = files.state_step()
+    except Exception as exc:  # noqa: BLE001 - an unreadable state: delete nothing rather than guess
+        log.warning("keep_last: could not read the step of %s (%s); no periodic save was deleted", files.state, exc)
+        return []
+    deleted = []
+    for s in older:
+        if s == protected:
+            continue
+        for path in saves[s]:
+            path.unlink(missing_ok=True)
+            deleted.append(path)
+    return deleted

@@ -1,7 +1,8 @@
 """A headless training run around :class:`Trainer`: its output files, progress and interrupts.
 
 One run writes the files of :class:`training.files.RunFiles` into its output folder (rank 0 only):
-the LoRA, periodic saves, the training state, ``metrics.jsonl`` (one JSON line per step: step,
+the LoRA (the EMA weights when EMA is on; the raw ones too with ``save_raw``), periodic saves (the
+last ``keep_last``), the training state, ``metrics.jsonl`` (one JSON line per step: step,
 loss, lr, seconds, it/s) and ``loss.png``.
 
 Ctrl-C or SIGTERM: the current step finishes, every process stops at the same step, the state and
@@ -19,13 +20,12 @@ import threading
 import time
 from typing import Callable, Iterator, Optional
 
-from d2f_core.lora import adapters_state_dict
 from d2f_core.lora_metadata import LoraMetadata
 
 from . import distributed
 from .distributed import World
 from .engine import Trainer, TrainingError
-from .files import RunFiles, atomic_write, save_lora, save_training_state
+from .files import RunFiles, atomic_write, save_run_lora, save_training_state, write_periodic_save
 from .plots import save_loss_curve
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
@@ -100,7 +100,6 @@ def run_headless(
     """Train to ``trainer.config.steps`` writing ``files``; returns the process exit code
     (0 done, 130 / 143 interrupted and saved, 1 failed)."""
     main = world.is_main
-    adapters = trainer.adapters
     config = trainer.config
     metrics = MetricsLog(files.metrics, trainer.step) if main else None
     bar = None
@@ -116,9 +115,11 @@ def run_headless(
     def write_files(final: bool) -> list[pathlib.Path]:
         if not main:
             return []
-        lora_path = files.lora if final else files.lora_at(trainer.step)
-        written = [save_lora(lora_path, adapters_state_dict(adapters), metadata(trainer.step)),
-                   save_training_state(files.state, trainer.state_dict())]
+        if final:
+            loras = [save_run_lora(files, trainer, metadata(trainer.step), raw=raw) for raw in (False, True)]
+            written = [p for p in loras if p is not None] + [save_training_state(files.state, trainer.state_dict())]
+        else:  # periodic and interrupt saves, pruned to keep_last
+            written = write_periodic_save(files, trainer, metadata(trainer.step))
         save_loss_curve(files.loss_png, {config.objective: trainer.losses}, title=f"{files.name}: {config.objective} loss")
         return written
 

@@ -43,3 +43,21 @@ def make_run(config: TrainConfig, prediction: str = "eps", n: int = 4, model_see
         ac = d2f_core.rescale_zero_terminal_snr(ac)
     d2f = d2f_core.Diff2Flow(ac, prediction)
     return Trainer(net, adapters, d2f, config, data), net, adapters
+
+
+def straight_and_resumed(config: TrainConfig, folder, at: int):
+    """(straight, resumed): ``config.steps`` straight steps, and ``at`` steps + a saved and
+    reloaded training state + the rest, each a fresh run of the same config."""
+    from training.files import load_training_state, save_training_state
+
+    straight, _, _ = make_run(config)
+    straight.run()
+    half, _, _ = make_run(config)
+    half.config = TrainConfig(**{**config.to_dict(), "steps": at})
+    half.run()
+    save_training_state(folder / "run.d2fstate", half.state_dict())
+    resumed, _, _ = make_run(config)
+    resumed.load_state_dict(load_training_state(folder / "run.d2fstate"))
+    assert resumed.step == at
+    resumed.run()
+    return straight, resumed

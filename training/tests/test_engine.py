@@ -9,7 +9,7 @@ import torch
 import d2f_core
 from training import TrainConfig, TrainingError
 from training.engine import lr_lambda
-from training.tests.helpers import make_run
+from training.tests.helpers import make_run, straight_and_resumed
 
 
 @pytest.mark.parametrize("objective", d2f_core.OBJECTIVES)
@@ -49,22 +49,11 @@ def test_loss_equals_d2f_core_objective() -> None:
 @pytest.mark.parametrize("algorithm", ["LoRA", "LoHa"])
 @pytest.mark.parametrize("extra", [{}, {"grad_accumulation": 2, "lr_schedule": "cosine", "warmup_steps": 2, "caption_dropout": 0.3}])
 def test_resume_equals_straight_run(tmp_path, algorithm: str, extra: dict) -> None:
-    from training.files import load_training_state, save_training_state
-
     config = TrainConfig(steps=8, batch_size=2, learning_rate=1e-3, algorithm=algorithm, seed=3, **extra)
-    straight, _, adapters_a = make_run(config)
-    straight.run()
-    half, _, _ = make_run(config)
-    half.config = TrainConfig(**{**config.to_dict(), "steps": 4})
-    half.run()
-    save_training_state(tmp_path / "run.state.pt", half.state_dict())
-    resumed, _, adapters_b = make_run(config)
-    resumed.load_state_dict(load_training_state(tmp_path / "run.state.pt"))
-    assert resumed.step == 4
-    resumed.run()
+    straight, resumed = straight_and_resumed(config, tmp_path, at=4)
     assert resumed.losses == pytest.approx(straight.losses, rel=1e-6)
-    for name in adapters_a:
-        for pa, pb in zip(adapters_a[name].parameters(), adapters_b[name].parameters()):
+    for name in straight.adapters:
+        for pa, pb in zip(straight.adapters[name].parameters(), resumed.adapters[name].parameters()):
             torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7)
 
 

@@ -68,3 +68,72 @@ def test_missing_state_file_error(tmp_path) -> None:
 )
 def test_sanitize_filename(name: str, expected: str) -> None:
     assert files.sanitize_filename(name) == expected
+
+
+# ---------------------------------------------------------------------- keep_last
+def make_folder(tmp_path, state_step=8):
+    """A folder with the run "run" (saves at 2..8, raw saves at 4 and 8, a later save at 10 left by
+    an earlier run of that name), its other files, other runs' saves and unrelated files."""
+    run = files.RunFiles(tmp_path, "run")
+    ours = [run.lora_at(s) for s in (2, 4, 6, 8, 10)] + [run.raw_lora_at(4), run.raw_lora_at(8)]
+    others = [run.lora, run.raw_lora, run.config, tmp_path / "run_2_000002.safetensors", tmp_path / "other_000004.safetensors",
+              tmp_path / "run_00002.safetensors", tmp_path / "run_0000004.safetensors", tmp_path / "run_000004.ckpt",
+              tmp_path / "run_000004.safetensors.bak", tmp_path / "xrun_000004.safetensors", tmp_path / "run_000004_ema.safetensors",
+              tmp_path / "notes.txt"]
+    for p in ours + others:
+        p.write_bytes(b"x")
+    (tmp_path / "run_000001.safetensors").mkdir()  # a folder of that name is no save
+    if state_step is not None:
+        files.save_training_state(run.state, {"step": state_step, "adapters": {"a": torch.zeros(3)}})
+    return run
+
+
+def names(folder) -> set[str]:
+    return {p.name for p in folder.iterdir()}
+
+
+def test_keep_last_deletes_exactly_the_older_periodic_saves(tmp_path) -> None:
+    run = make_folder(tmp_path)
+    before = names(tmp_path)
+    deleted = files.prune_periodic_saves(run, 2, step=8)
+    gone = {"run_000002.safetensors", "run_000004.safetensors", "run_000004_raw.safetensors"}
+    assert {p.name for p in deleted} == gone
+    assert names(tmp_path) == before - gone  # 6, 8, 8_raw, the later 10, and every file of others stay
+    assert files.prune_periodic_saves(run, 2, step=8) == []  # nothing more to do
+
+
+def test_keep_last_never_deletes_the_save_of_the_training_state(tmp_path) -> None:
+    run = make_folder(tmp_path, state_step=4)
+    deleted = files.prune_periodic_saves(run, 1, step=8)
+    assert {p.name for p in deleted} == {"run_000002.safetensors", "run_000006.safetensors"}
+    assert {"run_000004.safetensors", "run_000004_raw.safetensors", "run_000008.safetensors"} <= names(tmp_path)
+
+
+def test_keep_last_zero_keeps_all(tmp_path) -> None:
+    run = make_folder(tmp_path)
+    before = names(tmp_path)
+    assert files.prune_periodic_saves(run, 0, step=8) == [] and names(tmp_path) == before
+
+
+def test_unreadable_state_deletes_nothing(tmp_path) -> None:
+    run = make_folder(tmp_path, state_step=None)
+    run.state.write_bytes(b"not a torch file")
+    before = names(tmp_path)
+    assert files.prune_periodic_saves(run, 1, step=8) == [] and names(tmp_path) == before
+
+
+@pytest.mark.parametrize("keep_last,kept", [(2, [4, 5]), (0, [1, 2, 3, 4, 5])])
+def test_headless_run_keeps_the_last_periodic_saves(tmp_path, keep_last: int, kept: list[int]) -> None:
+    from training import TrainConfig
+    from training.headless import run_headless
+    from training.tests.helpers import make_run
+
+    trainer, _, _ = make_run(TrainConfig(steps=5, save_every=1, keep_last=keep_last, ema_decay=0.9, save_raw=True))
+    run = files.RunFiles(tmp_path, "tiny")
+    (tmp_path / "tiny_2_000001.safetensors").write_bytes(b"x")  # another run's save
+    assert run_headless(trainer, run, lambda step: LoraMetadata("diff2flow", "eps", False, steps=step), progress=False) == 0
+    saves = run.periodic_saves()
+    assert sorted(saves) == kept
+    assert all(sorted(p.name for p in saves[s]) == [run.lora_at(s).name, run.raw_lora_at(s).name] for s in kept)
+    assert run.lora.is_file() and run.raw_lora.is_file() and (tmp_path / "tiny_2_000001.safetensors").is_file()
+    assert run.state_step() == 5
