@@ -43,6 +43,20 @@ def pack(comfy_nodes):
 
 
 @pytest.fixture
+def loras_dir(tmp_path, comfy_nodes):
+    """ComfyUI's models/loras pointed at an empty temporary folder for one test."""
+    import folder_paths
+
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    saved = folder_paths.folder_names_and_paths["loras"]
+    folder_paths.folder_names_and_paths["loras"] = ([str(folder)], saved[1])
+    folder_paths.filename_list_cache.clear() if hasattr(folder_paths, "filename_list_cache") else None
+    yield folder
+    folder_paths.folder_names_and_paths["loras"] = saved
+
+
+@pytest.fixture
 def tiny_model(comfy_nodes):
     return build_tiny_model
 

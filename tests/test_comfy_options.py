@@ -22,7 +22,6 @@ from comfy_harness import require_comfyui
 
 require_comfyui()
 
-import folder_paths  # noqa: E402
 
 from d2f_core.lora_metadata import LoraMetadata  # noqa: E402
 from training import TrainConfig  # noqa: E402
@@ -72,16 +71,6 @@ def batch(n: int = 4, seed: int = 0):
     positive = [[[torch.randn(1, 77, 64, generator=gen) + 1.0, {}]] for _ in range(n)]
     negative = [[[torch.zeros(1, 77, 64), {}]]]
     return latents, positive, negative
-
-
-@pytest.fixture
-def loras_dir(tmp_path, comfy_nodes):
-    folder = tmp_path / "loras"
-    folder.mkdir()
-    saved = folder_paths.folder_names_and_paths["loras"]
-    folder_paths.folder_names_and_paths["loras"] = ([str(folder)], saved[1])
-    yield folder
-    folder_paths.folder_names_and_paths["loras"] = saved
 
 
 class StopBeforeTraining(Exception):

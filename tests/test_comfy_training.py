@@ -13,7 +13,6 @@ require_comfyui()
 import comfy.model_management  # noqa: E402
 import comfy.sample  # noqa: E402
 import comfy.samplers  # noqa: E402
-import folder_paths  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
 import d2f_core  # noqa: E402
@@ -21,17 +20,6 @@ from d2f_core.lora_metadata import LoraMetadata  # noqa: E402
 from training import TrainConfig  # noqa: E402
 
 LATENT = (4, 8, 8)
-
-
-@pytest.fixture
-def loras_dir(tmp_path, comfy_nodes):
-    folder = tmp_path / "loras"
-    folder.mkdir()
-    saved = folder_paths.folder_names_and_paths["loras"]
-    folder_paths.folder_names_and_paths["loras"] = ([str(folder)], saved[1])
-    folder_paths.filename_list_cache.clear() if hasattr(folder_paths, "filename_list_cache") else None
-    yield folder
-    folder_paths.folder_names_and_paths["loras"] = saved
 
 
 def batch(n: int = 4, seed: int = 0):

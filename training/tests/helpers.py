@@ -22,15 +22,20 @@ class CondNet(torch.nn.Module):
         return self.inner(x, t, None if context is None else context.mean(1))
 
 
-def make_run(config: TrainConfig, prediction: str = "eps", n: int = 4, model_seed: int = 0):
-    """(trainer, net, adapters) on a fixed handful of 8x8 latents."""
+def adapted_net(config: TrainConfig, model_seed: int = 0) -> tuple[CondNet, dict]:
+    """A frozen tiny CondNet with fresh ``config`` adapters on every layer (fixed seeds)."""
     net = CondNet(model_seed)
-    for p in net.parameters():
-        p.requires_grad_(False)
+    net.requires_grad_(False)
     modules = select_target_modules(net, "all")
     gen = torch.Generator().manual_seed(123)
     adapters = {name: make_adapter(config.algorithm, m.weight.shape, config.rank, config.alpha, gen) for name, m in modules.items()}
     attach_parametrizations(modules, adapters)
+    return net, adapters
+
+
+def make_run(config: TrainConfig, prediction: str = "eps", n: int = 4, model_seed: int = 0):
+    """(trainer, net, adapters) on a fixed handful of 8x8 latents."""
+    net, adapters = adapted_net(config, model_seed)
     data_gen = torch.Generator().manual_seed(7)
     latents = [torch.randn(4, 8, 8, generator=data_gen) for _ in range(n)]
     conds = [{"context": torch.randn(1, 3, 4, generator=data_gen)} for _ in range(n)]

@@ -16,10 +16,10 @@ import pytest
 import torch
 
 import d2f_core
-from d2f_core.lora import LoHaAdapter, LoRAAdapter, attach_parametrizations, make_adapter, select_target_modules
+from d2f_core.lora import LoHaAdapter, LoRAAdapter, select_target_modules
 from d2f_core.sampling import inverse_time_shift
 from training import TrainConfig, Trainer, TrainingData
-from training.tests.helpers import CondNet
+from training.tests.helpers import CondNet, adapted_net
 
 N_SAMPLES = 4
 
@@ -75,12 +75,7 @@ class Run:
 def build(config: TrainConfig, prediction: str = "eps", zero_terminal_snr: Optional[bool] = None, uncond: bool = True) -> Run:
     """A tiny CondNet with ``config``'s adapters on every layer, 4 fixed 8x8 latents with distinct
     captions (the uncond is all zeros, so a dropped caption is recognisable)."""
-    net = CondNet(0)
-    net.requires_grad_(False)
-    modules = select_target_modules(net, "all")
-    gen = torch.Generator().manual_seed(123)
-    adapters = {n: make_adapter(config.algorithm, m.weight.shape, config.rank, config.alpha, gen) for n, m in modules.items()}
-    attach_parametrizations(modules, adapters)
+    net, adapters = adapted_net(config)
     data_gen = torch.Generator().manual_seed(7)
     latents = [torch.randn(4, 8, 8, generator=data_gen) for _ in range(N_SAMPLES)]
     conds = [{"context": torch.randn(1, 3, 4, generator=data_gen) + 3} for _ in range(N_SAMPLES)]
