@@ -159,16 +159,11 @@ def patch(nodes, model, zero_terminal_snr: bool):
 def train_node_kwargs(node, model, latents: list, positive: list, negative, output_name: str, **options) -> dict:
     """D2F_TrainLoRA's inputs (all lists: the node takes input lists) from TrainConfig-named options.
 
-    Follows the node's schema so it works before and after the inputs are regenerated from
-    TrainConfig: ``dtype`` is passed as ``training_dtype`` where the schema still has that name;
-    options the schema lacks keep their TrainConfig default; inputs the schema adds that are not
-    TrainConfig fields (resume_from) take their schema default.
+    The node's training inputs are the TrainConfig fields; inputs that are not (resume_from) take
+    their schema default, optional ones without a default (pairs) stay unconnected.
     """
     values = {**dataclasses.asdict(TrainConfig(**options)), "output_name": output_name}
     inputs = node.define_schema().inputs
-    names = {i.id for i in inputs}
-    if "training_dtype" in names and "dtype" not in names:
-        values["training_dtype"] = values.pop("dtype")
     kwargs = {"model": [model], "latents": latents, "positive": positive}
     if negative is not None:
         kwargs["negative"] = negative
@@ -179,7 +174,7 @@ def train_node_kwargs(node, model, latents: list, positive: list, negative, outp
             kwargs[inp.id] = [values[inp.id]]
         elif getattr(inp, "default", None) is not None:
             kwargs[inp.id] = [inp.default]
-        else:
+        elif not inp.optional:
             raise AssertionError(f"D2F_TrainLoRA input {inp.id!r} has no TrainConfig field and no default: update this helper")
     return kwargs
 

@@ -5,9 +5,8 @@ UNet, the node's inputs reaching the trainer) are checked here; what each option
 engine is checked without ComfyUI in training/tests/test_options.py.
 
 The node is V3 with ``is_input_list=True``: every input arrives as a list. :func:`node_kwargs`
-builds its inputs from one dict of TrainConfig-named options, so these tests run whether the
-node calls the dtype input ``training_dtype`` (before the inputs were generated from
-TrainConfig) or ``dtype``.
+builds its inputs from one dict of TrainConfig-named options (the node's inputs are generated
+from TrainConfig, so the names are the same).
 """
 from __future__ import annotations
 
@@ -47,9 +46,8 @@ def node_kwargs(comfy_nodes, model, latents: list, positive: list, negative: Opt
         kwargs["negative"] = negative
     missing = []
     for name, value in values.items():
-        key = "training_dtype" if name == "dtype" and "training_dtype" in ids else name
-        if key in ids:
-            kwargs[key] = [value]
+        if name in ids:
+            kwargs[name] = [value]
         elif name in (options or {}):
             missing.append(name)
     kwargs["output_name"] = [output_name]
