@@ -26,16 +26,6 @@ SIZE = ["--width", "64", "--height", "64"]
 
 
 @pytest.fixture(scope="module")
-def fp32_text_encoder(comfy_nodes):
-    import comfy.cli_args
-
-    before = comfy.cli_args.args.fp32_text_enc
-    comfy.cli_args.args.fp32_text_enc = True  # CLIP in fp32: fp16 matmuls are slow on CPU
-    yield
-    comfy.cli_args.args.fp32_text_enc = before
-
-
-@pytest.fixture(scope="module")
 def prompts(tmp_path_factory) -> pathlib.Path:
     path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
     path.write_text("a photo of a cat\n\na drawing of a house\n", encoding="utf-8")
@@ -43,7 +33,7 @@ def prompts(tmp_path_factory) -> pathlib.Path:
 
 
 @pytest.fixture(scope="module")
-def pairs_folder(tiny_sd15_file, prompts, tmp_path_factory, fp32_text_encoder) -> pathlib.Path:
+def pairs_folder(tiny_sd15_file, prompts, tmp_path_factory, fp32_text_encoder_module) -> pathlib.Path:
     out = tmp_path_factory.mktemp("reflow") / "pairs"
     assert main(["pairs", "--checkpoint", str(tiny_sd15_file), "--prompts", str(prompts), "--count", "4", "--steps", "3",
                  "--cfg", "3", *SIZE, "--batch-size", "2", "--shard-size", "2", "--output", str(out), "--no-progress"]) == 0
