@@ -82,3 +82,14 @@ def tiny_sd15_file(comfy_nodes, tmp_path_factory):
     path = tmp_path_factory.mktemp("checkpoints") / CKPT_NAME
     save_file(tiny_sd15_state_dict(), str(path))
     return path
+
+
+@pytest.fixture(scope="module")
+def fp32_text_encoder_module(comfy_nodes):
+    """CLIP in fp32 for the tests of one module: fp16 matmuls are slow on the CPU."""
+    import comfy.cli_args
+
+    before = comfy.cli_args.args.fp32_text_enc
+    comfy.cli_args.args.fp32_text_enc = True
+    yield
+    comfy.cli_args.args.fp32_text_enc = before

@@ -19,6 +19,7 @@ BENCHMARKS = ROOT / "benchmarks"
 SCRIPTS = {
     "exactness.py": (False, "max rel. error"),
     "paper_comparison.py": (False, "FD by sampler steps"),
+    "reflow.py": (False, "FD by sampler steps (FM Euler, cfg 1)"),
     "start_rule.py": (False, "beats 'sigma_max'"),  # its table is checked in d2f_core/tests/test_top_of_schedule.py
     "patch_overhead.py": (True, "ratio"),
     "train_speed.py": (True, "ours/bare step time"),
@@ -36,7 +37,7 @@ def test_benchmark_quick_mode_runs(script: str, tmp_path: pathlib.Path) -> None:
     if needs_comfyui and COMFYUI is None:
         pytest.skip(COMFYUI_IMPORT_ERROR or SKIP_REASON)
     args = [sys.executable, str(BENCHMARKS / script), "--quick"]
-    if script == "paper_comparison.py":
+    if script in ("paper_comparison.py", "reflow.py"):
         args += ["--out", str(tmp_path / "results"), "--jobs", "1"]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     if COMFYUI is not None:

@@ -52,16 +52,6 @@ def prepared(tiny_sd15_file, dataset, tmp_path_factory, fp32_text_encoder_module
     return cache
 
 
-@pytest.fixture(scope="module")
-def fp32_text_encoder_module(comfy_nodes):
-    import comfy.cli_args
-
-    before = comfy.cli_args.args.fp32_text_enc
-    comfy.cli_args.args.fp32_text_enc = True  # CLIP in fp32: fp16 matmuls are slow on CPU
-    yield
-    comfy.cli_args.args.fp32_text_enc = before
-
-
 def test_prepare_caches_buckets_and_reports(prepared, dataset, tiny_sd15_file, capsys) -> None:
     index = json.loads((prepared / "index.json").read_text())
     assert sorted(index["entries"]) == ["img0.png", "img2.png", "img4.png", "nested/img1.png", "nested/img3.png", "nested/img5.png"]

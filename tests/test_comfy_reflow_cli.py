@@ -1,4 +1,4 @@
-"""Reflow headless end to end in a real ComfyUI 0.8.0 (tiny SD1.5-shaped checkpoint): python -m training pairs -> train --pairs --objective reflow -> sample; see test_comfy_reflow.py for the node.
+"""Reflow headless end to end in a real ComfyUI 0.8.0 (tiny SD1.5-shaped checkpoint): python -m training pairs -> train --pairs --objective reflow -> sample; the node is in test_comfy_reflow.py.
 ``pairs`` -> ``train --pairs --objective reflow`` -> ``sample`` with the LoRA's recommended settings,
 the LoRA in stock ComfyUI with no missing keys, appending pairs, k-times reflow (a reflow LoRA as
 the teacher) and a checkpoint that cannot be converted."""
@@ -26,16 +26,6 @@ SIZE = ["--width", "64", "--height", "64"]
 
 
 @pytest.fixture(scope="module")
-def fp32_text_encoder(comfy_nodes):
-    import comfy.cli_args
-
-    before = comfy.cli_args.args.fp32_text_enc
-    comfy.cli_args.args.fp32_text_enc = True  # CLIP in fp32: fp16 matmuls are slow on CPU
-    yield
-    comfy.cli_args.args.fp32_text_enc = before
-
-
-@pytest.fixture(scope="module")
 def prompts(tmp_path_factory) -> pathlib.Path:
     path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
     path.write_text("a photo of a cat\n\na drawing of a house\n", encoding="utf-8")
@@ -43,7 +33,7 @@ def prompts(tmp_path_factory) -> pathlib.Path:
 
 
 @pytest.fixture(scope="module")
-def pairs_folder(tiny_sd15_file, prompts, tmp_path_factory, fp32_text_encoder) -> pathlib.Path:
+def pairs_folder(tiny_sd15_file, prompts, tmp_path_factory, fp32_text_encoder_module) -> pathlib.Path:
     out = tmp_path_factory.mktemp("reflow") / "pairs"
     assert main(["pairs", "--checkpoint", str(tiny_sd15_file), "--prompts", str(prompts), "--count", "4", "--steps", "3",
                  "--cfg", "3", *SIZE, "--batch-size", "2", "--shard-size", "2", "--output", str(out), "--no-progress"]) == 0

@@ -5,6 +5,7 @@
     engine   Trainer: the optimisation loop (objectives from d2f_core, accumulation, LR schedule,
              mixed precision, NaN guard, cancel, periodic saves, exact resume)
     files    atomic LoRA / training-state files with Diff2Flow metadata
+    pairs    reflow pairs: a teacher's ODE from per-index noise into shards, and their TrainingData
 
 It never imports ComfyUI: the caller hands it a network ``net(x_in, timestep, **cond)`` whose
 trainable weights are :mod:`d2f_core.lora` adapters.

@@ -167,20 +167,25 @@ def test_a_long_prompt_and_a_short_negative_are_guided_together(tmp_path) -> Non
 def test_pairs_train_the_reflow_objective(reference) -> None:
     from d2f_core.lora import attach_parametrizations, make_adapter, select_target_modules
 
-    data = load_pairs(reference).training_data()
-    assert len(data) == 14 and torch.equal(data.extras[3]["noise"], pair_noise(7, 3, SHAPE))
+    pairs = load_pairs(reference)
+    data = pairs.training_data()
+    assert len(data) == 14 and torch.equal(data.latents[3], pairs.latents[3])
+    # the line of each pair passes through the teacher's start sigma_max * z at sigma_max, and through x0 at 0
+    sigma_max = pairs.settings["sigma_max"]
+    assert sigma_max < 1
+    line = d2f_core.interpolant(pairs.latents[3], data.extras[3]["noise"], sigma_max)
+    torch.testing.assert_close(line, sigma_max * pair_noise(7, 3, SHAPE))
     net = CondNet(0).requires_grad_(False)
     modules = select_target_modules(net, "all")
     adapters = {n: make_adapter("LoRA", m.weight.shape, 4, 4.0, torch.Generator().manual_seed(0)) for n, m in modules.items()}
     attach_parametrizations(modules, adapters)
     _, d2f = teacher()
-    pairs = load_pairs(reference)
     cond = {"context": torch.cat([data.conds[i]["context"] for i in range(14)])}
     sigmas = d2f_core.sample_training_sigmas(14, sigma_max=d2f.sigma_max, generator=torch.Generator().manual_seed(3))
 
     def fixed_loss() -> float:  # the reflow loss on all pairs at fixed sigmas, before and after
         with torch.no_grad():
-            return d2f_core.get_objective("reflow").loss(net, d2f, pairs.latents, pairs.noise, sigmas, **cond).loss.item()
+            return d2f_core.get_objective("reflow").loss(net, d2f, pairs.latents, pairs.line_noise(), sigmas, **cond).loss.item()
 
     before = fixed_loss()
     config = TrainConfig(objective="reflow", steps=60, batch_size=4, learning_rate=1e-2, rank=4)

@@ -1,0 +1,394 @@
+"""Reflow at toy scale: few-step sampling of the demo's tiny v-model after reflow on its own ODE pairs.
+
+    python benchmarks/reflow.py --jobs 2     # full run (about 15 minutes on 2 CPU cores)
+    python benchmarks/reflow.py --quick      # a shrunken run that checks the script (seconds)
+
+Teacher: the shipped v-prediction UNet (``demo/weights/unet_v.safetensors``, pretrained on the digits
+0-6; no fine-tuning), converted by the Diff2Flow alignment and sampled conditionally at cfg 1 (its
+best FD here: guidance only lowers this small model's diversity). Pairs: ``training.pairs``
+integrates the teacher's ODE with FM Euler from per-index noise, the classes cycling through 0-6.
+Students: the teacher + a LoRA of rank 16, or + a full dense delta on every Linear and Conv weight
+(``demo.pipeline.attach_adapters``), trained with the ``reflow`` objective (docs/MATH.md sections 6
+and 12) by ``training.Trainer`` on the pairs; sampled with FM Euler at cfg 1.
+
+Reported, over seeds (a seed is a training seed and its own evaluation noise; the teacher's spread
+is over the evaluation noise alone):
+
+- FD (the demo classifier's 32 features, samples vs all real digits 0-6) at 1 / 2 / 4 / 8 steps for
+  the teacher and each student, and the teacher's 50-step FD; the real-vs-real floor;
+- straightness of the 32-step sampling paths (docs/MATH.md section 12; 0 = straight);
+- the pair-generation cost against a bare sampling loop of the same model, batch and steps (rounds
+  alternating in this process; the target is a ratio <= 1.05), and the training cost;
+- how far the teacher's N-step end points are from its 128-step ones (how the default of 32 pair
+  steps was chosen), full mode only.
+
+Targets (issue 11): the student's 2-step FD <= the teacher's 8-step FD; its 4-step FD <= 1.2x the
+teacher's 50-step FD; its 1-step FD <= 0.5x the teacher's 1-step FD. The report states each as
+met or not, with the numbers.
+
+Time convention (docs/MATH.md section 1): FM sigma in [0, 1], sigma = 1 is noise.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from anywhere: the demo package lives at the root
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+import d2f_core  # noqa: E402
+from demo import data as ddata  # noqa: E402
+from demo import pipeline  # noqa: E402
+from demo.classifier import predict  # noqa: E402
+from demo.progress import Progress  # noqa: E402
+from demo.store import WEIGHTS_DIR, load_classifier, load_unet  # noqa: E402
+from training import TrainConfig, Trainer  # noqa: E402
+from training.files import atomic_write, ensure_writable_folder  # noqa: E402
+from training.pairs import PairSettings, generate_pairs, load_pairs  # noqa: E402
+
+CLASSES = ddata.PRETRAIN_CLASSES
+STUDENT_STEPS = (1, 2, 4, 8)
+TEACHER_STEPS = (1, 2, 4, 8, 50)
+STRAIGHTNESS_STEPS = 32
+
+
+# ------------------------------------------------------------------------------------ setup
+class Setup:
+    """The teacher, its alignment, the classifier and the real digits 0-6."""
+
+    def __init__(self, weights: pathlib.Path, samples: int) -> None:
+        self.unet, self.encoder, _ = load_unet("v", weights)
+        self.classifier = load_classifier(weights)
+        self.d2f = d2f_core.Diff2Flow(d2f_core.scaled_linear(), "v")
+        images, _ = ddata.select_classes(*ddata.load_digits_tensor(), CLASSES)
+        self.real_count = int(images.shape[0])
+        self.real_features = predict(self.classifier, images)[1]
+        self.floor = pipeline.data_floor(self.real_features)
+        self.samples = samples
+        self.labels = pipeline.balanced_labels(CLASSES, samples)
+        self.ctx = pipeline.contexts(self.encoder, self.labels)
+        self.uncond = pipeline.contexts(self.encoder, [pipeline.NULL_CLASS])
+        self.class_conds = [{"context": pipeline.contexts(self.encoder, [c])} for c in CLASSES]
+
+    def noise(self, seed: int) -> torch.Tensor:
+        return pipeline.fixed_noise(self.samples, seed=10_000 + seed)
+
+    def velocity(self, net: torch.nn.Module):
+        """``fn(x, sigma, cond) -> v``: the network through the alignment (teacher and students alike)."""
+        aligned = self.d2f.velocity_fn(net)
+        return lambda x, sigma, cond: aligned(x, sigma, **cond)
+
+    def sigmas(self, steps: int) -> torch.Tensor:
+        return d2f_core.fm_sigmas(steps, sigma_max=self.d2f.sigma_max)
+
+
+@torch.no_grad()
+def fd_at(setup: Setup, net: torch.nn.Module, seed: int, steps_list: tuple[int, ...]) -> dict[str, float]:
+    """FD per sampler step count, conditional sampling at cfg 1 from the seed's noise."""
+    aligned = setup.d2f.velocity_fn(net)
+    out = {}
+    for steps in steps_list:
+        samples = pipeline.sample(aligned, setup.ctx, setup.uncond, setup.noise(seed), setup.sigmas(steps))
+        out[str(steps)] = pipeline.evaluate_samples(samples, setup.labels, setup.real_features, setup.classifier).fd
+    return out
+
+
+@torch.no_grad()
+def straightness(setup: Setup, net: torch.nn.Module, seed: int, count: int = 200) -> float:
+    """docs/MATH.md section 12: sum_i dsigma_i |v_i - vbar|^2 / (sigma_0 |vbar|^2), mean over paths,
+    on the 32-step FM Euler paths (0 for straight paths at constant speed)."""
+    velocities: list[torch.Tensor] = []
+    sigmas = setup.sigmas(STRAIGHTNESS_STEPS)
+    aligned = setup.d2f.velocity_fn(net)
+    x = float(sigmas[0]) * setup.noise(seed)[:count]
+    ctx = setup.ctx[:count]
+    end = d2f_core.sample_euler(lambda x_, s: aligned(x_, s, ctx), x, sigmas,
+                                callback=lambda info: velocities.append(info["velocity"]))
+    vbar = (x - end) / float(sigmas[0])
+    weights = (sigmas[:-1] - sigmas[1:]).float() / float(sigmas[0])
+    deviation = sum(w * (v - vbar).pow(2).flatten(1).sum(1) for w, v in zip(weights, velocities))
+    return float((deviation / vbar.pow(2).flatten(1).sum(1)).mean())
+
+
+# ------------------------------------------------------------------------------------ pairs and their cost
+def pair_settings(setup: Setup, steps: int, batch: int) -> PairSettings:
+    return PairSettings((1, 16, 16), setup.d2f.sigma_max, "euler", steps, 1.0, 1.0, 0, batch,
+                        {"demo": "unet_v.safetensors", "classes": list(CLASSES)})
+
+
+@torch.no_grad()
+def bare_loop(setup: Setup, count: int, steps: int, batch: int) -> float:
+    """Seconds of the same sampling without the pair machinery: one noise draw per batch, the
+    classes cycling as in the pairs, FM Euler at cfg 1, nothing stored."""
+    teacher, sigmas = setup.velocity(setup.unet), setup.sigmas(steps)
+    gen = torch.Generator().manual_seed(0)
+    start = time.perf_counter()
+    for first in range(0, count, batch):
+        noise = torch.randn(batch, 1, 16, 16, generator=gen)
+        cond = {"context": torch.cat([setup.class_conds[i % len(CLASSES)]["context"] for i in range(first, first + batch)])}
+        d2f_core.sample_euler(lambda x, s: teacher(x, s, cond), setup.d2f.sigma_max * noise, sigmas)
+    return time.perf_counter() - start
+
+
+def make_pairs(setup: Setup, folder: pathlib.Path, count: int, steps: int, batch: int, shard: int,
+               rounds: int) -> dict[str, Any]:
+    """Generate ``count`` pairs into ``folder``: first ``rounds`` rounds of ``shard`` pairs each (appended),
+    each followed by the bare loop on as many pairs; then the rest. Returns the timings."""
+    settings, teacher = pair_settings(setup, steps, batch), setup.velocity(setup.unet)
+    ratios, pair_seconds = [], 0.0
+    for r in range(rounds):
+        start = time.perf_counter()
+        generate_pairs(teacher, setup.class_conds, folder, (r + 1) * shard, settings, shard_size=shard)
+        seconds = time.perf_counter() - start
+        pair_seconds += seconds
+        ratios.append(seconds / bare_loop(setup, shard, steps, batch))
+        print(f"pair round {r + 1}: pairs / bare loop time {ratios[-1]:.3f}", flush=True)
+    start = time.perf_counter()
+    summary = generate_pairs(teacher, setup.class_conds, folder, count, settings, shard_size=shard)
+    pair_seconds += time.perf_counter() - start
+    print(summary.report(), flush=True)
+    return {"count": count, "steps": steps, "batch": batch, "seconds": pair_seconds, "pairs_per_second": count / pair_seconds,
+            "ratios": ratios, "ratio": statistics.median(ratios) if ratios else float("nan")}
+
+
+@torch.no_grad()
+def pair_step_choice(setup: Setup, candidates: tuple[int, ...] = (8, 16, 32, 64), reference: int = 128,
+                     count: int = 256) -> dict[str, float]:
+    """RMS distance of the teacher's N-step end points from its ``reference``-step ones, relative to
+    the RMS of the images (the discretisation error a pair carries)."""
+    teacher = setup.d2f.velocity_fn(setup.unet)
+    noise, ctx = setup.noise(0)[:count], setup.ctx[:count]
+    end = {n: pipeline.sample(teacher, ctx, setup.uncond, noise, setup.sigmas(n)) for n in (*candidates, reference)}
+    scale = end[reference].pow(2).mean().sqrt()
+    return {str(n): float((end[n] - end[reference]).pow(2).mean().sqrt() / scale) for n in candidates}
+
+
+# ------------------------------------------------------------------------------------ students
+def train_student(setup: Setup, data: Any, adapter: str, seed: int, steps: int, batch: int, lr: float,
+                  progress: Progress | None = None) -> dict[str, Any]:
+    kind, rank = ("full", 1) if adapter == "full" else ("lora", int(adapter[4:]))
+    net = pipeline.fresh_copy(setup.unet)
+    adapters = pipeline.attach_adapters(net, kind, rank=rank, targets="all", seed=seed)
+    # shift timestep sampling (shift 3): more training at high noise, where 1-4-step sampling spends its steps
+    # (measured on this benchmark: FD at 2 / 4 steps 5.15 / 4.15 with uniform sampling, 4.32 / 3.79 with shift, LoRA)
+    config = TrainConfig(objective="reflow", steps=steps, batch_size=batch, learning_rate=lr, lr_schedule="cosine",
+                         rank=rank, alpha=float(rank), targets="all", weight_decay=0.0, timestep_sampling="shift",
+                         shift=3.0, seed=seed)
+    trainer = Trainer(net, adapters, setup.d2f, config, data)
+    start = time.perf_counter()
+    trainer.run(on_step=(lambda *_: progress.update(1, f"{adapter} seed {seed}")) if progress is not None else None)
+    seconds = time.perf_counter() - start
+    return {"adapter": adapter, "seed": seed, "fd": fd_at(setup, net, seed, STUDENT_STEPS),
+            "straightness": straightness(setup, net, seed), "train_seconds": seconds, "seconds_per_step": seconds / steps,
+            "final_loss": statistics.fmean(trainer.losses[-100:])}
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(weights: str, samples: int, pairs: str) -> None:
+    torch.set_num_threads(1)
+    _WORKER["setup"] = Setup(pathlib.Path(weights), samples)
+    _WORKER["data"] = load_pairs(pairs).training_data()
+
+
+def _worker_run(job: tuple) -> dict[str, Any]:
+    return train_student(_WORKER["setup"], _WORKER["data"], *job)
+
+
+# ------------------------------------------------------------------------------------ report
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _cell(values: list[float], digits: int = 2) -> str:
+    mean, std = _mean_std(values)
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each target per student: the two numbers compared, and whether it is met (on the means)."""
+    teacher = {k: _mean_std([t["fd"][k] for t in report["teacher"]])[0] for k in report["teacher"][0]["fd"]}
+    out = []
+    for adapter in report["config"]["adapters"]:
+        student = {k: _mean_std([r["fd"][k] for r in report["students"] if r["adapter"] == adapter])[0] for k in ("1", "2", "4")}
+        for name, mine, bound in (
+            ("2-step FD <= teacher 8-step FD", student["2"], teacher["8"]),
+            ("4-step FD <= 1.2x teacher 50-step FD", student["4"], 1.2 * teacher["50"]),
+            ("1-step FD <= 0.5x teacher 1-step FD", student["1"], 0.5 * teacher["1"]),
+        ):
+            out.append({"adapter": adapter, "target": name, "student": mine, "bound": bound, "met": mine <= bound})
+    return out
+
+
+def summarise(report: dict[str, Any]) -> str:
+    cfg, pairs = report["config"], report["pairs"]
+    teacher, students = report["teacher"], report["students"]
+    steps_cols = [str(s) for s in TEACHER_STEPS]
+    lines = [
+        f"# Reflow at toy scale (the demo's v-model on digits 0-6{', quick run' if cfg['quick'] else ''})",
+        "",
+        f"Teacher: the shipped `unet_v` (digits 0-6, no fine-tuning), FM Euler at cfg 1. {pairs['count']} pairs of its "
+        f"{pairs['steps']}-step Euler ODE (classes 0-6 in turn); students trained with `reflow` for {cfg['train_steps']} "
+        f"steps, batch {cfg['batch']}, shift-3 timestep sampling, cosine learning rate {cfg['lrs']['lora']:g} (LoRA r16, alpha 16) / "
+        f"{cfg['lrs']['full']:g} (full), AdamW without weight decay. FD on {cfg['samples']} samples vs the "
+        f"{report['real_count']} real digits 0-6 (classifier features, 32-d); real-vs-real floor **{report['floor_fd']:.2f}**. "
+        f"Mean ± std over {len(cfg['seeds'])} seed(s). Total {report['seconds'] / 60:.1f} min, {cfg['jobs']} process(es) "
+        "x 1 thread.",
+        "",
+        "## FD by sampler steps (FM Euler, cfg 1) and straightness of the 32-step paths",
+        "",
+        "| model | " + " | ".join(f"{s} step{'s' if s != '1' else ''}" for s in steps_cols) + " | straightness |",
+        "|---|" + "---|" * (len(steps_cols) + 1),
+        "| teacher | " + " | ".join(_cell([t["fd"][s] for t in teacher]) for s in steps_cols)
+        + f" | {_cell([t['straightness'] for t in teacher], 4)} |",
+    ]
+    for adapter in cfg["adapters"]:
+        rs = [r for r in students if r["adapter"] == adapter]
+        cells = [_cell([r["fd"][s] for r in rs]) if s in rs[0]["fd"] else "" for s in steps_cols]
+        lines.append(f"| reflow student ({adapter}) | " + " | ".join(cells) + f" | {_cell([r['straightness'] for r in rs], 4)} |")
+    lines += ["", "## Targets", "", "| student | target | student | bound | met |", "|---|---|---|---|---|"]
+    for t in report["targets"]:
+        lines.append(f"| {t['adapter']} | {t['target']} | {t['student']:.2f} | {t['bound']:.2f} | {'yes' if t['met'] else 'no'} |")
+    train_s = [r["seconds_per_step"] for r in students]
+    lines += [
+        "",
+        "## Cost",
+        "",
+        f"- Pair generation: {pairs['count']} pairs x {pairs['steps']} steps in {pairs['seconds']:.1f} s "
+        f"({pairs['pairs_per_second']:.1f} pairs/s, batch {pairs['batch']}). Against a bare sampling loop of the same "
+        f"model, batch and steps, alternating rounds of {cfg['shard']} pairs: time ratio "
+        f"{', '.join(f'{r:.3f}' for r in pairs['ratios'])}, median **{pairs['ratio']:.3f}** (target <= 1.05).",
+        f"- Training: {_cell(train_s, 4)} s per step (batch {cfg['batch']}), "
+        f"{statistics.fmean(r['train_seconds'] for r in students):.0f} s per student.",
+    ]
+    if report.get("pair_steps"):
+        lines += ["", "## Pair steps (how the default was chosen)", "",
+                  "RMS distance of the teacher's N-step Euler end points from its 128-step ones, relative to the images' RMS "
+                  "(256 samples):", "",
+                  "| N | " + " | ".join(report["pair_steps"]) + " |", "|---|" + "---|" * len(report["pair_steps"]),
+                  "| distance | " + " | ".join(f"{v:.4f}" for v in report["pair_steps"].values()) + " |"]
+    lines.append("")
+    return "\n".join(lines)
+
+
+def save_plot(report: dict[str, Any], path: pathlib.Path) -> pathlib.Path:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(5.5, 4), dpi=100)
+    ax = fig.subplots()
+    series = [("teacher", report["teacher"], "k")] + [
+        (f"reflow {a}", [r for r in report["students"] if r["adapter"] == a], c)
+        for a, c in zip(report["config"]["adapters"], ("tab:green", "tab:orange"))]
+    for label, rs, color in series:
+        xs = [int(s) for s in rs[0]["fd"]]
+        stats = [_mean_std([r["fd"][str(s)] for r in rs]) for s in xs]
+        ax.errorbar(xs, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3, color=color, label=label)
+    ax.axhline(report["floor_fd"], color="grey", linestyle=":", label="real-vs-real floor")
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("FM Euler steps (cfg 1)")
+    ax.set_ylabel("FD")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return atomic_write(path, lambda p: fig.savefig(p, format="png"))
+
+
+# ------------------------------------------------------------------------------------ main
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="seconds: 1 seed, 256 pairs of 8 steps, 20 training steps, 100 samples")
+    p.add_argument("--seeds", type=int, default=None, help="seeds (default 3)")
+    p.add_argument("--pairs", type=int, default=None, help="pairs (default 8192)")
+    p.add_argument("--pair-steps", type=int, default=None, help="teacher ODE steps per pair (default 32)")
+    p.add_argument("--train-steps", type=int, default=None, help="reflow training steps per student (default 1500)")
+    p.add_argument("--samples", type=int, default=None, help="FD samples (default 500)")
+    p.add_argument("--batch", type=int, default=32, help="training batch (default 32)")
+    p.add_argument("--lr-lora", type=float, default=2e-3)
+    p.add_argument("--lr-full", type=float, default=3e-4)
+    p.add_argument("--jobs", type=int, default=1, help="worker processes for the students, one thread each (default 1)")
+    p.add_argument("--weights", type=pathlib.Path, default=WEIGHTS_DIR)
+    p.add_argument("--out", type=pathlib.Path, default=ROOT / "benchmarks" / "results")
+    args = p.parse_args(argv)
+    quick = args.quick
+    seeds = list(range(args.seeds if args.seeds is not None else (1 if quick else 3)))
+    count = args.pairs or (256 if quick else 8192)
+    pair_steps = args.pair_steps or (8 if quick else 32)
+    train_steps = args.train_steps or (20 if quick else 1500)
+    samples = args.samples or (100 if quick else 500)
+    gen_batch, shard = (64, 128) if quick else (256, 1024)
+    for name, value, low in (("seeds", len(seeds), 1), ("pairs", count, shard), ("pair-steps", pair_steps, 1),
+                             ("train-steps", train_steps, 1), ("samples", samples, 2), ("batch", args.batch, 1),
+                             ("jobs", args.jobs, 1)):
+        if value < low:
+            p.error(f"--{name} must be >= {low}, got {value}")
+    try:
+        ensure_writable_folder(args.out)
+    except OSError as exc:
+        p.error(f"--out {args.out} cannot be written: {exc}")
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    setup = Setup(args.weights, samples)
+    print(f"floor FD (real vs real halves): {setup.floor:.3f}", flush=True)
+    teacher = [{"seed": s, "fd": fd_at(setup, setup.unet, s, TEACHER_STEPS), "straightness": straightness(setup, setup.unet, s)}
+               for s in seeds]
+    for t in teacher:
+        print(f"teacher seed {t['seed']}: FD {', '.join(f'{k}: {v:.2f}' for k, v in t['fd'].items())}, "
+              f"straightness {t['straightness']:.4f}", flush=True)
+    choice = {} if quick else pair_step_choice(setup)
+    folder = pathlib.Path(tempfile.mkdtemp(prefix="d2f_reflow_pairs_"))
+    adapters = ["lora16", "full"]
+    lrs = {"lora": args.lr_lora, "full": args.lr_full}
+    try:
+        pairs = make_pairs(setup, folder / "pairs", count, pair_steps, gen_batch, shard, rounds=1 if quick else 3)
+        jobs = [(a, s, train_steps, args.batch, lrs["full" if a == "full" else "lora"]) for s in seeds for a in adapters]
+        students = []
+        if args.jobs == 1:
+            data = load_pairs(folder / "pairs").training_data()
+            with Progress(len(jobs) * train_steps, "reflow students", unit="step") as bar:
+                students = [train_student(setup, data, *job, progress=bar) for job in jobs]
+        else:
+            import multiprocessing as mp
+
+            with Progress(len(jobs), f"reflow students ({args.jobs} processes)", unit="run") as bar, \
+                    mp.get_context("spawn").Pool(args.jobs, initializer=_worker_init,
+                                                 initargs=(str(args.weights), samples, str(folder / "pairs"))) as pool:
+                for result in pool.imap_unordered(_worker_run, jobs):
+                    students.append(result)
+                    bar.update(1, f"{result['adapter']} seed {result['seed']}")
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    students.sort(key=lambda r: (adapters.index(r["adapter"]), r["seed"]))
+    report = {
+        "config": {"seeds": seeds, "adapters": adapters, "samples": samples, "batch": args.batch, "lrs": lrs,
+                   "train_steps": train_steps, "jobs": args.jobs, "shard": shard, "quick": quick, "torch": torch.__version__},
+        "floor_fd": setup.floor, "real_count": setup.real_count, "teacher": teacher, "students": students,
+        "pairs": pairs, "pair_steps": choice, "seconds": time.perf_counter() - start,
+    }
+    report["targets"] = targets(report)
+    stem = "reflow_quick" if quick else "reflow"
+    markdown = summarise(report)
+    (args.out / f"{stem}.md").write_text(markdown)
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1))
+    plot = save_plot(report, args.out / f"{stem}_fd_vs_steps.png")
+    print(markdown)
+    print(f"wrote {args.out / (stem + '.md')}, {stem}.json and {plot} in {report['seconds'] / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
