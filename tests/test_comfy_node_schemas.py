@@ -9,7 +9,7 @@ require_comfyui()
 
 def test_every_node_has_description_and_tooltips(comfy_nodes) -> None:
     ours = {k: v for k, v in comfy_nodes.items() if k.startswith("D2F_")}
-    assert len(ours) == 7
+    assert len(ours) == 8  # 7 + Diff2Flow Reflow Pairs
     missing = []
     for node_id, cls in ours.items():
         schema = cls.define_schema()
@@ -20,3 +20,16 @@ def test_every_node_has_description_and_tooltips(comfy_nodes) -> None:
             if not getattr(item, "tooltip", None):
                 missing.append(f"{node_id}.{item.id or item.display_name}")
     assert missing == []
+
+
+def test_training_seeds_stay_fixed_between_runs(comfy_nodes) -> None:
+    """The front-end gives an INT named seed a "control after generate" widget (randomize) unless the
+    schema says otherwise: a randomized training seed changes every run and breaks resume. The
+    training and reflow-pairs nodes turn it off; the KSampler keeps it (a fresh image per run)."""
+    def seed_options(node_id: str) -> dict:
+        info = comfy_nodes[node_id].GET_NODE_INFO_V1()
+        return info["input"]["required"]["seed"][1]
+
+    assert seed_options("D2F_TrainLoRA").get("control_after_generate") is False
+    assert seed_options("D2F_ReflowPairs").get("control_after_generate") is False
+    assert seed_options("D2F_KSampler").get("control_after_generate") is True

@@ -71,3 +71,21 @@ def test_pretraining_lowers_the_diffusion_loss() -> None:
             for name, (u, e) in {"init": (init_unet, init_encoder), "trained": (unet, encoder)}.items()
         }
     assert losses["trained"] < 0.8 * losses["init"], losses
+
+
+def test_demo_progress_bars_count_one_kind_of_work_each(tmp_path, monkeypatch) -> None:
+    """One bar per phase in its own unit (images sampled, training steps): a bar that mixes them
+    shows a meaningless rate and ETA."""
+    bars: list[tuple[str, str, int]] = []
+    real = demo_run.Progress
+
+    class SpyProgress(real):
+        def __init__(self, total, label, unit="it", enabled=True) -> None:
+            bars.append((label, unit, int(total)))
+            super().__init__(total, label, unit=unit, enabled=False)
+
+    monkeypatch.setattr(demo_run, "Progress", SpyProgress)
+    assert demo_run.main(["--out", str(tmp_path / "out"), "--steps", "3", *SMALL]) == 0
+    units = {label: unit for label, unit, _ in bars}
+    assert units == {"zero-shot sampling": "img", "fine-tune": "step", "fine-tuned sampling": "img"}, bars
+    assert ("fine-tune", "step", 3) in bars

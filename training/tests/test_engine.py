@@ -158,3 +158,20 @@ def test_reflow_is_refused_without_paired_noise_and_others_ignore_it() -> None:
     with_pairs = Trainer(net, adapters, trainer.d2f, config, paired).train_step()
     trainer, net, adapters = make_run(config)
     assert trainer.train_step() == pytest.approx(with_pairs, rel=1e-6)
+
+
+def test_fp16_on_the_cpu_warns_and_a_skipped_step_raises_no_scheduler_warning(caplog) -> None:
+    """fp16 on a CPU is emulated (several times slower than fp32): the trainer says so. Loss scaling
+    skips the first steps there (the scale overflows): they still count for the LR schedule, and
+    torch's "lr_scheduler.step() before optimizer.step()" warning must not reach the user."""
+    import logging
+    import warnings
+
+    with caplog.at_level(logging.WARNING, logger="diff2flow"):
+        trainer, _, _ = make_run(TrainConfig(steps=3, batch_size=2, dtype="fp16"))
+    assert any("fp16 on the CPU" in r.getMessage() for r in caplog.records)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.run()
+    assert trainer.step == 3
+    assert not [w for w in caught if "lr_scheduler.step()" in str(w.message)], [str(w.message) for w in caught]
