@@ -210,3 +210,16 @@ def test_model_patch_node_and_ksampler_node(comfy_nodes, tiny_model, conditionin
     assert torch.isfinite(heun).all() and not torch.equal(heun, out_patched_input)
     img2img = comfy_nodes["D2F_KSampler"].execute(model=model, **{**args, "latent_image": {"samples": out_patched_input}, "denoise": 0.5})[0]["samples"]
     assert torch.isfinite(img2img).all()
+
+
+def test_fm_sampler_node_runs_the_chosen_sampler(pack, tiny_model, conditioning, comfy_nodes) -> None:
+    """The FM Sampler node's `sampler` choice is the integrator that runs (Heun differs from Euler)."""
+    model = pack.model_sampling.patch_model(tiny_model("eps"))
+    cond = conditioning(1)
+    sigmas = d2f_core.fm_sigmas(3, model.get_model_object("model_sampling").d2f.sigma_max).float()
+    node = comfy_nodes["D2F_FMEulerSampler"]
+    by_node = {name: sample(model, node.execute(sampler=name)[0], sigmas, cond, cond) for name in d2f_core.SAMPLERS}
+    direct = {name: sample(model, pack.sampling_nodes.fm_sampler(name), sigmas, cond, cond) for name in d2f_core.SAMPLERS}
+    for name in d2f_core.SAMPLERS:
+        torch.testing.assert_close(by_node[name], direct[name], rtol=0, atol=0)
+    assert not torch.allclose(by_node["heun"], by_node["euler"])

@@ -111,3 +111,16 @@ def test_time_map_output_dtypes_and_shapes(device: torch.device) -> None:
     assert d2f.timestep(0.5).ndim == 0
     ref = d2f.timestep(torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64))
     torch.testing.assert_close(d2f.timestep(torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64, device=device)).cpu(), ref)
+
+
+def test_for_model_does_not_rescale_a_schedule_that_already_has_zero_terminal_snr() -> None:
+    """Requesting zero terminal SNR on a schedule that has it (ComfyUI's zsnr table, last entry
+    4.9e-8) changes nothing; on an ordinary schedule it rescales; eps with it is refused."""
+    comfy_zsnr = d2f_core.rescale_zero_terminal_snr(d2f_core.scaled_linear())
+    comfy_zsnr[-1] = 4.8973451890853435e-08
+    on, off = d2f_core.Diff2Flow.for_model(comfy_zsnr, "v", True), d2f_core.Diff2Flow.for_model(comfy_zsnr, "v", False)
+    assert torch.equal(on.alphas_cumprod, off.alphas_cumprod) and torch.equal(on.alphas_cumprod, comfy_zsnr)
+    rescaled = d2f_core.Diff2Flow.for_model(d2f_core.scaled_linear(), "v", True)
+    assert rescaled.sigma_max == 1.0 and torch.equal(rescaled.alphas_cumprod, d2f_core.rescale_zero_terminal_snr(d2f_core.scaled_linear()))
+    with pytest.raises(ValueError, match="only valid for v-prediction"):
+        d2f_core.Diff2Flow.for_model(d2f_core.scaled_linear(), "eps", True)
