@@ -31,7 +31,7 @@ def test_pyproject_has_registry_table_and_dependencies() -> None:
     project = meta["project"]
     assert "comfyui" not in project["name"].lower()
     deps = " ".join(project["dependencies"])
-    for name in ("torch", "numpy", "safetensors", "einops", "peft"):
+    for name in ("torch", "numpy", "safetensors"):
         assert name in deps
     assert "test" in project["optional-dependencies"]
     comfy = meta["tool"]["comfy"]
@@ -43,3 +43,20 @@ def test_requirements_txt_does_not_touch_comfyui_provided_packages() -> None:
     lines = [line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
     names = {line.split(">")[0].split("=")[0].split("<")[0].strip().lower() for line in lines if line}
     assert names.isdisjoint({"torch", "torchvision", "torchaudio", "numpy", "safetensors", "einops", "transformers"})
+
+
+def test_every_declared_dependency_is_imported() -> None:
+    """A dependency no module imports is dead weight in every install: use it or drop it."""
+    import re
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    import_names = {"pillow": "PIL"}
+    sources = "\n".join(p.read_text(encoding="utf-8") for layer in ("d2f_core", "training", "d2f_host", "nodes", "demo")
+                        for p in (ROOT / layer).rglob("*.py"))
+    unused = []
+    for dep in project["dependencies"]:
+        name = re.split(r"[<>=~!; ]", dep, maxsplit=1)[0].lower()
+        module = import_names.get(name, name)
+        if not re.search(rf"^\s*(import|from)\s+{re.escape(module)}\b", sources, flags=re.M):
+            unused.append(name)
+    assert unused == []
