@@ -282,7 +282,8 @@ OBJECTIVES: dict[str, Objective] = {
             # the same loss as diff2flow: only the coupling differs (the noise is the pair's z, not drawn)
             diff2flow_loss,
             paired_noise=True,
-            # a student of guided pairs has the guidance built in: it samples at cfg 1 (measured: benchmarks/reflow.py)
+            # 2 steps: a reflow LoRA's 2-step FD matches its teacher's 8-step FD (benchmarks/reflow.py); cfg 1: a
+            # student of guided pairs has the guidance built in (docs/MATH.md section 12)
             steps=2,
             cfg=1.0,
         ),

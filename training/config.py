@@ -173,8 +173,8 @@ class PairsConfig:
 
     count: int = option(1000, "Pairs the folder should hold: a rerun with a larger count generates only the missing "
                         "ones.", min=1, max=100_000_000)
-    steps: int = option(32, "Teacher ODE steps per pair (measured on the demo: the 32-step result is within the "
-                        "sampling noise of 100 steps).", min=1, max=1000)
+    steps: int = option(32, "Teacher ODE steps per pair (measured on the demo model: the 8 / 16 / 32 / 64-step end "
+                        "points lie 6.0 / 3.1 / 1.4 / 0.5 % (RMS) from the 128-step ones).", min=1, max=1000)
     cfg: float = option(5.0, "Classifier-free guidance of the teacher (the student samples at cfg 1: the guidance "
                         "is built into its pairs).", min=0.0, max=100.0, step=0.1)
     sampler: str = option("euler", "; ".join(f"{s.name}: {s.description}" for s in SAMPLERS.values()), choices=tuple(SAMPLERS))
