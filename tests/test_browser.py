@@ -141,9 +141,11 @@ BUILD_TRAINING_GRAPH = """async ([ckpt, steps]) => {
 
 # ---------------------------------------------------------------------------------------------
 # fixtures
+# Module scope, not session: Playwright's sync API keeps an asyncio loop running in the main thread
+# while it is open, and the later modules' ComfyUI fixture needs asyncio.run() in that thread.
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def server(tmp_path_factory):
     """ComfyUI on a loopback port with this pack, the tiny SD1.5 checkpoint and the workflows' files."""
     from safetensors.torch import save_file
@@ -159,7 +161,7 @@ def server(tmp_path_factory):
     assert srv.proc.poll() is not None, "the ComfyUI server is still running"
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser():
     from playwright.sync_api import sync_playwright
 
@@ -171,7 +173,7 @@ def browser():
             chromium.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def page(server, browser):
     """One page on the server's front-end for every test; records uncaught errors and /docs/ answers."""
     pg = open_app(browser, server, init_script=INIT_SCRIPT)
@@ -376,13 +378,22 @@ def test_templates_browser_shows_the_thumbnails(page) -> None:
 
     names = [p.stem for p in WORKFLOWS]
     page.evaluate("() => window.app.extensionManager.command.execute('Comfy.BrowseTemplates')")
+    shown_all = """(names) => names.every((n) => {
+        const img = document.querySelector(`.p-dialog img[alt="${n}"]`);
+        return img && img.complete && img.naturalWidth > 0; })"""
     try:
-        # the pack's own category (under Extensions) in the dialog's navigation
-        page.locator(".p-dialog").get_by_text(PACK_NAME, exact=True).first.click(timeout=15_000)
-        # the cards load each <name>.jpg and show it as an <img alt="<name>"> (a placeholder without it)
-        page.wait_for_function("""(names) => names.every((n) => {
-            const img = document.querySelector(`.p-dialog img[alt="${n}"]`);
-            return img && img.complete && img.naturalWidth > 0; })""", arg=names, timeout=20_000)
+        # the pack's own category (under Extensions) in the dialog's navigation; the dialog fills its
+        # navigation while it loads the template index, so a click that lands before that is lost:
+        # try it up to three times
+        for attempt in range(3):
+            try:
+                page.locator(".p-dialog").get_by_text(PACK_NAME, exact=True).first.click(timeout=15_000)
+                # the cards load each <name>.jpg and show it as an <img alt="<name>"> (a placeholder without it)
+                page.wait_for_function(shown_all, arg=names, timeout=15_000)
+                break
+            except PlaywrightTimeout:
+                if attempt == 2:
+                    raise
     except PlaywrightTimeout:
         shown = page.evaluate("() => [...document.querySelectorAll('.p-dialog img')].map((i) => [i.alt, i.complete, i.naturalWidth])")
         pytest.fail(f"the Templates browser does not show a thumbnail for each of {names}: {shown}")
