@@ -235,12 +235,15 @@ for (let s = 1; s <= 3000; s++) {
   losses.push(loss);
   appendStep(run, { step: s, steps: 3000, loss, lr: 1e-4, smooth: 0.2 }, 256);
 }
-const cols = columns(run.points, 120);
+const cols = columns(run.points, 40);
+// each column spans whole steps s0..s1: its range must be exactly the range of those steps' losses
+const exact = cols.every((c, i) => c.hi === Math.max(...losses.slice(c.s0 - 1, c.s1)) &&
+  c.lo === Math.min(...losses.slice(c.s0 - 1, c.s1)) && (i === 0 || c.s0 === cols[i - 1].s1 + 1));
 const ctx = new Proxy({}, { get: (t, k) => (k in t ? t[k] : () => {}), set: (t, k, v) => ((t[k] = v), true) });
 const small = drawChart(ctx, run, [0, -200, 300, 150]), wide = drawChart(ctx, run, [0, -300, 900, 280]);
 console.log(JSON.stringify({ points: run.points.length, stride: run.stride, first: run.points[0][0],
   last: run.points[run.points.length - 1][1], cols: cols.length, hi: Math.max(...cols.map((c) => c.hi)),
-  lo: Math.min(...cols.map((c) => c.lo)), ticks: niceTicks(0.13, 0.92, 4), steps: niceTicks(1, 3000, 5, true),
+  lo: Math.min(...cols.map((c) => c.lo)), exact, ticks: niceTicks(0.13, 0.92, 4), steps: niceTicks(1, 3000, 5, true),
   small, wide }));
 """
 
@@ -253,7 +256,8 @@ def test_chart_downsamples_to_its_width_and_keeps_spikes(tmp_path) -> None:
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["points"] <= 256 and out["stride"] > 1 and (out["first"], out["last"]) == (1, 3000), out
-    assert out["cols"] <= 120 and (out["hi"], out["lo"]) == (50, -7), out  # the spike and the dip survive both merges
+    assert out["cols"] <= 40 and (out["hi"], out["lo"]) == (50, -7), out  # the spike and the dip survive both merges
+    assert out["exact"], "a column's range is not the range of the losses of its steps"
     assert out["ticks"] == [0.2, 0.4, 0.6, 0.8] and out["steps"] == [1000, 2000, 3000], out
     small, wide = out["small"], out["wide"]
     assert small["columns"] <= 300 - 62 and wide["columns"] > small["columns"], (small["columns"], wide["columns"])
