@@ -12,8 +12,10 @@ const HISTORY_ROUTE = "/diff2flow/training/history"; // api.fetchApi adds the /a
 const NODE_TYPE = "D2F_TrainLoRA";
 const LIVE_FIELDS = ["step", "steps", "loss", "lr", "smooth", "eta_s", "elapsed_s", "finished"];
 
+const POLL_MS = 5000;
 const states = new Map(); // node id (string; "a:b" inside a subgraph) -> run (see loss_chart.js)
 let executingId = null;
+let lastLive = 0; // Date.now() of the last live event
 
 const isTrainNode = (n) => n && (n.type === NODE_TYPE || n.comfyClass === NODE_TYPE);
 const graphNodes = () => (app.graph && (app.graph._nodes || app.graph.nodes)) || [];
@@ -33,6 +35,7 @@ function stateOf(node) {
 
 function onProgress(event) {
   const data = (event && event.detail) || {};
+  lastLive = Date.now();
   if (data.node != null) {
     const key = String(data.node);
     let run = states.get(key);
@@ -69,6 +72,9 @@ function applyHistory(answer) {
     }
     states.set(key, fresh);
   }
+  // a run the server no longer has (restarted) is not running any more
+  const known = new Set((answer?.runs || []).map((r) => `${r?.node}|${r?.prompt_id}`));
+  for (const run of states.values()) if (run.prompt_id && !known.has(`${run.node}|${run.prompt_id}`)) run.running = false;
   app.graph?.setDirtyCanvas?.(true, false);
 }
 
@@ -86,6 +92,15 @@ function loadHistory() {
     }
   })();
   return pending;
+}
+
+// Live events sent while the page loads (after its history request, before its socket is open) are lost, and
+// ComfyUI 0.8.0 can drop a reloaded page's socket from its broadcast list (server.py: when the old socket of the
+// same client id closes after the new one opened): while a run is in progress and no live event came for
+// POLL_MS, ask the history again.
+function pollStale() {
+  const active = [...states.values()].some((r) => !r.finished && !r.stopped && r.running !== false);
+  if (active && Date.now() - lastLive > POLL_MS) loadHistory();
 }
 
 function stopRun(event) {
@@ -129,6 +144,7 @@ app.registerExtension({
     });
     api.addEventListener("execution_interrupted", stopRun);
     api.addEventListener("execution_error", stopRun);
+    setInterval(pollStale, POLL_MS)?.unref?.(); // unref: a test under Node.js may exit
     return loadHistory();
   },
   nodeCreated(node) {
