@@ -8,6 +8,7 @@ ComfyUI's ``comfy_execution`` (its executing-node context), each skipped with th
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import importlib.util
 import json
 import math
@@ -115,6 +116,12 @@ def test_bad_store_settings_are_refused() -> None:
         progress.ProgressStore(max_runs=0)
 
 
+def run_async(coroutine):
+    """asyncio.run in a thread of its own: the browser tests' Playwright keeps an event loop in this one."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        return pool.submit(asyncio.run, coroutine).result(timeout=60)
+
+
 def test_history_route_answers_the_runs() -> None:
     pytest.importorskip("aiohttp", reason="aiohttp (a ComfyUI requirement) is not installed")
     from aiohttp import web
@@ -135,13 +142,13 @@ def test_history_route_answers_the_runs() -> None:
             response = await client.get(path)
             return response.status, await response.json()
 
-    status, answer = asyncio.run(get(module.HISTORY_ROUTE))
+    status, answer = run_async(get(module.HISTORY_ROUTE))
     assert status == 200
     runs = {r["node"]: r for r in answer["runs"]}
     assert runs["6"]["running"] is True and runs["6"]["finished"] is False and runs["6"]["step"] == 2
     assert runs["7"]["running"] is False and runs["7"]["finished"] is True
     assert [p[4] for p in runs["7"]["points"]] == [0.4, 0.1]
-    status, answer = asyncio.run(get(module.HISTORY_ROUTE + "?node=7"))
+    status, answer = run_async(get(module.HISTORY_ROUTE + "?node=7"))
     assert [r["node"] for r in answer["runs"]] == ["7"]
 
 
