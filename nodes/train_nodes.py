@@ -3,7 +3,7 @@
 The loop lives in ``training``; this module turns ComfyUI inputs into ``TrainingData``, attaches
 ``d2f_core.lora`` adapters to a clone of the model with ``ModelPatcher.add_weight_wrapper`` (the
 shared UNet weights are never touched), and reports progress through ComfyUI's ProgressBar and
-``PromptServer.send_sync``.
+``progress.report_progress`` (the live loss chart of the page).
 """
 from __future__ import annotations
 
@@ -32,11 +32,11 @@ from training.files import (STATE_SUFFIX, RunFiles, load_training_state, sanitiz
                             write_periodic_save)
 from training.pairs import load_pairs
 
+from .progress import report_progress
 from .reflow_nodes import Pairs
 
 CATEGORY = "Diff2Flow/training"
 NO_RESUME = "None"
-PROGRESS_EVENT = "diff2flow.train.progress"
 log = logging.getLogger("diff2flow")
 
 LoraModel = io.Custom("LORA_MODEL")
@@ -119,17 +119,6 @@ def unet_kwargs(model, input_name: str, entries: list, samples: list[torch.Tenso
         return [cond_kwargs(model, entry, sample) for entry, sample in zip(entries, samples)]
     except ValueError as exc:
         raise ValueError(f"{input_name}: {exc}") from exc
-
-
-def report_progress(pbar: comfy.utils.ProgressBar, steps: int, step: int, loss: float, lr: float) -> None:
-    """Progress to ComfyUI's bar and, when a server runs, the live loss event of the web extension."""
-    pbar.update_absolute(step, steps)
-    try:
-        from server import PromptServer
-    except ImportError:  # ComfyUI used as a library (tests, scripts): the bar is all there is
-        return
-    if getattr(PromptServer, "instance", None) is not None:
-        PromptServer.instance.send_sync(PROGRESS_EVENT, {"step": step, "steps": steps, "loss": loss, "lr": lr})
 
 
 def lora_result(adapters: dict, metadata: LoraMetadata) -> Diff2FlowLora:

@@ -5,15 +5,18 @@ own front-end (comfyui-frontend-package) in headless Chromium.
   the value the file intends (the front-end's own widgets, including the "control after generate"
   it adds to INT inputs named ``seed``, serialised back, and each value valid for its widget), and
   no node covers another;
-- a tiny training graph queued from the page makes the live loss display of web/diff2flow.js update
-  on the Train Diff2Flow LoRA node, without covering the node's badges;
+- a tiny training graph queued from the page makes the loss chart of web/diff2flow.js update live on
+  the Train Diff2Flow LoRA node, without covering the node's badges: every step, axes with labels,
+  curves on the screen (read back as pixels), as wide as the node and resized with it;
+- the chart comes back after a page reload during the run (the server's history of the steps before
+  the reload, then the live steps) and after it (the finished chart stays);
 - a node's help page opens in the front-end from ``web/docs/<node id>/en.md``;
 - the Templates browser shows a thumbnail (example_workflows/<name>.jpg) for every example workflow.
 
 Needs ComfyUI (``COMFYUI_PATH``, see comfy_harness), Playwright for Python and a Chromium binary
 (``/usr/bin/chromium`` or ``CHROMIUM_PATH``); skipped with the reason otherwise. The server and the
-browser are started once per session and always stopped. About 1 minute on 2 CPU cores, most of it
-writing the tiny checkpoint, starting ComfyUI and training 6 steps.
+browser are started once per session and always stopped. About 4 minutes on 2 CPU cores, most of it
+writing the tiny checkpoint, starting ComfyUI and training 6 + 20 steps.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ from typing import Any
 import pytest
 
 from comfy_harness import COMFYUI, COMFYUI_IMPORT_ERROR, ROOT, SKIP_REASON
-from comfy_server import (PACK_NAME, ComfyServer, browser_missing, launch_chromium, load_workflow, open_app,
+from comfy_server import (APP_READY, PACK_NAME, ComfyServer, browser_missing, launch_chromium, load_workflow, open_app,
                           write_workflow_inputs)
 
 if COMFYUI is None:
@@ -119,7 +122,7 @@ BUILD_TRAINING_GRAPH = """async ([ckpt, steps]) => {
   set(text, "text", "a photo");
   const latent = add("EmptyLatentImage", [40, 560]);
   set(latent, "width", 64); set(latent, "height", 64); set(latent, "batch_size", 1);
-  const train = add("D2F_TrainLoRA", [460, 160]);
+  const train = add("D2F_TrainLoRA", [460, 420]);  // low enough for the chart above it to be on the screen
   set(train, "steps", steps); set(train, "rank", 2);
   const control = train.widgets.find((w) => w.name === "control_after_generate");
   if (control) control.value = "fixed";
@@ -280,6 +283,40 @@ def test_workflow_check_catches_a_widget_value_that_went_astray(page) -> None:
 # (b) live training progress on the node
 
 
+# what web/diff2flow.js last drew on a training node (node.diff2flowChart), once it shows `steps` steps
+READ_CHART = "(id) => window.app.graph?.getNodeById?.(id)?.diff2flowChart ?? null"
+
+
+def wait_for_chart(page, node_id: int, last_step: int, timeout_s: float = 30, at_least: bool = False) -> dict:
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    try:
+        page.wait_for_function("([id, step, atLeast]) => { window.app.canvas.setDirty(true, true); "
+                               "const last = window.app.graph?.getNodeById?.(id)?.diff2flowChart?.lastStep; "
+                               "return atLeast ? last >= step : last === step; }",
+                               arg=[node_id, last_step, at_least], timeout=timeout_s * 1000, polling=250)
+    except PlaywrightTimeout:
+        pytest.fail(f"the chart of node {node_id} does not reach step {last_step} within {timeout_s} s: "
+                    f"{page.evaluate(READ_CHART, node_id)}")
+    return page.evaluate(READ_CHART, node_id)
+
+
+def curve_pixels(page, node_id: int) -> int:
+    """How many pixels of the chart's plot area on the screen have the colour of its curves (#7bd88f)."""
+    from PIL import Image
+
+    clip = page.evaluate("""(id) => {
+      const app = window.app, n = app.graph.getNodeById(id), [x, y, w, h] = n.diff2flowChart.plot;
+      const r = app.canvas.canvas.getBoundingClientRect(), ds = app.canvas.ds;
+      const at = (px, py) => [(n.pos[0] + px + ds.offset[0]) * ds.scale + r.left, (n.pos[1] + py + ds.offset[1]) * ds.scale + r.top];
+      const [x0, y0] = at(x, y), [x1, y1] = at(x + w, y + h);
+      return { x: x0, y: y0, width: x1 - x0, height: y1 - y0 };
+    }""", node_id)
+    assert clip["x"] >= 0 and clip["y"] >= 0 and clip["width"] > 20 and clip["height"] > 20, f"the chart is off the screen: {clip}"
+    rgb = Image.open(io.BytesIO(page.screenshot(clip=clip))).convert("RGB").tobytes()
+    return sum(1 for i in range(0, len(rgb), 3) if abs(rgb[i] - 123) < 40 and abs(rgb[i + 1] - 216) < 40 and abs(rgb[i + 2] - 143) < 40)
+
+
 def test_queued_training_updates_the_live_loss_display(page, server, tmp_path) -> None:
     train = page.evaluate(BUILD_TRAINING_GRAPH, [server.ckpt_name, TRAIN_STEPS])
     assert train["badges"], "the training node shows no badge (the node source badge is on by default)"
@@ -314,6 +351,74 @@ def test_queued_training_updates_the_live_loss_display(page, server, tmp_path) -
     for text, rect in state["badges"].items():
         assert not overlap(state["box"], rect), f"the live loss box {state['box']} covers the badge {text!r} at {rect}"
     assert set(state["badges"]) == set(train["badges"]), f"badges not drawn: {train['badges']} vs {state['badges']}"
+    # the chart: every step, axes with labels, the finished run's outcome, green curves on the screen
+    chart = wait_for_chart(page, train["id"], TRAIN_STEPS)
+    assert chart["points"] == TRAIN_STEPS and chart["firstStep"] == 1 and chart["finished"], chart
+    assert chart["lastLoss"] == pytest.approx(events[-1]["loss"], rel=1e-6), (chart, events[-1])
+    assert chart["smooth"] == pytest.approx(events[-1]["smooth"], rel=1e-6), (chart, events[-1])
+    assert len(chart["yLabels"]) >= 2 and chart["xLabels"] and chart["xLabels"][-1] == str(TRAIN_STEPS), chart
+    assert chart["header"][1].startswith("smoothed") and "done in" in chart["header"][1], chart["header"]
+    width = page.evaluate("(id) => window.app.graph.getNodeById(id).size[0]", train["id"])
+    assert chart["box"][2] == width, "the chart is not as wide as the node"
+    assert curve_pixels(page, train["id"]) >= chart["plot"][2] / 2, "the loss curves are not on the screen"
+    # resizing the node resizes the chart
+    page.evaluate("(id) => { const n = window.app.graph.getNodeById(id); n.setSize([n.size[0] + 200, n.size[1]]); window.app.canvas.setDirty(true, true); }", train["id"])
+    page.wait_for_function("([id, w]) => window.app.graph.getNodeById(id).diff2flowChart?.box[2] === w", arg=[train["id"], width + 200])
+    wider = page.evaluate("(id) => window.app.graph.getNodeById(id).diff2flowChart", train["id"])
+    assert wider["plot"][2] == pytest.approx(chart["plot"][2] + 200) and wider["plot"][3] > chart["plot"][3], (chart, wider)
+
+
+HISTORY_ROUTE = "/api/diff2flow/training/history"  # nodes/progress.py HISTORY_ROUTE, as ComfyUI also serves it
+RELOAD_STEPS = 20  # ~2-3 s a step on 2 busy cores: the page reloads (~10 s) while the run goes on
+
+
+def server_run(server, node_id: int, prompt_id: str) -> dict:
+    """The server's history of the training node's run of that prompt (nodes/progress.py), {} when it has none."""
+    runs = [r for r in server.get_json(HISTORY_ROUTE)["runs"] if r["node"] == str(node_id) and r["prompt_id"] == prompt_id]
+    return runs[-1] if runs else {}
+
+
+def reload_page(page) -> None:
+    page.reload()
+    page.wait_for_function(APP_READY, timeout=60_000)
+
+
+def test_loss_chart_comes_back_after_a_page_reload_during_and_after_the_run(page, server) -> None:
+    """A reload during training brings back the steps before it (the server's history) and keeps
+    appending the live ones; after the run another reload shows the finished chart again."""
+    train = page.evaluate(BUILD_TRAINING_GRAPH, [server.ckpt_name, RELOAD_STEPS])
+    page.evaluate("() => { window.__d2f.events = []; }")  # the events of an earlier test's run are not this run's
+    page.evaluate("async () => { await window.app.queuePrompt(0, 1); }")
+    page.wait_for_function("() => new Set(window.__d2f.events.map((e) => e.step)).size >= 2",
+                           timeout=WAIT_TRAINING_S * 1000, polling=250)
+    prompt_id = page.evaluate("() => window.__d2f.events[0].prompt_id")
+    assert prompt_id, "the progress event does not name its prompt"
+    reload_page(page)
+    at_reload = server_run(server, train["id"], prompt_id)
+    assert at_reload and at_reload["step"] < RELOAD_STEPS, f"the run ended before the page was back: {at_reload}"
+    # the graph came back from the front-end's saved workflow, with the training node under the same id
+    assert page.evaluate("(id) => window.app.graph.getNodeById(id)?.type", train["id"]) == "D2F_TrainLoRA"
+    mid = wait_for_chart(page, train["id"], at_reload["step"], at_least=True)
+    assert mid["firstStep"] == 1 and mid["points"] == mid["lastStep"], f"the steps before the reload did not come back: {mid}"
+    deadline = time.monotonic() + WAIT_TRAINING_S
+    while time.monotonic() < deadline and not server_run(server, train["id"], prompt_id).get("finished"):
+        time.sleep(0.5)
+    final = server_run(server, train["id"], prompt_id)
+    assert final.get("finished"), f"the run did not finish within {WAIT_TRAINING_S} s: {final}; log:\n{server.log()[-3000:]}"
+    # the steps after the reload: live events, or the history asked again when they stop (ComfyUI can drop a
+    # reloaded page's socket, see web/diff2flow.js pollStale)
+    chart = wait_for_chart(page, train["id"], RELOAD_STEPS)
+    # every step: those from before the reload (history) and those after it (live), once each
+    assert chart["firstStep"] == 1 and chart["points"] == RELOAD_STEPS, chart
+    assert chart["lastLoss"] == pytest.approx(final["loss"], rel=1e-6) and chart["finished"], (chart, final)
+    assert "done in" in chart["header"][1], chart["header"]
+    assert curve_pixels(page, train["id"]) >= chart["plot"][2] / 2, "the loss curves are not on the screen"
+
+    reload_page(page)  # after the run: the finished chart stays
+    again = wait_for_chart(page, train["id"], RELOAD_STEPS)
+    for key in ("firstStep", "points", "lastStep", "lastLoss", "smooth", "finished", "yLabels", "xLabels"):
+        assert again[key] == chart[key], (key, again, chart)
+    assert "done in" in again["header"][1], again["header"]
 
 
 # ---------------------------------------------------------------------------------------------

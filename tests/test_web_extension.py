@@ -18,8 +18,9 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 WEB = ROOT / "web"
 EXTENSION = WEB / "diff2flow.js"
+CHART = WEB / "loss_chart.js"
 DOCS = WEB / "docs"
-TRAIN_NODES = ROOT / "nodes" / "train_nodes.py"
+PROGRESS = ROOT / "nodes" / "progress.py"  # PROGRESS_EVENT and HISTORY_ROUTE, what report_progress sends
 NODE = shutil.which("node")
 needs_node = pytest.mark.skipif(NODE is None, reason="node (Node.js) is not on PATH: cannot parse or run web/diff2flow.js")
 
@@ -76,22 +77,25 @@ def js_listened_events(source: str) -> set[str]:
 
 @needs_node
 def test_extension_parses_as_an_es_module() -> None:
-    result = subprocess.run([NODE, "--input-type=module", "--check"], input=EXTENSION.read_text(),
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
+    for path in (EXTENSION, CHART):
+        result = subprocess.run([NODE, "--input-type=module", "--check"], input=path.read_text(),
+                                capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, f"{path.name}: {result.stderr}"
 
 
 def test_extension_listens_to_the_progress_event_the_training_node_sends() -> None:
-    event = module_constant(TRAIN_NODES, "PROGRESS_EVENT")
+    event = module_constant(PROGRESS, "PROGRESS_EVENT")
     source = EXTENSION.read_text()
     own = js_listened_events(source) - FRONTEND_EVENTS
     assert own == {event}, f"web/diff2flow.js listens to {sorted(own)}, nodes/train_nodes.py sends {event!r}"
     assert 'from "../../scripts/app.js"' in source and 'from "../../scripts/api.js"' in source
-    assert len(source.splitlines()) < 120
+    assert f'"{module_constant(PROGRESS, "HISTORY_ROUTE")}"' in source, "the page asks another route than the server serves"
+    assert "scripts/" not in CHART.read_text(), "loss_chart.js draws only: it imports nothing from the front-end"
 
 
 MOCK_APP = """
-const nodes = [{ id: 7, type: "D2F_TrainLoRA", size: [360, 650], flags: {} }, { id: 3, type: "KSampler", size: [300, 200] }];
+const nodes = [{ id: 7, type: "D2F_TrainLoRA", size: [360, 650], flags: {} }, { id: 3, type: "KSampler", size: [300, 200] },
+               { id: 9, type: "D2F_TrainLoRA", size: [500, 650], flags: {} }];
 export const app = {
   graph: { _nodes: nodes, getNodeById: (id) => nodes.find((n) => String(n.id) === String(id)), setDirtyCanvas() {} },
   registerExtension(ext) { globalThis.__extensions = [...(globalThis.__extensions || []), ext]; },
@@ -103,6 +107,15 @@ class Api extends EventTarget {
   addEventListener(type, ...rest) { this.listened.push(type); return super.addEventListener(type, ...rest); }
 }
 export const api = new Api();
+// the server's history route: one unfinished run of node 9 (two buckets of 20 steps)
+api.fetched = [];
+api.fetchApi = async (url) => {
+  api.fetched.push(url);
+  const runs = [{ node: "9", prompt_id: "p9", workflow: null, step: 40, steps: 50, loss: 0.3, lr: 1e-4, smooth: 0.31,
+                  eta_s: 5, elapsed_s: 20, finished: false, running: true, stride: 1,
+                  points: [[1, 20, 0.2, 0.9, 0.4, 0.4], [21, 40, 0.1, 0.5, 0.3, 0.31]] }];
+  return { ok: true, json: async () => ({ runs }) };
+};
 """
 DRIVER = """
 import { app } from "./scripts/app.js";
@@ -133,20 +146,29 @@ send({ step: 3, steps: 10, loss: 0.25, lr: 0.0001 });
 node.onDrawForeground(ctx);
 node.onDrawForeground(null);   // no context: must not throw
 api.dispatchEvent(new CustomEvent("executing", { detail: null }));
-console.log(JSON.stringify({ name: ext.name, listened: api.listened, before, texts,
-  otherPatched: OtherNode.prototype.onDrawForeground !== undefined }));
+const node9 = Object.assign(new TrainNode(), app.graph._nodes[2]);
+app.graph._nodes[2] = node9;
+node9.onDrawForeground(ctx);
+const fromHistory = node9.diff2flowChart;
+send({ node: "9", prompt_id: "p9", step: 41, steps: 50, loss: 2.5, lr: 1e-4, smooth: 0.4, eta_s: 4, elapsed_s: 21 });
+send({ node: "9", prompt_id: "p9", step: 41, steps: 50, loss: 9.0, lr: 1e-4 });  // a repeated step: ignored
+send({ node: "12", prompt_id: "p9", step: 1, steps: 5, loss: 1.0, lr: 1e-4 });  // another node's run
+node9.onDrawForeground(ctx);
+console.log(JSON.stringify({ name: ext.name, listened: api.listened, before, texts, fetched: api.fetched,
+  fromHistory, live: node9.diff2flowChart, otherPatched: OtherNode.prototype.onDrawForeground !== undefined }));
 """
 
 
 @needs_node
 def test_extension_draws_progress_on_the_training_node_against_a_mocked_frontend(tmp_path) -> None:
-    event = module_constant(TRAIN_NODES, "PROGRESS_EVENT")
+    event = module_constant(PROGRESS, "PROGRESS_EVENT")
     (tmp_path / "scripts").mkdir()
     (tmp_path / "scripts" / "app.js").write_text(MOCK_APP)
     (tmp_path / "scripts" / "api.js").write_text(MOCK_API)
     ext_dir = tmp_path / "extensions" / "diff2flow"  # where ComfyUI serves WEB_DIRECTORY: ../../scripts resolves
     ext_dir.mkdir(parents=True)
     shutil.copy(EXTENSION, ext_dir / "diff2flow.js")
+    shutil.copy(CHART, ext_dir / "loss_chart.js")
     (tmp_path / "driver.mjs").write_text(f"const EVENT = {json.dumps(event)};\n" + DRIVER)
     result = subprocess.run([NODE, str(tmp_path / "driver.mjs")], capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert result.returncode == 0, result.stderr
@@ -156,6 +178,16 @@ def test_extension_draws_progress_on_the_training_node_against_a_mocked_frontend
     assert out["before"] == 0
     assert any(t.startswith("step 3/10") and "loss 0.2500" in t for t in out["texts"]), out["texts"]
     assert not out["otherPatched"], "only D2F_TrainLoRA nodes get the progress display"
+    # the history asked for at setup is on node 9; a live step of its run is appended, a repeated one ignored
+    assert out["fetched"] and all(url == module_constant(PROGRESS, "HISTORY_ROUTE") for url in out["fetched"])
+    assert (out["fromHistory"]["points"], out["fromHistory"]["lastStep"], out["fromHistory"]["firstStep"]) == (2, 40, 1)
+    assert out["fromHistory"]["header"][0].startswith("step 40/50  loss 0.3000"), out["fromHistory"]["header"]
+    assert "ETA 0:05" in out["fromHistory"]["header"][1], out["fromHistory"]["header"]
+    live = out["live"]
+    assert (live["points"], live["lastStep"], live["lastLoss"]) == (3, 41, 2.5), live
+    assert live["yLabels"] and live["xLabels"], live
+    # the chart is as wide as the node (500) and above it
+    assert live["box"][0] == 0 and live["box"][2] == 500 and live["box"][1] + live["box"][3] < 0, live["box"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -192,3 +224,43 @@ def test_help_pages_describe_every_input() -> None:
             text = page.read_text()
             undocumented.update({f"{node_id}.{name}": str(page.relative_to(DOCS)) for name in inputs if f"`{name}`" not in text})
     assert not undocumented, f"inputs not mentioned (as `name`) in their help page: {sorted(undocumented)}"
+
+
+CHART_DRIVER = """
+import { appendStep, columns, drawChart, newRun, niceTicks } from "./loss_chart.js";
+const run = newRun({ node: "1", prompt_id: "p" });
+const losses = [];
+for (let s = 1; s <= 3000; s++) {
+  const loss = s === 1234 ? 50 : s === 2222 ? -7 : 0.2 + 0.01 * Math.sin(s);
+  losses.push(loss);
+  appendStep(run, { step: s, steps: 3000, loss, lr: 1e-4, smooth: 0.2 }, 256);
+}
+const cols = columns(run.points, 40);
+// each column spans whole steps s0..s1: its range must be exactly the range of those steps' losses
+const exact = cols.every((c, i) => c.hi === Math.max(...losses.slice(c.s0 - 1, c.s1)) &&
+  c.lo === Math.min(...losses.slice(c.s0 - 1, c.s1)) && (i === 0 || c.s0 === cols[i - 1].s1 + 1));
+const ctx = new Proxy({}, { get: (t, k) => (k in t ? t[k] : () => {}), set: (t, k, v) => ((t[k] = v), true) });
+const small = drawChart(ctx, run, [0, -200, 300, 150]), wide = drawChart(ctx, run, [0, -300, 900, 280]);
+console.log(JSON.stringify({ points: run.points.length, stride: run.stride, first: run.points[0][0],
+  last: run.points[run.points.length - 1][1], cols: cols.length, hi: Math.max(...cols.map((c) => c.hi)),
+  lo: Math.min(...cols.map((c) => c.lo)), exact, ticks: niceTicks(0.13, 0.92, 4), steps: niceTicks(1, 3000, 5, true),
+  small, wide }));
+"""
+
+
+@needs_node
+def test_chart_downsamples_to_its_width_and_keeps_spikes(tmp_path) -> None:
+    shutil.copy(CHART, tmp_path / "loss_chart.js")
+    (tmp_path / "driver.mjs").write_text(CHART_DRIVER)
+    result = subprocess.run([NODE, str(tmp_path / "driver.mjs")], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["points"] <= 256 and out["stride"] > 1 and (out["first"], out["last"]) == (1, 3000), out
+    assert out["cols"] <= 40 and (out["hi"], out["lo"]) == (50, -7), out  # the spike and the dip survive both merges
+    assert out["exact"], "a column's range is not the range of the losses of its steps"
+    assert out["ticks"] == [0.2, 0.4, 0.6, 0.8] and out["steps"] == [1000, 2000, 3000], out
+    small, wide = out["small"], out["wide"]
+    assert small["columns"] <= 300 - 62 and wide["columns"] > small["columns"], (small["columns"], wide["columns"])
+    assert wide["plot"][2] > small["plot"][2] and wide["plot"][3] > small["plot"][3]  # the plot grows with its box
+    assert small["yLabels"] and small["xLabels"][-1] == "3000", small
+    assert small["header"][1].startswith("smoothed 0.2000  done in"), small["header"]

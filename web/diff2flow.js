@@ -1,92 +1,132 @@
-// Diff2Flow toolkit: live training progress on the "Train Diff2Flow LoRA" node.
-// The server sends "diff2flow.train.progress" {step, steps, loss, lr} after every optimizer step;
-// the node that is executing shows "step s/N  loss x  lr y" and a sparkline of the recent losses.
+// Diff2Flow toolkit: the loss chart of the "Train Diff2Flow LoRA" node.
+// The server sends "diff2flow.train.progress" {node, prompt_id, workflow, step, steps, loss, lr, smooth, eta_s,
+// elapsed_s} after every optimizer step and keeps a downsampled history of each run (nodes/progress.py); the page
+// asks for that history when it loads and when a training node is created or loaded, then appends the live
+// events. The chart (web/loss_chart.js) is drawn above the node's title and badges, as wide as the node.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
+import { appendStep, drawChart, newRun, num } from "./loss_chart.js";
 
 const EVENT = "diff2flow.train.progress";
+const HISTORY_ROUTE = "/diff2flow/training/history"; // api.fetchApi adds the /api prefix
 const NODE_TYPE = "D2F_TrainLoRA";
-const HISTORY = 200; // losses kept for the sparkline
-const BOX_HEIGHT = 44; // drawn above the title and the badges, so it never covers widgets or badges
+const LIVE_FIELDS = ["step", "steps", "loss", "lr", "smooth", "eta_s", "elapsed_s", "finished"];
 
-const states = new Map(); // node id (string) -> {step, steps, loss, lr, losses}
+const POLL_MS = 5000;
+const states = new Map(); // node id (string; "a:b" inside a subgraph) -> run (see loss_chart.js)
 let executingId = null;
+let lastLive = 0; // Date.now() of the last live event
 
-const num = (v) => (typeof v === "number" && Number.isFinite(v) ? v : null);
-const fmt = (v, digits) => (num(v) === null ? "?" : Math.abs(v) >= 1e-3 || v === 0 ? v.toFixed(digits) : v.toExponential(2));
+const isTrainNode = (n) => n && (n.type === NODE_TYPE || n.comfyClass === NODE_TYPE);
+const graphNodes = () => (app.graph && (app.graph._nodes || app.graph.nodes)) || [];
+const graphId = () => app.rootGraph?.id ?? app.graph?.id ?? null;
+// a run belongs to this page's workflow when either side does not know its workflow id, or the ids agree
+const sameWorkflow = (run) => !run.workflow || !graphId() || run.workflow === graphId();
 
-function graphNodes() {
-  const graph = app.graph;
-  return (graph && (graph._nodes || graph.nodes)) || [];
-}
-
-function trainingNodes() {
-  // the executing node when it is a training node, otherwise every training node in the graph
-  const byId = executingId != null && app.graph?.getNodeById?.(executingId);
-  if (byId && (byId.type === NODE_TYPE || byId.comfyClass === NODE_TYPE)) return [byId];
-  return graphNodes().filter((n) => n && (n.type === NODE_TYPE || n.comfyClass === NODE_TYPE));
+function stateOf(node) {
+  const id = String(node.id);
+  let run = states.get(id);
+  if (!run && node.graph && node.graph !== (app.rootGraph ?? app.graph)) {
+    // a node inside a subgraph executes as "<subgraph node id>:<its id>"
+    run = [...states.entries()].find(([key]) => key.endsWith(`:${id}`))?.[1];
+  }
+  return run && sameWorkflow(run) ? run : null;
 }
 
 function onProgress(event) {
   const data = (event && event.detail) || {};
-  const step = num(data.step);
-  for (const node of trainingNodes()) {
-    const key = String(node.id);
-    let state = states.get(key);
-    if (!state || (step !== null && state.step !== null && step <= state.step)) {
-      // a new run (the step went back): start a fresh history
-      state = { step: null, steps: null, loss: null, lr: null, losses: [] };
-      states.set(key, state);
+  lastLive = Date.now();
+  if (data.node != null) {
+    const key = String(data.node);
+    let run = states.get(key);
+    if (!run || run.prompt_id !== data.prompt_id) {
+      run = newRun({ node: key, prompt_id: data.prompt_id, workflow: data.workflow ?? null });
+      states.set(key, run);
     }
-    state.step = step;
-    state.steps = num(data.steps);
-    state.loss = num(data.loss);
-    state.lr = num(data.lr);
-    if (state.loss !== null) {
-      state.losses.push(state.loss);
-      if (state.losses.length > HISTORY) state.losses.splice(0, state.losses.length - HISTORY);
+    if (num(data.step) === null || run.step === null || data.step > run.step) appendStep(run, data);
+  } else {
+    // an event without its node (an older server): the executing training node, else every training node
+    const byId = executingId != null && app.graph?.getNodeById?.(executingId);
+    for (const node of isTrainNode(byId) ? [byId] : graphNodes().filter(isTrainNode)) {
+      const key = String(node.id);
+      let run = states.get(key);
+      if (!run || (num(data.step) !== null && run.step !== null && data.step <= run.step)) states.set(key, (run = newRun({ node: key })));
+      appendStep(run, data);
     }
-    node.setDirtyCanvas?.(true, false);
   }
   app.graph?.setDirtyCanvas?.(true, false);
 }
 
-function drawSparkline(ctx, losses, x, y, w, h) {
-  if (losses.length < 2) return;
-  const lo = Math.min(...losses);
-  const hi = Math.max(...losses);
-  const span = hi - lo || 1;
-  ctx.beginPath();
-  losses.forEach((v, i) => {
-    const px = x + (i / (losses.length - 1)) * w;
-    const py = y + h - ((v - lo) / span) * h;
-    if (i === 0) ctx.moveTo(px, py);
-    else ctx.lineTo(px, py);
-  });
-  ctx.strokeStyle = "#7bd88f";
-  ctx.lineWidth = 1.5;
-  ctx.stroke();
+function applyHistory(answer) {
+  const latest = new Map(); // node -> its most recently updated run of this workflow
+  for (const run of answer?.runs || []) if (run && run.node != null && sameWorkflow(run)) latest.set(String(run.node), run);
+  for (const [key, run] of latest) {
+    const fresh = newRun({ ...run, node: key, points: (run.points || []).map((p) => [...p]) });
+    const local = states.get(key);
+    if (local && local.prompt_id === run.prompt_id) {
+      // live events that came in while the history was on its way: keep the steps it does not have yet
+      const end = fresh.points[fresh.points.length - 1]?.[1] ?? -Infinity;
+      for (const p of local.points) if (p[0] > end) fresh.points.push([...p]);
+      if ((local.step ?? 0) > (run.step ?? 0)) for (const k of LIVE_FIELDS) fresh[k] = local[k];
+      fresh.stopped = local.stopped;
+    }
+    states.set(key, fresh);
+  }
+  // a run the server no longer has (restarted) is not running any more
+  const known = new Set((answer?.runs || []).map((r) => `${r?.node}|${r?.prompt_id}`));
+  for (const run of states.values()) if (run.prompt_id && !known.has(`${run.node}|${run.prompt_id}`)) run.running = false;
+  app.graph?.setDirtyCanvas?.(true, false);
 }
 
-function drawProgress(node, ctx) {
-  const state = states.get(String(node.id));
-  if (!state || !ctx || node.flags?.collapsed) return;
-  const title = (globalThis.LiteGraph && globalThis.LiteGraph.NODE_TITLE_HEIGHT) || 30, width = num(node.size?.[0]) ?? 300;
+let pending = null;
+function loadHistory() {
+  // one request at a time: a workflow load creates its nodes in a burst
+  pending ??= (async () => {
+    try {
+      const response = await api.fetchApi?.(HISTORY_ROUTE, { cache: "no-store" });
+      if (response?.ok) applyHistory(await response.json());
+    } catch (err) {
+      console.warn("diff2flow: training history not loaded", err);
+    } finally {
+      pending = null;
+    }
+  })();
+  return pending;
+}
+
+// Live events sent while the page loads (after its history request, before its socket is open) are lost, and
+// ComfyUI 0.8.0 can drop a reloaded page's socket from its broadcast list (server.py: when the old socket of the
+// same client id closes after the new one opened): while a run is in progress and no live event came for
+// POLL_MS, ask the history again.
+function pollStale() {
+  const active = [...states.values()].some((r) => !r.finished && !r.stopped && r.running !== false);
+  if (active && Date.now() - lastLive > POLL_MS) loadHistory();
+}
+
+function stopRun(event) {
+  const promptId = event?.detail?.prompt_id;
+  for (const run of states.values()) if (!run.finished && (!promptId || run.prompt_id === promptId)) run.stopped = true;
+  app.graph?.setDirtyCanvas?.(true, false);
+}
+
+function chartBox(node) {
+  const title = globalThis.LiteGraph?.NODE_TITLE_HEIGHT || 30, width = num(node.size?.[0]) ?? 300;
   // LiteGraph draws the node's badges (source pack, node id) in a row right above the title: stay above them
   const badges = (node.badges || []).map((b) => (typeof b === "function" ? b() : b)).filter((b) => b && b.visible !== false);
   const badgeRow = badges.length ? Math.max(...badges.map((b) => num(b.height) ?? 20)) + 2 : 0;
-  const top = -title - badgeRow - BOX_HEIGHT - 4;
+  const height = Math.round(Math.min(280, Math.max(130, width * 0.5))); // grows and shrinks with the node's width
+  return [0, -title - badgeRow - height - 4, width, height];
+}
+
+function drawProgress(node, ctx) {
+  const run = stateOf(node);
+  if (!run || !ctx || node.flags?.collapsed) return;
   ctx.save();
-  ctx.fillStyle = "rgba(20, 20, 20, 0.85)";
-  ctx.fillRect(0, top, width, BOX_HEIGHT);
-  ctx.fillStyle = "#ddd";
-  ctx.font = "12px monospace";
-  ctx.textBaseline = "top";
-  const steps = state.steps === null ? "?" : state.steps;
-  const step = state.step === null ? "?" : state.step;
-  ctx.fillText(`step ${step}/${steps}  loss ${fmt(state.loss, 4)}  lr ${fmt(state.lr, 6)}`, 6, top + 4);
-  drawSparkline(ctx, state.losses, 6, top + 20, width - 12, BOX_HEIGHT - 24);
-  ctx.restore();
+  try {
+    node.diff2flowChart = drawChart(ctx, run, chartBox(node)); // what was drawn, for tests
+  } finally {
+    ctx.restore();
+  }
 }
 
 app.registerExtension({
@@ -102,6 +142,16 @@ app.registerExtension({
     api.addEventListener("executing", (event) => {
       executingId = event?.detail ?? null; // the node id (string), null when the prompt is done
     });
+    api.addEventListener("execution_interrupted", stopRun);
+    api.addEventListener("execution_error", stopRun);
+    setInterval(pollStale, POLL_MS)?.unref?.(); // unref: a test under Node.js may exit
+    return loadHistory();
+  },
+  nodeCreated(node) {
+    if (isTrainNode(node)) loadHistory();
+  },
+  loadedGraphNode(node) {
+    if (isTrainNode(node)) loadHistory();
   },
   async beforeRegisterNodeDef(nodeType, nodeData) {
     if (!nodeData || nodeData.name !== NODE_TYPE) return;

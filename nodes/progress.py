@@ -1,0 +1,238 @@
+"""Live training progress for the page: the loss event of web/diff2flow.js and a bounded history
+of each run that the page asks for when it (re)loads (``GET /diff2flow/training/history``).
+
+A run is keyed by the node that trains (ComfyUI's unique id of the executing node, which is the id
+of the node on the page) and the prompt id, so two training nodes, or two runs of one node, never
+mix. Its history is downsampled as it grows: at most ``max_points`` buckets of consecutive steps,
+each keeping the lowest, the highest and the last loss of its steps (spikes stay visible), and the
+smoothed loss (TensorBoard's debiased exponential moving average, weight ``SMOOTHING``) at its
+last step. Steps are the trainer's optimizer steps (1..steps); times are wall-clock seconds.
+
+Nothing here needs a server: ``report_progress`` records and sends only when ComfyUI's
+``PromptServer`` exists, and the route is registered only then.
+"""
+from __future__ import annotations
+
+import math
+import sys
+import threading
+import time
+from collections import OrderedDict
+from typing import Any, Optional
+
+PROGRESS_EVENT = "diff2flow.train.progress"
+HISTORY_ROUTE = "/diff2flow/training/history"
+SMOOTHING = 0.95  # EMA weight of the smoothed curve (TensorBoard's slider; loss per step is noisy)
+MAX_POINTS = 1024  # buckets kept per run: more than a chart is wide, so the page's own downsampling decides
+MAX_RUNS = 16  # runs kept in all (the least recently updated goes first)
+
+# one history bucket: [first step, last step, lowest loss, highest loss, last loss, smoothed loss at its last step]
+Bucket = list
+
+
+class RunHistory:
+    """The progress of one training run: its last step and a downsampled loss history."""
+
+    def __init__(self, node: str, prompt_id: Optional[str], steps: int, workflow: Optional[str] = None,
+                 max_points: int = MAX_POINTS, smoothing: float = SMOOTHING):
+        if max_points < 2:
+            raise ValueError(f"max_points must be at least 2, got {max_points}")
+        if not 0.0 <= smoothing < 1.0:
+            raise ValueError(f"smoothing must be in [0, 1), got {smoothing}")
+        self.node, self.prompt_id, self.steps, self.workflow = node, prompt_id, steps, workflow
+        self.max_points, self.smoothing = max_points, smoothing
+        self.points: list[Bucket] = []
+        self.stride = 1  # steps per bucket; doubles each time the buckets are merged in pairs
+        self.step: Optional[int] = None
+        self.first_step: Optional[int] = None
+        self.loss: Optional[float] = None
+        self.lr: Optional[float] = None
+        self.smooth: Optional[float] = None
+        self.started = self.updated = time.time()
+        self.elapsed_s = 0.0
+        self.eta_s: Optional[float] = None
+        self._ema, self._count = 0.0, 0
+
+    @property
+    def finished(self) -> bool:
+        return self.step is not None and self.step >= self.steps
+
+    def add(self, step: int, steps: int, loss: float, lr: float, now: Optional[float] = None) -> None:
+        """Record optimizer step ``step`` of ``steps`` (steps come in increasing order)."""
+        now = time.time() if now is None else now
+        if self.first_step is None:
+            self.first_step, self.started = step, now  # the clock starts at the first report, i.e. after one step
+        self.step, self.steps, self.lr, self.updated = step, steps, lr, now
+        self.loss = loss if math.isfinite(loss) else None
+        done, since_first = step - self.first_step, max(0.0, now - self.started)
+        per_step = since_first / done if done > 0 else None
+        # elapsed: since the first report plus an estimate of the first step's time (one average step)
+        self.elapsed_s = since_first + (per_step or 0.0)
+        self.eta_s = per_step * max(0, steps - step) if per_step is not None else None
+        if self.loss is None:
+            return  # a non-finite loss is not drawable (and not valid JSON); the trainer stops on it
+        self._ema = self.smoothing * self._ema + (1.0 - self.smoothing) * loss
+        self._count += 1
+        self.smooth = self._ema / (1.0 - self.smoothing ** self._count)  # debiased: no pull towards 0 early on
+        last = self.points[-1] if self.points else None
+        if last is not None and step // self.stride == last[0] // self.stride:
+            last[1], last[2], last[3], last[4], last[5] = step, min(last[2], loss), max(last[3], loss), loss, self.smooth
+        else:
+            self.points.append([step, step, loss, loss, loss, self.smooth])
+        if len(self.points) > self.max_points:
+            self._halve()
+
+    def _halve(self) -> None:
+        """Merge neighbouring buckets in pairs (aligned to the doubled stride): min of lows, max of highs."""
+        self.stride *= 2
+        merged: list[Bucket] = []
+        for bucket in self.points:
+            prev = merged[-1] if merged else None
+            if prev is not None and bucket[0] // self.stride == prev[0] // self.stride:
+                prev[1], prev[2], prev[3], prev[4], prev[5] = (bucket[1], min(prev[2], bucket[2]), max(prev[3], bucket[3]),
+                                                               bucket[4], bucket[5])
+            else:
+                merged.append(list(bucket))
+        self.points = merged
+
+    def event(self) -> dict[str, Any]:
+        """The live event of the last step (what the page appends to its chart)."""
+        return {"node": self.node, "prompt_id": self.prompt_id, "workflow": self.workflow, "step": self.step, "steps": self.steps,
+                "loss": self.loss, "lr": self.lr, "smooth": self.smooth, "eta_s": self.eta_s,
+                "elapsed_s": self.elapsed_s}
+
+    def as_dict(self) -> dict[str, Any]:
+        """The whole run, JSON-ready (the history route's answer for it)."""
+        return {**self.event(), "finished": self.finished, "stride": self.stride,
+                "updated": self.updated, "points": [list(p) for p in self.points]}
+
+
+class ProgressStore:
+    """The runs the server keeps for the page, bounded to ``max_runs`` in all; thread-safe (the
+    trainer records from the execution thread, the route reads from the server's event loop)."""
+
+    def __init__(self, max_runs: int = MAX_RUNS, max_points: int = MAX_POINTS, smoothing: float = SMOOTHING):
+        if max_runs < 1:
+            raise ValueError(f"max_runs must be at least 1, got {max_runs}")
+        RunHistory("check", None, 1, max_points=max_points, smoothing=smoothing)  # the same errors as a run's
+        self.max_runs, self.max_points, self.smoothing = max_runs, max_points, smoothing
+        self._runs: OrderedDict[tuple[str, Optional[str]], RunHistory] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def record(self, node: str, prompt_id: Optional[str], step: int, steps: int, loss: float, lr: float,
+               workflow: Optional[str] = None, now: Optional[float] = None) -> dict[str, Any]:
+        """Add one step of the run (``node``, ``prompt_id``); returns the live event for it."""
+        key = (str(node), prompt_id)
+        with self._lock:
+            run = self._runs.get(key)
+            if run is None or (run.step is not None and step <= run.step):  # new run (or the same prompt re-run)
+                run = RunHistory(str(node), prompt_id, steps, workflow, self.max_points, self.smoothing)
+            self._runs[key] = run
+            self._runs.move_to_end(key)
+            run.add(step, steps, loss, lr, now)
+            while len(self._runs) > self.max_runs:
+                self._runs.popitem(last=False)
+            return run.event()
+
+    def has_run(self, node: str, prompt_id: Optional[str]) -> bool:
+        with self._lock:
+            return (str(node), prompt_id) in self._runs
+
+    def snapshot(self, node: Optional[str] = None) -> list[dict[str, Any]]:
+        """Every kept run (of ``node`` only, when given), oldest update first."""
+        with self._lock:
+            return [run.as_dict() for (n, _), run in self._runs.items() if node is None or n == str(node)]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._runs.clear()
+
+
+STORE = ProgressStore()
+
+
+# ---------------------------------------------------------------------------------------------- server side
+def prompt_server() -> Any:
+    """ComfyUI's running PromptServer, or None (ComfyUI used as a library: tests, scripts). Looked up,
+    never imported: ComfyUI's main.py imports ``server`` before it loads custom nodes, and importing
+    it here would only slow down library use."""
+    module = sys.modules.get("server")
+    prompt_server_class = getattr(module, "PromptServer", None)
+    return getattr(prompt_server_class, "instance", None)
+
+
+def executing() -> tuple[Optional[str], Optional[str]]:
+    """(node id, prompt id) of the node ComfyUI is executing in this thread; (None, None) outside a prompt."""
+    try:
+        from comfy_execution.utils import get_executing_context
+    except ImportError:
+        return None, None
+    context = get_executing_context()
+    return (str(context.node_id), context.prompt_id) if context is not None else (None, None)
+
+
+def running_prompts(server: Any) -> Optional[dict[str, dict]]:
+    """prompt id -> extra_data of the prompts the server runs now (None when it cannot tell)."""
+    queue = getattr(server, "prompt_queue", None)
+    try:
+        running, _ = queue.get_current_queue_volatile()
+        return {item[1]: item[3] if isinstance(item[3], dict) else {} for item in running}
+    except (AttributeError, IndexError, TypeError):
+        return None
+
+
+def workflow_id(server: Any, prompt_id: Optional[str]) -> Optional[str]:
+    """The id of the page's workflow the prompt came from (the page shows a run only on its own workflow)."""
+    extra = (running_prompts(server) or {}).get(prompt_id) or {}
+    workflow = (extra.get("extra_pnginfo") or {}).get("workflow") if isinstance(extra.get("extra_pnginfo"), dict) else None
+    found = workflow.get("id") if isinstance(workflow, dict) else None
+    return str(found) if found else None
+
+
+def report_progress(pbar: Any, steps: int, step: int, loss: float, lr: float) -> None:
+    """Progress to ComfyUI's bar and, when a server runs, to the run's history and the live loss
+    event of the web extension (sent to every page, so a reloaded page keeps receiving it)."""
+    pbar.update_absolute(step, steps)
+    server = prompt_server()
+    if server is None:
+        return  # ComfyUI used as a library: the bar is all there is
+    node, prompt_id = executing()
+    if node is None:
+        event = {"step": step, "steps": steps, "loss": loss, "lr": lr}
+    else:
+        workflow = None if STORE.has_run(node, prompt_id) else workflow_id(server, prompt_id)
+        event = STORE.record(node, prompt_id, step, steps, float(loss), float(lr), workflow=workflow)
+    server.send_sync(PROGRESS_EVENT, event)
+
+
+def history_answer(server: Any, node: Optional[str] = None) -> dict[str, Any]:
+    """The route's JSON: every kept run, each with ``running`` (its prompt still executes)."""
+    running = running_prompts(server)
+    runs = STORE.snapshot(node)
+    for run in runs:
+        run["running"] = None if running is None else (not run["finished"] and run["prompt_id"] in running)
+    return {"runs": runs, "smoothing": STORE.smoothing, "max_points": STORE.max_points}
+
+
+_registered: set[int] = set()
+
+
+def register_routes(server: Any = None) -> bool:
+    """Add ``GET HISTORY_ROUTE`` (``?node=<id>`` for one node) to the server's routes, once per
+    server; ComfyUI also serves it under ``/api``. False when there is no server. Called when this
+    module is imported, i.e. while ComfyUI loads the pack, before it hands its routes to aiohttp."""
+    server = server if server is not None else prompt_server()
+    routes = getattr(server, "routes", None)
+    if routes is None or id(server) in _registered:
+        return id(server) in _registered
+    from aiohttp import web
+
+    @routes.get(HISTORY_ROUTE)
+    async def training_history(request: web.Request) -> web.Response:
+        return web.json_response(history_answer(server, request.query.get("node") or None))
+
+    _registered.add(id(server))
+    return True
+
+
+register_routes()
