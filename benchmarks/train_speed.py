@@ -49,7 +49,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.append(str(ROOT))  # a fresh clone: d2f_core, training, d2f_host without installing (appended: ComfyUI's nodes.py wins)
 BATCH, LATENT, CONTEXT, RANK, LR = 4, (4, 32, 32), 768, 8, 1e-4
 STOCK_ALGORITHMS = ("LoRA", "LoHa", "LoKr", "OFT")  # the algorithm choices of ComfyUI 0.8.0's TrainLoraNode
-QUICK_ALGORITHMS = "OFT,DoRA"  # --quick: one algorithm stock trains too, one only ours does
+QUICK_ALGORITHMS = "OFT"  # --quick: the 3 trainers once, as before (a non-LoRA algorithm: its choice reaches all three)
 # an adapter tensor's name after its module path (stock's and ours), e.g. ".lora_up.weight", ".oft_blocks"
 ADAPTER_TENSOR = re.compile(r"\.(lora_(up|down|mid)\.weight|dora_scale|hada_w[12]_[ab]|hada_t[12]|lokr_w[12](_[ab])?|lokr_t2|"
                             r"oft_blocks|rescale|alpha)$")

@@ -194,7 +194,7 @@ def factorization(dimension: int, factor: int = -1) -> tuple[int, int]:
     """
     if dimension < 1:
         raise ValueError(f"cannot factorise dimension {dimension}")
-    limit = math.isqrt(dimension) if factor < 0 else min(factor, math.isqrt(dimension))
+    limit = math.isqrt(dimension) if factor < 0 else max(1, min(factor, math.isqrt(dimension)))
     m = max(d for d in range(1, limit + 1) if dimension % d == 0)
     return m, dimension // m
 

@@ -40,7 +40,7 @@ def test_every_algorithm_is_covered() -> None:
 
 def test_factorization_equals_comfyuis() -> None:
     for dim in range(1, 1300):
-        for factor in (-1, 1, 2, 3, 4, 6, 8, 16, 32):
+        for factor in (-1, 0, 1, 2, 3, 4, 6, 8, 16, 32):
             assert factorization(dim, factor) == comfy_factorization(dim, factor), (dim, factor)
 
 

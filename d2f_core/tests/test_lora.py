@@ -139,6 +139,7 @@ def test_factorization_splits() -> None:
     assert factorization(13, 4) == (1, 13)
     assert factorization(1024) == (32, 32)
     assert factorization(36, 100) == (6, 6)
+    assert factorization(12, 0) == (1, 12)
     for dim in range(1, 200):
         for factor in (-1, 1, 2, 3, 4, 8, 16):
             m, n = factorization(dim, factor)
