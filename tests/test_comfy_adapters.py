@@ -144,3 +144,26 @@ def test_saved_file_loads_completely_in_stock_loaders_and_gives_the_trained_outp
         problems = [line for line in caplog.text.splitlines() if any(p in line for p in LOAD_PROBLEMS)]
         assert not problems, f"{loader}: {problems[:3]}"
         torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item(), msg=loader)
+
+
+def test_dora_starts_at_the_input_model_even_with_a_lora_loaded_before(tiny_model) -> None:
+    """The input MODEL may carry patches (a LoRA loaded before training): DoRA's magnitude must start at
+    the norms of the patched weight its wrapper is called on, so training starts at the input model."""
+    from d2f_core.lora import adapters_state_dict, select_target_modules
+    from d2f_host.unet import attach_adapters
+
+    base = tiny_model("eps")
+    unet = base.model.diffusion_model
+    gen = torch.Generator().manual_seed(3)
+    earlier = {n: make_adapter("LoRA", m.weight.shape, 2, 2.0, gen) for n, m in select_target_modules(unet, "attention").items()}
+    with torch.no_grad():
+        for a in earlier.values():
+            a.up.normal_(0, 0.5, generator=gen)
+    patched, _ = comfy.sd.load_lora_for_models(base, None, adapters_state_dict(earlier), 1.0, 0.0)
+    x, cond, sigma = torch.randn(1, *LATENT), torch.randn(1, 77, 64), torch.tensor([0.5])
+    expected = unet_output(patched, x, sigma, cond)
+    assert not torch.allclose(expected, unet_output(base, x, sigma, cond), atol=1e-3), "the earlier LoRA changed nothing"
+    with torch.inference_mode(False), torch.enable_grad():
+        clone, _, adapters, _ = attach_adapters(patched, TrainConfig(algorithm="DoRA", targets="attention"))
+    assert all(type(a) is ALGORITHMS["DoRA"] for a in adapters.values())
+    torch.testing.assert_close(unet_output(clone, x, sigma, cond), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
