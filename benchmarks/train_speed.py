@@ -1,13 +1,15 @@
-"""Training speed and peak memory: Train Diff2Flow LoRA vs. stock TrainLoraNode vs. a bare PyTorch loop.
+"""Training speed and peak memory: Train Diff2Flow LoRA vs. stock TrainLoraNode vs. a bare PyTorch loop,
+for every adapter algorithm (``--algorithms``: LoRA, LoHa, LoKr, OFT, DoRA).
 
 All three train the same random-weight SD1.5-shaped UNet (ComfyUI's classes; 4 levels, 2 res blocks,
 attention on the first 3 levels, context 768, width ``--channels``) on the same batch (4 latents
-4x32x32, one fixed [1, 77, 768] conditioning), batch size 4, rank 8, fp32, AdamW lr 1e-4:
+4x32x32, one fixed [1, 77, 768] conditioning), batch size 4, rank 8, fp32, AdamW lr 1e-4, with the same
+algorithm (stock TrainLoraNode offers LoRA, LoHa, LoKr and OFT; DoRA is ours and bare only):
 
-- ``ours``:  ``train_lora`` of this pack (diff2flow objective), d2f_core LoRA adapters as ComfyUI weight
+- ``ours``:  ``train_lora`` of this pack (diff2flow objective), d2f_core adapters as ComfyUI weight
   wrappers on the layers of ``--targets`` ("all" = every Linear and Conv weight of the UNet; no biases,
   no norms; "attention_ff" = attn1/attn2 q, k, v, out + ff.net.0.proj, ff.net.2).
-- ``stock``: ComfyUI's TrainLoraNode (x0 MSE). Its targets are fixed: a LoRA on EVERY Linear and Conv
+- ``stock``: ComfyUI's TrainLoraNode (x0 MSE). Its targets are fixed: an adapter on EVERY Linear and Conv
   weight, plus a full-size trainable diff on every norm weight and on every bias (it has no option).
   It hands the sampler one conditioning per latent, and ComfyUI runs each conditioning over the whole
   batch, so its UNet sees 4 x 4 = 16 samples per step (the "UNet batch" column).
@@ -20,11 +22,12 @@ whole process: ComfyUI + pack import, model, training) is per trainer; on CUDA a
 ``torch.cuda.max_memory_allocated``. Step times come from an optimizer step post-hook (the same for all
 three); the first ``--warmup`` steps are excluded; s/step is the median (and mean) of the timed steps.
 ``--gradient-checkpointing`` applies to all three (each recomputes the layers inside the UNet's blocks).
-Ratios per target: ours/stock speed (goal >= 2), ours/stock peak RSS (<= 0.6), ours/bare step time (<= 1.15).
+Ratios per algorithm and target: ours/stock speed (goal >= 2), ours/stock peak RSS (<= 0.6), ours/bare step
+time (<= 1.15).
 The machine should be otherwise idle: a second busy process on the cores skews the step times badly.
 
     COMFYUI_PATH=/path/to/ComfyUI python benchmarks/train_speed.py [--steps 6] [--warmup 1] [--channels 64]
-        [--targets all,attention_ff] [--gradient-checkpointing] [--threads N]
+        [--targets all,attention_ff] [--algorithms LoRA,LoHa,LoKr,OFT,DoRA] [--gradient-checkpointing] [--threads N]
 """
 from __future__ import annotations
 
@@ -33,6 +36,7 @@ import asyncio
 import importlib
 import json
 import os
+import re
 import pathlib
 import resource
 import statistics
@@ -44,6 +48,11 @@ from typing import Any
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 sys.path.append(str(ROOT))  # a fresh clone: d2f_core, training, d2f_host without installing (appended: ComfyUI's nodes.py wins)
 BATCH, LATENT, CONTEXT, RANK, LR = 4, (4, 32, 32), 768, 8, 1e-4
+STOCK_ALGORITHMS = ("LoRA", "LoHa", "LoKr", "OFT")  # the algorithm choices of ComfyUI 0.8.0's TrainLoraNode
+QUICK_ALGORITHMS = "OFT"  # --quick: the 3 trainers once, as before (a non-LoRA algorithm: its choice reaches all three)
+# an adapter tensor's name after its module path (stock's and ours), e.g. ".lora_up.weight", ".oft_blocks"
+ADAPTER_TENSOR = re.compile(r"\.(lora_(up|down|mid)\.weight|dora_scale|hada_w[12]_[ab]|hada_t[12]|lokr_w[12](_[ab])?|lokr_t2|"
+                            r"oft_blocks|rescale|alpha)$")
 
 
 def check_comfyui() -> None:
@@ -93,13 +102,14 @@ def build_model(channels: int) -> Any:
                                             offload_device=torch.device("cpu"))
 
 
-def describe(unet: Any, lora_keys: list[str]) -> str:
-    """Which layers a method trains, from its LoRA keys (``<module>.lora_up.weight`` / ``.diff`` / ``.diff_b``)."""
+def describe(unet: Any, lora_keys: list[str], algorithm: str) -> str:
+    """Which layers a method trains, from its file's keys (``<module>.<adapter tensor>`` / ``.diff`` / ``.diff_b``)."""
     import torch
 
-    mods = [unet.get_submodule(k.split("diffusion_model.", 1)[1].rsplit(".lora_up", 1)[0]) for k in lora_keys if k.endswith("lora_up.weight")]
+    paths = {ADAPTER_TENSOR.sub("", k).split("diffusion_model.", 1)[1] for k in lora_keys if ADAPTER_TENSOR.search(k)}
+    mods = [unet.get_submodule(p) for p in sorted(paths)]
     lin = sum(isinstance(m, torch.nn.Linear) for m in mods)
-    text = f"LoRA on {lin} Linear + {len(mods) - lin} Conv"
+    text = f"{algorithm} on {lin} Linear + {len(mods) - lin} Conv"
     diffs, biases = sum(k.endswith(".diff") for k in lora_keys), sum(k.endswith(".diff_b") for k in lora_keys)
     return text + (f" + {diffs} norm-weight diffs + {biases} bias diffs" if diffs or biases else "")
 
@@ -141,15 +151,19 @@ def child(args: argparse.Namespace) -> None:
     unet.register_forward_pre_hook(lambda _m, a, k: unet_batch.append((a[0] if a else k["x"]).shape[0]), with_kwargs=True)
     setup_rss = int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") if os.path.exists("/proc/self/statm") else 0
     if args.only == "stock":
+        import comfy.weight_adapter
+
+        if args.algorithm not in comfy.weight_adapter.adapter_maps:
+            sys.exit(f"stock TrainLoraNode has no algorithm {args.algorithm!r}")
         out = mappings["TrainLoraNode"].execute(
             model=[model], latents=[{"samples": latents}], positive=[[[context, {}]]], batch_size=[BATCH],
             grad_accumulation_steps=[1], steps=[total], learning_rate=[LR], rank=[RANK], optimizer=["AdamW"],
-            loss_function=["MSE"], seed=[0], training_dtype=["fp32"], lora_dtype=["fp32"], algorithm=["LoRA"],
+            loss_function=["MSE"], seed=[0], training_dtype=["fp32"], lora_dtype=["fp32"], algorithm=[args.algorithm],
             gradient_checkpointing=[args.gradient_checkpointing], existing_lora=["[None]"], bucket_mode=[False])
         lora = {k: v for k, v in out.result[1].items() if not k.endswith(".alpha")}
     elif args.only == "ours":
         config = TrainConfig(steps=total, batch_size=BATCH, rank=RANK, alpha=float(RANK), learning_rate=LR, targets=args.targets,
-                             dtype="fp32", gradient_checkpointing=args.gradient_checkpointing, seed=0)
+                             algorithm=args.algorithm, dtype="fp32", gradient_checkpointing=args.gradient_checkpointing, seed=0)
         _, lora, _, _ = train_nodes.train_lora(model, [{"samples": latents}], [[[context, {}]]], None, config, "bench")
         lora = {k: v for k, v in lora.items() if not k.endswith(".alpha")}
     else:
@@ -157,7 +171,8 @@ def child(args: argparse.Namespace) -> None:
         device = comfy.model_management.get_torch_device()
         unet.requires_grad_(False)
         modules = select_target_modules(unet, args.targets)
-        adapters = {n: make_adapter("LoRA", m.weight.shape, RANK, float(RANK), torch.Generator().manual_seed(0)) for n, m in modules.items()}
+        gen = torch.Generator().manual_seed(0)
+        adapters = {n: make_adapter(args.algorithm, m.weight.shape, RANK, float(RANK), gen, weight=m.weight) for n, m in modules.items()}
         attach_parametrizations(modules, adapters)
         unet.to(device)
         optimizer = torch.optim.AdamW([p for a in adapters.values() for p in a.parameters()], lr=LR, weight_decay=0.01)
@@ -178,18 +193,18 @@ def child(args: argparse.Namespace) -> None:
     print("RESULT " + json.dumps({
         "sec_per_step": statistics.median(durations), "mean": statistics.mean(durations), "unet_batch": max(unet_batch),
         "rss": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "setup_rss": setup_rss,
-        "cuda": torch.cuda.max_memory_allocated() if cuda else None, "trains": describe(unet, sorted(lora)),
+        "cuda": torch.cuda.max_memory_allocated() if cuda else None, "trains": describe(unet, sorted(lora), args.algorithm),
         "params": sum(v.numel() for v in lora.values()), "threads": torch.get_num_threads(),
     }), flush=True)
 
 
-def run_child(args: argparse.Namespace, only: str, targets: str) -> dict[str, Any]:
-    cmd = [sys.executable, __file__, "--only", only, "--targets", targets, "--steps", str(args.steps),
+def run_child(args: argparse.Namespace, only: str, algorithm: str, targets: str) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--only", only, "--algorithm", algorithm, "--targets", targets, "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--channels", str(args.channels), "--threads", str(args.threads)] + (["--gradient-checkpointing"] if args.gradient_checkpointing else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
-        sys.exit(f"{only} ({targets}) failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+        sys.exit(f"{only} {algorithm} ({targets}) failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return json.loads(lines[-1][len("RESULT "):])
 
 
@@ -199,44 +214,62 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=1, help="untimed first steps")
     parser.add_argument("--channels", type=int, default=64, help="UNet model_channels (SD1.5: 320)")
     parser.add_argument("--targets", default="all,attention_ff", help="comma list of targets for ours and bare (all, attention_ff, attention)")
+    parser.add_argument("--algorithms", default="LoRA,LoHa,LoKr,OFT,DoRA",
+                        help="comma list of adapter algorithms (stock trains LoRA, LoHa, LoKr, OFT; DoRA: ours and bare only)")
+    parser.add_argument("--algorithm", default="LoRA", help="child mode: the one algorithm to train")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="for all three trainers")
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads in each trainer (0: torch's default)")
     parser.add_argument("--only", choices=["ours", "stock", "bare"], help="child mode: run one trainer, print RESULT json")
     parser.add_argument("--quick", action="store_true", help="a short run that checks the script (figures meaningless)")
     args = parser.parse_args()
     if args.quick:
-        args.steps, args.warmup, args.channels, args.targets = 1, 1, 32, "attention_ff"
+        args.steps, args.warmup, args.channels, args.targets, args.algorithms = 1, 1, 32, "attention_ff", QUICK_ALGORITHMS
     if args.steps < 1 or args.warmup < 1:
         parser.error("--steps and --warmup must be >= 1")
     if args.only:
         args.targets = args.targets.split(",")[0]
         return child(args)
     check_comfyui()
-    targets = args.targets.split(",")
+    from d2f_core.lora import ALGORITHMS
+
+    targets, algorithms = args.targets.split(","), args.algorithms.split(",")
+    unknown = [a for a in algorithms if a not in ALGORITHMS]
+    if unknown:
+        parser.error(f"--algorithms: unknown {', '.join(unknown)} (choose from {', '.join(ALGORITHMS)})")
     load = os.getloadavg() if hasattr(os, "getloadavg") else (0.0, 0.0, 0.0)
     print(f"model_channels {args.channels}, batch {BATCH}x{LATENT}, rank {RANK}, fp32, {args.warmup} warm-up + {args.steps} timed steps, "
           f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, {os.cpu_count()} CPUs, "
           f"load avg {load[0]:.2f} {load[1]:.2f} (1, 5 min)")
-    rows = [("stock", "(fixed)", run_child(args, "stock", "all"))]
-    for t in targets:
-        rows += [("ours", t, run_child(args, "ours", t)), ("bare", t, run_child(args, "bare", t))]
-    cuda = rows[0][2]["cuda"] is not None
+    # rows: (method, algorithm, targets, result); stock only for the algorithms its node offers
+    rows: list[tuple[str, str, str, dict[str, Any]]] = []
+    for algorithm in algorithms:
+        if algorithm in STOCK_ALGORITHMS:
+            rows.append(("stock", algorithm, "(fixed)", run_child(args, "stock", algorithm, "all")))
+        for t in targets:
+            rows += [(m, algorithm, t, run_child(args, m, algorithm, t)) for m in ("ours", "bare")]
+    cuda = rows[0][3]["cuda"] is not None
     load = os.getloadavg() if hasattr(os, "getloadavg") else (0.0, 0.0, 0.0)
-    print(f"torch threads {rows[0][2]['threads']}, load avg after the runs {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (1, 5, 15 min)")
-    print(f"\n{'method':<6} {'targets':<13} {'steps/s':>8} {'s/step':>7} {'(mean)':>7} {'UNet batch':>10} {'peak RSS':>9} {'setup RSS':>9}"
+    print(f"torch threads {rows[0][3]['threads']}, load avg after the runs {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (1, 5, 15 min)")
+    print(f"\n{'method':<6} {'algo':<5} {'targets':<13} {'steps/s':>8} {'s/step':>7} {'(mean)':>7} {'UNet batch':>10} {'peak RSS':>9} {'setup RSS':>9}"
           + (f" {'CUDA peak':>9}" if cuda else "") + "  trains")
-    for method, t, r in rows:
-        gb = lambda b: f"{b / 2**30:.2f} GB"  # noqa: E731
-        print(f"{method:<6} {t:<13} {1 / r['sec_per_step']:>8.3f} {r['sec_per_step']:>7.2f} {r['mean']:>7.2f} {r['unet_batch']:>10}"
+    gb = lambda b: f"{b / 2**30:.2f} GB"  # noqa: E731
+    for method, algorithm, t, r in rows:
+        print(f"{method:<6} {algorithm:<5} {t:<13} {1 / r['sec_per_step']:>8.3f} {r['sec_per_step']:>7.2f} {r['mean']:>7.2f} {r['unet_batch']:>10}"
               f" {gb(r['rss']):>9} {gb(r['setup_rss']):>9}"
               + (f" {gb(r['cuda']):>9}" if cuda else "") + f"  {r['trains']} ({r['params'] / 1e6:.2f} M params)")
-    stock = rows[0][2]
     print()
-    for t in targets:
-        ours, bare = (next(r for m, tt, r in rows if m == name and tt == t) for name in ("ours", "bare"))
-        speed, mem, rel = stock["sec_per_step"] / ours["sec_per_step"], ours["rss"] / stock["rss"], ours["sec_per_step"] / bare["sec_per_step"]
-        mem_text = f"ours/stock peak RSS {mem:.2f}x (target <= 0.6)" + (f", CUDA {ours['cuda'] / stock['cuda']:.2f}x" if cuda else "")
-        print(f"[{t}] ours/stock speed {speed:.2f}x (target >= 2), {mem_text}, ours/bare step time {rel:.3f}x (target <= 1.15)")
+    for algorithm in algorithms:
+        stock = next((r for m, a, _, r in rows if m == "stock" and a == algorithm), None)
+        for t in targets:
+            ours, bare = (next(r for m, a, tt, r in rows if (m, a, tt) == (name, algorithm, t)) for name in ("ours", "bare"))
+            rel = ours["sec_per_step"] / bare["sec_per_step"]
+            if stock is None:
+                vs_stock = "no stock trainer"
+            else:
+                speed, mem = stock["sec_per_step"] / ours["sec_per_step"], ours["rss"] / stock["rss"]
+                vs_stock = (f"ours/stock speed {speed:.2f}x (target >= 2), ours/stock peak RSS {mem:.2f}x (target <= 0.6)"
+                            + (f", CUDA {ours['cuda'] / stock['cuda']:.2f}x" if cuda else ""))
+            print(f"[{algorithm} {t}] {vs_stock}, ours/bare step time {rel:.3f}x (target <= 1.15)")
 
 
 if __name__ == "__main__":

@@ -80,13 +80,17 @@ def attach_adapters(model: Any, config: TrainConfig) -> tuple[Any, torch.nn.Modu
     unet = clone.model.diffusion_model
     modules = select_target_modules(unet, config.targets)
     gen = torch.Generator().manual_seed(config.seed)
-    adapters = {n: make_adapter(config.algorithm, m.weight.shape, config.rank, config.alpha, gen) for n, m in modules.items()}
+    adapters = {n: make_adapter(config.algorithm, m.weight.shape, config.rank, config.alpha, gen, weight=m.weight)
+                for n, m in modules.items()}
     for n, adapter in adapters.items():
         clone.add_weight_wrapper(f"diffusion_model.{n}.weight", adapter)
     comfy.model_management.load_models_gpu([clone], memory_required=1e20, force_full_load=True)
     device = comfy.model_management.get_torch_device()
-    for adapter in adapters.values():
+    for n, adapter in adapters.items():
         adapter.to(device)
+        # loading applied the model's own patches (a LoRA loaded before training): a DoRA magnitude
+        # must start at the norms of the weight the wrapper is called on, so training starts at the input model
+        adapter.match_base(modules[n].weight)
     trainable_copies_of_inference_tensors(unet)
     return clone, unet, adapters, device
 

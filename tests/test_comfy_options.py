@@ -22,6 +22,7 @@ from comfy_harness import require_comfyui
 require_comfyui()
 
 
+from d2f_core.lora import factorization  # noqa: E402
 from d2f_core.lora_metadata import LoraMetadata  # noqa: E402
 from training import TrainConfig  # noqa: E402
 
@@ -112,7 +113,7 @@ def module_names(lora: dict) -> set[str]:
     """The adapted layers (module paths inside the UNet) of a ComfyUI-native LoRA dict."""
     out = set()
     for key in lora:
-        m = re.match(r"diffusion_model\.(.+)\.(lora_up\.weight|lora_down\.weight|alpha|hada_w[12]_[ab])$", key)
+        m = re.match(r"diffusion_model\.(.+)\.(lora_up\.weight|lora_down\.weight|alpha|hada_w[12]_[ab]|lokr_w[12]|oft_blocks|dora_scale)$", key)
         assert m, f"unexpected LoRA key {key}"
         out.add(m.group(1))
     return out
@@ -168,6 +169,9 @@ def expected_targets(unet: torch.nn.Module, targets: str) -> set[str]:
     ("attention", "LoRA", 3, 1.5),
     ("attention_ff", "LoHa", 2, 4.0),
     ("all", "LoRA", 5, 5.0),
+    ("all", "LoKr", 4, 1.0),
+    ("attention_ff", "OFT", 4, 2.0),
+    ("all", "DoRA", 3, 3.0),
 ])
 def test_targets_rank_alpha_algorithm_shape_the_lora(comfy_nodes, tiny_model, targets, algorithm, rank, alpha) -> None:
     model = tiny_model("eps")
@@ -183,11 +187,22 @@ def test_targets_rank_alpha_algorithm_shape_the_lora(comfy_nodes, tiny_model, ta
         weight = unet.get_submodule(name).weight
         out, fan_in = weight.shape[0], weight[0].numel()
         key = f"diffusion_model.{name}"
+        if algorithm == "LoKr":  # full Kronecker factors split around rank; ComfyUI applies no alpha to them
+            (o1, o2), (i1, i2) = factorization(out, rank), factorization(fan_in, rank)
+            assert lora[f"{key}.lokr_w1"].shape == (o1, i1) and lora[f"{key}.lokr_w2"].shape == (o2, i2)
+            assert f"{key}.alpha" not in lora
+            continue
         assert float(lora[f"{key}.alpha"]) == alpha
-        if algorithm == "LoRA":
+        if algorithm in ("LoRA", "DoRA"):
             assert lora[f"{key}.lora_up.weight"].shape[:2] == (out, rank)
             assert lora[f"{key}.lora_down.weight"].reshape(rank, -1).shape == (rank, fan_in)
             assert f"{key}.hada_w1_a" not in lora
+            assert (f"{key}.dora_scale" in lora) == (algorithm == "DoRA")
+            if algorithm == "DoRA":
+                assert lora[f"{key}.dora_scale"].shape == (1, weight.shape[1], *([1] * (weight.dim() - 2)))
+        elif algorithm == "OFT":
+            block, blocks = factorization(out, rank)
+            assert lora[f"{key}.oft_blocks"].shape == (blocks, block, block)
         else:
             shapes = [tuple(lora[f"{key}.hada_{w}"].shape) for w in ("w1_a", "w1_b", "w2_a", "w2_b")]
             assert shapes == [(out, rank), (rank, fan_in), (out, rank), (rank, fan_in)]

@@ -62,10 +62,12 @@ class TrainConfig:
     warmup_steps: int = option(0, "Linear warmup steps.", min=0, max=1_000_000)
     optimizer: str = option("AdamW", "Optimizer (AdamW8bit needs the bitsandbytes package).", choices=OPTIMIZERS)
     weight_decay: float = option(0.01, "Weight decay of AdamW / SGD.", min=0.0, max=1.0, step=0.001)
-    rank: int = option(8, "Adapter rank.", min=1, max=512)
-    alpha: float = option(8.0, "Adapter alpha; the update is scaled by alpha / rank.", min=0.01, max=1024.0, step=0.01)
-    algorithm: str = option("LoRA", "LoRA (low-rank product) or LoHa (Hadamard product of two low-rank terms).",
-                            choices=tuple(ALGORITHMS))
+    rank: int = option(8, "Adapter rank (LoKr: the factor the weight's sides are split around; OFT: the block "
+                       "size it is chosen around, as ComfyUI's trainer).", min=1, max=512)
+    alpha: float = option(8.0, "Adapter alpha: LoRA / LoHa / DoRA updates are scaled by alpha / rank; OFT: the bound "
+                          "on the rotation's norm; LoKr: unused.", min=0.01, max=1024.0, step=0.01)
+    algorithm: str = option("LoRA", "; ".join(f"{name}: {cls.description}" for name, cls in ALGORITHMS.items()) +
+                            ". Every one saves a file stock LoraLoader loads.", choices=tuple(ALGORITHMS))
     targets: str = option("attention", "attention: q/k/v/out projections; attention_ff: plus feed-forward; all: every "
                           "linear and convolution.", choices=tuple(TARGETS))
     timestep_sampling: str = option("uniform", "How training sigmas are drawn: uniform, logit_normal (SD3) or shift "

@@ -28,7 +28,7 @@ def adapted_net(config: TrainConfig, model_seed: int = 0) -> tuple[CondNet, dict
     net.requires_grad_(False)
     modules = select_target_modules(net, "all")
     gen = torch.Generator().manual_seed(123)
-    adapters = {name: make_adapter(config.algorithm, m.weight.shape, config.rank, config.alpha, gen) for name, m in modules.items()}
+    adapters = {name: make_adapter(config.algorithm, m.weight.shape, config.rank, config.alpha, gen, weight=m.weight) for name, m in modules.items()}
     attach_parametrizations(modules, adapters)
     return net, adapters
 

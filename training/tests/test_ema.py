@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from d2f_core.lora import adapters_state_dict
+from d2f_core.lora import ALGORITHMS, adapters_state_dict
 from d2f_core.lora_metadata import LoraMetadata
 from training import TrainConfig, TrainingError
 from training.files import RunFiles
@@ -65,13 +65,18 @@ def test_ema_off_leaves_training_exactly_as_before() -> None:
     assert_equal(off.lora_state_dict(raw=True), off.lora_state_dict())
 
 
-def test_resume_with_ema_equals_straight_run(tmp_path) -> None:
-    config = TrainConfig(steps=8, ema_decay=0.8, grad_accumulation=2, caption_dropout=0.3, **BASE)
+@pytest.mark.parametrize("algorithm", list(ALGORITHMS))
+def test_resume_with_ema_equals_straight_run(tmp_path, algorithm: str) -> None:
+    """AdapterEMA averages whatever parameters an adapter has (DoRA's magnitude, OFT's blocks, ...)."""
+    config = TrainConfig(steps=8, ema_decay=0.8, grad_accumulation=2, caption_dropout=0.3, algorithm=algorithm, **BASE)
     straight, resumed = straight_and_resumed(config, tmp_path, at=4)
     assert resumed.losses == straight.losses
     assert_equal(params(resumed.adapters), params(straight.adapters))
     assert_equal(params(resumed.ema.adapters), params(straight.ema.adapters))  # bit for bit on the CPU
     assert_equal(resumed.ema.state_dict(), straight.ema.state_dict())
+    ema, raw = params(straight.ema.adapters), params(straight.adapters)
+    averaged = {k for k in raw if not torch.equal(ema[k], raw[k])}
+    assert averaged == set(raw), f"parameters the EMA does not average: {sorted(set(raw) - averaged)[:3]}"
 
 
 def test_resume_refuses_another_ema_setting() -> None:

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import d2f_core
+from d2f_core.lora import ALGORITHMS
 from training import TrainConfig, TrainingError
 from training.engine import lr_lambda
 from training.tests.helpers import make_run, straight_and_resumed
@@ -46,7 +47,7 @@ def test_loss_equals_d2f_core_objective() -> None:
     assert trainer.train_step() == pytest.approx(expected, rel=1e-6)
 
 
-@pytest.mark.parametrize("algorithm", ["LoRA", "LoHa"])
+@pytest.mark.parametrize("algorithm", list(ALGORITHMS))
 @pytest.mark.parametrize("extra", [{}, {"grad_accumulation": 2, "lr_schedule": "cosine", "warmup_steps": 2, "caption_dropout": 0.3}])
 def test_resume_equals_straight_run(tmp_path, algorithm: str, extra: dict) -> None:
     config = TrainConfig(steps=8, batch_size=2, learning_rate=1e-3, algorithm=algorithm, seed=3, **extra)
@@ -127,7 +128,7 @@ def test_lr_schedules() -> None:
         ({"steps": 0}, "steps must be a positive integer"),
         ({"learning_rate": 0}, "learning_rate must be > 0"),
         ({"caption_dropout": 1.0}, r"caption_dropout must lie in \[0, 1\)"),
-        ({"algorithm": "OFT"}, "algorithm='OFT' is not supported"),
+        ({"algorithm": "BOFT"}, "algorithm='BOFT' is not supported: choose one of LoRA, LoHa, LoKr, OFT, DoRA"),
         ({"optimizer": "Lion"}, "optimizer='Lion' is not supported"),
     ],
 )

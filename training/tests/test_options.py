@@ -16,7 +16,7 @@ import pytest
 import torch
 
 import d2f_core
-from d2f_core.lora import LoHaAdapter, LoRAAdapter, select_target_modules
+from d2f_core.lora import ALGORITHMS, LoHaAdapter, LoRAAdapter, select_target_modules
 from d2f_core.sampling import inverse_time_shift
 from training import TrainConfig, Trainer, TrainingData
 from training.tests.helpers import CondNet, adapted_net
@@ -394,6 +394,22 @@ def test_loha_trains_hadamard_factors() -> None:
             assert not torch.equal(v.detach(), start[name][k]), f"{name}.{k} did not change"
         keys = set(a.native_state_dict("k"))
         assert keys == {"k.hada_w1_a", "k.hada_w1_b", "k.hada_w2_a", "k.hada_w2_b", "k.alpha"}
+
+
+@pytest.mark.parametrize("algorithm", list(ALGORITHMS))
+def test_each_algorithm_starts_at_the_base_and_trains_its_own_adapter(algorithm: str) -> None:
+    run = build(TrainConfig(steps=3, batch_size=2, algorithm=algorithm, rank=2, alpha=2.0, learning_rate=1e-2))
+    modules = select_target_modules(run.net, "all")
+    for name, module in modules.items():  # training starts exactly at the base model
+        assert type(run.adapters[name]) is ALGORITHMS[algorithm], f"{name}: algorithm={algorithm} gave a {type(run.adapters[name]).__name__}"
+        assert torch.equal(module.weight, module.parametrizations.weight.original), f"{name} does not start at the base"
+    start = {n: {k: v.detach().clone() for k, v in a.named_parameters()} for n, a in run.adapters.items()}
+    run.trainer.run()
+    for name, module in modules.items():
+        a = run.adapters[name]
+        torch.testing.assert_close(module.weight.detach(), a(module.parametrizations.weight.original).detach())
+        moved = [k for k, v in a.named_parameters() if not torch.equal(v.detach(), start[name][k])]
+        assert moved == list(start[name]), f"{name}: parameters that never trained: {set(start[name]) - set(moved)}"
 
 
 # ---------------------------------------------------------------------- targets (module selection)
