@@ -13,8 +13,10 @@ Modules:
                      validation loss
     gaussian_mixture exactly optimal denoiser of a Gaussian mixture (for tests and benchmarks)
     metrics          sliced Wasserstein distance
+    depth            image-to-depth: depth normalisation, the widened first convolution, affine
+                     alignment, the ensemble, AbsRel / delta1
 """
-from . import schedules
+from . import depth, schedules
 from .alignment import PREDICTION_TYPES, Diff2Flow, normalize_prediction
 from .gaussian_mixture import GaussianMixture
 from .metrics import sliced_wasserstein
@@ -64,6 +66,7 @@ __all__ = [
     "TIMESTEP_SAMPLERS",
     "cfg_velocity",
     "cosine",
+    "depth",
     "ddim_trailing_sigmas",
     "diff2flow_loss",
     "diffusion_loss",
