@@ -81,10 +81,10 @@ def test_each_objective_trains_with_finite_decreasing_loss(pack, tiny_model, obj
 
 
 @pytest.mark.parametrize("algorithm,targets", [("LoRA", "all"), ("LoHa", "attention_ff")])
-def test_saved_lora_loads_in_stock_loader_and_matches_trained_model(pack, tiny_model, comfy_nodes, loras_dir, caplog, algorithm, targets) -> None:
+def test_saved_lora_carries_metadata_loads_whole_and_is_never_overwritten(pack, tiny_model, comfy_nodes, loras_dir, caplog, algorithm, targets) -> None:
     base = tiny_model("eps")
     config = TrainConfig(objective="diff2flow", steps=5, batch_size=2, learning_rate=1e-2, targets=targets, algorithm=algorithm)
-    trained, lora, _, _ = train(pack, base, config)
+    _, lora, _, _ = train(pack, base, config)
     (name,) = comfy_nodes["D2F_SaveLoRA"].execute(lora, "my/../lora test", False).result
     assert name == "lora_test.safetensors" and (loras_dir / name).is_file()
     with safe_open(str(loras_dir / name), framework="pt") as f:
@@ -95,13 +95,14 @@ def test_saved_lora_loads_in_stock_loader_and_matches_trained_model(pack, tiny_m
     assert "lora key not loaded" not in caplog.text
     per_adapter = 3 if algorithm == "LoRA" else 5  # (up, down, alpha) or (4 hada factors, alpha)
     assert len(loaded.patches) == len(lora) // per_adapter  # every adapter became one patch
-    # the stock-loaded model (unpatched sampling) and the trained MODEL give the same data estimate
+    # the node's MODEL output is this same file loaded the stock way, so comparing the two would test
+    # the loader against itself: tests/test_comfy_adapters.py compares the stock-loaded file with the
+    # adapters as they trained (weight wrappers), for every algorithm. Here: the LoRA does something.
     flow = pack.model_sampling.patch_model(loaded)
     x = torch.randn(1, *LATENT)
     cond = torch.randn(1, 77, 64)
     sigma = torch.tensor([0.5])
-    a, b = unet_output(trained, x, sigma, cond), unet_output(flow, x, sigma, cond)
-    torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * b.abs().max().item())
+    a = unet_output(flow, x, sigma, cond)
     unchanged = unet_output(pack.model_sampling.patch_model(base), x, sigma, cond)
     assert not torch.allclose(unchanged, a), "the LoRA changed nothing"
     # a second save never overwrites
