@@ -2,7 +2,8 @@
 
     prepare  image folder (+ .txt captions) + checkpoint -> latent cache (safetensors shards)
     train    latent cache + checkpoint + options -> LoRA (+ periodic saves, resumable state,
-             metrics.jsonl, loss.png); one process, or many through torchrun (data parallel)
+             metrics.jsonl, loss.png, preview grids samples/step_XXXXXX.png with --preview-every N
+             --sample-prompts FILE); one process, or many through torchrun (data parallel)
     pairs    checkpoint (+ LoRA) + prompts -> reflow pairs (noise, image) of its ODE (training/pairs.py);
              resumable, appendable, one process or many through torchrun (disjoint shards)
     sample   checkpoint (+ LoRA) + prompts -> PNGs with FM Euler / Heun (a LoRA's metadata sets the
