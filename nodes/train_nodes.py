@@ -146,7 +146,7 @@ def trained_model(model, lora: dict, objective: str, zero_terminal_snr: bool):
     return flow_model_for(out, objective, zero_terminal_snr)
 
 
-# the inputs of the previews (not TrainConfig fields: they are not options of the CLI)
+# the preview options (TrainConfig fields): their widgets come after the older ones (see define_schema)
 PREVIEW_OPTIONS = tuple(spec.name for spec in option_specs() if spec.name.startswith("preview_"))
 
 
@@ -172,7 +172,8 @@ def node_previewer(model, config: TrainConfig, vae: Any, preview_prompts: list, 
     from comfy.cli_args import args
 
     probe = torch.zeros(model.model.latent_format.latent_channels, config.preview_height // 8, config.preview_width // 8)
-    prompts = unet_kwargs(model, "preview_prompts", flatten_conditioning(preview_prompts), [probe] * len(flatten_conditioning(preview_prompts)))
+    entries = flatten_conditioning(preview_prompts)
+    prompts = unet_kwargs(model, "preview_prompts", entries, [probe] * len(entries))
     uncond = unet_kwargs(model, "negative", flatten_conditioning(negative)[:1], [probe])[0] if negative else None
 
     def show(preview: Preview) -> None:
