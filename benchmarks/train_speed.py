@@ -28,6 +28,12 @@ The machine should be otherwise idle: a second busy process on the cores skews t
 
     COMFYUI_PATH=/path/to/ComfyUI python benchmarks/train_speed.py [--steps 6] [--warmup 1] [--channels 64]
         [--targets all,attention_ff] [--algorithms LoRA,LoHa,LoKr,OFT,DoRA] [--gradient-checkpointing] [--threads N]
+
+``--previews EVERY`` measures instead what sample previews cost a run (:func:`previews_child`): ``ours``
+trains ``--preview-run-steps`` steps without previews and again with ``preview_every`` EVERY (previews
+at step 0 and every EVERY steps), in one process; it reports both runs' wall times, the previews' own
+time (sampling + decoding, summed over the previews) and the rest, which should be about 0 (target: a run
+with previews costs at most the previews' own time, + 2 % of the run for timing noise).
 """
 from __future__ import annotations
 
@@ -198,6 +204,88 @@ def child(args: argparse.Namespace) -> None:
     }), flush=True)
 
 
+class StandInVAE:
+    """Decodes a latent [B, 4, h, w] to [B, 8h, 8w, 3] by upsampling (no VAE weights in this benchmark):
+    the previews' time is then their sampling, and the decode's share stays small."""
+
+    def decode(self, latent: Any) -> Any:
+        import torch
+
+        return torch.sigmoid(torch.nn.functional.interpolate(latent[:, :3], scale_factor=8)).permute(0, 2, 3, 1)
+
+
+def previews_child(args: argparse.Namespace) -> None:
+    """``ours`` without and with previews every ``args.previews`` steps: one ``RESULT {json}`` line."""
+    import logging
+
+    logging.disable(logging.WARNING)
+    mappings, train_nodes = load_comfyui()
+    import torch
+    from training import TrainConfig
+    from training.previews import Previewer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    gen = torch.Generator().manual_seed(1)
+    latents = torch.randn(BATCH, *LATENT, generator=gen)
+    context = torch.randn(1, 77, CONTEXT, generator=gen)
+    prompts = [[[torch.randn(1, 77, CONTEXT, generator=gen), {}]] for _ in range(args.preview_prompts)]
+    negative = [[[torch.zeros(1, 77, CONTEXT), {}]]]
+    model = build_model(args.channels)
+    seconds: list[float] = []
+    call = Previewer.__call__
+
+    def timed(self: Previewer, trainer: Any) -> Any:
+        made = call(self, trainer)
+        seconds.append(made.seconds)
+        return made
+
+    Previewer.__call__ = timed  # the previews' own time, as each preview measures it
+
+    def run(steps: int, every: int) -> float:
+        config = TrainConfig(steps=steps, batch_size=BATCH, rank=RANK, alpha=float(RANK), learning_rate=LR,
+                             targets=args.targets, dtype="fp32", seed=0, preview_every=every,
+                             preview_steps=args.preview_steps, preview_width=LATENT[2] * 8, preview_height=LATENT[1] * 8)
+        start = time.perf_counter()
+        train_nodes.train_lora_with_previews(model, [{"samples": latents}], [[[context, {}]]], negative, config, "bench",
+                                             vae=StandInVAE(), preview_prompts=prompts)
+        return time.perf_counter() - start
+
+    run(2, 1)  # warm-up (allocator, first-call costs) for both configurations
+    seconds.clear()
+    steps = args.preview_run_steps
+    without = run(steps, 0)
+    with_previews = run(steps, args.previews)
+    print("RESULT " + json.dumps({"without": without, "with": with_previews, "previews": seconds,
+                                  "threads": torch.get_num_threads()}), flush=True)
+
+
+def previews_main(args: argparse.Namespace) -> None:
+    """``--previews EVERY``: the cost of sample previews in a run (see the module docstring)."""
+    check_comfyui()
+    cmd = [sys.executable, __file__, "--only", "previews", "--previews", str(args.previews), "--targets",
+           args.targets.split(",")[0], "--channels", str(args.channels), "--threads", str(args.threads),
+           "--preview-run-steps", str(args.preview_run_steps), "--preview-steps", str(args.preview_steps),
+           "--preview-prompts", str(args.preview_prompts)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = [l for l in proc.stdout.splitlines() if l.startswith("RESULT ")]
+    if proc.returncode != 0 or not lines:
+        sys.exit(f"previews failed (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    r = json.loads(lines[-1][len("RESULT "):])
+    own = sum(r["previews"])
+    extra = r["with"] - r["without"] - own
+    print(f"model_channels {args.channels}, batch {BATCH}x{LATENT}, rank {RANK}, fp32, targets {args.targets.split(',')[0]}, "
+          f"{args.preview_run_steps} steps; previews every {args.previews} steps: {len(r['previews'])} previews of "
+          f"{args.preview_prompts} prompts, {args.preview_steps} FM Euler steps at cfg 5, {LATENT[2] * 8}x{LATENT[1] * 8} "
+          f"(stand-in decode); torch threads {r['threads']}")
+    print(f"run without previews      {r['without']:8.2f} s")
+    print(f"run with previews         {r['with']:8.2f} s")
+    print(f"previews' own time        {own:8.2f} s ({own / max(len(r['previews']), 1):.2f} s per preview)")
+    verdict = "met" if extra <= 0.02 * r["without"] else "NOT met"
+    print(f"previews: extra run time beyond the previews' own {extra:+.2f} s ({extra / r['without'] * 100:+.1f} % of the run; "
+          f"target <= +2 %: {verdict})")
+
+
 def run_child(args: argparse.Namespace, only: str, algorithm: str, targets: str) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--only", only, "--algorithm", algorithm, "--targets", targets, "--steps", str(args.steps),
            "--warmup", str(args.warmup), "--channels", str(args.channels), "--threads", str(args.threads)] + (["--gradient-checkpointing"] if args.gradient_checkpointing else [])
@@ -219,11 +307,22 @@ def main() -> None:
     parser.add_argument("--algorithm", default="LoRA", help="child mode: the one algorithm to train")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="for all three trainers")
     parser.add_argument("--threads", type=int, default=0, help="torch.set_num_threads in each trainer (0: torch's default)")
-    parser.add_argument("--only", choices=["ours", "stock", "bare"], help="child mode: run one trainer, print RESULT json")
+    parser.add_argument("--only", choices=["ours", "stock", "bare", "previews"], help="child mode: run one trainer, print RESULT json")
     parser.add_argument("--quick", action="store_true", help="a short run that checks the script (figures meaningless)")
+    parser.add_argument("--previews", type=int, default=0, metavar="EVERY",
+                        help="measure the cost of sample previews every EVERY steps instead (see above)")
+    parser.add_argument("--preview-run-steps", type=int, default=200, help="steps of each run of --previews")
+    parser.add_argument("--preview-steps", type=int, default=20, help="sampler steps of a preview (--previews)")
+    parser.add_argument("--preview-prompts", type=int, default=2, help="prompts per preview (--previews)")
     args = parser.parse_args()
     if args.quick:
         args.steps, args.warmup, args.channels, args.targets, args.algorithms = 1, 1, 32, "attention_ff", QUICK_ALGORITHMS
+        if args.previews:
+            args.previews, args.preview_run_steps, args.preview_steps, args.preview_prompts = 2, 4, 2, 1
+    if args.only == "previews":
+        return previews_child(args)
+    if args.previews:
+        return previews_main(args)
     if args.steps < 1 or args.warmup < 1:
         parser.error("--steps and --warmup must be >= 1")
     if args.only:

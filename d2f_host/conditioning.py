@@ -8,7 +8,7 @@ carries (``CLIPTextEncodeSDXL``) win, the sample's own latent size is the defaul
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -16,7 +16,7 @@ import comfy.model_base
 
 from .checkpoints import file_fingerprint
 
-__all__ = ["CheckpointEncoders", "cond_kwargs", "text_cond_kwargs"]
+__all__ = ["CheckpointEncoders", "cond_kwargs", "text_cond_kwargs", "latent_decoder"]
 
 
 class CheckpointEncoders:
@@ -76,3 +76,29 @@ def text_cond_kwargs(model: Any, text: dict[str, torch.Tensor], latent: torch.Te
     """:func:`cond_kwargs` of an encoded caption as ``CheckpointEncoders.encode_text`` (and the
     latent cache) hold it: ``{"context", optional "pooled_output"}``."""
     return cond_kwargs(model, (text["context"], {"pooled_output": text.get("pooled_output")}), latent)
+
+
+def latent_decoder(model: Any, vae: Any, training_unet: Optional[torch.nn.Module] = None,
+                   device: Optional[torch.device] = None) -> Callable[[torch.Tensor], torch.Tensor]:
+    """``decode(latents) -> images``: latents [B, C, h, w] in ``model``'s scale (what its UNet samples)
+    through ``vae`` into ComfyUI IMAGEs [B, H, W, 3] in [0, 1] (CPU float32); training previews.
+
+    With ``training_unet`` (the UNet being trained, on ``device``) a decode that made ComfyUI move
+    any of its weights off ``device`` to find memory for the VAE raises a ``RuntimeError`` that says
+    what to do, instead of the next training step failing on tensors of two devices.
+    """
+    if vae is None:
+        raise ValueError("previews need a VAE to decode the sampled latents")
+
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        images = vae.decode(model.model.process_latent_out(latents.float().cpu()))
+        if training_unet is not None and device is not None:
+            moved = any(p.device.type != device.type for p in training_unet.parameters())
+            if moved:
+                raise RuntimeError(
+                    "decoding a training preview needed the memory of the model being trained (ComfyUI offloaded "
+                    "it): lower preview_width / preview_height, or set preview_every 0 (previews off)"
+                )
+        return images.float().cpu().clamp(0, 1)
+
+    return decode

@@ -23,7 +23,7 @@ from comfy_api.latest import io
 from d2f_core.lora import adapters_state_dict
 from d2f_core.lora_metadata import LoraMetadata
 from d2f_host.checkpoints import check_pairs_fit, lora_metadata_for
-from d2f_host.conditioning import cond_kwargs
+from d2f_host.conditioning import cond_kwargs, latent_decoder
 from d2f_host.model_sampling import alignment_of, flow_model_for
 from d2f_host.unet import attach_adapters, gradient_checkpointing, unet_network
 from training import TrainConfig, Trainer, TrainingData
@@ -31,6 +31,7 @@ from training.config import OptionSpec, available_choices, option_specs
 from training.files import (STATE_SUFFIX, RunFiles, load_training_state, sanitize_filename, save_lora, save_run_lora,
                             write_periodic_save)
 from training.pairs import load_pairs
+from training.previews import Preview, Previewer, PreviewSettings, no_preview_image
 
 from .progress import report_progress
 from .reflow_nodes import Pairs
@@ -134,13 +135,68 @@ def trained_model(model, lora: dict, objective: str, zero_terminal_snr: bool):
     return flow_model_for(out, objective, zero_terminal_snr)
 
 
+# the preview options (TrainConfig fields): their widgets come after the older ones (see define_schema)
+PREVIEW_OPTIONS = tuple(spec.name for spec in option_specs() if spec.name.startswith("preview_"))
+
+
+def check_preview_inputs(config: TrainConfig, vae: Any, preview_prompts: Optional[list], negative: Optional[list]) -> None:
+    """Refuse previews the node cannot make, before any training, naming the input and the fix."""
+    if config.preview_every <= 0:
+        return
+    if vae is None:
+        raise ValueError(f"preview_every {config.preview_every} needs a VAE to decode the previews: connect the vae "
+                         "input (the checkpoint's VAE), or set preview_every 0 (previews off)")
+    if not preview_prompts or not flatten_conditioning(preview_prompts):
+        raise ValueError(f"preview_every {config.preview_every} needs prompts: connect preview_prompts (a CLIP Text "
+                         "Encode; one per prompt, or a batch), or set preview_every 0 (previews off)")
+    cfg = PreviewSettings.from_config(config).cfg
+    if cfg != 1.0 and not negative:
+        raise ValueError(f"previews at cfg {cfg:g} need an unconditional prompt: connect negative (an empty CLIP Text "
+                         "Encode), or set preview_cfg 1")
+
+
+def node_previewer(model, config: TrainConfig, vae: Any, preview_prompts: list, negative: Optional[list], unet,
+                   device, pbar: comfy.utils.ProgressBar) -> Previewer:
+    """The previews of a node run: each grid shown on the node through ComfyUI's progress preview."""
+    from comfy.cli_args import args
+
+    probe = torch.zeros(model.model.latent_format.latent_channels, config.preview_height // 8, config.preview_width // 8)
+    entries = flatten_conditioning(preview_prompts)
+    prompts = unet_kwargs(model, "preview_prompts", entries, [probe] * len(entries))
+    uncond = unet_kwargs(model, "negative", flatten_conditioning(negative)[:1], [probe])[0] if negative else None
+
+    def show(preview: Preview) -> None:
+        from PIL import Image
+
+        pixels = (preview.grid.numpy() * 255).round().astype("uint8")
+        # ComfyUI's progress preview (the stock samplers' latent previews use it): ("JPEG", image, max size)
+        pbar.update_absolute(preview.step, config.steps, ("JPEG", Image.fromarray(pixels), args.preview_size))
+
+    return Previewer(PreviewSettings.from_config(config), prompts, uncond, latent_decoder(model, vae, unet, device),
+                     model.model.latent_format.latent_channels, on_preview=show)
+
+
 def train_lora(model, latents: list, positive: list, negative: Optional[list], config: TrainConfig,
                output_name: str = "diff2flow_lora", resume_from: str = NO_RESUME,
-               pairs: Optional[str] = None) -> tuple[Any, Diff2FlowLora, dict, int]:
+               pairs: Optional[str] = None, vae: Any = None,
+               preview_prompts: Optional[list] = None) -> tuple[Any, Diff2FlowLora, dict, int]:
     """Train a LoRA on a clone of ``model``; returns (model with LoRA, LoRA, loss map, steps).
 
     With ``pairs`` (a folder of Diff2Flow Reflow Pairs) the training data are the pairs (images,
-    their prompts, their noise) instead of ``latents`` / ``positive``."""
+    their prompts, their noise) instead of ``latents`` / ``positive``. :func:`train_lora_with_previews`
+    also returns the preview grids."""
+    return train_lora_with_previews(model, latents, positive, negative, config, output_name, resume_from, pairs, vae,
+                                    preview_prompts)[:4]
+
+
+def train_lora_with_previews(model, latents: list, positive: list, negative: Optional[list], config: TrainConfig,
+                             output_name: str = "diff2flow_lora", resume_from: str = NO_RESUME,
+                             pairs: Optional[str] = None, vae: Any = None,
+                             preview_prompts: Optional[list] = None) -> tuple[Any, Diff2FlowLora, dict, int, torch.Tensor]:
+    """:func:`train_lora` and, with ``preview_every`` > 0, previews of ``preview_prompts`` decoded by
+    ``vae`` (training/previews.py): returns its four results and the grids as an IMAGE batch
+    [N, H, W, 3] (one black 1x1 image with previews off)."""
+    check_preview_inputs(config, vae, preview_prompts, negative)
     d2f = alignment_of(model, config.zero_terminal_snr)
     teacher_cfg = None
     if pairs:
@@ -166,18 +222,23 @@ def train_lora(model, latents: list, positive: list, negative: Optional[list], c
 
         pbar = comfy.utils.ProgressBar(config.steps)
         pbar.update_absolute(trainer.step, config.steps)
+        previewer = node_previewer(model, config, vae, preview_prompts, negative, unet, device, pbar) \
+            if config.preview_every > 0 else None
         with gradient_checkpointing(unet, config.gradient_checkpointing):
             trainer.run(
                 on_step=lambda step, loss, lr: report_progress(pbar, config.steps, step, loss, lr),
                 check_cancel=comfy.model_management.throw_exception_if_processing_interrupted,
                 save=save,
+                preview=previewer,
             )
         for adapter in adapters.values():
             adapter.requires_grad_(False)
         save_run_lora(files, trainer, metadata(trainer.step), raw=True)  # <output_name>_raw (save_raw with EMA)
         # the outputs hold the saved weights: the EMA's when EMA is on
         lora = lora_result({n: a.cpu() for n, a in trainer.saved_adapters().items()}, metadata(trainer.step))
-    return trained_model(model, lora, config.objective, d2f.zero_terminal_snr), lora, {"loss": list(trainer.losses)}, trainer.step
+    grids = previewer.grids() if previewer is not None else no_preview_image()
+    return (trained_model(model, lora, config.objective, d2f.zero_terminal_snr), lora, {"loss": list(trainer.losses)},
+            trainer.step, grids)
 
 
 def config_input(spec: OptionSpec) -> io.Input:
@@ -207,7 +268,9 @@ class TrainDiff2FlowLora(io.ComfyNode):
                 "Fine-tunes a LoRA on an SD model under the Diff2Flow objective (the diffusion prior trained as a "
                 "flow-matching model; naive FM and plain diffusion for comparison). The input model is never "
                 "modified. Saves every N steps (LoRA + resumable training state) into models/loras; Cancel stops "
-                "within one step and keeps the last save."
+                "within one step and keeps the last save. With preview_every > 0 it samples preview_prompts at step 0 "
+                "and every N steps (the EMA weights when EMA is on), shows the latest grid on the node and outputs "
+                "every grid as IMAGE; previews never change the training."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The base SD1.x / SD2.x / SDXL model (eps or v prediction)."),
@@ -215,15 +278,20 @@ class TrainDiff2FlowLora(io.ComfyNode):
                 io.Conditioning.Input("positive", optional=True, tooltip="Captions: one conditioning for all latents, or one per latent (not needed with pairs)."),
                 io.Conditioning.Input("negative", optional=True, tooltip="Empty / negative conditioning used for caption dropout (keeps CFG working)."),
                 Pairs.Input("pairs", optional=True, tooltip="Reflow pairs from Diff2Flow Reflow Pairs: train on them (objective 'reflow') instead of latents / positive."),
-                *[config_input(spec) for spec in option_specs()],
+                io.Vae.Input("vae", optional=True, tooltip="Decodes the previews (preview_every > 0): the checkpoint's VAE."),
+                io.Conditioning.Input("preview_prompts", optional=True, tooltip="The prompts of the previews (preview_every > 0): one CLIP Text Encode per prompt, or a batch; the negative input is their unconditional prompt."),
+                *[config_input(spec) for spec in option_specs() if spec.name not in PREVIEW_OPTIONS],
                 io.String.Input("output_name", default="diff2flow_lora", tooltip="File name stem for periodic saves in models/loras (<name>_<step>.safetensors, <name>.d2fstate; <name>_raw.safetensors with save_raw)."),
                 io.Combo.Input("resume_from", options=training_states(), default=NO_RESUME, tooltip="A training state (.d2fstate) from an earlier run's periodic save, to continue it exactly."),
+                # after the older widgets, so a saved workflow's widget values keep their places
+                *[config_input(spec) for spec in option_specs() if spec.name in PREVIEW_OPTIONS],
             ],
             outputs=[
                 io.Model.Output(tooltip="The model with the trained LoRA (EMA weights when ema_decay > 0), as the flow model its objective samples as (the Diff2Flow patch; naive-flow sampling for naive_fm)."),
                 LoraModel.Output(tooltip="The trained LoRA (ComfyUI-native keys; the EMA weights when ema_decay > 0): Save Diff2Flow LoRA, SaveLoRA or LoraModelLoader."),
                 LossMap.Output(tooltip="Loss per step, for Loss Graph."),
                 io.Int.Output(display_name="steps", tooltip="Steps trained in total."),
+                io.Image.Output(display_name="previews", tooltip="The preview grid of every preview step (step 0, then every preview_every steps; the EMA weights when EMA is on), as an IMAGE batch for Preview / Save Image. With previews off: one black 1x1 image."),
             ],
         )
 
@@ -232,8 +300,9 @@ class TrainDiff2FlowLora(io.ComfyNode):
         first = {k: v[0] if isinstance(v, list) and v else v for k, v in lists.items()}
         negative = lists.get("negative")
         config = TrainConfig(**{spec.name: first[spec.name] for spec in option_specs()})
-        result = train_lora(model[0], latents, positive, negative, config, first["output_name"], first["resume_from"],
-                            first.get("pairs"))
+        result = train_lora_with_previews(model[0], latents, positive, negative, config, first["output_name"],
+                                          first["resume_from"], first.get("pairs"), first.get("vae"),
+                                          lists.get("preview_prompts"))
         return io.NodeOutput(*result)
 
 

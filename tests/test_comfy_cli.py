@@ -177,3 +177,51 @@ def test_torchrun_two_processes_train_through_the_cli(prepared, tiny_sd15_file, 
             moved += int(key.endswith("lora_up.weight") and ta.abs().max() > 0)
         assert moved > 0
     assert len((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) == 4
+
+
+def test_train_previews_sample_the_model_and_never_change_the_training(prepared, tiny_sd15_file, tmp_path, capsys) -> None:
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of thing 1\n\nthing 2\n", encoding="utf-8")
+    previews = ["--preview-every", "2", "--preview-steps", "3", "--preview-cfg", "2", "--preview-seed", "5",
+                "--preview-width", "64", "--preview-height", "64"]
+    base = ["train", "--cache", str(prepared), "--checkpoint", str(tiny_sd15_file), *TRAIN]
+    assert main([*base, "--output", str(tmp_path / "plain")]) == 0
+    out = tmp_path / "previews"
+    assert main([*base, "--output", str(out), *previews, "--sample-prompts", str(prompts)]) == 0
+    expected = ["step_000000.png", "step_000002.png", "step_000004.png"]
+    assert sorted(p.name for p in (out / "samples").iterdir()) == expected
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["sample"] for r in records if "sample" in r] == [f"samples/{n}" for n in expected]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+
+    def lora(folder: pathlib.Path) -> dict:
+        with safe_open(str(folder / "diff2flow_lora.safetensors"), "pt") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}
+
+    plain, with_previews = lora(tmp_path / "plain"), lora(out)
+    assert plain.keys() == with_previews.keys()
+    assert all(torch.equal(plain[k], with_previews[k]) for k in plain), "previews changed the training"
+    # the step-0 grid is what `sample` makes of the base checkpoint with the same seed, steps, cfg and size
+    samples = tmp_path / "samples"
+    assert main(["sample", "--checkpoint", str(tiny_sd15_file), "--prompt", "a photo of thing 1", "--prompt", "thing 2",
+                 "--steps", "3", "--cfg", "2", "--seed", "5", "--width", "64", "--height", "64", "--output", str(samples),
+                 "--no-progress"]) == 0
+    first, second = (np.asarray(Image.open(p)).astype(int) for p in sorted(samples.glob("*.png")))
+    grid = np.asarray(Image.open(out / "samples" / "step_000000.png")).astype(int)
+    assert grid.shape == (64, 128, 3)  # two prompts: one row of two
+    assert np.abs(grid[:, :64] - first).max() <= 1 and np.abs(grid[:, 64:] - second).max() <= 1
+    assert not np.array_equal(first, second)
+    # resumed through the run's TOML (it carries sample_prompts and the preview options) = the straight run
+    half = tmp_path / "half"
+    assert main([*base, "--output", str(half), *previews, "--sample-prompts", str(prompts), "--steps", "3"]) == 0
+    assert "sample_prompts = " in (half / "diff2flow_lora.toml").read_text()
+    assert main(["train", "--config", str(half / "diff2flow_lora.toml"), "--resume", str(half / "diff2flow_lora.d2fstate"),
+                 "--steps", "4", "--no-progress"]) == 0
+    assert sorted(p.name for p in (half / "samples").iterdir()) == expected
+    resumed = lora(half)
+    assert all(torch.equal(resumed[k], with_previews[k]) for k in resumed)
+    for name in expected:
+        assert np.array_equal(np.asarray(Image.open(half / "samples" / name)), np.asarray(Image.open(out / "samples" / name)))
+    # previews on without prompts: refused before any compute, naming the flag
+    assert main([*base, "--output", str(tmp_path / "noprompts"), "--preview-every", "2"]) == 2
+    assert "--preview-every 2 needs --sample-prompts FILE" in capsys.readouterr().err

@@ -453,3 +453,19 @@ def test_checker_catches_an_unconnected_required_input(comfy_nodes) -> None:
     latent["link"] = None
     problems = check_workflow(wf, comfy_nodes)
     assert any("required input 'latent_image' (LATENT) is not connected" in p for p in problems), problems
+
+
+def test_train_previews_graph(comfy_nodes) -> None:
+    prompt = to_api(load(WORKFLOW_DIR / "diff2flow_train_previews.json"), comfy_nodes)
+    (train,) = by_type(prompt, "D2F_TrainLoRA")
+    inputs = train["inputs"]
+    assert inputs["preview_every"] == 100 and inputs["ema_decay"] == 0.999  # previews of the EMA weights
+    checkpoint = source(prompt, train, "model")
+    assert checkpoint["class_type"] == "CheckpointLoaderSimple" and source(prompt, train, "vae") is checkpoint
+    assert inputs["vae"][1] == 2  # the checkpoint's VAE output
+    preview_prompt = source(prompt, train, "preview_prompts")
+    assert preview_prompt["class_type"] == "CLIPTextEncode" and preview_prompt["inputs"]["text"]
+    assert source(prompt, train, "negative")["inputs"]["text"] == ""  # the previews' unconditional prompt
+    train_id = next(k for k, n in prompt.items() if n is train)
+    saved = [n for n in by_type(prompt, "SaveImage") if n["inputs"]["images"] == [train_id, 4]]
+    assert len(saved) == 1 and saved[0]["inputs"]["filename_prefix"] == "diff2flow_previews"

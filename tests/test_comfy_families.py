@@ -180,9 +180,9 @@ def train_node_kwargs(node, model, latents: list, positive: list, negative, outp
 
 
 def train_node(nodes, model, latents, positive, negative, output_name: str = "family_lora", **options):
-    """(MODEL, LORA_MODEL, loss map, steps) of the training node."""
+    """(MODEL, LORA_MODEL, loss map, steps) of the training node (not its fifth output, the previews)."""
     node = nodes["D2F_TrainLoRA"]
-    return tuple(node.execute(**train_node_kwargs(node, model, latents, positive, negative, output_name, **options)).args)
+    return tuple(node.execute(**train_node_kwargs(node, model, latents, positive, negative, output_name, **options)).args)[:4]
 
 
 def mixed_size_data(family: Family, n_per_bucket: int = 2, seed: int = 0):

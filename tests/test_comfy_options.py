@@ -61,7 +61,7 @@ def run_node(comfy_nodes, model, options: dict, n: int = 4, negative: bool = Tru
     latents, positive, neg = batch(n)
     kwargs, missing = node_kwargs(comfy_nodes, model, latents, positive, neg if negative else None, options, **kw)
     assert not missing, f"the node has no input for {missing}"
-    return comfy_nodes[NODE].execute(**kwargs).result
+    return comfy_nodes[NODE].execute(**kwargs).result[:4]  # the fifth output, the previews: test_comfy_previews.py
 
 
 def batch(n: int = 4, seed: int = 0):
@@ -126,6 +126,8 @@ NON_DEFAULT = dict(
     timestep_sampling="logit_normal", logit_mean=0.5, logit_std=0.7, shift=2.0, zero_terminal_snr=True, dtype="bf16",
     gradient_checkpointing=True, seed=9, caption_dropout=0.2, save_every=0, ema_decay=0.9, ema_warmup=False, keep_last=2,
     save_raw=True,
+    # previews on need the vae and preview_prompts inputs: tests/test_comfy_previews.py runs them
+    preview_every=0, preview_seed=7, preview_steps=3, preview_cfg=2.5, preview_width=128, preview_height=192,
 )
 
 
@@ -133,7 +135,7 @@ def test_every_option_reaches_the_trainer(pack, comfy_nodes, tiny_model, monkeyp
     """Every TrainConfig field given to the node, each away from its default, is the trainer's
     config; rank, alpha, algorithm and targets shape its adapters; zero_terminal_snr its alignment."""
     assert set(NON_DEFAULT) == {f.name for f in dataclasses.fields(TrainConfig)}, "keep NON_DEFAULT complete"
-    assert all(NON_DEFAULT[k] != v for k, v in TrainConfig().to_dict().items() if k != "save_every")
+    assert all(NON_DEFAULT[k] != v for k, v in TrainConfig().to_dict().items() if k not in ("save_every", "preview_every"))
     spy = Spy(pack, monkeypatch, stop=True)
     latents, positive, negative = batch(4)
     model = tiny_model("v")

@@ -63,7 +63,8 @@ def test_reflow_lora_trains_on_the_pairs_and_loads_in_stock_loaders(comfy_nodes,
     spec = {i.id: i for i in node.define_schema().inputs}
     args = {name: [getattr(i, "default", None)] for name, i in spec.items() if getattr(i, "default", None) is not None}
     args.update(model=[model], pairs=[folder], objective=["reflow"], steps=[3], rank=[2], alpha=[2.0], output_name=["reflowed"])
-    _, lora, losses, steps = node.execute(**args).args
+    _, lora, losses, steps, previews = node.execute(**args).args
+    assert previews.shape == (1, 1, 1, 3)  # previews off: the 1x1 placeholder
     assert steps == 3 and len(losses["loss"]) == 3 and all(torch.isfinite(torch.tensor(losses["loss"])))
     assert lora.metadata.objective == "reflow"
     (name,) = comfy_nodes["D2F_SaveLoRA"].execute(lora, "reflowed", False).args

@@ -2,7 +2,8 @@
 
     prepare  image folder (+ .txt captions) + checkpoint -> latent cache (safetensors shards)
     train    latent cache + checkpoint + options -> LoRA (+ periodic saves, resumable state,
-             metrics.jsonl, loss.png); one process, or many through torchrun (data parallel)
+             metrics.jsonl, loss.png, preview grids samples/step_XXXXXX.png with --preview-every N
+             --sample-prompts FILE); one process, or many through torchrun (data parallel)
     pairs    checkpoint (+ LoRA) + prompts -> reflow pairs (noise, image) of its ODE (training/pairs.py);
              resumable, appendable, one process or many through torchrun (disjoint shards)
     sample   checkpoint (+ LoRA) + prompts -> PNGs with FM Euler / Heun (a LoRA's metadata sets the
@@ -32,7 +33,7 @@ from .files import STATE_SUFFIX
 log = logging.getLogger("diff2flow")
 
 # run options of `train` / `pairs` that are not fields of their config class (also valid TOML keys)
-RUN_KEYS = ("cache", "pairs", "checkpoint", "output", "name")
+RUN_KEYS = ("cache", "pairs", "checkpoint", "output", "name", "sample_prompts")
 PAIRS_RUN_KEYS = ("checkpoint", "lora", "prompts", "output")
 
 
@@ -217,6 +218,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     world = distributed.world_from_env()
     if config.batch_size % world.world_size:
         raise CliError(f"--batch-size {config.batch_size} (the global batch) must be divisible by the {world.world_size} processes")
+    preview_prompts = None
+    if config.preview_every > 0:
+        if not run["sample_prompts"]:
+            raise CliError(f"--preview-every {config.preview_every} needs --sample-prompts FILE (a text file with one "
+                           "prompt per line; also the TOML key sample_prompts), or --preview-every 0 for no previews")
+        preview_prompts = read_prompt_lines(run["sample_prompts"], "--sample-prompts")
+    elif run["sample_prompts"]:
+        log.warning("--sample-prompts is ignored: previews are off (set --preview-every N to sample every N steps)")
     files = RunFiles.named(run["output"], run["name"])
     if world.is_main:
         files.check_writable()
@@ -236,7 +245,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from .engine import Trainer
 
     checkpoint = pathlib.Path(run["checkpoint"])
-    model, _, _ = load_checkpoint(checkpoint, encoders="skip")
+    # previews encode their prompts and decode their latents with the checkpoint's own encoders
+    model, clip, vae = load_checkpoint(checkpoint, encoders="required" if preview_prompts and world.is_main else "skip")
     try:
         d2f = alignment_of(model, config.zero_terminal_snr)
     except ValueError as exc:
@@ -263,11 +273,34 @@ def cmd_train(args: argparse.Namespace) -> int:
         if state is not None:
             trainer.load_state_dict(state)
             print(f"resuming {files.name} at step {trainer.step} of {config.steps}", flush=True)
+        previewer = None
+        if preview_prompts and world.is_main:
+            previewer = training_previewer(model, clip, vae, checkpoint, config, preview_prompts, unet, device)
+            clip = None  # the text encoder is not needed any more: ComfyUI may free it
         with gradient_checkpointing(unet, config.gradient_checkpointing):
-            code = run_headless(trainer, files, metadata, world, resume_hint=hint, progress=not args.no_progress)
+            code = run_headless(trainer, files, metadata, world, resume_hint=hint, progress=not args.no_progress,
+                                previewer=previewer)
     distributed.barrier(world)
     distributed.finish(world, code)
     return code
+
+
+def training_previewer(model: Any, clip: Any, vae: Any, checkpoint: pathlib.Path, config: TrainConfig,
+                       prompts: list[str], unet: Any, device: Any) -> Any:
+    """The :class:`training.previews.Previewer` of a CLI run: ``prompts`` and the empty negative
+    encoded by the checkpoint's text encoder, decoded by its VAE (training/previews.py)."""
+    import torch
+
+    from d2f_host.conditioning import CheckpointEncoders, latent_decoder, text_cond_kwargs
+
+    from .previews import Previewer, PreviewSettings
+
+    settings = PreviewSettings.from_config(config)
+    probe = torch.zeros(model.model.latent_format.latent_channels, config.preview_height // 8, config.preview_width // 8)
+    texts = CheckpointEncoders(clip, vae, checkpoint).encode_text([*prompts, ""])  # the negative: the empty prompt
+    conds = [text_cond_kwargs(model, text, probe) for text in texts]
+    return Previewer(settings, conds[:-1], conds[-1], latent_decoder(model, vae, unet, device),
+                     model.model.latent_format.latent_channels)
 
 
 def training_data_from_cache(model: Any, cached: Any, checkpoint: pathlib.Path) -> Any:
@@ -498,16 +531,17 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     uncond = cond_of(sm.encoders.encode_text([args.negative])[0])
     sigmas = d2f_core.fm_sigmas(args.steps, sigma_max=sm.d2f.sigma_max, shift=args.shift, start=args.start)
-    sampler = d2f_core.get_sampler(args.sampler)
+    from .previews import preview_noise, sample_latent
+
     written = []
     with torch.inference_mode():
         for i, prompt in enumerate(tqdm(prompts, desc="sample", unit="prompt", disable=args.no_progress)):
             cond = cond_of(sm.encoders.encode_text([prompt])[0])
             for j in range(args.images_per_prompt):
                 seed = args.seed + i * args.images_per_prompt + j
-                noise = torch.randn((1, *latent_shape), generator=torch.Generator().manual_seed(seed))
-                x = (float(sigmas[0]) * noise).to(sm.device)  # the state at the grid's first sigma
-                latent = sampler(d2f_core.cfg_velocity(sm.velocity, cond, uncond, args.cfg), x, sigmas)
+                # the same path as the training previews (training/previews.py): x = sigmas[0] * noise of this seed
+                latent = sample_latent(sm.velocity, cond, uncond, args.cfg, args.sampler, sigmas,
+                                       preview_noise(seed, latent_shape).to(sm.device))
                 image = sm.vae.decode(sm.model.model.process_latent_out(latent.cpu().float()))[0]
                 parameters = (f"{prompt}\nsteps {args.steps}, cfg {args.cfg}, shift {args.shift}, seed {seed}, "
                               f"sampler FM {args.sampler}, lora {args.lora or '-'}")
@@ -543,6 +577,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--name", default=None, help="file name stem of the LoRA (default diff2flow_lora)")
     t.add_argument("--resume", default=None, help="a .d2fstate file to continue exactly (its options are used)")
     t.add_argument("--overwrite", action="store_true", help="replace the files of an earlier run with the same --name")
+    t.add_argument("--sample-prompts", default=None, help="a text file with one prompt per line: the prompts of the "
+                   "previews (--preview-every N; grids in OUTPUT/samples/step_XXXXXX.png, listed in metrics.jsonl)")
     add_config_flags(t)
     t.set_defaults(func=cmd_train)
 

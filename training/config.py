@@ -97,6 +97,17 @@ class TrainConfig:
                             "(0: keep all). The save the training state belongs to is never deleted.", min=0, max=1_000_000)
     save_raw: bool = option(False, "With EMA on, also save the raw (non-averaged) weights next to every LoRA as "
                             "<name>_raw.safetensors / <name>_<step>_raw.safetensors.")
+    preview_every: int = option(0, "Sample preview images with the model as it is (adapters applied; the EMA weights "
+                                "when EMA is on) at step 0 and every N steps (0: no previews). Previews use their own "
+                                "random generator: they never change the training.", min=0, max=1_000_000)
+    preview_seed: int = option(0, "Seed of the previews' noise: prompt i starts from the noise of seed + i (as "
+                               "`python -m training sample`).", min=0, max=0xFFFFFFFFFFFFFFFF)
+    preview_steps: int = option(0, "Sampler steps of a preview (0: the objective's recommended steps: 20; reflow 2).",
+                                min=0, max=1000)
+    preview_cfg: float = option(0.0, "Classifier-free guidance of a preview (0: the objective's recommended cfg: 5; "
+                                "reflow 1).", min=0.0, max=100.0, step=0.1)
+    preview_width: int = option(512, "Preview width in pixels (a multiple of 8).", min=64, max=8192, step=8)
+    preview_height: int = option(512, "Preview height in pixels (a multiple of 8).", min=64, max=8192, step=8)
 
     def __post_init__(self) -> None:
         self.validate()
@@ -111,7 +122,7 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("warmup_steps", "save_every", "keep_last", "seed"):
+        for name in ("warmup_steps", "save_every", "keep_last", "seed", "preview_every", "preview_seed", "preview_steps"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
         if not self.learning_rate > 0:
@@ -122,6 +133,12 @@ class TrainConfig:
             raise ValueError(f"caption_dropout must lie in [0, 1), got {self.caption_dropout}")
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must lie in [0, 1) (0: no EMA; 0.999 is typical), got {self.ema_decay}")
+        for name in ("preview_width", "preview_height"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 64 or value % 8:
+                raise ValueError(f"{name} must be a multiple of 8 and at least 64, got {value!r}")
+        if self.preview_cfg < 0:
+            raise ValueError(f"preview_cfg must be >= 0 (0: the objective's recommended cfg), got {self.preview_cfg}")
         if self.weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
         if not self.logit_std > 0:

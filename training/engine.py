@@ -18,7 +18,7 @@ import math
 import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -181,6 +181,33 @@ class Trainer:
         """ComfyUI-native LoRA tensors of :meth:`saved_adapters` (``raw``: of the trained adapters)."""
         return adapters_state_dict(self.adapters if raw else self.saved_adapters())
 
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """The mixed precision of ``config.dtype`` on the trainer's device (training and previews)."""
+        dtype = AUTOCAST_DTYPES.get(self.config.dtype)
+        return torch.autocast(self.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+    @contextlib.contextmanager
+    def sampling_weights(self) -> Iterator[None]:
+        """The network with :meth:`saved_adapters`' weights for the time of the block: with EMA on,
+        the EMA parameters are copied into the trained adapters (the ones the network uses) and the
+        raw ones copied back after, bit-exactly, whatever happens in the block; without EMA nothing
+        changes. Previews sample under it."""
+        if self.ema is None:
+            yield
+            return
+        weights = [p for adapter in self.adapters.values() for p in adapter.parameters()]
+        raw = [p.detach().clone() for p in weights]
+        try:
+            with torch.no_grad():
+                for adapter, averaged in zip(self.adapters.values(), self.ema.adapters.values()):
+                    for p, a in zip(adapter.parameters(), averaged.parameters()):
+                        p.copy_(a)
+            yield
+        finally:
+            with torch.no_grad():
+                for p, r in zip(weights, raw):
+                    p.copy_(r)
+
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         state = {
@@ -238,9 +265,7 @@ class Trainer:
         x0, noise, times = (t[shard].to(self.device) for t in (x0, noise, times))
         x0 = x0.float()
         cond = {k: v[shard].to(self.device) for k, v in cond.items()}
-        autocast = AUTOCAST_DTYPES.get(cfg.dtype)
-        amp = torch.autocast(self.device.type, dtype=autocast) if autocast is not None else contextlib.nullcontext()
-        with amp:
+        with self.autocast():
             out = self.objective.loss(self.network, self.d2f, x0, noise.float(), times, **cond)
         return out.loss.float()
 
@@ -309,12 +334,18 @@ class Trainer:
         on_step: Optional[Callable[[int, float, float], None]] = None,
         check_cancel: Optional[Callable[[], None]] = None,
         save: Optional[Callable[["Trainer"], None]] = None,
+        preview: Optional[Callable[["Trainer"], Any]] = None,
     ) -> TrainResult:
         """Train until ``config.steps``. ``on_step(step, loss, lr)`` reports progress,
         ``check_cancel()`` raises to stop (before each step), ``save(trainer)`` is called every
-        ``save_every`` steps. Exceptions propagate after the last completed save."""
+        ``save_every`` steps, ``preview(trainer)`` at step 0 (a run that starts there) and after
+        every ``preview_every`` steps (after the save of that step; training/previews.py).
+        Exceptions propagate after the last completed save."""
         start = time.perf_counter()
         first = self.step
+        previews = preview is not None and self.config.preview_every > 0
+        if previews and self.step == 0:
+            preview(self)
         while self.step < self.config.steps:
             if check_cancel is not None:
                 check_cancel()
@@ -323,4 +354,6 @@ class Trainer:
                 on_step(self.step, loss, self.scheduler.get_last_lr()[0])
             if save is not None and self.config.save_every and self.step % self.config.save_every == 0:
                 save(self)
+            if previews and self.step % self.config.preview_every == 0:
+                preview(self)
         return TrainResult(self.step - first, list(self.losses), time.perf_counter() - start)

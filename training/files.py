@@ -10,6 +10,7 @@
                                  periodic save of its step, which ``keep_last`` never deletes
     <name>.toml                  the run's options (``train --config`` reads it back; CLI)
     metrics.jsonl, loss.png      per-step metrics and the loss curve (CLI)
+    samples/step_<step>.png      the preview grid of a step (``preview_every``; CLI)
 
 Every write is atomic: the data goes to a temporary file in the same folder, is flushed to disk,
 then renamed over the final name. An interrupted or failed write (a full disk included) never
@@ -193,6 +194,15 @@ class RunFiles:
     @property
     def loss_png(self) -> pathlib.Path:
         return self.folder / "loss.png"
+
+    @property
+    def samples(self) -> pathlib.Path:
+        """The folder of the run's preview grids."""
+        return self.folder / "samples"
+
+    def sample_at(self, step: int) -> pathlib.Path:
+        """The preview grid of ``step`` (``preview_every``)."""
+        return self.samples / f"step_{step:06d}.png"
 
     def check_new_run(self, resuming: bool, overwrite: bool) -> None:
         """Refuse to overwrite another run's files (unless resuming it, or asked to)."""

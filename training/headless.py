@@ -3,7 +3,10 @@
 One run writes the files of :class:`training.files.RunFiles` into its output folder (rank 0 only):
 the LoRA (the EMA weights when EMA is on; the raw ones too with ``save_raw``), periodic saves (the
 last ``keep_last``), the training state, ``metrics.jsonl`` (one JSON line per step: step,
-loss, lr, seconds, it/s) and ``loss.png``.
+loss, lr, seconds, it/s) and ``loss.png``. With previews (``preview_every``, a
+:class:`training.previews.Previewer`) it writes each grid to ``samples/step_<step>.png`` and lists it
+in ``metrics.jsonl`` as its own line ``{"step", "sample": "samples/step_<step>.png",
+"sample_seconds"}``; the it/s of the next step does not count the preview's time.
 
 Ctrl-C or SIGTERM: the current step finishes, every process stops at the same step, the state and
 the LoRA are written atomically, and the run exits with 130 / 143 and the command that resumes
@@ -18,7 +21,7 @@ import signal
 import sys
 import threading
 import time
-from typing import Callable, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from d2f_core.lora_metadata import LoraMetadata
 
@@ -27,6 +30,7 @@ from .distributed import World
 from .engine import Trainer, TrainingError
 from .files import RunFiles, atomic_write, save_run_lora, save_training_state, write_periodic_save
 from .plots import save_loss_curve
+from .previews import save_grid_png
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
@@ -96,6 +100,7 @@ def run_headless(
     world: World = World(),
     resume_hint: str = "",
     progress: bool = True,
+    previewer: Optional[Callable[[Trainer], Any]] = None,
 ) -> int:
     """Train to ``trainer.config.steps`` writing ``files``; returns the process exit code
     (0 done, 130 / 143 interrupted and saved, 1 failed)."""
@@ -133,6 +138,17 @@ def run_headless(
             bar.update(1)
         last[0] = now
 
+    def preview(t: Trainer) -> None:
+        if not main or previewer is None:  # one process samples; the others go on to the next step's all-reduce
+            return
+        made = previewer(t)
+        path = files.sample_at(t.step)
+        save_grid_png(path, made.grid, f"step {t.step}: {previewer.settings.describe()}")
+        if metrics is not None:
+            metrics.write({"step": t.step, "sample": path.relative_to(files.folder).as_posix(),
+                           "sample_seconds": round(made.seconds, 4)})
+        last[0] = time.perf_counter()  # the next step's it/s is the step's own
+
     def check_stop() -> None:
         step_start_generator[0] = trainer.generator.get_state()
         if distributed.any_process(stops.received is not None, world):
@@ -142,7 +158,8 @@ def run_headless(
     try:
         with stops.installed():
             try:
-                trainer.run(on_step=on_step, check_cancel=check_stop, save=lambda t: write_files(final=False))
+                trainer.run(on_step=on_step, check_cancel=check_stop, save=lambda t: write_files(final=False),
+                            preview=preview if previewer is not None else None)
             except KeyboardInterrupt:
                 # the step in flight is abandoned: the trainer is as it was before it, except the generator
                 trainer.generator.set_state(step_start_generator[0])
