@@ -7,7 +7,8 @@ only through these modules; ``d2f_core`` (the math) and ``training`` (the engine
     bootstrap       find ComfyUI (COMFYUI_PATH or the custom_nodes folder) and import it headless
     model_sampling  classify a model's sampling, build its alignment, the Diff2Flow patch and the
                     naive-flow model sampling, apply an objective's flow model
-    checkpoints     load and check SD checkpoints, fingerprints, LoRA metadata of a run
+    checkpoints     load and check SD checkpoints, fingerprints, LoRA metadata of a run, a LoRA's
+                    recommended sampling attached to a MODEL
     conditioning    text / VAE encoding and UNet keyword arguments (``context``, SDXL's ``y``)
     unet            adapters as weight wrappers on a clone, gradient checkpointing, the raw UNet
                     as the engine's and the headless sampler's ``network``

@@ -5,6 +5,7 @@ import hashlib
 import logging
 import os
 import pathlib
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
@@ -20,7 +21,7 @@ from .bootstrap import HostError
 from .model_sampling import prediction_of, schedule_of
 
 __all__ = ["load_checkpoint", "apply_lora", "file_fingerprint", "base_model_hash", "schedule_name", "check_pairs_fit",
-           "lora_metadata_for"]
+           "lora_metadata_for", "RecommendedSampling", "attach_recommended_sampling", "recommended_sampling_of"]
 log = logging.getLogger("diff2flow")
 
 
@@ -127,3 +128,33 @@ def lora_metadata_for(model: Any, config: TrainConfig, d2f: Diff2Flow,
                   algorithm=config.algorithm, base_model_hash=base_model_hash(model), sampler=objective.sampler,
                   sampling_steps=objective.steps, sampling_cfg=objective.cfg, teacher_cfg=teacher_cfg)
     return lambda step: LoraMetadata(**fields, steps=step)
+
+
+# ------------------------------------------------------------ recommended sampling on a MODEL
+SAMPLING_ATTACHMENT = "diff2flow.recommended_sampling"  # ModelPatcher attachment key (copied by clone())
+
+
+@dataclass(frozen=True)
+class RecommendedSampling:
+    """The sampling settings a MODEL carries from the Diff2Flow LoRA it was loaded or trained with
+    (``source`` names that LoRA for logs and the sampler node's message)."""
+
+    sampler: str
+    steps: int
+    cfg: float
+    source: str
+
+
+def attach_recommended_sampling(model: Any, metadata: LoraMetadata, source: str) -> Any:
+    """Attach ``metadata``'s recommended sampler, steps and cfg to ``model`` (a ModelPatcher clone the
+    caller owns: ComfyUI's ``set_attachments``, which every later ``clone()`` keeps) and return it."""
+    sampler, steps, cfg = metadata.sampling_defaults()
+    model.set_attachments(SAMPLING_ATTACHMENT, RecommendedSampling(sampler, int(steps), float(cfg), source))
+    return model
+
+
+def recommended_sampling_of(model: Any) -> Optional[RecommendedSampling]:
+    """What :func:`attach_recommended_sampling` attached to ``model`` (``None`` for any other model)."""
+    get = getattr(model, "get_attachment", None)
+    value = get(SAMPLING_ATTACHMENT) if get is not None else None
+    return value if isinstance(value, RecommendedSampling) else None

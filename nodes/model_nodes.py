@@ -6,7 +6,7 @@ import logging
 import folder_paths
 from comfy_api.latest import io
 
-from d2f_host.checkpoints import apply_lora, load_checkpoint
+from d2f_host.checkpoints import apply_lora, attach_recommended_sampling, load_checkpoint
 from d2f_host.model_sampling import flow_model_for, patch_model
 
 CATEGORY = "Diff2Flow"
@@ -54,7 +54,8 @@ class Diff2FlowCheckpointLoader(io.ComfyNode):
             description=(
                 "Loads an SD checkpoint (and optionally a LoRA) and returns it as a flow-matching model. "
                 "A LoRA trained with this toolkit carries its settings (objective, prediction type, zero "
-                "terminal SNR) in its metadata, and the patch is configured from them."
+                "terminal SNR) in its metadata, and the patch is configured from them; its recommended steps and "
+                "cfg (a reflow LoRA: 2 steps, cfg 1) travel with the MODEL to Diff2Flow KSampler."
             ),
             inputs=[
                 io.Combo.Input("ckpt_name", options=folder_paths.get_filename_list("checkpoints"), tooltip="Checkpoint from models/checkpoints."),
@@ -69,7 +70,7 @@ class Diff2FlowCheckpointLoader(io.ComfyNode):
                 ),
             ],
             outputs=[
-                io.Model.Output(tooltip="The flow-matching model (with the LoRA)."),
+                io.Model.Output(tooltip="The flow-matching model (with the LoRA). With a Diff2Flow LoRA it carries the LoRA's recommended steps and cfg, which Diff2Flow KSampler uses (steps_cfg_from = lora)."),
                 io.Clip.Output(tooltip="The checkpoint's text encoder."),
                 io.Vae.Output(tooltip="The checkpoint's VAE."),
             ],
@@ -79,7 +80,7 @@ class Diff2FlowCheckpointLoader(io.ComfyNode):
     def execute(cls, ckpt_name: str, lora_name: str, lora_strength: float, zero_terminal_snr: bool) -> io.NodeOutput:
         ckpt_path = folder_paths.get_full_path_or_raise("checkpoints", ckpt_name)
         model, clip, vae = load_checkpoint(ckpt_path, "optional", embedding_directory=folder_paths.get_folder_paths("embeddings"))
-        objective = "diff2flow"
+        objective, metadata = "diff2flow", None
         if lora_name != NO_LORA:
             lora_path = folder_paths.get_full_path_or_raise("loras", lora_name)
             model, _, metadata = apply_lora(model, None, lora_path, lora_strength, 0.0, checkpoint=f"checkpoint '{ckpt_name}'")
@@ -87,7 +88,13 @@ class Diff2FlowCheckpointLoader(io.ComfyNode):
                 if metadata.zero_terminal_snr != zero_terminal_snr:
                     log.info("Diff2Flow: zero_terminal_snr=%s taken from the metadata of %s", metadata.zero_terminal_snr, lora_name)
                 zero_terminal_snr, objective = metadata.zero_terminal_snr, metadata.objective
-        return io.NodeOutput(flow_model_for(model, objective, zero_terminal_snr), clip, vae)
+        flow = flow_model_for(model, objective, zero_terminal_snr)  # a clone: the attachment stays on it
+        if metadata is not None:
+            attach_recommended_sampling(flow, metadata, f"LoRA '{lora_name}' (objective {objective})")
+            sampler, steps, cfg = metadata.sampling_defaults()
+            log.info("Diff2Flow: %s recommends %d steps at cfg %g; Diff2Flow KSampler uses them (steps_cfg_from = lora)",
+                     lora_name, steps, cfg)
+        return io.NodeOutput(flow, clip, vae)
 
 
 NODES = [Diff2FlowModelPatch, Diff2FlowCheckpointLoader]

@@ -5,6 +5,7 @@ every combo here and in the CLI.
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Callable, Optional
 
 import torch
@@ -17,9 +18,11 @@ from comfy_api.latest import io
 
 import d2f_core
 
+from d2f_host.checkpoints import recommended_sampling_of
 from d2f_host.model_sampling import flow_sigma_max, is_flow_model, patch_model
 
 CATEGORY = "Diff2Flow/sampling"
+log = logging.getLogger("diff2flow")
 
 STEPS_TOOLTIP = "Number of sampling steps (model evaluations for Euler; Heun uses about twice as many)."
 SAMPLER_TOOLTIP = "; ".join(s.description for s in d2f_core.SAMPLERS.values()) + "."
@@ -34,6 +37,30 @@ START_TOOLTIP = (
     "changes (closer to the data from 20 steps on in the exact test, worse at 4). No effect on flow or "
     "zero-terminal-SNR models or with denoise < 1."
 )
+
+
+STEPS_CFG_FROM = ("lora", "widgets")
+STEPS_CFG_FROM_TOOLTIP = (
+    "lora: when the model carries a Diff2Flow LoRA's recommended steps and cfg (Diff2Flow Checkpoint Loader or Train "
+    "Diff2Flow LoRA with a LoRA from this toolkit; a reflow LoRA: 2 steps, cfg 1), sample with those and ignore the "
+    "steps and cfg widgets; other models use the widgets. widgets: always the steps and cfg widgets."
+)
+
+OVERRIDDEN = " Not used when steps_cfg_from is 'lora' and the model carries a Diff2Flow LoRA's recommendation."
+
+
+def steps_and_cfg(model, steps: int, cfg: float, steps_cfg_from: str = "lora") -> tuple[int, float, str]:
+    """``(steps, cfg, message)``: the LoRA's recommendation the model carries when ``steps_cfg_from``
+    is ``"lora"`` and there is one, else the widgets' ``steps`` / ``cfg``; ``message`` says which."""
+    if steps_cfg_from not in STEPS_CFG_FROM:
+        raise ValueError(f"steps_cfg_from must be one of {', '.join(STEPS_CFG_FROM)}, got {steps_cfg_from!r}")
+    rec = recommended_sampling_of(model)
+    if rec is None:
+        return steps, cfg, f"{steps} steps, cfg {cfg:g} (widgets)"
+    if steps_cfg_from == "lora":
+        return rec.steps, rec.cfg, (f"{rec.steps} steps, cfg {rec.cfg:g}: recommended by {rec.source} "
+                                    f"(widgets {steps} / {cfg:g} ignored; steps_cfg_from = widgets to use them)")
+    return steps, cfg, f"{steps} steps, cfg {cfg:g} (widgets; {rec.source} recommends {rec.steps} steps, cfg {rec.cfg:g})"
 
 
 def flow_sigmas(model, steps: int, shift: float, denoise: float, start: str = "sigma_max") -> torch.Tensor:
@@ -99,7 +126,7 @@ class FMScheduler(io.ComfyNode):
                 io.Int.Input("steps", default=20, min=1, max=10000, tooltip=STEPS_TOOLTIP),
                 io.Float.Input("shift", default=1.0, min=0.01, max=100.0, step=0.01, tooltip=SHIFT_TOOLTIP),
                 io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01, tooltip=DENOISE_TOOLTIP),
-                io.Combo.Input("start", options=list(d2f_core.START_RULES), default="sigma_max", tooltip=START_TOOLTIP),
+                io.Combo.Input("start", options=list(d2f_core.START_RULES), default="sigma_max", optional=True, tooltip=START_TOOLTIP),
             ],
             outputs=[io.Sigmas.Output(tooltip="steps + 1 decreasing FM sigmas ending at 0.")],
         )
@@ -143,27 +170,35 @@ class Diff2FlowKSampler(io.ComfyNode):
             description=(
                 "KSampler for flow matching: converts an SD model with Diff2Flow if it is not converted yet, "
                 "then samples with FM Euler (or Heun) on the uniform FM sigma grid. The answer to 'how do I "
-                "sample after Diff2Flow training': this node, with the trained LoRA applied."
+                "sample after Diff2Flow training': this node, with the trained LoRA applied. A model from Diff2Flow "
+                "Checkpoint Loader with a Diff2Flow LoRA samples at the LoRA's recommended steps and cfg unless "
+                "steps_cfg_from is 'widgets'; the node shows the values it used."
             ),
             inputs=[
                 io.Model.Input("model", tooltip="An SD1.x / SD2.x / SDXL model (converted here if needed) or an already converted one."),
                 io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True, tooltip="Seed of the initial noise."),
-                io.Int.Input("steps", default=20, min=1, max=10000, tooltip=STEPS_TOOLTIP),
-                io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01, tooltip="Classifier-free guidance scale (1 = no guidance)."),
+                io.Int.Input("steps", default=20, min=1, max=10000, tooltip=STEPS_TOOLTIP + OVERRIDDEN),
+                io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01, tooltip="Classifier-free guidance scale (1 = no guidance)." + OVERRIDDEN),
                 io.Combo.Input("sampler", options=list(d2f_core.SAMPLERS), default="euler", tooltip=SAMPLER_TOOLTIP),
                 io.Float.Input("shift", default=1.0, min=0.01, max=100.0, step=0.01, tooltip=SHIFT_TOOLTIP),
                 io.Conditioning.Input("positive", tooltip="What the image should show."),
                 io.Conditioning.Input("negative", tooltip="What the image should not show (the unconditional branch of CFG)."),
                 io.Latent.Input("latent_image", tooltip="Empty latent for text-to-image, an encoded image for image-to-image."),
                 io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01, tooltip=DENOISE_TOOLTIP),
-                io.Combo.Input("start", options=list(d2f_core.START_RULES), default="sigma_max", tooltip=START_TOOLTIP),
+                io.Combo.Input("start", options=list(d2f_core.START_RULES), default="sigma_max", optional=True, tooltip=START_TOOLTIP),
+                # last, so the widget values of workflows saved before it keep their places; optional, so
+                # API-format prompts written before it still validate (they get the default)
+                io.Combo.Input("steps_cfg_from", options=list(STEPS_CFG_FROM), default="lora", optional=True,
+                               tooltip=STEPS_CFG_FROM_TOOLTIP),
             ],
             outputs=[io.Latent.Output(tooltip="The sampled latent.")],
         )
 
     @classmethod
     def execute(cls, model, seed, steps, cfg, sampler, shift, positive, negative, latent_image, denoise,
-                start: str = "sigma_max") -> io.NodeOutput:
+                start: str = "sigma_max", steps_cfg_from: str = "lora") -> io.NodeOutput:
+        steps, cfg, used = steps_and_cfg(model, steps, cfg, steps_cfg_from)
+        log.info("Diff2Flow KSampler: %s", used)
         flow_model = as_flow_model(model)
         sigmas = flow_sigmas(flow_model, steps, shift, denoise, start)
         latent = latent_image.copy()
@@ -175,7 +210,7 @@ class Diff2FlowKSampler(io.ComfyNode):
             noise_mask=latent.get("noise_mask"), callback=callback,
             disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed,
         )
-        return io.NodeOutput(latent)
+        return io.NodeOutput(latent, ui={"text": [f"{sampler}, {used}"]})
 
 
 NODES = [FMScheduler, FMSampler, Diff2FlowKSampler]

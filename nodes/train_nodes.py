@@ -22,7 +22,7 @@ from comfy_api.latest import io
 
 from d2f_core.lora import adapters_state_dict
 from d2f_core.lora_metadata import LoraMetadata
-from d2f_host.checkpoints import check_pairs_fit, lora_metadata_for
+from d2f_host.checkpoints import attach_recommended_sampling, check_pairs_fit, lora_metadata_for
 from d2f_host.conditioning import cond_kwargs, latent_decoder
 from d2f_host.model_sampling import alignment_of, flow_model_for
 from d2f_host.unet import attach_adapters, gradient_checkpointing, unet_network
@@ -130,9 +130,14 @@ def lora_result(adapters: dict, metadata: LoraMetadata) -> Diff2FlowLora:
 
 def trained_model(model, lora: dict, objective: str, zero_terminal_snr: bool):
     """The input model with the LoRA loaded as stock loaders do, as the flow model the objective
-    samples as (``Objective.flow_model``)."""
+    samples as (``Objective.flow_model``), carrying the LoRA's recommended sampling (as Diff2Flow
+    Checkpoint Loader's output does) when the LoRA has Diff2Flow metadata."""
     out, _ = comfy.sd.load_lora_for_models(model, None, lora, 1.0, 0.0)
-    return flow_model_for(out, objective, zero_terminal_snr)
+    flow = flow_model_for(out, objective, zero_terminal_snr)
+    metadata = getattr(lora, "metadata", None)
+    if metadata is not None:
+        attach_recommended_sampling(flow, metadata, f"the trained LoRA (objective {metadata.objective})")
+    return flow
 
 
 # the preview options (TrainConfig fields): their widgets come after the older ones (see define_schema)
@@ -287,7 +292,7 @@ class TrainDiff2FlowLora(io.ComfyNode):
                 *[config_input(spec) for spec in option_specs() if spec.name in PREVIEW_OPTIONS],
             ],
             outputs=[
-                io.Model.Output(tooltip="The model with the trained LoRA (EMA weights when ema_decay > 0), as the flow model its objective samples as (the Diff2Flow patch; naive-flow sampling for naive_fm)."),
+                io.Model.Output(tooltip="The model with the trained LoRA (EMA weights when ema_decay > 0), as the flow model its objective samples as (the Diff2Flow patch; naive-flow sampling for naive_fm), carrying the LoRA's recommended steps and cfg for Diff2Flow KSampler."),
                 LoraModel.Output(tooltip="The trained LoRA (ComfyUI-native keys; the EMA weights when ema_decay > 0): Save Diff2Flow LoRA, SaveLoRA or LoraModelLoader."),
                 LossMap.Output(tooltip="Loss per step, for Loss Graph."),
                 io.Int.Output(display_name="steps", tooltip="Steps trained in total."),

@@ -1,5 +1,6 @@
 """The front-end side of the pack, checked without ComfyUI: web/diff2flow.js (the live training
-progress on Train Diff2Flow LoRA) and the help pages in web/docs.
+progress on Train Diff2Flow LoRA), web/diff2flow_sampling.js (the steps and cfg Diff2Flow KSampler
+used) and the help pages in web/docs.
 
 The Python sources are read with ``ast``, never imported (they need ComfyUI). The JavaScript
 tests need ``node`` and are skipped with that reason without it.
@@ -19,6 +20,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 WEB = ROOT / "web"
 EXTENSION = WEB / "diff2flow.js"
 CHART = WEB / "loss_chart.js"
+SAMPLING_EXTENSION = WEB / "diff2flow_sampling.js"
 DOCS = WEB / "docs"
 PROGRESS = ROOT / "nodes" / "progress.py"  # PROGRESS_EVENT and HISTORY_ROUTE, what report_progress sends
 NODE = shutil.which("node")
@@ -188,6 +190,71 @@ def test_extension_draws_progress_on_the_training_node_against_a_mocked_frontend
     assert live["yLabels"] and live["xLabels"], live
     # the chart is as wide as the node (500) and above it
     assert live["box"][0] == 0 and live["box"][2] == 500 and live["box"][1] + live["box"][3] < 0, live["box"]
+
+
+# ---------------------------------------------------------------------------------------------
+# web/diff2flow_sampling.js
+
+SAMPLING_DRIVER = """
+import { app } from "./scripts/app.js";
+await import("./extensions/diff2flow/diff2flow_sampling.js");
+const [ext] = globalThis.__extensions;
+class KSamplerNode { onExecuted(output) { this.ownHandlerSaw = output; } }
+class OtherNode {}
+await ext.beforeRegisterNodeDef(KSamplerNode, { name: "D2F_KSampler" }, app);
+await ext.beforeRegisterNodeDef(OtherNode, { name: "KSampler" }, app);
+const texts = [];
+const ctx = new Proxy({}, {
+  get: (t, k) => (k in t ? t[k] : (...args) => { if (k === "fillText") texts.push(args[0]); }),
+  set: (t, k, v) => ((t[k] = v), true),
+});
+const node = Object.assign(new KSamplerNode(), { id: 5, size: [300, 260], flags: {} });
+node.onDrawForeground(ctx);            // before a run: draws nothing
+const before = texts.length;
+node.onExecuted(undefined);            // no output at all
+node.onExecuted({ images: [] });       // no text
+node.onDrawForeground(ctx);
+const afterEmpty = texts.length;
+node.onExecuted({ text: [USED] });
+node.onDrawForeground(ctx);
+node.onDrawForeground(null);           // no context: must not throw
+console.log(JSON.stringify({ name: ext.name, before, afterEmpty, texts, ownHandler: node.ownHandlerSaw?.text?.[0] ?? null,
+  otherPatched: OtherNode.prototype.onDrawForeground !== undefined || OtherNode.prototype.onExecuted !== undefined }));
+"""
+
+
+@needs_node
+def test_sampling_extension_parses_as_an_es_module() -> None:
+    result = subprocess.run([NODE, "--input-type=module", "--check"], input=SAMPLING_EXTENSION.read_text(),
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+@needs_node
+def test_sampling_extension_shows_the_steps_and_cfg_the_ksampler_used(tmp_path) -> None:
+    used = "euler, 2 steps, cfg 1: recommended by LoRA 'r.safetensors' (objective reflow)"
+    (tmp_path / "scripts").mkdir()
+    (tmp_path / "scripts" / "app.js").write_text(MOCK_APP)
+    ext_dir = tmp_path / "extensions" / "diff2flow"
+    ext_dir.mkdir(parents=True)
+    shutil.copy(SAMPLING_EXTENSION, ext_dir / "diff2flow_sampling.js")
+    (tmp_path / "driver.mjs").write_text(f"const USED = {json.dumps(used)};\n" + SAMPLING_DRIVER)
+    result = subprocess.run([NODE, str(tmp_path / "driver.mjs")], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["name"] == "diff2flow.sampling"
+    assert out["before"] == 0 and out["afterEmpty"] == 0, out["texts"]
+    assert out["texts"] == [used], out["texts"]
+    assert out["ownHandler"] == used, "the node's own onExecuted must still run"
+    assert not out["otherPatched"], "only D2F_KSampler nodes get the display"
+
+
+def test_sampling_extension_reads_the_text_the_ksampler_returns() -> None:
+    """The node returns ``ui={"text": [...]}`` (what the extension reads as ``output.text[0]``)."""
+    source = (ROOT / "nodes" / "sampling_nodes.py").read_text()
+    assert 'ui={"text": [' in source
+    assert "output.text[0]" in SAMPLING_EXTENSION.read_text()
+    assert 'NODE_TYPE = "D2F_KSampler"' in SAMPLING_EXTENSION.read_text()
 
 
 # ---------------------------------------------------------------------------------------------
