@@ -18,17 +18,10 @@ from safetensors.torch import load_file  # noqa: E402
 
 from d2f_core.lora import ALGORITHMS, factorization, make_adapter  # noqa: E402
 from d2f_core.lora_metadata import LoraMetadata  # noqa: E402
+from d2f_core.tests.helpers import NATIVE_KEYS  # noqa: E402
 from training import TrainConfig  # noqa: E402
 
 LATENT = (4, 8, 8)
-# the native tensor names each algorithm's file must hold for every adapted layer
-NATIVE_KEYS = {
-    "LoRA": {"lora_up.weight", "lora_down.weight", "alpha"},
-    "LoHa": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"},
-    "LoKr": {"lokr_w1", "lokr_w2"},
-    "OFT": {"oft_blocks", "alpha"},
-    "DoRA": {"lora_up.weight", "lora_down.weight", "alpha", "dora_scale"},
-}
 # what ComfyUI logs when a LoRA file does not load completely or a patch fails to apply
 LOAD_PROBLEMS = ("lora key not loaded", "NOT LOADED", "ERROR", "Calculate Weight Failed", "SHAPE MISMATCH",
                  "patch type not recognized")

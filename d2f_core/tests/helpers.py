@@ -59,3 +59,13 @@ def exactness_error(prediction: str, zsnr: bool, dtype: torch.dtype = torch.floa
     v = d2f.velocity_fn(lambda x_in, t: network(x_in, t).to(dtype))(x.to(dtype), sigma.to(dtype))
     v_exact = gmm.fm_velocity(x, sigma)
     return float(((v - v_exact).norm(dim=1) / v_exact.norm(dim=1)).max())
+
+
+# the native tensor names (ComfyUI 0.8.0 comfy/weight_adapter) each adapter algorithm saves per adapted layer
+NATIVE_KEYS = {
+    "LoRA": {"lora_up.weight", "lora_down.weight", "alpha"},
+    "LoHa": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"},
+    "LoKr": {"lokr_w1", "lokr_w2"},
+    "OFT": {"oft_blocks", "alpha"},
+    "DoRA": {"lora_up.weight", "lora_down.weight", "alpha", "dora_scale"},
+}

@@ -13,6 +13,7 @@ from d2f_core.lora import (
     make_adapter,
     select_target_modules,
 )
+from d2f_core.tests.helpers import NATIVE_KEYS
 
 
 def comfy_lora_delta(tensors: dict, key: str, shape) -> torch.Tensor:
@@ -63,13 +64,6 @@ def additive(delta):
 
 REFERENCES = {"LoRA": additive(comfy_lora_delta), "LoHa": additive(comfy_loha_delta), "LoKr": additive(comfy_lokr_delta),
               "OFT": comfy_oft_weight, "DoRA": comfy_dora_weight}
-NATIVE_KEYS = {
-    "LoRA": {"lora_up.weight", "lora_down.weight", "alpha"},
-    "LoHa": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "alpha"},
-    "LoKr": {"lokr_w1", "lokr_w2"},
-    "OFT": {"oft_blocks", "alpha"},
-    "DoRA": {"lora_up.weight", "lora_down.weight", "alpha", "dora_scale"},
-}
 
 
 def test_every_algorithm_has_a_reference() -> None:

@@ -66,3 +66,15 @@ def straight_and_resumed(config: TrainConfig, folder, at: int):
     assert resumed.step == at
     resumed.run()
     return straight, resumed
+
+
+def params(adapters: dict) -> dict[str, torch.Tensor]:
+    """Copies of every adapter parameter, by ``<module>.<parameter>``."""
+    return {f"{n}.{k}": p.detach().clone() for n, a in adapters.items() for k, p in a.named_parameters()}
+
+
+def assert_equal(a: dict, b: dict) -> None:
+    """Bit-identical tensors under the same keys."""
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

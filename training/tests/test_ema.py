@@ -13,19 +13,9 @@ from d2f_core.lora_metadata import LoraMetadata
 from training import TrainConfig, TrainingError
 from training.files import RunFiles
 from training.headless import run_headless
-from training.tests.helpers import make_run, straight_and_resumed
+from training.tests.helpers import assert_equal, make_run, params, straight_and_resumed
 
 BASE = dict(batch_size=2, learning_rate=1e-2, seed=3)
-
-
-def params(adapters: dict) -> dict[str, torch.Tensor]:
-    return {f"{n}.{k}": p.detach().clone() for n, a in adapters.items() for k, p in a.named_parameters()}
-
-
-def assert_equal(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
 
 
 @pytest.mark.parametrize("warmup", [True, False])

@@ -13,7 +13,7 @@ from training import TrainConfig
 from training.files import RunFiles, load_training_state, save_training_state
 from training.headless import run_headless
 from training.previews import Preview, Previewer, PreviewSettings, image_grid
-from training.tests.helpers import CondNet, make_run
+from training.tests.helpers import CondNet, assert_equal, make_run, params
 
 BASE = dict(batch_size=2, learning_rate=1e-2, seed=3, preview_width=64, preview_height=64, preview_steps=4,
             preview_cfg=2.0, preview_seed=11)
@@ -28,16 +28,6 @@ def decode(latents: torch.Tensor) -> torch.Tensor:
 
 def previewer(config: TrainConfig, **kw) -> Previewer:
     return Previewer(PreviewSettings.from_config(config), PROMPTS, UNCOND, decode, 4, **kw)
-
-
-def params(adapters: dict) -> dict[str, torch.Tensor]:
-    return {f"{n}.{k}": p.detach().clone() for n, a in adapters.items() for k, p in a.named_parameters()}
-
-
-def assert_equal(a: dict, b: dict) -> None:
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
 
 
 def reference_sample(net, d2f: d2f_core.Diff2Flow, prompt: dict, seed: int, steps: int, cfg: float) -> torch.Tensor:
