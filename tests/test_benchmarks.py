@@ -17,6 +17,7 @@ BENCHMARKS = ROOT / "benchmarks"
 
 # script -> (needs ComfyUI, a line its report must print)
 SCRIPTS = {
+    "ema.py": (False, "on - off (per seed)"),
     "exactness.py": (False, "max rel. error"),
     "paper_comparison.py": (False, "FD by sampler steps"),
     "reflow.py": (False, "FD by sampler steps (FM Euler, cfg 1)"),
