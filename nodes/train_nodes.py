@@ -208,10 +208,10 @@ def train_lora_with_previews(model, latents: list, positive: list, negative: Opt
         loaded = load_pairs(pairs)
         check_pairs_fit(model, loaded, pairs)
         data, teacher_cfg = loaded.training_data(), float(loaded.settings["cfg"])
-    elif latents and positive:
-        data = build_training_data(model, latents, positive, negative)
-    else:
+    elif latents is None or positive is None:  # not connected (an empty batch gets its own error below)
         raise ValueError("connect latents and positive (captioned training data), or pairs (from Diff2Flow Reflow Pairs)")
+    else:
+        data = build_training_data(model, latents, positive, negative)
     files = RunFiles.named(lora_folder(), output_name)
     metadata = lora_metadata_for(model, config, d2f, teacher_cfg=teacher_cfg)
     with torch.inference_mode(False), torch.enable_grad():
