@@ -31,11 +31,9 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # paper_compar
 
 import torch  # noqa: E402
 
-from demo import pipeline  # noqa: E402
 from demo.progress import Progress  # noqa: E402
 from demo.store import WEIGHTS_DIR  # noqa: E402
-from paper_comparison import Setup, evaluate  # noqa: E402
-from training import TrainConfig, Trainer  # noqa: E402
+from paper_comparison import Setup, run_one as paper_run  # noqa: E402
 from training.files import atomic_write, ensure_writable_folder  # noqa: E402
 
 OBJECTIVE = "diff2flow"
@@ -43,27 +41,13 @@ OBJECTIVE = "diff2flow"
 
 def run_one(setup: Setup, adapter: str, seed: int, ema_decay: float, checkpoints: list[int], sampler_steps: list[int],
             batch: int, lr: float, progress: Progress | None = None) -> dict[str, Any]:
-    """Fine-tune one copy of the base model (``adapter``: ``"full"`` or ``"lora<rank>"``) with
-    ``ema_decay``; FD at each checkpoint with the weights a saved LoRA would hold."""
-    kind, rank = ("full", 1) if adapter == "full" else ("lora", int(adapter[4:]))
-    net = pipeline.fresh_copy(setup.unet)
-    adapters = pipeline.attach_adapters(net, kind, rank=rank, targets="all", seed=seed)
-    config = TrainConfig(objective=OBJECTIVE, steps=checkpoints[-1], batch_size=batch, learning_rate=lr, rank=rank,
-                         alpha=float(rank), targets="all", seed=seed, caption_dropout=0.1, weight_decay=0.0,
-                         lr_schedule="constant", ema_decay=ema_decay)
-    trainer = Trainer(net, adapters, setup.d2f, config, setup.train_data)
-    results: dict[int, Any] = {}
-    start = time.perf_counter()
-
-    def on_step(step: int, loss: float, lr: float) -> None:
-        if progress is not None:
-            progress.update(1, f"{adapter} seed {seed} ema {ema_decay:g}")
-        if step in checkpoints:
-            with trainer.sampling_weights():
-                results[step] = evaluate(setup, OBJECTIVE, net, sampler_steps)["fd"]
-
-    trainer.run(on_step=on_step)
-    return {"adapter": adapter, "seed": seed, "ema_decay": ema_decay, "fd": results, "seconds": time.perf_counter() - start}
+    """paper_comparison's run (``diff2flow``, ``adapter``: ``"full"`` or ``"lora<rank>"``) with
+    ``ema_decay``, every checkpoint evaluated with every sampler step count; FD by checkpoint."""
+    kind = "full" if adapter == "full" else "lora"
+    run = paper_run(setup, OBJECTIVE, adapter, seed, checkpoints, sampler_steps, batch, {kind: lr}, progress,
+                    ema_decay=ema_decay, checkpoint_sampler_steps=sampler_steps)
+    return {"adapter": adapter, "seed": seed, "ema_decay": ema_decay, "seconds": run["seconds"],
+            "fd": {step: result["fd"] for step, result in run["checkpoints"].items()}}
 
 
 _WORKER: dict[str, Any] = {}

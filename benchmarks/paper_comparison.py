@@ -92,15 +92,18 @@ def evaluate(setup: Setup, objective: str, net: torch.nn.Module, sampler_steps: 
 
 # ------------------------------------------------------------------------------------ one run
 def run_one(setup: Setup, objective: str, adapter: str, seed: int, checkpoints: list[int], sampler_steps: list[int],
-            batch: int, lrs: dict[str, float], progress: Progress | None = None) -> dict[str, Any]:
-    """Fine-tune one copy of the base model; evaluate at each checkpoint (the last one with every
-    sampler step count). ``adapter`` is ``"full"`` or ``"lora<rank>"``."""
+            batch: int, lrs: dict[str, float], progress: Progress | None = None, ema_decay: float = 0.0,
+            checkpoint_sampler_steps: list[int] | None = None) -> dict[str, Any]:
+    """Fine-tune one copy of the base model; evaluate at each checkpoint with
+    ``checkpoint_sampler_steps`` (default: the 8-step sampler) and at the last one with every
+    sampler step count. ``adapter`` is ``"full"`` or ``"lora<rank>"``. With ``ema_decay`` the
+    evaluation uses the weights a saved LoRA holds (the EMA's, ``Trainer.sampling_weights``)."""
     kind, rank = ("full", 1) if adapter == "full" else ("lora", int(adapter[4:]))
     net = pipeline.fresh_copy(setup.unet)
     adapters = pipeline.attach_adapters(net, kind, rank=rank, targets="all", seed=seed)
     config = TrainConfig(objective=objective, steps=checkpoints[-1], batch_size=batch, learning_rate=lrs[kind],
                          rank=rank, alpha=float(rank), targets="all", seed=seed, caption_dropout=0.1,
-                         weight_decay=0.0, lr_schedule="constant")
+                         weight_decay=0.0, lr_schedule="constant", ema_decay=ema_decay)
     trainer = Trainer(net, adapters, setup.d2f, config, setup.train_data)
     results: dict[int, Any] = {}
     start = time.perf_counter()
@@ -109,8 +112,9 @@ def run_one(setup: Setup, objective: str, adapter: str, seed: int, checkpoints: 
         if progress is not None:
             progress.update(1, f"{objective} {adapter} seed {seed}")
         if step in checkpoints:
-            steps = sampler_steps if step == checkpoints[-1] else [CHECKPOINT_SAMPLER_STEPS]
-            results[step] = evaluate(setup, objective, net, steps)
+            steps = sampler_steps if step == checkpoints[-1] else (checkpoint_sampler_steps or [CHECKPOINT_SAMPLER_STEPS])
+            with trainer.sampling_weights():
+                results[step] = evaluate(setup, objective, net, steps)
 
     trainer.run(on_step=on_step)
     return {"objective": objective, "adapter": adapter, "seed": seed, "checkpoints": results,
