@@ -32,9 +32,8 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # paper_compar
 import torch  # noqa: E402
 
 from demo.progress import Progress  # noqa: E402
-from demo.store import WEIGHTS_DIR  # noqa: E402
-from paper_comparison import Setup, run_one as paper_run  # noqa: E402
-from training.files import atomic_write, ensure_writable_folder  # noqa: E402
+from paper_comparison import Setup, add_finetune_flags, check_finetune_flags, run_one as paper_run  # noqa: E402
+from training.files import atomic_write  # noqa: E402
 
 OBJECTIVE = "diff2flow"
 
@@ -91,12 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=None, help="seeds (default 3)")
     p.add_argument("--ema-decay", type=float, default=0.999, help="the EMA decay compared with none (default 0.999)")
     p.add_argument("--samples", type=int, default=None, help="FD samples (default 500)")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--lr-lora", type=float, default=1e-3)
-    p.add_argument("--lr-full", type=float, default=3e-4)
-    p.add_argument("--jobs", type=int, default=1, help="worker processes, one thread each (default 1)")
-    p.add_argument("--weights", type=pathlib.Path, default=WEIGHTS_DIR)
-    p.add_argument("--out", type=pathlib.Path, default=ROOT / "benchmarks" / "results")
+    add_finetune_flags(p)
     args = p.parse_args(argv)
     seeds = list(range(args.seeds if args.seeds is not None else (1 if args.quick else 3)))
     checkpoints = [20, 40] if args.quick else [500, 2000]
@@ -105,13 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     samples = args.samples or (100 if args.quick else 500)
     if not 0 < args.ema_decay < 1:
         p.error(f"--ema-decay must lie in (0, 1), got {args.ema_decay}")
-    for name, value, low in (("seeds", len(seeds), 1), ("samples", samples, 2), ("batch", args.batch, 1), ("jobs", args.jobs, 1)):
-        if value < low:
-            p.error(f"--{name} must be >= {low}, got {value}")
-    try:
-        ensure_writable_folder(args.out)
-    except OSError as exc:
-        p.error(f"--out {args.out} cannot be written: {exc}")
+    check_finetune_flags(p, args, ("seeds", len(seeds), 1), ("samples", samples, 2))
     torch.set_num_threads(1)
     start = time.perf_counter()
     lrs = {"lora": args.lr_lora, "full": args.lr_full}

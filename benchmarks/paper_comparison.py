@@ -292,6 +292,31 @@ def _int_list(name: str):
     return parse
 
 
+def add_finetune_flags(p: argparse.ArgumentParser, batch: int = 16, lr_lora: float = 1e-3, lr_full: float = 3e-4) -> None:
+    """The flags every toy fine-tuning benchmark shares (this one, reflow.py, ema.py)."""
+    p.add_argument("--batch", type=int, default=batch, help=f"training batch (default {batch})")
+    p.add_argument("--lr-lora", type=float, default=lr_lora, help=f"LoRA learning rate (default {lr_lora:g})")
+    p.add_argument("--lr-full", type=float, default=lr_full, help=f"full fine-tuning learning rate (default {lr_full:g})")
+    p.add_argument("--jobs", type=int, default=1, help="worker processes, one thread each (default 1)")
+    p.add_argument("--weights", type=pathlib.Path, default=WEIGHTS_DIR)
+    p.add_argument("--out", type=pathlib.Path, default=ROOT / "benchmarks" / "results")
+
+
+def check_finetune_flags(p: argparse.ArgumentParser, args: argparse.Namespace, *minimums: tuple[str, int, int]) -> None:
+    """Refuse, through ``p.error``, each ``(flag, value, lowest)`` of ``minimums`` below its lowest value,
+    ``--batch`` / ``--jobs`` below 1, learning rates that are not positive and an ``--out`` that cannot be written."""
+    for name, value, low in (*minimums, ("batch", args.batch, 1), ("jobs", args.jobs, 1)):
+        if value < low:
+            p.error(f"--{name} must be >= {low}, got {value}")
+    for name in ("lr_lora", "lr_full"):
+        if not getattr(args, name) > 0:
+            p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    try:
+        ensure_writable_folder(args.out)
+    except OSError as exc:
+        p.error(f"--out {args.out} cannot be written: {exc}")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="shrunken run: 1 seed, 20/50 steps, 1/4 sampler steps, 100 samples")
@@ -301,12 +326,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sampler-steps", type=_int_list("--sampler-steps"), default=None, help="default 1,2,4,8,50")
     p.add_argument("--ranks", type=_int_list("--ranks"), default=None, help="LoRA ranks (default 4,16)")
     p.add_argument("--samples", type=_int_list("--samples"), default=None, help="FD samples (default 500)")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--lr-lora", type=float, default=1e-3)
-    p.add_argument("--lr-full", type=float, default=3e-4)
-    p.add_argument("--jobs", type=int, default=1, help="worker processes, one thread each (default 1)")
-    p.add_argument("--weights", type=pathlib.Path, default=WEIGHTS_DIR)
-    p.add_argument("--out", type=pathlib.Path, default=ROOT / "benchmarks" / "results")
+    add_finetune_flags(p)
     args = p.parse_args(argv)
     quick = args.quick
     seeds = list(range(args.seeds[0] if args.seeds else (1 if quick else 3)))
@@ -316,18 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         sampler_steps = sorted(set(sampler_steps) | {CHECKPOINT_SAMPLER_STEPS})
     ranks = args.ranks or ([4] if quick else [4, 16])
     samples = args.samples[0] if args.samples else (100 if quick else 500)
-    if samples < 2:
-        p.error(f"--samples must be >= 2, got {samples}")
-    for name in ("batch", "jobs"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name} must be >= 1, got {getattr(args, name)}")
-    for name in ("lr_lora", "lr_full"):
-        if not getattr(args, name) > 0:
-            p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
-    try:
-        ensure_writable_folder(args.out)
-    except OSError as exc:
-        p.error(f"--out {args.out} cannot be written: {exc}")
+    check_finetune_flags(p, args, ("samples", samples, 2))
     torch.set_num_threads(1)
     start = time.perf_counter()
     adapters = [f"lora{r}" for r in ranks] + ["full"]

@@ -51,10 +51,13 @@ from demo import data as ddata  # noqa: E402
 from demo import pipeline  # noqa: E402
 from demo.classifier import predict  # noqa: E402
 from demo.progress import Progress  # noqa: E402
-from demo.store import WEIGHTS_DIR, load_classifier, load_unet  # noqa: E402
+from demo.store import load_classifier, load_unet  # noqa: E402
 from training import TrainConfig, Trainer  # noqa: E402
-from training.files import atomic_write, ensure_writable_folder  # noqa: E402
+from training.files import atomic_write  # noqa: E402
 from training.pairs import PairSettings, generate_pairs, load_pairs  # noqa: E402
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # the benchmarks' shared flags
+from paper_comparison import add_finetune_flags, check_finetune_flags  # noqa: E402
 
 CLASSES = ddata.PRETRAIN_CLASSES
 STUDENT_STEPS = (1, 2, 4, 8)
@@ -325,12 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--pair-steps", type=int, default=None, help="teacher ODE steps per pair (default 32)")
     p.add_argument("--train-steps", type=int, default=None, help="reflow training steps per student (default 3000)")
     p.add_argument("--samples", type=int, default=None, help="FD samples (default 500)")
-    p.add_argument("--batch", type=int, default=32, help="training batch (default 32)")
-    p.add_argument("--lr-lora", type=float, default=2e-3)
-    p.add_argument("--lr-full", type=float, default=3e-4)
-    p.add_argument("--jobs", type=int, default=1, help="worker processes for the students, one thread each (default 1)")
-    p.add_argument("--weights", type=pathlib.Path, default=WEIGHTS_DIR)
-    p.add_argument("--out", type=pathlib.Path, default=ROOT / "benchmarks" / "results")
+    add_finetune_flags(p, batch=32, lr_lora=2e-3)
     args = p.parse_args(argv)
     quick = args.quick
     seeds = list(range(args.seeds if args.seeds is not None else (1 if quick else 3)))
@@ -339,15 +337,8 @@ def main(argv: list[str] | None = None) -> int:
     train_steps = args.train_steps or (20 if quick else 3000)
     samples = args.samples or (100 if quick else 500)
     gen_batch, shard = (64, 128) if quick else (256, 1024)
-    for name, value, low in (("seeds", len(seeds), 1), ("pairs", count, shard), ("pair-steps", pair_steps, 1),
-                             ("train-steps", train_steps, 1), ("samples", samples, 2), ("batch", args.batch, 1),
-                             ("jobs", args.jobs, 1)):
-        if value < low:
-            p.error(f"--{name} must be >= {low}, got {value}")
-    try:
-        ensure_writable_folder(args.out)
-    except OSError as exc:
-        p.error(f"--out {args.out} cannot be written: {exc}")
+    check_finetune_flags(p, args, ("seeds", len(seeds), 1), ("pairs", count, shard), ("pair-steps", pair_steps, 1),
+                         ("train-steps", train_steps, 1), ("samples", samples, 2))
     torch.set_num_threads(1)
     start = time.perf_counter()
     setup = Setup(args.weights, samples)
