@@ -1,4 +1,4 @@
-"""Weight adapters (LoRA, LoHa, LoKr, OFT, DoRA) that train as weight wrappers.
+"""Weight adapters (LoRA, LoHa, LoKr, OFT, DoRA, Full) that train as weight wrappers.
 
 An adapter is a module called on a frozen base weight: ``adapter(W) = W'`` (``W + delta`` for the
 additive ones). The same module attaches to a ComfyUI model with ``ModelPatcher.add_weight_wrapper``
@@ -25,6 +25,8 @@ Its :meth:`~WeightAdapter.native_state_dict` uses ComfyUI's native keys, which s
   the norm of the base weight instead of ``V``, which is not DoRA, so it is never used (a layer with one
   output row is refused). ``m`` starts at ``||W|| + eps``, so ``W' = W`` exactly at the start
   (Liu et al. 2024).
+- Full: ``<key>.diff`` shaped like the weight; ``W' = W + diff`` (full fine-tuning of the layer, saved as
+  the difference from the base, ComfyUI's ``diff`` patch; ``rank`` and ``alpha`` are unused).
 
 Every adapter starts exactly at the base model (zero delta, identity rotation, magnitude = norms).
 
@@ -55,6 +57,7 @@ __all__ = [
     "LoKrAdapter",
     "OFTAdapter",
     "DoRAAdapter",
+    "FullAdapter",
     "factorization",
     "make_adapter",
     "select_target_modules",
@@ -292,9 +295,30 @@ class DoRAAdapter(LoRAAdapter):
         return [*super()._native_items(key), (f"{key}.dora_scale", self.magnitude)]
 
 
+class FullAdapter(WeightAdapter):
+    """``delta`` is a full tensor shaped like the weight, starting at zero: the layer is fine-tuned
+    entirely (``rank`` and ``alpha`` are ignored). Saved as ``<key>.diff``, which stock loaders add to
+    the weight; a widened layer (an image-conditioned model's first convolution) has a delta of the
+    widened shape, so it loads only onto a model widened the same way (d2f_host.depth)."""
+
+    description = "every weight of the layer trained (full fine-tuning, saved as the difference from the base; rank and alpha unused)"
+    saves_alpha = False
+
+    def __init__(self, weight_shape: Iterable[int], rank: int, alpha: float, generator: Optional[torch.Generator] = None) -> None:
+        super().__init__(weight_shape, rank, alpha)
+        self.diff = nn.Parameter(torch.zeros(self.weight_shape))
+
+    def delta(self) -> torch.Tensor:
+        return self.diff
+
+    def _native_items(self, key: str) -> list[tuple[str, torch.Tensor]]:
+        return [(f"{key}.diff", self.diff)]
+
+
 # name -> adapter class; TrainConfig.algorithm's choices (node combo, CLI flag) come from here
 ALGORITHMS: dict[str, type[WeightAdapter]] = {
     "LoRA": LoRAAdapter, "LoHa": LoHaAdapter, "LoKr": LoKrAdapter, "OFT": OFTAdapter, "DoRA": DoRAAdapter,
+    "Full": FullAdapter,
 }
 
 

@@ -19,10 +19,17 @@ from typing import Mapping, NamedTuple, Optional
 from .alignment import normalize_prediction
 from .objectives import OBJECTIVES, get_objective
 
-__all__ = ["FORMAT_VERSION", "PREFIX", "LoraMetadata", "SamplingDefaults", "read_lora_metadata"]
+__all__ = ["FORMAT_VERSION", "PREFIX", "TASKS", "DEPTH_NORMALIZATION", "LoraMetadata", "SamplingDefaults",
+           "read_lora_metadata"]
 
 FORMAT_VERSION = 1
 PREFIX = "diff2flow."
+# what a model made with the file does: "image" (text-to-image, any LoRA) or "depth" (an image-to-depth model:
+# the base widened to take the image latent, d2f_host.depth, and this file's adapters on top)
+TASKS = ("image", "depth")
+# how a depth model's targets were normalised (d2f_core.depth.normalize_depth): per image, the 2 % / 98 %
+# quantiles of the depth to -1 / 1, so its output is depth up to an unknown scale and shift
+DEPTH_NORMALIZATION = "affine_q02_q98"
 
 
 class SamplingDefaults(NamedTuple):
@@ -40,7 +47,8 @@ class LoraMetadata:
 
     ``sampler`` / ``sampling_steps`` / ``sampling_cfg`` are the recommended sampling settings (the
     objective's registry defaults when the LoRA was trained); ``teacher_cfg`` is the guidance scale
-    a ``reflow`` LoRA's training pairs were generated with (the student has it built in).
+    a ``reflow`` LoRA's training pairs were generated with (the student has it built in). ``task``
+    is one of :data:`TASKS`; a depth model records its targets' ``normalization``.
     """
 
     objective: str
@@ -56,6 +64,8 @@ class LoraMetadata:
     sampling_steps: Optional[int] = None
     sampling_cfg: Optional[float] = None
     teacher_cfg: Optional[float] = None
+    task: str = "image"
+    normalization: Optional[str] = None
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -64,6 +74,8 @@ class LoraMetadata:
         object.__setattr__(self, "prediction", normalize_prediction(self.prediction))
         if self.zero_terminal_snr and self.prediction == "eps":
             raise ValueError("zero terminal SNR is only valid for v-prediction (this metadata says eps)")
+        if self.task not in TASKS:
+            raise ValueError(f"task {self.task!r} is unknown: expected one of {', '.join(TASKS)} (update the Diff2Flow toolkit?)")
         if self.sampling_steps is not None and self.sampling_steps < 1:
             raise ValueError(f"sampling_steps must be >= 1, got {self.sampling_steps}")
 

@@ -13,6 +13,8 @@ import comfy.model_management
 from d2f_core.lora import WeightAdapter, make_adapter, select_target_modules
 from training.config import TrainConfig
 
+from .depth import INPUT_CONV, input_conv, is_image_conditioned
+
 __all__ = ["trainable_copies_of_inference_tensors", "gradient_checkpointing", "attach_adapters", "unet_network",
            "inference_network"]
 
@@ -73,14 +75,21 @@ def attach_adapters(model: Any, config: TrainConfig) -> tuple[Any, torch.nn.Modu
     """A clone of ``model`` with fresh ``config`` adapters as weight wrappers (the shared UNet
     weights are never modified), loaded on the compute device and ready for autograd.
 
-    Returns (clone, its UNet, adapters by module name, device). Call under
+    An image-conditioned model's widened first convolution (``d2f_host.depth``) gets a ``Full``
+    adapter of its widened shape. Returns (clone, its UNet, adapters by module name, device). Call under
     ``torch.inference_mode(False)`` and ``torch.enable_grad()``.
     """
     clone = model.clone()
     unet = clone.model.diffusion_model
     modules = select_target_modules(unet, config.targets)
+    widened = is_image_conditioned(clone)
+    if widened:
+        # the widened first convolution (an object patch) is trained in full whatever the targets: its
+        # image half starts as a copy of the prior's weights and must learn what the image means
+        modules[INPUT_CONV] = input_conv(clone)
     gen = torch.Generator().manual_seed(config.seed)
-    adapters = {n: make_adapter(config.algorithm, m.weight.shape, config.rank, config.alpha, gen, weight=m.weight)
+    adapters = {n: make_adapter("Full" if widened and n == INPUT_CONV else config.algorithm, m.weight.shape, config.rank,
+                                config.alpha, gen, weight=m.weight)
                 for n, m in modules.items()}
     for n, adapter in adapters.items():
         clone.add_weight_wrapper(f"diffusion_model.{n}.weight", adapter)

@@ -68,4 +68,5 @@ NATIVE_KEYS = {
     "LoKr": {"lokr_w1", "lokr_w2"},
     "OFT": {"oft_blocks", "alpha"},
     "DoRA": {"lora_up.weight", "lora_down.weight", "alpha", "dora_scale"},
+    "Full": {"diff"},
 }

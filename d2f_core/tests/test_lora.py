@@ -62,8 +62,13 @@ def additive(delta):
     return lambda tensors, key, weight: weight + delta(tensors, key, weight.shape)
 
 
+def comfy_full_delta(tensors: dict, key: str, shape) -> torch.Tensor:
+    """ComfyUI's ``diff`` patch: the tensor is added to the weight as it is."""
+    return tensors[f"{key}.diff"].reshape(shape)
+
+
 REFERENCES = {"LoRA": additive(comfy_lora_delta), "LoHa": additive(comfy_loha_delta), "LoKr": additive(comfy_lokr_delta),
-              "OFT": comfy_oft_weight, "DoRA": comfy_dora_weight}
+              "OFT": comfy_oft_weight, "DoRA": comfy_dora_weight, "Full": additive(comfy_full_delta)}
 
 
 def test_every_algorithm_has_a_reference() -> None:

@@ -64,3 +64,17 @@ def test_files_without_the_sampling_fields_still_parse_and_sample_by_their_objec
 def test_bad_sampling_fields_are_named(change: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         LoraMetadata.from_header({**LoraMetadata("reflow", "eps", False).to_header(), **change})
+
+
+def test_depth_task_round_trips_and_older_files_are_image_models() -> None:
+    from d2f_core.lora_metadata import DEPTH_NORMALIZATION
+
+    meta = LoraMetadata("diff2flow", "v", False, algorithm="Full", task="depth", normalization=DEPTH_NORMALIZATION,
+                        sampling_steps=2)
+    header = meta.to_header()
+    assert header["diff2flow.task"] == "depth" and header["diff2flow.normalization"] == DEPTH_NORMALIZATION
+    assert LoraMetadata.from_header(header) == meta
+    older = {k: v for k, v in header.items() if k not in ("diff2flow.task", "diff2flow.normalization")}
+    assert LoraMetadata.from_header(older).task == "image"
+    with pytest.raises(ValueError, match="task 'segmentation' is unknown"):
+        LoraMetadata.from_header({**header, "diff2flow.task": "segmentation"})
