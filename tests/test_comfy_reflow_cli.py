@@ -123,3 +123,36 @@ def test_a_checkpoint_that_is_no_sd_model_is_refused(tmp_path, prompts, capsys) 
                  *SIZE, "--output", str(tmp_path / "p"), "--no-progress"]) == 2
     assert "could not be loaded as an SD model" in capsys.readouterr().err
     assert not (tmp_path / "p").exists()  # nothing was written
+
+
+@pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="torch.distributed with gloo is not available")
+def test_torchrun_two_processes_generate_the_same_pairs_as_one(tiny_sd15_file, prompts, tmp_path) -> None:
+    """`torchrun ... -m training pairs` splits the shards between the ranks; every pair is bit-identical to
+    the one-process run's (per-index noise; each rank runs the same batch shapes)."""
+    import os
+    import subprocess
+    import sys
+
+    from comfy_harness import COMFYUI, ROOT
+
+    env = {**os.environ, "COMFYUI_PATH": str(COMFYUI), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    args = ["pairs", "--checkpoint", str(tiny_sd15_file), "--prompts", str(prompts), "--count", "4", "--steps", "2",
+            "--cfg", "2", *SIZE, "--batch-size", "2", "--shard-size", "2", "--no-progress"]
+    one = subprocess.run([sys.executable, "-m", "training", *args, "--output", str(tmp_path / "one")], env=env,
+                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+                          "training", *args, "--output", str(tmp_path / "two")], env=env, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    shards_one, shards_two = pair_shards(tmp_path / "one"), pair_shards(tmp_path / "two")
+    assert [(a, b) for a, b, _ in shards_two] == [(a, b) for a, b, _ in shards_one] == [(0, 2), (2, 4)]
+    for (_, _, p1), (_, _, p2) in zip(shards_one, shards_two):
+        t1, t2 = load_file(str(p1)), load_file(str(p2))
+        assert sorted(t1) == sorted(t2)
+        for key in t1:
+            assert torch.equal(t1[key], t2[key]), f"{p2.name}: {key} differs between 1 and 2 processes"
+    m1 = json.loads((tmp_path / "one" / "manifest.json").read_text())
+    m2 = json.loads((tmp_path / "two" / "manifest.json").read_text())
+    assert m1["count"] == m2["count"] == 4 and m1["settings"] == m2["settings"]
