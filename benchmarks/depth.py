@@ -359,7 +359,13 @@ def summarise(report: dict[str, Any]) -> str:
     for t in report["targets"]:
         mode = "single" if t["mode"] == "single" else f"ensemble ×{MEMBERS}"
         lines.append(f"| {t['adapter']} | {mode} | {t['target']} | {t['ours']} | {t['bound']} | {'yes' if t['met'] else 'no'} |")
-    lines += ["", "## Training cost", "", "| method | adapter | s / step | s / run | final loss (last 100) | eval s |",
+    lines += [""]
+    for name in dict.fromkeys(t["target"] for t in report["targets"]):
+        cases = [t for t in report["targets"] if t["target"] == name]
+        met = [f"{t['adapter']} {t['mode']}" for t in cases if t["met"]]
+        verdict = "**met**" if len(met) == len(cases) else "**not met**" if not met else f"**met in {len(met)} of {len(cases)} cases** ({', '.join(met)})"
+        lines.append(f"- {name}: {verdict}.")
+    lines += ["", "## Training cost", "", "| method | adapter | s / step | s / run | final loss, own objective (last 100) | eval s |",
               "|---|---|---|---|---|---|"]
     for method, adapter in rows + [("regression", "full")]:
         rs = _pick(report, method, adapter)
