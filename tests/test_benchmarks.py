@@ -17,6 +17,7 @@ BENCHMARKS = ROOT / "benchmarks"
 
 # script -> (needs ComfyUI, a line its report must print)
 SCRIPTS = {
+    "depth.py": (False, "AbsRel (lower is better) by sampler steps"),
     "ema.py": (False, "on - off (per seed)"),
     "exactness.py": (False, "max rel. error"),
     "paper_comparison.py": (False, "FD by sampler steps"),
@@ -38,7 +39,7 @@ def test_benchmark_quick_mode_runs(script: str, tmp_path: pathlib.Path) -> None:
     if needs_comfyui and COMFYUI is None:
         pytest.skip(COMFYUI_IMPORT_ERROR or SKIP_REASON)
     args = [sys.executable, str(BENCHMARKS / script), "--quick"]
-    if script in ("paper_comparison.py", "reflow.py"):
+    if script in ("depth.py", "paper_comparison.py", "reflow.py"):
         args += ["--out", str(tmp_path / "results"), "--jobs", "1"]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     if COMFYUI is not None:

