@@ -265,6 +265,12 @@ def test_depth_file_loads_back_with_equal_outputs(comfy_nodes, tmp_path, caplog,
     assert not torch.allclose(untrained, expected, atol=1e-3), "the adapters changed nothing"
     got = unet_output(loaded, x, sigma, context, c_concat=image)
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+    # strength scales the file's weights: 0 is the widened base model, 0.5 lies between
+    off, _ = load_depth_model(base, path, strength=0.0)
+    torch.testing.assert_close(unet_output(off, x, sigma, context, c_concat=image), untrained, rtol=1e-4, atol=1e-5)
+    half, _ = load_depth_model(base, path, strength=0.5)
+    halfway = unet_output(half, x, sigma, context, c_concat=image)
+    assert not torch.allclose(halfway, expected, atol=1e-4) and not torch.allclose(halfway, untrained, atol=1e-4)
     # the full sampling path: the loaded model through ComfyUI's sampler equals the adapters as weight wrappers
     positive = [[context, {"concat_latent_image": image}]]
     noise = torch.randn(1, *LATENT, generator=gen)
@@ -314,6 +320,17 @@ def test_depth_files_that_do_not_fit_are_refused_before_loading(comfy_nodes, tmp
         load_depth_model(eps_same_shape, good)
     with pytest.raises(HostError, match="does not exist"):
         load_depth_model(base, tmp_path / "missing.safetensors")
+    # a tensor for a layer this model does not have (a deeper UNet of the family): ComfyUI's loader would skip it
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    extra = load_file(str(good))
+    extra["diffusion_model.output_blocks.9.1.proj_in.lora_up.weight"] = torch.zeros(64, 4)
+    with safe_open(str(good), framework="pt") as f:
+        header = f.metadata()
+    save_file(extra, str(tmp_path / "extra.safetensors"), metadata=header)
+    with pytest.raises(HostError, match="fit no layer of this MODEL .*output_blocks.9.1.proj_in"):
+        load_depth_model(base, tmp_path / "extra.safetensors")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -553,6 +570,9 @@ def test_marigold_diffusers_file_samples_as_a_flow_model(marigold, comfy_nodes) 
         image_latent = model.model.process_latent_in(image_raw)
         expected = model.model.process_latent_out(marigold_reference_sample(unet, sampling, image_latent, context, noise, steps))
         torch.testing.assert_close(got, expected.float(), rtol=1e-4, atol=1e-4)
+    # zero terminal SNR starts the grid at sigma 1 (pure noise); off (Marigold's training) at SD2's 0.936
+    assert float(model.get_model_object("model_sampling").sigma_max) < 0.94
+    assert float(load_marigold_file(diffusers, zero_terminal_snr=True).get_model_object("model_sampling").sigma_max) == pytest.approx(1.0)
     # the same UNet with ComfyUI / LDM keys loads to the same model
     other = load_marigold_file(ldm)
     torch.testing.assert_close(input_conv(other).weight, input_conv(model).weight)
@@ -654,6 +674,17 @@ def test_headless_depth_command_writes_grey_colour_and_raw(tiny_sd15_file, fp32_
     color = np.asarray(Image.open(out / "room_depth_color.png").convert("RGB")).astype(np.float32) / 255
     np.testing.assert_allclose(color, apply_colormap(torch.from_numpy(raw), "turbo").numpy(), atol=1 / 255 + 1e-6)
     assert "2 steps" in capsys.readouterr().out  # the file's recommended steps
+    # the files hold what the estimate gives with these settings (steps from the file, ensemble 2, long side 64)
+    from d2f_host.depth_estimate import empty_prompt, load_depth_pipeline
+    from training.depth_files import load_image
+
+    model, clip, vae, _ = load_depth_pipeline(tiny_sd15_file, depth_model=depth_file)
+    image = load_image(folder / "room.png")
+    with torch.inference_mode():
+        expected = estimate_depth(model, vae, empty_prompt(clip), image, DepthSettings(2, 2, 64, 0))[0].numpy()
+        single = estimate_depth(model, vae, empty_prompt(clip), image, DepthSettings(2, 1, 64, 0))[0].numpy()
+    np.testing.assert_allclose(raw, expected, atol=1e-5)
+    assert np.abs(single - expected).max() > 1e-4  # the ensemble flag matters
     # bad inputs fail before any model is loaded
     assert main(["depth", "--checkpoint", str(tiny_sd15_file), "--depth-model", str(depth_file), "--images",
                  str(tmp_path / "nothing"), "--output", str(out)]) == 2
