@@ -24,6 +24,7 @@ Time convention after step 5: FM sigma in [0, 1], sigma = 1 is noise.
 """
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
 from typing import Any, Mapping, Optional
@@ -47,6 +48,7 @@ MARIGOLD_STEPS = 4  # recommended FM Euler steps of a converted model (the issue
 SD2_HEAD_CHANNELS = 64  # SD2's attention head width (not stored in the weights; ComfyUI's SD20 config says 64)
 LDM_CONV = f"{INPUT_CONV}.weight"
 LDM_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
+log = logging.getLogger("diff2flow")
 
 
 def _count(sd: Mapping[str, Any], pattern: str) -> int:
@@ -110,10 +112,9 @@ def marigold_unet_state_dict(sd: Mapping[str, torch.Tensor], name: str = "the fi
         config = diffusers_unet_config(sd)
         names = comfy.utils.unet_to_diffusers(config)
         unknown = sorted(k for k in sd if k not in names)
-        if unknown:
-            raise HostError(f"{name}: {len(unknown)} tensors of this diffusers UNet have no place in an SD UNet "
-                            f"(e.g. {unknown[:3]}): not a Marigold-layout (SD2) UNet")
-        return {names[k]: v for k, v in sd.items()}
+        if unknown:  # ComfyUI's own diffusers loading skips them too; a missing weight is caught in load_marigold
+            log.warning("%s: %d tensors have no place in an SD UNet and are ignored (e.g. %s)", name, len(unknown), unknown[:3])
+        return {names[k]: v for k, v in sd.items() if k in names}
     for prefix in LDM_PREFIXES:
         if any(k.startswith(prefix) for k in sd):
             sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
@@ -151,10 +152,19 @@ def load_marigold(sd: Mapping[str, torch.Tensor], name: str = "the file", zero_t
     unet = marigold_unet_state_dict(sd, name)
     four, weight = split_marigold_input_conv(unet, name)
     bias = four.get(f"{INPUT_CONV}.bias")
-    model = comfy.sd.load_diffusion_model_state_dict(four, model_options={"dtype": dtype} if dtype is not None else {})
+    given = set(four)  # ComfyUI's loader pops the tensors it loads
+    try:
+        model = comfy.sd.load_diffusion_model_state_dict(four, model_options={"dtype": dtype} if dtype is not None else {})
+    except (KeyError, RuntimeError, ValueError) as exc:  # ComfyUI's detection reads fixed keys of an SD UNet
+        raise HostError(f"{name}: ComfyUI could not build an SD UNet from it ({type(exc).__name__}: {exc}): the file is "
+                        "incomplete or not a Marigold-layout UNet") from exc
     if model is None:
         raise HostError(f"{name}: ComfyUI does not recognise this UNet (once cut to 4 input channels) as an SD model: "
                         "a Marigold-layout checkpoint is an SD2 UNet with 8 input channels")
+    missing = sorted(set(model.model.diffusion_model.state_dict()) - given)
+    if missing:  # ComfyUI would leave them uninitialised with only a log line
+        raise HostError(f"{name}: {len(missing)} weights of the SD UNet it describes are missing (e.g. {missing[:3]}): "
+                        "the file is incomplete or not a Marigold-layout UNet")
     if model.model.model_config.unet_config.get("adm_in_channels") is not None:
         raise HostError(f"{name}: this UNet takes an extra embedding (SDXL / unCLIP); a Marigold-layout model is SD2")
     model_type = comfy.model_base.ModelType.V_PREDICTION if prediction == "v" else comfy.model_base.ModelType.EPS

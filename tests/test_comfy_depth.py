@@ -603,7 +603,7 @@ def test_marigold_config_reading_matches_comfyuis_detection_at_full_sd2_size(com
     assert ours["in_channels"] == 8
 
 
-def test_marigold_files_that_do_not_fit_are_refused(marigold, comfy_nodes, tmp_path) -> None:
+def test_marigold_files_that_do_not_fit_are_refused(marigold, comfy_nodes, tmp_path, caplog) -> None:
     unet, diffusers, _, _ = marigold
     from safetensors.torch import load_file
 
@@ -615,8 +615,16 @@ def test_marigold_files_that_do_not_fit_are_refused(marigold, comfy_nodes, tmp_p
         load_marigold({"first_stage_model.decoder.conv_in.weight": torch.zeros(1)}, "vae.safetensors")
     with pytest.raises(HostError, match="class / added embeddings"):
         load_marigold(dict(sd, **{"add_embedding.linear_1.weight": torch.zeros(4, 4)}), "sdxl.safetensors")
-    with pytest.raises(HostError, match="have no place in an SD UNet"):
-        load_marigold(dict(sd, **{"controlnet_cond_embedding.conv_in.weight": torch.zeros(4, 4)}), "cn.safetensors")
+    incomplete = {k: v for k, v in sd.items() if k != "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"}
+    with pytest.raises(HostError, match="weights of the SD UNet it describes are missing .*attn1.to_q"):
+        load_marigold(incomplete, "incomplete.safetensors")
+    no_context = {k: v for k, v in sd.items() if k != "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"}
+    with pytest.raises(HostError, match="ComfyUI could not build an SD UNet from it .*KeyError"):
+        load_marigold(no_context, "incomplete.safetensors")
+    # a tensor that has no place in an SD UNet is skipped with a warning, as ComfyUI's diffusers loading does
+    with caplog.at_level(logging.WARNING, logger="diff2flow"):
+        model = load_marigold(dict(sd, **{"extra_buffer.weight": torch.zeros(4, 4)}), "extra.safetensors")
+    assert "extra_buffer.weight" in caplog.text and is_image_conditioned(model)
     with pytest.raises(HostError, match="does not exist"):
         load_marigold_file(tmp_path / "missing.safetensors")
 
