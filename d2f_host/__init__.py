@@ -12,6 +12,11 @@ only through these modules; ``d2f_core`` (the math) and ``training`` (the engine
     conditioning    text / VAE encoding and UNet keyword arguments (``context``, SDXL's ``y``)
     unet            adapters as weight wrappers on a clone, gradient checkpointing, the raw UNet
                     as the engine's and the headless sampler's ``network``
+    sampling        the FM sigma grid and the FM samplers as ComfyUI SAMPLERs
+    depth           depth models: the widened first convolution and the concat conditioning as
+                    object patches, depth files (checked, loaded with ComfyUI's LoRA loader)
+    marigold        Marigold-layout UNets converted zero-shot (ComfyUI's loader, v-prediction, widened)
+    depth_estimate  image -> depth through ComfyUI's sampling (ensemble, resolution, progress, cancel)
 
 Only :mod:`d2f_host.bootstrap` may be imported before ComfyUI is importable; the other modules
 import ComfyUI at the top and are imported after :func:`~d2f_host.bootstrap.bootstrap_comfyui`

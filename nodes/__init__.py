@@ -8,12 +8,13 @@ from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io
 
+from .depth_nodes import NODES as DEPTH_NODES
 from .model_nodes import NODES as MODEL_NODES
 from .reflow_nodes import NODES as REFLOW_NODES
 from .sampling_nodes import NODES as SAMPLING_NODES
 from .train_nodes import NODES as TRAIN_NODES
 
-NODES: list[type[io.ComfyNode]] = [*MODEL_NODES, *SAMPLING_NODES, *TRAIN_NODES, *REFLOW_NODES]
+NODES: list[type[io.ComfyNode]] = [*MODEL_NODES, *SAMPLING_NODES, *TRAIN_NODES, *REFLOW_NODES, *DEPTH_NODES]
 
 
 class Diff2FlowExtension(ComfyExtension):

@@ -270,6 +270,8 @@ def comfy_files(comfy_nodes, tmp_path, monkeypatch):
                 (dirs["checkpoints"] / inputs["ckpt_name"]).write_bytes(b"")
             if isinstance(inputs.get("lora_name"), str) and inputs["lora_name"] != "None":
                 (dirs["loras"] / inputs["lora_name"]).write_bytes(b"")
+            if isinstance(inputs.get("depth_name"), str) and not inputs["depth_name"].startswith("(new"):
+                (dirs["loras"] / inputs["depth_name"]).write_bytes(b"")  # Depth Model Loader: a depth file in models/loras
             if node["class_type"] == "LoadImage":
                 Image.new("RGB", (1, 1)).save(dirs["input"] / inputs["image"])
             if node["class_type"] in DATASET_FOLDER_TYPES and isinstance(inputs.get("folder"), str):
@@ -469,3 +471,19 @@ def test_train_previews_graph(comfy_nodes) -> None:
     train_id = next(k for k, n in prompt.items() if n is train)
     saved = [n for n in by_type(prompt, "SaveImage") if n["inputs"]["images"] == [train_id, 4]]
     assert len(saved) == 1 and saved[0]["inputs"]["filename_prefix"] == "diff2flow_previews"
+
+
+def test_depth_graph(comfy_nodes) -> None:
+    prompt = to_api(load(WORKFLOW_DIR / "diff2flow_depth.json"), comfy_nodes)
+    (estimate,) = by_type(prompt, "D2F_DepthEstimate")
+    loader = source(prompt, estimate, "model")
+    assert loader["class_type"] == "D2F_DepthModelLoader" and loader["inputs"]["depth_name"].endswith(".safetensors")
+    checkpoint = source(prompt, loader, "model")
+    assert checkpoint["class_type"] == "CheckpointLoaderSimple"
+    assert source(prompt, estimate, "clip") is checkpoint and source(prompt, estimate, "vae") is checkpoint
+    assert source(prompt, estimate, "image")["class_type"] == "LoadImage"
+    assert {k: estimate["inputs"][k] for k in ("steps", "ensemble_size", "processing_resolution", "colormap")} == {
+        "steps": 0, "ensemble_size": 3, "processing_resolution": 768, "colormap": "spectral"}
+    estimate_id = next(k for k, n in prompt.items() if n is estimate)
+    previews = sorted(n["inputs"]["images"][1] for n in by_type(prompt, "PreviewImage") if n["inputs"]["images"][0] == estimate_id)
+    assert previews == [0, 1]  # grey depth and the colour map

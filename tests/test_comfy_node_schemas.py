@@ -9,7 +9,7 @@ require_comfyui()
 
 def test_every_node_has_description_and_tooltips(comfy_nodes) -> None:
     ours = {k: v for k, v in comfy_nodes.items() if k.startswith("D2F_")}
-    assert len(ours) == 8  # 7 + Diff2Flow Reflow Pairs
+    assert len(ours) == 11  # 7 + Diff2Flow Reflow Pairs + the three depth nodes
     missing = []
     for node_id, cls in ours.items():
         schema = cls.define_schema()
@@ -32,4 +32,5 @@ def test_training_seeds_stay_fixed_between_runs(comfy_nodes) -> None:
 
     assert seed_options("D2F_TrainLoRA").get("control_after_generate") is False
     assert seed_options("D2F_ReflowPairs").get("control_after_generate") is False
+    assert seed_options("D2F_DepthEstimate").get("control_after_generate") is False  # a depth map is reproducible
     assert seed_options("D2F_KSampler").get("control_after_generate") is True
