@@ -14,7 +14,7 @@ import comfy.sd
 import comfy.utils
 
 from d2f_core import Diff2Flow, get_objective, scaled_linear
-from d2f_core.lora_metadata import LoraMetadata, read_lora_metadata
+from d2f_core.lora_metadata import DEPTH_NORMALIZATION, LoraMetadata, read_lora_metadata
 from training.config import TrainConfig
 
 from .bootstrap import HostError
@@ -116,17 +116,24 @@ def check_pairs_fit(model: Any, pairs: Any, folder: str) -> None:
 
 
 def lora_metadata_for(model: Any, config: TrainConfig, d2f: Diff2Flow,
-                      teacher_cfg: Optional[float] = None) -> Callable[[int], LoraMetadata]:
+                      teacher_cfg: Optional[float] = None, task: str = "image") -> Callable[[int], LoraMetadata]:
     """``metadata(step)``: what a LoRA trained on ``model`` under ``config`` with alignment ``d2f``
     records (the same for the node and the CLI, so both write the same format): the objective's
     recommended sampling from the registry, and ``teacher_cfg``, the guidance of the pairs a
-    ``reflow`` LoRA was trained on (``None`` for other data)."""
+    ``reflow`` LoRA was trained on (``None`` for other data).
+
+    ``task="depth"``: an image-to-depth model (``model`` is the BASE model, before
+    ``d2f_host.depth.widen_model``: its hash names what the file loads onto), recorded with its
+    targets' normalisation, the objective's depth steps and cfg 1 (the prompt is the empty one, so
+    guidance changes nothing but doubles the work)."""
     source, _ = schedule_of(model.get_model_object("model_sampling"))
     objective = get_objective(config.objective)
+    depth = task == "depth"
     fields = dict(objective=config.objective, prediction=d2f.prediction, zero_terminal_snr=d2f.zero_terminal_snr,
                   schedule=schedule_name(source), rank=config.rank, alpha=config.alpha,
                   algorithm=config.algorithm, base_model_hash=base_model_hash(model), sampler=objective.sampler,
-                  sampling_steps=objective.steps, sampling_cfg=objective.cfg, teacher_cfg=teacher_cfg)
+                  sampling_steps=objective.recommended_steps(task), sampling_cfg=1.0 if depth else objective.cfg,
+                  teacher_cfg=teacher_cfg, task=task, normalization=DEPTH_NORMALIZATION if depth else None)
     return lambda step: LoraMetadata(**fields, steps=step)
 
 
