@@ -180,7 +180,7 @@ def build_depth_training_data(model, vae: Any, depth_images: list, depth_maps: l
             raise ValueError(f"pair {i}: the image is {image.shape[1]}x{image.shape[0]} but its depth map is "
                              f"{depth.shape[1]}x{depth.shape[0]}: a depth map must be aligned with its image pixel "
                              "for pixel (resize both the same way)")
-    targets = [depth_pixels(d.float().mean(-1) if d.ndim == 3 else d.float(), f"depth map {i} (depth_maps)")
+    targets = [depth_pixels(d[..., :3].float().mean(-1) if d.ndim == 3 else d.float(), f"depth map {i} (depth_maps)")
                for i, d in enumerate(maps)]
     conds = flatten_conditioning(positive)
     if len(conds) not in (1, len(images)):

@@ -191,7 +191,8 @@ def plan_cache(cache_dir: str | os.PathLike, encoder: Encoder, resolution: int, 
     }
     # "task" ("depth" for image + depth pairs; absent for images): another kind of data re-encodes every entry
     same_images = all(old["settings"].get(k) == settings.get(k) for k in ("resolution", "max_aspect", "image_encoder", "task"))
-    same_text = old["settings"].get("text_encoder") == settings["text_encoder"]
+    # a depth cache holds no caption embeddings: images prepared over one encode their captions afresh
+    same_text = old["settings"].get("text_encoder") == settings["text_encoder"] and old["settings"].get("task") == settings.get("task")
     return CachePlan(folder, old, settings, same_images, same_text, bucket_resolutions(resolution, max_aspect))
 
 

@@ -192,6 +192,16 @@ def test_image_caches_keep_format_1_and_kinds_do_not_mix(pairs, tmp_path) -> Non
     enc = CountingEncoder()
     prepare_cache(pair_depth_maps(pairs, scan_folder(pairs)), cache, enc, resolution=64)
     assert enc.images_encoded == 6 and load_cache(cache).task == "depth"
+    # and back: the same images without their depth maps are images again, never their cached depth latents
+    for depth_file in [*pairs.rglob("*.depth.png"), *pairs.rglob("*.depth.npy")]:
+        depth_file.unlink()
+    enc = CountingEncoder()
+    prepare_cache(pair_depth_maps(pairs, scan_folder(pairs)), cache, enc, resolution=64)
+    data = load_cache(cache)
+    assert enc.images_encoded == 3 and data.task == "image" and data.concats is None
+    assert enc.captions_encoded == 4 and all(c["context"].shape == (1, 1, 8) for c in data.conds)  # 3 + the empty one
+    pixels, _ = load_image(pairs / "a.png", buckets=bucket_resolutions(64, 2.0))
+    torch.testing.assert_close(data.latents[0], CountingEncoder().encode_images(pixels[None])[0])
     # a format this toolkit does not know is refused, named
     index = json.loads((cache / "index.json").read_text())
     (cache / "index.json").write_text(json.dumps({**index, "format": "diff2flow-latent-cache/9"}))
