@@ -86,10 +86,33 @@ def file_fingerprint(path: str | os.PathLike) -> str:
     return hashlib.sha1(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
 
 
+def _base_unet_state(model: Any) -> dict[str, torch.Tensor]:
+    """The base UNet's tensors by name, whichever clone of ``model`` ComfyUI has loaded last: loading a
+    clone applies its object patches (a depth model's widened convolution) and weight patches (a LoRA) to
+    the shared UNet in place, and ``ModelPatcher`` keeps the originals in ``object_patches_backup`` and
+    ``backup`` until it unpatches."""
+    prefix = "diffusion_model."
+    sd = dict(model.model.diffusion_model.state_dict())
+    replaced = []
+    for name, original in getattr(model, "object_patches_backup", {}).items():
+        if name.startswith(prefix) and isinstance(original, torch.nn.Module):
+            path = name[len(prefix):]
+            replaced.append(path + ".")
+            sd = {k: v for k, v in sd.items() if not k.startswith(path + ".")}
+            sd.update({f"{path}.{k}": v for k, v in original.state_dict().items()})
+    for key, saved in getattr(model, "backup", {}).items():
+        path = key[len(prefix):]
+        # a weight patch of an object-patched module backs up the patch's weight, not the base's
+        if key.startswith(prefix) and path in sd and not any(path.startswith(r) for r in replaced):
+            sd[path] = saved.weight
+    return sd
+
+
 def base_model_hash(model: Any) -> str:
-    """A cheap fingerprint of the base UNet: key names, shapes and the first layers' values."""
+    """A cheap fingerprint of the base UNet: key names, shapes and the first layers' values (of the
+    unpatched UNet, even while a patched clone of it is loaded)."""
     h = hashlib.sha256()
-    sd = model.model.diffusion_model.state_dict()
+    sd = _base_unet_state(model)
     for key in sorted(sd):
         h.update(f"{key}{tuple(sd[key].shape)}".encode())
     for key in sorted(sd)[:4]:

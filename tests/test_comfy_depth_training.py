@@ -89,7 +89,8 @@ def unet_raw(model, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, con
 
 @pytest.mark.parametrize("algorithm,objective", [("LoRA", "diff2flow"), ("LoHa", "diffusion"), ("Full", "naive_fm")])
 def test_node_trains_a_depth_model_whose_file_loads_back_with_the_trained_outputs(
-        pack, comfy_nodes, sd15, loras_dir, monkeypatch, caplog, algorithm, objective) -> None:
+        pack, comfy_nodes, sd15, loras_dir, monkeypatch, caplog, tiny_sd15_file, algorithm, objective) -> None:
+    from d2f_host.checkpoints import base_model_hash
     from d2f_host.depth import is_image_conditioned, widen_model
 
     base, vae = sd15
@@ -121,6 +122,9 @@ def test_node_trains_a_depth_model_whose_file_loads_back_with_the_trained_output
     expected_steps = {"diff2flow": 4}.get(objective, 20)  # the registry's depth steps, else the objective's
     assert (meta.sampling_steps, meta.sampling_cfg) == (expected_steps, 1.0)
     assert lora.metadata == meta
+    # the fingerprint of the base model the file loads onto (not of the widened one)
+    fresh = comfy.sd.load_checkpoint_guess_config(str(tiny_sd15_file), output_vae=False, output_clip=False)[0]
+    assert meta.base_model_hash == base_model_hash(fresh)
     # the network as trained: the adapters as weight wrappers on the widened clone (what the engine trained)
     (trainer,) = trainers
     widened = widen_model(base)
