@@ -160,6 +160,53 @@ def test_node_trains_on_the_image_latent(pack, comfy_nodes, sd15, loras_dir) -> 
     assert not torch.allclose(first[f"{CONV}.diff"], second[f"{CONV}.diff"])
 
 
+def test_node_trains_an_sdxl_depth_model_with_its_size_embedding(pack, comfy_nodes, sd15, loras_dir, tmp_path, monkeypatch) -> None:
+    """SDXL: the widened first convolution and, per pair, the ADM vector ``y`` of the empty prompt's pooled
+    embedding at the pair's own size (one pair is 64x64, the other 96x64: two buckets)."""
+    from family_checkpoints import synthetic_conditioning, write_family_checkpoint
+
+    path = write_family_checkpoint("sdxl_eps", tmp_path)
+    model = comfy.sd.load_checkpoint_guess_config(path, output_vae=False, output_clip=False)[0]
+    _, vae = sd15  # any VAE of 4-channel, 8x latents encodes the pairs
+    square, wide = pair_batch(1, (64, 64)), pair_batch(1, (64, 96), seed=1)
+    calls = []
+    real_cond_kwargs = pack.train_nodes.cond_kwargs
+
+    def recording(model, entry, latent):
+        out = real_cond_kwargs(model, entry, latent)
+        calls.append((tuple(latent.shape), out.get("y")))
+        return out
+
+    monkeypatch.setattr(pack.train_nodes, "cond_kwargs", recording)
+    options = dict(steps=2, batch_size=1, learning_rate=1e-3, rank=4, seed=1, save_every=2)
+    result = comfy_nodes[NODE].execute(**node_kwargs(model, options, [square[0], wide[0]], [square[1], wide[1]], vae,
+                                                     positive=synthetic_conditioning("sdxl_eps"), output_name="xl")).result
+    assert result[3] == 2
+    assert [shape for shape, _ in calls] == [(4, 8, 8), (4, 8, 12)]
+    assert all(y is not None and y.shape == (1, 2816) for _, y in calls) and not torch.equal(calls[0][1], calls[1][1])
+    with safe_open(str(loras_dir / "xl_000002.safetensors"), "pt") as f:
+        assert tuple(f.get_tensor(f"{CONV}.diff").shape) == (320, 8, 3, 3)
+        assert LoraMetadata.from_header(f.metadata()).task == "depth"
+
+
+def test_node_resumes_a_depth_run_exactly(pack, sd15, loras_dir) -> None:
+    base, vae = sd15
+    images, depths = pair_batch(3)
+    cfg = dict(steps=4, batch_size=2, learning_rate=1e-3, rank=4, seed=4, save_every=2, algorithm="LoHa")
+
+    def train(steps: int, name: str, resume: str = "None"):
+        return pack.train_nodes.train_lora(base, None, [EMPTY], None, TrainConfig(**{**cfg, "steps": steps}), name, resume,
+                                           vae=vae, depth_images=[images], depth_maps=[depths])
+
+    straight = train(4, "straight")[1]
+    train(2, "half")
+    _, resumed, losses, steps = train(4, "half", "half.d2fstate")
+    assert steps == 4 and len(losses["loss"]) == 4 and f"{CONV}.diff" in resumed
+    assert resumed.keys() == straight.keys()
+    for key in straight:
+        torch.testing.assert_close(resumed[key], straight[key], rtol=1e-6, atol=1e-7)
+
+
 class NoEncode:
     """A VAE that must not be used: the checks run before anything is encoded."""
 
