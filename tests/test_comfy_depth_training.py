@@ -5,7 +5,6 @@ prepare + train on a folder of pairs (resume, torchrun), the depth file loaded b
 Convention: FM sigma in [0, 1], sigma = 1 is noise."""
 from __future__ import annotations
 
-import logging
 import os
 import pathlib
 import subprocess
