@@ -36,7 +36,7 @@ LISTED = 10  # images named in an error before "..."
 
 def depth_files_in(root: pathlib.Path) -> list[pathlib.Path]:
     """The depth maps under ``root`` (hidden folders skipped, as for images)."""
-    return [p for p in sorted(root.rglob(f"*{DEPTH_MARK}.*")) if p.is_file() and is_depth_file(p)
+    return [p for p in sorted(root.rglob("*")) if is_depth_file(p) and p.is_file()
             and not any(part.startswith(".") for part in p.relative_to(root).parts)]
 
 
