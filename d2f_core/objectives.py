@@ -193,6 +193,8 @@ class Objective:
       ``sampler_sigmas(d2f, steps)``: the sigma grid its own sampler walks (``sampling_label`` names
       it in reports).
     - ``sampler``, ``steps``, ``cfg``: the recommended sampling settings (loader and KSampler defaults).
+    - ``depth_steps``: the recommended steps of an image-to-depth model trained with it (docs/MATH.md
+      section 13), when they differ from ``steps`` (:meth:`recommended_steps`).
 
     A new objective is one more entry; per-sample tensors other than ``"noise"`` (for example an
     image-conditioned model's ``"concat"`` latent) reach the network as keyword arguments.
@@ -210,6 +212,12 @@ class Objective:
     sampler: str = "euler"
     steps: int = 20
     cfg: float = 5.0
+    depth_steps: Optional[int] = None
+
+    def recommended_steps(self, task: str = "image") -> int:
+        """The sampling steps to recommend for a model of ``task`` (``"image"`` or ``"depth"``) trained
+        with this objective: ``depth_steps`` for a depth model where set, else ``steps``."""
+        return self.depth_steps if task == "depth" and self.depth_steps is not None else self.steps
 
     def draw(
         self,
@@ -258,6 +266,10 @@ OBJECTIVES: dict[str, Objective] = {
             "the paper's aligned flow-matching objective: the diffusion network's output turned into an FM "
             "velocity in closed form",
             diff2flow_loss,
+            # a depth map is nearly a function of its image, so the image-conditioned flow from noise to it is
+            # nearly straight and few Euler steps follow it (Marigold-style depth models are sampled in 1-4
+            # steps); 4, the safe end of that range (a recommendation: the Depth Estimate node's default)
+            depth_steps=4,
         ),
         Objective(
             "naive_fm",

@@ -14,7 +14,7 @@ import comfy.sd
 import comfy.utils
 
 from d2f_core import Diff2Flow, get_objective, scaled_linear
-from d2f_core.lora_metadata import LoraMetadata, read_lora_metadata
+from d2f_core.lora_metadata import DEPTH_NORMALIZATION, LoraMetadata, read_lora_metadata
 from training.config import TrainConfig
 
 from .bootstrap import HostError
@@ -86,10 +86,33 @@ def file_fingerprint(path: str | os.PathLike) -> str:
     return hashlib.sha1(f"{p}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
 
 
+def _base_unet_state(model: Any) -> dict[str, torch.Tensor]:
+    """The base UNet's tensors by name, whichever clone of ``model`` ComfyUI has loaded last: loading a
+    clone applies its object patches (a depth model's widened convolution) and weight patches (a LoRA) to
+    the shared UNet in place, and ``ModelPatcher`` keeps the originals in ``object_patches_backup`` and
+    ``backup`` until it unpatches."""
+    prefix = "diffusion_model."
+    sd = dict(model.model.diffusion_model.state_dict())
+    replaced = []
+    for name, original in getattr(model, "object_patches_backup", {}).items():
+        if name.startswith(prefix) and isinstance(original, torch.nn.Module):
+            path = name[len(prefix):]
+            replaced.append(path + ".")
+            sd = {k: v for k, v in sd.items() if not k.startswith(path + ".")}
+            sd.update({f"{path}.{k}": v for k, v in original.state_dict().items()})
+    for key, saved in getattr(model, "backup", {}).items():
+        path = key[len(prefix):]
+        # a weight patch of an object-patched module backs up the patch's weight, not the base's
+        if key.startswith(prefix) and path in sd and not any(path.startswith(r) for r in replaced):
+            sd[path] = saved.weight
+    return sd
+
+
 def base_model_hash(model: Any) -> str:
-    """A cheap fingerprint of the base UNet: key names, shapes and the first layers' values."""
+    """A cheap fingerprint of the base UNet: key names, shapes and the first layers' values (of the
+    unpatched UNet, even while a patched clone of it is loaded)."""
     h = hashlib.sha256()
-    sd = model.model.diffusion_model.state_dict()
+    sd = _base_unet_state(model)
     for key in sorted(sd):
         h.update(f"{key}{tuple(sd[key].shape)}".encode())
     for key in sorted(sd)[:4]:
@@ -116,17 +139,24 @@ def check_pairs_fit(model: Any, pairs: Any, folder: str) -> None:
 
 
 def lora_metadata_for(model: Any, config: TrainConfig, d2f: Diff2Flow,
-                      teacher_cfg: Optional[float] = None) -> Callable[[int], LoraMetadata]:
+                      teacher_cfg: Optional[float] = None, task: str = "image") -> Callable[[int], LoraMetadata]:
     """``metadata(step)``: what a LoRA trained on ``model`` under ``config`` with alignment ``d2f``
     records (the same for the node and the CLI, so both write the same format): the objective's
     recommended sampling from the registry, and ``teacher_cfg``, the guidance of the pairs a
-    ``reflow`` LoRA was trained on (``None`` for other data)."""
+    ``reflow`` LoRA was trained on (``None`` for other data).
+
+    ``task="depth"``: an image-to-depth model (``model`` is the BASE model, before
+    ``d2f_host.depth.widen_model``: its hash names what the file loads onto), recorded with its
+    targets' normalisation, the objective's depth steps and cfg 1 (the prompt is the empty one, so
+    guidance changes nothing but doubles the work)."""
     source, _ = schedule_of(model.get_model_object("model_sampling"))
     objective = get_objective(config.objective)
+    depth = task == "depth"
     fields = dict(objective=config.objective, prediction=d2f.prediction, zero_terminal_snr=d2f.zero_terminal_snr,
                   schedule=schedule_name(source), rank=config.rank, alpha=config.alpha,
                   algorithm=config.algorithm, base_model_hash=base_model_hash(model), sampler=objective.sampler,
-                  sampling_steps=objective.steps, sampling_cfg=objective.cfg, teacher_cfg=teacher_cfg)
+                  sampling_steps=objective.recommended_steps(task), sampling_cfg=1.0 if depth else objective.cfg,
+                  teacher_cfg=teacher_cfg, task=task, normalization=DEPTH_NORMALIZATION if depth else None)
     return lambda step: LoraMetadata(**fields, steps=step)
 
 

@@ -25,9 +25,11 @@ from d2f_core.lora_metadata import LoraMetadata
 from d2f_host.checkpoints import attach_recommended_sampling, check_pairs_fit, lora_metadata_for
 from d2f_host.conditioning import cond_kwargs, latent_decoder
 from d2f_host.model_sampling import alignment_of, flow_model_for
+from d2f_host.depth import is_image_conditioned, widen_model
 from d2f_host.unet import attach_adapters, gradient_checkpointing, unet_network
 from training import TrainConfig, Trainer, TrainingData
 from training.config import OptionSpec, available_choices, option_specs
+from training.depth_dataset import depth_pixels
 from training.files import (STATE_SUFFIX, RunFiles, load_training_state, sanitize_filename, save_lora, save_run_lora,
                             write_periodic_save)
 from training.pairs import load_pairs
@@ -122,6 +124,92 @@ def unet_kwargs(model, input_name: str, entries: list, samples: list[torch.Tenso
         raise ValueError(f"{input_name}: {exc}") from exc
 
 
+# ---------------------------------------------------------------------- image + depth pairs -> TrainingData
+VAE_BATCH = 8  # pairs per VAE call
+
+
+def split_images(images: Optional[list]) -> list[torch.Tensor]:
+    """IMAGE inputs (a batch, or a list of batches of different sizes) -> [H, W, C] tensors."""
+    return [image for batch in images or [] for image in batch]
+
+
+def check_depth_inputs(model, config: TrainConfig, depth_images: Optional[list], depth_maps: Optional[list],
+                       latents: Optional[list], positive: Optional[list], pairs: Optional[str], vae: Any) -> bool:
+    """Whether this run trains a depth model (``depth_images`` + ``depth_maps`` connected), with every
+    input that cannot go with that refused before any compute, naming the input and the fix."""
+    if depth_images is None and depth_maps is None:
+        if is_image_conditioned(model):
+            raise ValueError("this MODEL takes an image latent (a depth model: its first convolution is widened), so it "
+                             "trains on image + depth pairs: connect depth_images and depth_maps instead of latents / "
+                             "pairs, or connect the base model")
+        return False
+    if depth_images is None or depth_maps is None:
+        given, other = ("depth_images", "depth_maps") if depth_maps is None else ("depth_maps", "depth_images")
+        raise ValueError(f"{given} is connected but {other} is not: a depth model trains on pairs, connect both "
+                         "(the images and their depth maps, in the same order)")
+    if latents is not None or pairs:
+        raise ValueError("connect either depth_images + depth_maps (a depth model) or latents / pairs (a LoRA of "
+                         f"images), not both: {'latents' if latents is not None else 'pairs'} is connected too")
+    if vae is None:
+        raise ValueError("depth training encodes depth_images and depth_maps with the model's VAE: connect the vae "
+                         "input (the checkpoint's VAE)")
+    if config.preview_every > 0:
+        raise ValueError(f"preview_every {config.preview_every}: previews sample text prompts, which a depth model "
+                         "cannot (it needs an image): set preview_every 0")
+    if positive is None:
+        raise ValueError("depth training needs positive: connect a CLIP Text Encode with an empty prompt (a depth "
+                         "model is trained and sampled on the empty prompt)")
+    return True
+
+
+def build_depth_training_data(model, vae: Any, depth_images: list, depth_maps: list, positive: list,
+                              negative: Optional[list]) -> TrainingData:
+    """TrainingData of image + depth pairs (docs/MATH.md section 13): latents = the VAE latents of the
+    normalised depth maps (2 % / 98 % quantiles to [-1, 1], three channels), ``extras[i]["concat"]`` =
+    the VAE latent of image i, both in ``model``'s latent scale (d2f_host.depth's convention). A depth
+    map is an IMAGE (its channel mean; e.g. a grayscale depth PNG from Load Image). Counts, sizes and flat
+    maps are checked before anything is encoded."""
+    images, maps = split_images(depth_images), split_images(depth_maps)
+    if not images:
+        raise ValueError("depth_images is empty: connect at least one image")
+    if len(images) != len(maps):
+        raise ValueError(f"{len(images)} depth_images but {len(maps)} depth_maps: connect one depth map per image, in "
+                         "the same order")
+    for i, (image, depth) in enumerate(zip(images, maps)):
+        if image.shape[:2] != depth.shape[:2]:
+            raise ValueError(f"pair {i}: the image is {image.shape[1]}x{image.shape[0]} but its depth map is "
+                             f"{depth.shape[1]}x{depth.shape[0]}: a depth map must be aligned with its image pixel "
+                             "for pixel (resize both the same way)")
+    targets = [depth_pixels(d[..., :3].float().mean(-1) if d.ndim == 3 else d.float(), f"depth map {i} (depth_maps)")
+               for i, d in enumerate(maps)]
+    conds = flatten_conditioning(positive)
+    if len(conds) not in (1, len(images)):
+        raise ValueError(f"{len(images)} image + depth pairs but {len(conds)} positive conditionings: connect one "
+                         "(the empty prompt) for all pairs")
+    if len(conds) == 1:
+        conds = conds * len(images)
+
+    def encode(pixels: list[torch.Tensor]) -> list[torch.Tensor]:
+        out, start = [], 0
+        while start < len(pixels):  # consecutive pairs of one size share a VAE call
+            end = start + 1
+            while end < len(pixels) and end - start < VAE_BATCH and pixels[end].shape == pixels[start].shape:
+                end += 1
+            with torch.no_grad():  # data, not part of any graph (a node called outside ComfyUI's inference mode too)
+                raw = vae.encode(torch.stack([p[..., :3].float() for p in pixels[start:end]]))
+                out.extend(model.model.process_latent_in(raw.float()).cpu())
+            start = end
+        # plain tensors (ComfyUI runs nodes under inference mode): the trainer differentiates through the network
+        with torch.inference_mode(False):
+            return [t.detach().clone() for t in out]
+
+    latents, concats = encode(targets), encode(images)
+    positive_kwargs = unet_kwargs(model, "positive", conds, latents)
+    neg = flatten_conditioning(negative) if negative else []
+    uncond = unet_kwargs(model, "negative", neg[:1] * len(latents), latents) if neg else None
+    return TrainingData(latents, positive_kwargs, uncond, [{"concat": c} for c in concats])
+
+
 def lora_result(adapters: dict, metadata: LoraMetadata) -> Diff2FlowLora:
     lora = Diff2FlowLora(adapters_state_dict(adapters))
     lora.metadata = metadata
@@ -184,27 +272,35 @@ def node_previewer(model, config: TrainConfig, vae: Any, preview_prompts: list, 
 def train_lora(model, latents: list, positive: list, negative: Optional[list], config: TrainConfig,
                output_name: str = "diff2flow_lora", resume_from: str = NO_RESUME,
                pairs: Optional[str] = None, vae: Any = None,
-               preview_prompts: Optional[list] = None) -> tuple[Any, Diff2FlowLora, dict, int]:
+               preview_prompts: Optional[list] = None, depth_images: Optional[list] = None,
+               depth_maps: Optional[list] = None) -> tuple[Any, Diff2FlowLora, dict, int]:
     """Train a LoRA on a clone of ``model``; returns (model with LoRA, LoRA, loss map, steps).
 
     With ``pairs`` (a folder of Diff2Flow Reflow Pairs) the training data are the pairs (images,
-    their prompts, their noise) instead of ``latents`` / ``positive``. :func:`train_lora_with_previews`
-    also returns the preview grids."""
+    their prompts, their noise) instead of ``latents`` / ``positive``. With ``depth_images`` and
+    ``depth_maps`` (IMAGE inputs, and ``vae`` to encode them) it trains an image-to-depth model: the
+    model widened by ``d2f_host.depth.widen_model`` (unless it already is a depth model), its first
+    convolution trained in full; the LoRA's metadata says ``task = depth``.
+    :func:`train_lora_with_previews` also returns the preview grids."""
     return train_lora_with_previews(model, latents, positive, negative, config, output_name, resume_from, pairs, vae,
-                                    preview_prompts)[:4]
+                                    preview_prompts, depth_images, depth_maps)[:4]
 
 
 def train_lora_with_previews(model, latents: list, positive: list, negative: Optional[list], config: TrainConfig,
                              output_name: str = "diff2flow_lora", resume_from: str = NO_RESUME,
                              pairs: Optional[str] = None, vae: Any = None,
-                             preview_prompts: Optional[list] = None) -> tuple[Any, Diff2FlowLora, dict, int, torch.Tensor]:
+                             preview_prompts: Optional[list] = None, depth_images: Optional[list] = None,
+                             depth_maps: Optional[list] = None) -> tuple[Any, Diff2FlowLora, dict, int, torch.Tensor]:
     """:func:`train_lora` and, with ``preview_every`` > 0, previews of ``preview_prompts`` decoded by
     ``vae`` (training/previews.py): returns its four results and the grids as an IMAGE batch
     [N, H, W, 3] (one black 1x1 image with previews off)."""
+    depth = check_depth_inputs(model, config, depth_images, depth_maps, latents, positive, pairs, vae)
     check_preview_inputs(config, vae, preview_prompts, negative)
     d2f = alignment_of(model, config.zero_terminal_snr)
     teacher_cfg = None
-    if pairs:
+    if depth:
+        data = build_depth_training_data(model, vae, depth_images, depth_maps, positive, negative)
+    elif pairs:
         loaded = load_pairs(pairs)
         check_pairs_fit(model, loaded, pairs)
         data, teacher_cfg = loaded.training_data(), float(loaded.settings["cfg"])
@@ -213,7 +309,9 @@ def train_lora_with_previews(model, latents: list, positive: list, negative: Opt
     else:
         data = build_training_data(model, latents, positive, negative)
     files = RunFiles.named(lora_folder(), output_name)
-    metadata = lora_metadata_for(model, config, d2f, teacher_cfg=teacher_cfg)
+    metadata = lora_metadata_for(model, config, d2f, teacher_cfg=teacher_cfg, task="depth" if depth else "image")
+    if depth and not is_image_conditioned(model):
+        model = widen_model(model)  # a clone: the input MODEL is never changed
     with torch.inference_mode(False), torch.enable_grad():
         clone, unet, adapters, device = attach_adapters(model, config)
         trainer = Trainer(unet_network(unet), adapters, d2f, config, data, device)
@@ -285,6 +383,8 @@ class TrainDiff2FlowLora(io.ComfyNode):
                 Pairs.Input("pairs", optional=True, tooltip="Reflow pairs from Diff2Flow Reflow Pairs: train on them (objective 'reflow') instead of latents / positive."),
                 io.Vae.Input("vae", optional=True, tooltip="Decodes the previews (preview_every > 0): the checkpoint's VAE."),
                 io.Conditioning.Input("preview_prompts", optional=True, tooltip="The prompts of the previews (preview_every > 0): one CLIP Text Encode per prompt, or a batch; the negative input is their unconditional prompt."),
+                io.Image.Input("depth_images", optional=True, tooltip="Train an image-to-depth model: the images (a batch, or a list of batches), with depth_maps, vae and positive = an empty CLIP Text Encode, instead of latents. The model's first convolution is widened to take the image latent and trained in full; the saved file loads with a depth model loader."),
+                io.Image.Input("depth_maps", optional=True, tooltip="The depth map of each of depth_images, in the same order and at the same size (grayscale; only order and relative differences matter: each is normalised by its 2 % / 98 % quantiles). Depth (far = bright) by convention."),
                 *[config_input(spec) for spec in option_specs() if spec.name not in PREVIEW_OPTIONS],
                 io.String.Input("output_name", default="diff2flow_lora", tooltip="File name stem for periodic saves in models/loras (<name>_<step>.safetensors, <name>.d2fstate; <name>_raw.safetensors with save_raw)."),
                 io.Combo.Input("resume_from", options=training_states(), default=NO_RESUME, tooltip="A training state (.d2fstate) from an earlier run's periodic save, to continue it exactly."),
@@ -307,7 +407,7 @@ class TrainDiff2FlowLora(io.ComfyNode):
         config = TrainConfig(**{spec.name: first[spec.name] for spec in option_specs()})
         result = train_lora_with_previews(model[0], latents, positive, negative, config, first["output_name"],
                                           first["resume_from"], first.get("pairs"), first.get("vae"),
-                                          lists.get("preview_prompts"))
+                                          lists.get("preview_prompts"), lists.get("depth_images"), lists.get("depth_maps"))
         return io.NodeOutput(*result)
 
 

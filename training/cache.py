@@ -6,6 +6,14 @@ Layout of a cache folder::
     uncond.safetensors             the empty caption's embeddings (caption dropout, CFG)
     shard-<run>-<n>.safetensors    tensors "<key>/latent" [C, h, w] and "<key>/<cond name>" [1, ...]
 
+A folder of image + depth pairs (training/depth_dataset.py) makes a depth cache: each entry's
+``latent`` is the VAE latent of its normalised depth map (the target), ``concat`` the VAE latent of
+its image (the condition), both raw (before the model's latent scaling), and no text: every sample is
+trained on the empty prompt, ``uncond.safetensors``. Its index has format ``/2`` and the setting
+``task = "depth"``; an older toolkit refuses it rather than train an image model on depth latents. An
+image cache keeps format ``/1``, so caches of either kind are read by older and newer toolkits alike
+as far as they understand them.
+
 ``prepare_cache`` re-encodes only what changed: an entry whose image file (size, mtime), bucket and
 image-encoder settings are unchanged keeps its latent; one whose caption and text-encoder settings
 are unchanged keeps its embeddings. New shards are written first, then the index (atomically), and
@@ -31,11 +39,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from .dataset import DatasetError, ImageRecord, UnreadableImage, bucket_resolutions, load_image
+from .depth_dataset import depth_pixels, load_depth
 from .files import atomic_write
 
 INDEX = "index.json"
 UNCOND = "uncond.safetensors"
-FORMAT = "diff2flow-latent-cache/1"
+FORMAT = "diff2flow-latent-cache/1"  # image latents + captions
+DEPTH_FORMAT = "diff2flow-latent-cache/2"  # image + depth pairs: depth latents with their image latents ("concat")
+READABLE_FORMATS = (FORMAT, DEPTH_FORMAT)
 log = logging.getLogger("diff2flow")
 
 
@@ -66,22 +77,25 @@ class PrepareSummary:
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (relative path, reason)
     buckets: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    depth: bool = False  # image + depth pairs (each latent counts the pair: its depth and its image)
 
     @property
     def cached(self) -> int:
         return self.images - len(self.skipped)
 
     def report(self) -> str:
-        lines = [
-            f"{self.cached} of {self.images} images cached in {self.seconds:.1f} s: "
-            f"{self.encoded_latents} latents encoded, {self.reused_latents} reused; "
-            f"{self.encoded_captions} captions encoded, {self.reused_captions} reused",
-            "buckets (width x height: images): " + ", ".join(f"{k}: {v}" for k, v in sorted(self.buckets.items())),
-        ]
+        if self.depth:
+            first = (f"{self.cached} of {self.images} image + depth pairs cached in {self.seconds:.1f} s (a depth model's "
+                     f"data: empty prompt): {self.encoded_latents} pairs encoded, {self.reused_latents} reused")
+        else:
+            first = (f"{self.cached} of {self.images} images cached in {self.seconds:.1f} s: "
+                     f"{self.encoded_latents} latents encoded, {self.reused_latents} reused; "
+                     f"{self.encoded_captions} captions encoded, {self.reused_captions} reused")
+        lines = [first, "buckets (width x height: images): " + ", ".join(f"{k}: {v}" for k, v in sorted(self.buckets.items()))]
         if self.missing_captions:
             lines.append(f"{len(self.missing_captions)} images have no .txt caption and were trained with an empty caption")
         if self.skipped:
-            lines.append(f"{len(self.skipped)} unreadable images skipped:")
+            lines.append(f"{len(self.skipped)} unreadable {'pairs' if self.depth else 'images'} skipped:")
             lines += [f"  {path}: {reason}" for path, reason in self.skipped]
         return "\n".join(lines)
 
@@ -95,8 +109,9 @@ def read_index(cache_dir: str | os.PathLike) -> Optional[dict]:
     if not path.is_file():
         return None
     index = json.loads(path.read_text(encoding="utf-8"))
-    if index.get("format") != FORMAT:
-        raise DatasetError(f"{path} is not a Diff2Flow latent cache ({index.get('format')!r}): run `prepare` into an empty folder")
+    if index.get("format") not in READABLE_FORMATS:
+        raise DatasetError(f"{path} is not a Diff2Flow latent cache this toolkit reads (format {index.get('format')!r}; "
+                           f"it reads {', '.join(READABLE_FORMATS)}): run `prepare` into an empty folder, or update the toolkit")
     return index
 
 
@@ -174,8 +189,10 @@ def plan_cache(cache_dir: str | os.PathLike, encoder: Encoder, resolution: int, 
         "image_encoder": encoder.image_fingerprint(), "text_encoder": encoder.text_fingerprint(),
         **(extra_settings or {}),
     }
-    same_images = all(old["settings"].get(k) == settings[k] for k in ("resolution", "max_aspect", "image_encoder"))
-    same_text = old["settings"].get("text_encoder") == settings["text_encoder"]
+    # "task" ("depth" for image + depth pairs; absent for images): another kind of data re-encodes every entry
+    same_images = all(old["settings"].get(k) == settings.get(k) for k in ("resolution", "max_aspect", "image_encoder", "task"))
+    # a depth cache holds no caption embeddings: images prepared over one encode their captions afresh
+    same_text = old["settings"].get("text_encoder") == settings["text_encoder"] and old["settings"].get("task") == settings.get("task")
     return CachePlan(folder, old, settings, same_images, same_text, bucket_resolutions(resolution, max_aspect))
 
 
@@ -183,19 +200,29 @@ def encode_entries(plan: CachePlan, records: list[ImageRecord], encoder: Encoder
                    summary: PrepareSummary, batch_size: int = 4,
                    progress: Optional[Callable[[int, int], None]] = None) -> dict[str, dict]:
     """Index entries of ``records``, reusing the plan's valid encodings and encoding the rest in
-    batches of one bucket; the tensors go to ``writer``. Unreadable images are counted and skipped."""
+    batches of one bucket; the tensors go to ``writer``. Unreadable images (and, for depth pairs,
+    unreadable or flat depth maps) are counted and skipped."""
     reader = _ShardReader(plan.folder)
     entries: dict[str, dict] = {}
+    depth = plan.settings.get("task") == "depth"
 
-    def encode_batch(batch: list[tuple[ImageRecord, torch.Tensor, dict]]) -> None:
+    def encode_batch(batch: list[tuple[ImageRecord, Optional[tuple], dict]]) -> None:
         pixels = [p for _, p, _ in batch if p is not None]
-        latents = iter(encoder.encode_images(torch.stack(pixels)).float()) if pixels else iter(())
-        captions = [r.caption for r, _, e in batch if e.get("text") is None]
+        if depth:  # the depth map's latent is the target, the image's the condition ("concat")
+            latents = iter(encoder.encode_images(torch.stack([d for _, d in pixels])).float()) if pixels else iter(())
+            concats = iter(encoder.encode_images(torch.stack([i for i, _ in pixels])).float()) if pixels else iter(())
+        else:
+            latents = iter(encoder.encode_images(torch.stack(pixels)).float()) if pixels else iter(())
+        captions = [r.caption for r, _, e in batch if not depth and e.get("text") is None]
         texts = iter(encoder.encode_text(captions)) if captions else iter(())
         for record, pix, entry in batch:
-            latent = next(latents) if pix is not None else entry.pop("latent")
-            text = entry.pop("text") if entry.get("text") is not None else next(texts)
-            tensors = {"latent": latent, **{f"cond.{k}": v for k, v in text.items()}}
+            if depth:
+                latent, concat = (next(latents), next(concats)) if pix is not None else (entry.pop("latent"), entry.pop("concat"))
+                tensors = {"latent": latent, "concat": concat}
+            else:
+                latent = next(latents) if pix is not None else entry.pop("latent")
+                text = entry.pop("text") if entry.get("text") is not None else next(texts)
+                tensors = {"latent": latent, **{f"cond.{k}": v for k, v in text.items()}}
             entry["shard"] = writer.add(entry["key"], tensors)
             entries[record.relative] = entry
 
@@ -206,26 +233,37 @@ def encode_entries(plan: CachePlan, records: list[ImageRecord], encoder: Encoder
         stat = record.path.stat()
         entry = {"key": key, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "caption": record.caption}
         image_unchanged = plan.same_images and prev is not None and prev["size"] == stat.st_size and prev["mtime_ns"] == stat.st_mtime_ns
+        if depth:
+            depth_stat = record.depth.stat()
+            entry.update(depth=record.depth.name, depth_size=depth_stat.st_size, depth_mtime_ns=depth_stat.st_mtime_ns)
+            image_unchanged = image_unchanged and all(prev.get(k) == entry[k] for k in ("depth", "depth_size", "depth_mtime_ns"))
         pixels = None
         if image_unchanged:
             entry["bucket"] = prev["bucket"]
             entry["latent"] = reader.get(prev["shard"], f"{prev['key']}/latent")
+            if depth:
+                entry["concat"] = reader.get(prev["shard"], f"{prev['key']}/concat")
             summary.reused_latents += 1
         else:
             try:
                 pixels, bucket = load_image(record.path, buckets=plan.buckets)
-            except UnreadableImage as exc:
+                if depth:
+                    target = depth_pixels(load_depth(record.depth, bucket), f"depth map {record.depth.name}")
+                    pixels = (pixels, target)
+            except (UnreadableImage, ValueError) as exc:  # ValueError: a flat depth map (its message names it)
                 summary.skipped.append((record.relative, str(exc)))
-                log.warning("skipping unreadable image %s (%s)", record.relative, exc)
+                log.warning("skipping %s (%s)", record.relative, exc)
                 continue
             entry["bucket"] = list(bucket)
             summary.encoded_latents += 1
-        if plan.same_text and prev is not None and prev["caption"] == record.caption:
+        if depth:
+            pass  # no text: a depth model is trained on the empty prompt (uncond.safetensors)
+        elif plan.same_text and prev is not None and prev["caption"] == record.caption:
             entry["text"] = reader.conds(prev["shard"], prev["key"])
             summary.reused_captions += 1
         else:
             summary.encoded_captions += 1
-        if not record.has_caption:
+        if not record.has_caption and not depth:
             summary.missing_captions.append(record.relative)
         bucket_name = f"{entry['bucket'][0]}x{entry['bucket'][1]}"
         summary.buckets[bucket_name] = summary.buckets.get(bucket_name, 0) + 1
@@ -250,7 +288,8 @@ def write_index(plan: CachePlan, entries: dict[str, dict], encoder: Encoder, liv
     if not plan.same_text or not (folder / UNCOND).is_file():
         uncond = {k: v.contiguous() for k, v in encoder.encode_text([""])[0].items()}
         atomic_write(folder / UNCOND, lambda tmp: save_file(uncond, tmp))
-    index = {"format": FORMAT, "settings": plan.settings, "entries": entries, "created": time.time()}
+    depth = plan.settings.get("task") == "depth"
+    index = {"format": DEPTH_FORMAT if depth else FORMAT, "settings": plan.settings, "entries": entries, "created": time.time()}
     atomic_write(folder / INDEX, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(index, indent=1), encoding="utf-8"))
     live = set(live_shards)
     for stale in folder.glob("shard-*.safetensors"):
@@ -270,11 +309,15 @@ def prepare_cache(
     extra_settings: Optional[dict] = None,
 ) -> PrepareSummary:
     """Encode ``records`` into the cache at ``cache_dir`` (reusing what did not change): plan,
-    encode, write the index."""
+    encode, write the index. Records with depth maps (:func:`training.depth_dataset.pair_depth_maps`:
+    all or none) make a depth cache."""
     start = time.perf_counter()
-    plan = plan_cache(cache_dir, encoder, resolution, max_aspect, extra_settings)
+    depth = any(r.depth is not None for r in records)
+    if depth and not all(r.depth is not None for r in records):
+        raise DatasetError("some records have a depth map and some do not: pair them with training.depth_dataset.pair_depth_maps")
+    plan = plan_cache(cache_dir, encoder, resolution, max_aspect, {**(extra_settings or {}), **({"task": "depth"} if depth else {})})
     writer = _ShardWriter(plan.folder, shard_size)
-    summary = PrepareSummary(images=len(records))
+    summary = PrepareSummary(images=len(records), depth=depth)
     entries = encode_entries(plan, records, encoder, writer, summary, batch_size, progress)
     if not entries:
         raise DatasetError(f"none of the {len(records)} images could be read ({summary.skipped[0][1]} ...): nothing was cached")
@@ -286,7 +329,9 @@ def prepare_cache(
 @dataclass
 class CachedDataset:
     """A loaded cache: raw latents [C, h, w], conditioning dicts (batch 1) with the empty
-    caption's as ``uncond``, captions, source files and the settings it was made with."""
+    caption's as ``uncond``, captions, source files and the settings it was made with. A depth
+    cache (``task == "depth"``) also holds each depth latent's raw image latent in ``concats``
+    [C, h, w], and every conditioning is the empty prompt's."""
 
     latents: list[torch.Tensor]
     conds: list[dict[str, torch.Tensor]]
@@ -294,6 +339,12 @@ class CachedDataset:
     sources: list[str]
     settings: dict
     uncond: dict[str, torch.Tensor]
+    concats: Optional[list[torch.Tensor]] = None
+
+    @property
+    def task(self) -> str:
+        """``"depth"`` (image + depth pairs) or ``"image"``."""
+        return "depth" if self.settings.get("task") == "depth" else "image"
 
 
 def load_cache(cache_dir: str | os.PathLike) -> CachedDataset:
@@ -306,13 +357,23 @@ def load_cache(cache_dir: str | os.PathLike) -> CachedDataset:
     if not (folder / UNCOND).is_file():
         raise DatasetError(f"latent cache {folder} is incomplete ({UNCOND} is missing): run `prepare` again")
     data = CachedDataset([], [], [], [], index["settings"], load_file(str(folder / UNCOND)))
+    depth = data.task == "depth"
+    if depth != (index["format"] == DEPTH_FORMAT):
+        raise DatasetError(f"latent cache {folder}: its index says format {index['format']} but task "
+                           f"{index['settings'].get('task', 'image')}: run `prepare` into an empty folder")
+    if depth:
+        data.concats = []
     for relative, entry in sorted(index["entries"].items()):
         shard = folder / entry["shard"]
         if not shard.is_file():
             raise DatasetError(f"latent cache {folder} is incomplete ({entry['shard']} is missing): run `prepare` again")
         key = entry["key"]
         data.latents.append(reader.get(entry["shard"], f"{key}/latent"))
-        data.conds.append(reader.conds(entry["shard"], key))
+        if depth:
+            data.concats.append(reader.get(entry["shard"], f"{key}/concat"))
+            data.conds.append(data.uncond)  # a depth model is trained on the empty prompt
+        else:
+            data.conds.append(reader.conds(entry["shard"], key))
         data.captions.append(entry["caption"])
         data.sources.append(relative)
     if not data.latents:

@@ -137,8 +137,12 @@ def _host(args: argparse.Namespace) -> None:
 def cmd_prepare(args: argparse.Namespace) -> int:
     from .cache import prepare_cache
     from .dataset import bucket_resolutions, scan_folder
+    from .depth_dataset import pair_depth_maps
 
     records = scan_folder(args.dataset)  # a missing / empty folder fails before ComfyUI loads
+    # a folder with depth maps (name.depth.png / .npy) is one of image + depth pairs: every image needs its own,
+    # of its size (refused here, before ComfyUI loads)
+    records = pair_depth_maps(pathlib.Path(args.dataset), records)
     bucket_resolutions(args.resolution, args.max_aspect)
     if args.batch_size < 1:
         raise CliError(f"--batch-size must be >= 1, got {args.batch_size}")
@@ -234,6 +238,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         files.check_new_run(resuming=state is not None, overwrite=args.overwrite)
     cached = load_cache(run["cache"]) if run["cache"] else None
     pairs = load_pairs(run["pairs"]) if run["pairs"] else None
+    task = cached.task if cached is not None else "image"
+    if task == "depth" and config.preview_every > 0:
+        raise CliError(f"--preview-every {config.preview_every}: the cache holds image + depth pairs, and previews sample "
+                       "text prompts, which a depth model cannot (it needs an image): train with --preview-every 0")
     require_checkpoint(run["checkpoint"])
     distributed.init(world)
 
@@ -241,6 +249,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     _host(args)
     from d2f_host.checkpoints import load_checkpoint, lora_metadata_for
+    from d2f_host.depth import widen_model
     from d2f_host.model_sampling import alignment_of
     from d2f_host.unet import attach_adapters, gradient_checkpointing, unet_network
 
@@ -262,7 +271,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     else:
         data = training_data_from_pairs(model, pairs, run["pairs"])
         teacher_cfg = float(pairs.settings["cfg"])
-    metadata = lora_metadata_for(model, config, d2f, teacher_cfg=teacher_cfg)
+    # the metadata names the base model (a depth file loads onto the base, widened the same way)
+    metadata = lora_metadata_for(model, config, d2f, teacher_cfg=teacher_cfg, task=task)
+    if task == "depth":
+        # image + depth pairs: the first convolution widened to take the image latent (d2f_host.depth), trained in full
+        model = widen_model(model)
     if world.is_main:
         write_toml(files.config, {**{k: str(pathlib.Path(v).resolve()) if k != "name" else files.name
                                      for k, v in run.items() if v},
@@ -307,7 +320,8 @@ def training_previewer(model: Any, clip: Any, vae: Any, checkpoint: pathlib.Path
 
 def training_data_from_cache(model: Any, cached: Any, checkpoint: pathlib.Path) -> Any:
     """TrainingData of a latent cache for ``model``: latents in the model's scale, each caption's
-    UNet arguments, and the empty caption's per sample (SDXL's ``y`` carries each sample's size)."""
+    UNet arguments, and the empty caption's per sample (SDXL's ``y`` carries each sample's size); a
+    depth cache's image latents as the per-sample ``concat``."""
     from d2f_host.conditioning import text_cond_kwargs
 
     from .data import TrainingData
@@ -321,8 +335,13 @@ def training_data_from_cache(model: Any, cached: Any, checkpoint: pathlib.Path) 
         unconds = [text_cond_kwargs(model, cached.uncond, lat) for lat in cached.latents]
     except ValueError as exc:
         raise CliError(f"the cache's text embeddings do not fit {checkpoint.name} ({exc}): run prepare with this checkpoint") from exc
-    latents = [model.model.process_latent_in(lat[None].float()).squeeze(0) for lat in cached.latents]
-    return TrainingData(latents, conds, unconds)
+    def scaled(lat: Any) -> Any:
+        return model.model.process_latent_in(lat[None].float()).squeeze(0)
+
+    latents = [scaled(lat) for lat in cached.latents]
+    # a depth cache: each depth latent's image latent, in the model's latent scale (d2f_host.depth's convention)
+    extras = [{"concat": scaled(c)} for c in cached.concats] if cached.concats is not None else None
+    return TrainingData(latents, conds, unconds, extras)
 
 
 def training_data_from_pairs(model: Any, pairs: Any, folder: str) -> Any:
@@ -643,8 +662,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True, metavar="{prepare,train,pairs,sample,depth}")
 
-    p = sub.add_parser("prepare", help="image folder + captions -> latent cache")
-    p.add_argument("--dataset", required=True, help="folder of images with same-name .txt captions (nested folders allowed)")
+    p = sub.add_parser("prepare", help="image folder + captions (or image + depth pairs) -> latent cache")
+    p.add_argument("--dataset", required=True, help="folder of images with same-name .txt captions (nested folders "
+                   "allowed); or of image + depth pairs for a depth model: photo.png with photo.depth.png (8/16-bit "
+                   "grayscale) or photo.depth.npy (float [H, W], NaN = unknown), found by themselves")
     p.add_argument("--checkpoint", required=True, help="SD1.x / SD2.x / SDXL checkpoint whose VAE and text encoder encode the data")
     p.add_argument("--cache", required=True, help="cache folder (created; unchanged entries of an earlier run are reused)")
     p.add_argument("--resolution", type=int, default=512, help="bucket area = resolution^2 pixels, multiple of 64 (default 512)")

@@ -21,8 +21,10 @@ class TrainingData:
 
     ``uncond`` is the empty/negative conditioning used for caption dropout: one for all samples, or
     one per sample (SDXL's ``y`` embeds each sample's own size). ``extras[i]`` holds
-    per-sample tensors the objective reads, without a batch dimension (``"noise"``: the paired noise
-    of reflow's (noise, image) pairs, shaped like the latent). Samples of different shapes
+    per-sample tensors, without a batch dimension: ``"noise"``, the paired noise of reflow's (noise,
+    image) pairs, shaped like the latent, which the objective reads; any other key reaches the network
+    as a keyword argument (``"concat"``: an image-conditioned model's clean image latent [C, H, W], in
+    the model's latent scale, appended after the noisy input; docs/MATH.md section 13). Samples of different shapes
     (resolution buckets, prompt lengths) are only batched with samples of their own shape.
     """
 
@@ -58,6 +60,10 @@ class TrainingData:
                 if "noise" in extra and tuple(extra["noise"].shape) != tuple(lat.shape):
                     raise ValueError(f"sample {i}: paired noise of shape {tuple(extra['noise'].shape)} does not match "
                                      f"its latent {tuple(lat.shape)}")
+                concat = extra.get("concat")
+                if concat is not None and (concat.ndim != 3 or tuple(concat.shape[1:]) != tuple(lat.shape[1:])):
+                    raise ValueError(f"sample {i}: its image latent (concat) of shape {tuple(concat.shape)} does not match "
+                                     f"the size of its latent {tuple(lat.shape)}: encode each image and its target at one size")
         groups: dict[tuple, list[int]] = {}
         for i, (lat, cond) in enumerate(zip(self.latents, self.conds)):
             groups.setdefault(_signature(lat, cond), []).append(i)

@@ -11,10 +11,13 @@ import math
 import os
 import pathlib
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
+DEPTH_MARK = ".depth"  # photo.png's depth map is photo.depth.png (8 / 16-bit) or photo.depth.npy (float)
+DEPTH_EXTENSIONS = (".png", ".npy")
 BUCKET_STEP = 64  # pixels: 8 latent cells of an SD VAE
 
 
@@ -32,6 +35,7 @@ class ImageRecord:
     relative: str  # path inside the dataset folder, with "/" separators: the cache key
     caption: str
     has_caption: bool
+    depth: Optional[pathlib.Path] = None  # its depth map (name.depth.png / .npy) in a folder of depth pairs
 
     @property
     def size(self) -> int:
@@ -42,8 +46,15 @@ class ImageRecord:
         return self.path.stat().st_mtime_ns
 
 
+def is_depth_file(path: pathlib.Path) -> bool:
+    """``name.depth.png`` / ``name.depth.npy``: the depth map of ``name.<ext>`` (training/depth_dataset.py),
+    never an image of its own."""
+    return any(path.name.lower().endswith(DEPTH_MARK + ext) for ext in DEPTH_EXTENSIONS)
+
+
 def scan_folder(folder: str | os.PathLike) -> list[ImageRecord]:
-    """Every image under ``folder`` (recursively, sorted) with its caption."""
+    """Every image under ``folder`` (recursively, sorted) with its caption (depth maps, ``name.depth.png``,
+    are not images: :func:`training.depth_dataset.scan_depth_pairs` pairs them)."""
     root = pathlib.Path(folder)
     if not root.exists():
         raise DatasetError(f"dataset folder {root} does not exist: pass the folder that holds your images (and their .txt captions)")
@@ -52,6 +63,8 @@ def scan_folder(folder: str | os.PathLike) -> list[ImageRecord]:
     records = []
     for path in sorted(root.rglob("*")):
         if path.suffix.lower() not in IMAGE_EXTENSIONS or not path.is_file() or any(p.startswith(".") for p in path.relative_to(root).parts):
+            continue
+        if is_depth_file(path):
             continue
         caption_file = path.with_suffix(".txt")
         has_caption = caption_file.is_file()
@@ -114,11 +127,18 @@ def load_image(path: str | os.PathLike, bucket: tuple[int, int] | None = None,
         if not buckets:
             raise ValueError("give a bucket or a list of buckets")
         bucket = nearest_bucket(im.width, im.height, buckets)
-    bw, bh = bucket
-    scale = max(bw / im.width, bh / im.height)
-    size = (max(bw, round(im.width * scale)), max(bh, round(im.height * scale)))
-    im = im.resize(size, Image.Resampling.LANCZOS)
-    left, top = (size[0] - bw) // 2, (size[1] - bh) // 2
-    im = im.crop((left, top, left + bw, top + bh))
+    size, box = cover_and_crop(im.width, im.height, bucket)
+    im = im.resize(size, Image.Resampling.LANCZOS).crop(box)
     pixels = torch.from_numpy(np.asarray(im, dtype=np.float32) / 255.0)
     return pixels, bucket
+
+
+def cover_and_crop(width: int, height: int, bucket: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+    """How an image of ``width`` x ``height`` goes to ``bucket``: the (width, height) it is resized to
+    (covering the bucket, aspect kept) and the centred crop box (left, top, right, bottom) after it. A
+    depth map goes through the same two steps as its image, so the pair stays aligned pixel for pixel."""
+    bw, bh = bucket
+    scale = max(bw / width, bh / height)
+    size = (max(bw, round(width * scale)), max(bh, round(height * scale)))
+    left, top = (size[0] - bw) // 2, (size[1] - bh) // 2
+    return size, (left, top, left + bw, top + bh)

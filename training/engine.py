@@ -257,9 +257,14 @@ class Trainer:
         if cfg.caption_dropout > 0 and self.data.uncond is not None:
             dropout = torch.rand(cfg.batch_size, generator=gen) < cfg.caption_dropout
         x0, cond = self.data.batch(indices, dropout)
+        extras = self.data.batch_extras(indices)
         # the data's noise is used only by an objective that trains on pairs (teacher samples trained
         # under diff2flow draw fresh noise, as any other data does)
-        paired = self.data.batch_extras(indices).get("noise") if self.objective.paired_noise else None
+        data_noise = extras.pop("noise", None)
+        paired = data_noise if self.objective.paired_noise else None
+        # every other per-sample tensor (an image-conditioned model's "concat" latent) is a network argument;
+        # caption dropout never drops it (the image is the condition, not the caption)
+        cond.update(extras)
         noise, times = self.objective.draw(x0, self.d2f, gen, paired, **cfg.timestep_options())
         shard = slice(self.rank * cfg.batch_size // self.world_size, (self.rank + 1) * cfg.batch_size // self.world_size)
         x0, noise, times = (t[shard].to(self.device) for t in (x0, noise, times))

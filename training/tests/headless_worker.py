@@ -1,7 +1,7 @@
 """Worker for the multi-process and interrupt tests: the tiny pure-torch model trained through
 ``run_headless`` (the CLI's loop: files, metrics, signals), one process or several under torchrun.
 
-    python training/tests/headless_worker.py OUT_DIR [--steps N] [--resume] [--sleep S] [--save-every K]
+    python training/tests/headless_worker.py OUT_DIR [--steps N] [--resume] [--sleep S] [--save-every K] [--concat]
     python -m torch.distributed.run --nproc_per_node 2 training/tests/headless_worker.py OUT_DIR ...
 """
 from __future__ import annotations
@@ -26,13 +26,14 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--sleep", type=float, default=0.0, help="seconds added to every forward (a slow model)")
     parser.add_argument("--save-every", type=int, default=0)
+    parser.add_argument("--concat", action="store_true", help="an image-conditioned model (each sample carries a concat latent)")
     args = parser.parse_args()
     world = distributed.world_from_env()
     distributed.init(world)
     torch.set_num_threads(1)
     config = TrainConfig(steps=args.steps, batch_size=4, grad_accumulation=2, learning_rate=3e-3, lr_schedule="cosine",
                          caption_dropout=0.25, seed=21, save_every=args.save_every)
-    trainer, net, _ = make_run(config, "v", n=6)
+    trainer, net, _ = make_run(config, "v", n=6, concat=args.concat)
     trainer.rank, trainer.world_size = world.rank, world.world_size
     if args.sleep:
         forward = net.forward

@@ -22,9 +22,24 @@ class CondNet(torch.nn.Module):
         return self.inner(x, t, None if context is None else context.mean(1))
 
 
-def adapted_net(config: TrainConfig, model_seed: int = 0) -> tuple[CondNet, dict]:
-    """A frozen tiny CondNet with fresh ``config`` adapters on every layer (fixed seeds)."""
-    net = CondNet(model_seed)
+class ConcatNet(CondNet):
+    """An image-conditioned CondNet: the clean image latent ``concat`` [B, 4, H, W] is appended after the
+    input's channels (as ``d2f_host.unet.unet_network`` does for a widened UNet); the output keeps 4."""
+
+    def __init__(self, seed: int = 0) -> None:
+        torch.nn.Module.__init__(self)
+        torch.manual_seed(seed)
+        self.inner = TinyDenoiser(channels=8, width=16, cond_dim=4)
+
+    def forward(self, x, t, context=None, concat=None):
+        if concat is None:
+            raise TypeError("an image-conditioned network needs concat")
+        return self.inner(torch.cat([x, concat.to(x)], dim=1), t, None if context is None else context.mean(1))[:, :4]
+
+
+def adapted_net(config: TrainConfig, model_seed: int = 0, concat: bool = False) -> tuple[CondNet, dict]:
+    """A frozen tiny CondNet (ConcatNet with ``concat``) with fresh ``config`` adapters on every layer (fixed seeds)."""
+    net = ConcatNet(model_seed) if concat else CondNet(model_seed)
     net.requires_grad_(False)
     modules = select_target_modules(net, "all")
     gen = torch.Generator().manual_seed(123)
@@ -33,15 +48,19 @@ def adapted_net(config: TrainConfig, model_seed: int = 0) -> tuple[CondNet, dict
     return net, adapters
 
 
-def make_run(config: TrainConfig, prediction: str = "eps", n: int = 4, model_seed: int = 0):
-    """(trainer, net, adapters) on a fixed handful of 8x8 latents."""
-    net, adapters = adapted_net(config, model_seed)
+def make_run(config: TrainConfig, prediction: str = "eps", n: int = 4, model_seed: int = 0, concat: bool = False):
+    """(trainer, net, adapters) on a fixed handful of 8x8 latents; with ``concat`` an image-conditioned
+    ConcatNet on latents that each carry a fixed image latent (the per-sample ``"concat"``)."""
+    net, adapters = adapted_net(config, model_seed, concat)
     data_gen = torch.Generator().manual_seed(7)
     latents = [torch.randn(4, 8, 8, generator=data_gen) for _ in range(n)]
     conds = [{"context": torch.randn(1, 3, 4, generator=data_gen)} for _ in range(n)]
     # objectives that train on (noise, image) pairs get a fixed noise per latent, as a pairs folder holds
     extras = [{"noise": torch.randn(4, 8, 8, generator=data_gen)} for _ in range(n)] \
         if d2f_core.get_objective(config.objective).paired_noise else None
+    if concat:
+        images = [torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(100 + i)) for i in range(n)]
+        extras = [{**(e or {}), "concat": c} for e, c in zip(extras or [None] * n, images)]
     data = TrainingData(latents, conds, uncond={"context": torch.zeros(1, 3, 4)}, extras=extras)
     ac = d2f_core.scaled_linear()
     if config.zero_terminal_snr:
