@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -28,22 +28,11 @@ VelocityFn = Callable[..., torch.Tensor]
 ADAPTER_KINDS = ("lora", "full")
 
 
-class DenseAdapter(WeightAdapter):
-    """Full fine-tuning as an adapter: ``delta`` is a full matrix shaped like the weight,
-    initialised to zero, so ``training.Trainer`` trains every weight of the targeted layers
-    with the same loop, data draws and objectives as it trains LoRA."""
-
-    def __init__(self, weight_shape: Iterable[int]) -> None:
-        super().__init__(weight_shape, rank=1, alpha=1.0)
-        self.delta_weight = nn.Parameter(torch.zeros(self.weight_shape))
-
-    def delta(self) -> torch.Tensor:
-        return self.delta_weight
-
-
 def attach_adapters(unet: TinyUNet, kind: str, rank: int = 8, targets: str = "all", seed: int = 0) -> dict[str, WeightAdapter]:
     """Attach fresh adapters to ``unet`` (in place; its own weights are frozen): ``"lora"`` of
-    ``rank`` (alpha = rank, so the LoRA scale is 1) or ``"full"`` (:class:`DenseAdapter`)."""
+    ``rank`` (alpha = rank, so the LoRA scale is 1) or ``"full"`` (``d2f_core.lora.FullAdapter``: a zero-initialised
+    dense delta, so ``training.Trainer`` trains every weight of the targeted layers with the same loop, data draws
+    and objectives as it trains LoRA)."""
     if kind not in ADAPTER_KINDS:
         raise ValueError(f"adapter kind {kind!r} is unknown: choose one of {', '.join(ADAPTER_KINDS)}")
     unet.requires_grad_(False)
@@ -52,7 +41,7 @@ def attach_adapters(unet: TinyUNet, kind: str, rank: int = 8, targets: str = "al
     if kind == "lora":
         adapters = {name: make_adapter("LoRA", m.weight.shape, rank, float(rank), gen) for name, m in modules.items()}
     else:
-        adapters = {name: DenseAdapter(m.weight.shape) for name, m in modules.items()}
+        adapters = {name: make_adapter("Full", m.weight.shape, 1, 1.0) for name, m in modules.items()}
     attach_parametrizations(modules, adapters)
     return adapters
 
