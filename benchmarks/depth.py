@@ -43,7 +43,6 @@ Time convention (docs/MATH.md section 1): FM sigma in [0, 1], sigma = 1 is noise
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import statistics
 import sys
@@ -70,7 +69,7 @@ from training.engine import build_optimizer, lr_lambda  # noqa: E402
 from training.files import atomic_write  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # the benchmarks' shared flags
-from paper_comparison import add_finetune_flags, check_finetune_flags  # noqa: E402
+from paper_comparison import add_finetune_flags, check_finetune_flags, write_report  # noqa: E402
 
 OBJECTIVES = ("diffusion", "naive_fm", "diff2flow")  # report order
 ADAPTERS = ("lora16", "full")
@@ -460,12 +459,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     report["targets"] = targets(report)
     stem = "depth_quick" if quick else "depth"
-    markdown = summarise(report)
-    (args.out / f"{stem}.md").write_text(markdown)
-    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1))
-    plot = save_plot(report, args.out / f"{stem}_abs_rel_vs_steps.png")
-    print(markdown)
-    print(f"wrote {args.out / (stem + '.md')}, {stem}.json and {plot} in {report['seconds'] / 60:.1f} min")
+    write_report(args.out, stem, report, summarise(report), [save_plot(report, args.out / f"{stem}_abs_rel_vs_steps.png")])
     return 0
 
 

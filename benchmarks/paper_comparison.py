@@ -48,7 +48,7 @@ from demo.classifier import predict  # noqa: E402
 from demo.progress import Progress  # noqa: E402
 from demo.store import WEIGHTS_DIR, load_classifier, load_unet  # noqa: E402
 from training import TrainConfig, Trainer  # noqa: E402
-from training.files import ensure_writable_folder  # noqa: E402
+from training.files import atomic_write, ensure_writable_folder  # noqa: E402
 
 OBJECTIVES = ("diffusion", "naive_fm", "diff2flow")  # the paper's comparison, in report order
 CHECKPOINT_SAMPLER_STEPS = 8  # the sampler used for FD along the fine-tuning checkpoints
@@ -223,8 +223,6 @@ def save_plots(report: dict[str, Any], out: pathlib.Path) -> list[pathlib.Path]:
     matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
 
-    from training.files import atomic_write
-
     runs, zero, cfg = report["runs"], report["zero_shot"], report["config"]
     adapters, checkpoints, sampler_steps = cfg["adapters"], cfg["checkpoints"], cfg["sampler_steps"]
     k, last = str(CHECKPOINT_SAMPLER_STEPS), str(checkpoints[-1])
@@ -317,6 +315,15 @@ def check_finetune_flags(p: argparse.ArgumentParser, args: argparse.Namespace, *
         p.error(f"--out {args.out} cannot be written: {exc}")
 
 
+def write_report(out: pathlib.Path, stem: str, report: dict[str, Any], markdown: str, plots: list[pathlib.Path]) -> None:
+    """Write ``<stem>.md`` and ``<stem>.json`` into ``out`` (the plots are already written), print the
+    markdown and where everything went (every toy benchmark ends this way)."""
+    atomic_write(out / f"{stem}.md", lambda path: pathlib.Path(path).write_text(markdown))
+    atomic_write(out / f"{stem}.json", lambda path: pathlib.Path(path).write_text(json.dumps(report, indent=1)))
+    print(markdown)
+    print(f"wrote {out / (stem + '.md')}, {stem}.json and {', '.join(str(p) for p in plots)} in {report['seconds'] / 60:.1f} min")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="shrunken run: 1 seed, 20/50 steps, 1/4 sampler steps, 100 samples")
@@ -377,16 +384,10 @@ def main(argv: list[str] | None = None) -> int:
         "floor_fd": setup.floor, "real_count": int(setup.images.shape[0]), "zero_shot": zero, "runs": runs,
         "seconds": time.perf_counter() - start,
     }
-    stem = "paper_comparison_quick" if quick else "paper_comparison"
-    markdown = summarise(report)
-    (args.out / f"{stem}.md").write_text(markdown)
-    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1))
     plot_dir = args.out / ("quick" if quick else "")
     plot_dir.mkdir(parents=True, exist_ok=True)
-    plots = save_plots(report, plot_dir)
-    print(markdown)
-    print(f"wrote {args.out / (stem + '.md')}, {stem}.json and {', '.join(str(p) for p in plots)} "
-          f"in {report['seconds'] / 60:.1f} min")
+    write_report(args.out, "paper_comparison_quick" if quick else "paper_comparison", report, summarise(report),
+                 save_plots(report, plot_dir))
     return 0
 
 

@@ -31,7 +31,6 @@ Time convention (docs/MATH.md section 1): FM sigma in [0, 1], sigma = 1 is noise
 from __future__ import annotations
 
 import argparse
-import json
 import pathlib
 import shutil
 import statistics
@@ -57,7 +56,7 @@ from training.files import atomic_write  # noqa: E402
 from training.pairs import PairSettings, generate_pairs, load_pairs  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # the benchmarks' shared flags
-from paper_comparison import add_finetune_flags, check_finetune_flags  # noqa: E402
+from paper_comparison import add_finetune_flags, check_finetune_flags, write_report  # noqa: E402
 
 CLASSES = ddata.PRETRAIN_CLASSES
 STUDENT_STEPS = (1, 2, 4, 8)
@@ -383,12 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     report["targets"] = targets(report)
     stem = "reflow_quick" if quick else "reflow"
-    markdown = summarise(report)
-    (args.out / f"{stem}.md").write_text(markdown)
-    (args.out / f"{stem}.json").write_text(json.dumps(report, indent=1))
-    plot = save_plot(report, args.out / f"{stem}_fd_vs_steps.png")
-    print(markdown)
-    print(f"wrote {args.out / (stem + '.md')}, {stem}.json and {plot} in {report['seconds'] / 60:.1f} min")
+    write_report(args.out, stem, report, summarise(report), [save_plot(report, args.out / f"{stem}_fd_vs_steps.png")])
     return 0
 
 

@@ -93,3 +93,18 @@ def fp32_text_encoder_module(comfy_nodes):
     comfy.cli_args.args.fp32_text_enc = True
     yield
     comfy.cli_args.args.fp32_text_enc = before
+
+
+@pytest.fixture
+def recorded_trainers(pack, monkeypatch) -> list:
+    """The ``Trainer`` objects the training node creates during the test, in order (the node's own
+    class, subclassed only to record its instances), so a test can inspect the adapters as trained."""
+    trainers: list = []
+
+    class RecordingTrainer(pack.train_nodes.Trainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            trainers.append(self)
+
+    monkeypatch.setattr(pack.train_nodes, "Trainer", RecordingTrainer)
+    return trainers

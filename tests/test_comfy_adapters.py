@@ -82,24 +82,16 @@ def sd15_clip(tiny_sd15_file):
 
 @pytest.mark.parametrize("algorithm", list(ALGORITHMS))
 def test_saved_file_loads_completely_in_stock_loaders_and_gives_the_trained_outputs(
-        pack, tiny_model, comfy_nodes, loras_dir, caplog, monkeypatch, sd15_clip, algorithm) -> None:
+        pack, tiny_model, comfy_nodes, loras_dir, caplog, recorded_trainers, sd15_clip, algorithm) -> None:
     base = tiny_model("eps")
     config = TrainConfig(steps=4, batch_size=2, learning_rate=3e-2, targets="all", algorithm=algorithm, rank=4, alpha=4.0,
                          ema_decay=0.5, seed=2)
     latents, positive = batch()
-    trainers = []
-
-    class RecordingTrainer(pack.train_nodes.Trainer):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            trainers.append(self)
-
-    monkeypatch.setattr(pack.train_nodes, "Trainer", RecordingTrainer)
     _, lora, _, steps = pack.train_nodes.train_lora(base, latents, positive, None, config, output_name="run")
     assert steps == 4
     # the network as trained: the saved (EMA) adapters as weight wrappers, the way the engine trains them
     # (the node's MODEL output cannot serve: it is the saved file loaded by ComfyUI's own loader)
-    (trainer,) = trainers
+    (trainer,) = recorded_trainers
     assert all(type(a) is ALGORITHMS[algorithm] for a in trainer.adapters.values())
     trained = base.clone()
     for n, adapter in trainer.saved_adapters().items():

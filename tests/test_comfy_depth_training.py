@@ -88,20 +88,12 @@ def unet_raw(model, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, con
 
 @pytest.mark.parametrize("algorithm,objective", [("LoRA", "diff2flow"), ("LoHa", "diffusion"), ("Full", "naive_fm")])
 def test_node_trains_a_depth_model_whose_file_loads_back_with_the_trained_outputs(
-        pack, comfy_nodes, sd15, loras_dir, monkeypatch, caplog, tiny_sd15_file, algorithm, objective) -> None:
+        pack, comfy_nodes, sd15, loras_dir, recorded_trainers, caplog, tiny_sd15_file, algorithm, objective) -> None:
     from d2f_host.checkpoints import base_model_hash
     from d2f_host.depth import is_image_conditioned, widen_model
 
     base, vae = sd15
     images, depths = pair_batch(4)
-    trainers = []
-
-    class RecordingTrainer(pack.train_nodes.Trainer):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            trainers.append(self)
-
-    monkeypatch.setattr(pack.train_nodes, "Trainer", RecordingTrainer)
     options = dict(steps=3, batch_size=2, learning_rate=1e-2, rank=4, alpha=4.0, algorithm=algorithm, objective=objective,
                    targets="attention", seed=1, save_every=3)
     # the images as two list items (a list of batches, as ComfyUI's dataset nodes give), the depth maps as one batch
@@ -125,7 +117,7 @@ def test_node_trains_a_depth_model_whose_file_loads_back_with_the_trained_output
     fresh = comfy.sd.load_checkpoint_guess_config(str(tiny_sd15_file), output_vae=False, output_clip=False)[0]
     assert meta.base_model_hash == base_model_hash(fresh)
     # the network as trained: the adapters as weight wrappers on the widened clone (what the engine trained)
-    (trainer,) = trainers
+    (trainer,) = recorded_trainers
     widened = widen_model(base)
     trained = widened.clone()
     for n, adapter in trainer.saved_adapters().items():
