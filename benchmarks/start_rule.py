@@ -172,7 +172,7 @@ def print_table(name: str, gmm: GaussianMixture, result: dict, steps_list: tuple
           f"reference error (SW) {info['reference_error']:.1e}, SW of the reference to a fresh data "
           f"sample {info['data_sample_floor']:.4f}")
     print("SW to the data distribution (map error) per start rule")
-    print(f"| pred | steps | " + " | ".join(RULES) + " |")
+    print("| pred | steps | " + " | ".join(RULES) + " |")
     print("|---|---|" + "---|" * len(RULES))
     for prediction in PREDICTIONS:
         for steps in steps_list:

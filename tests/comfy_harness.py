@@ -88,3 +88,21 @@ def build_tiny_model(kind: str = "eps", seed: int = 0):
     model = comfy.model_base.BaseModel(cfg, model_type=model_type, device=torch.device("cpu"))
     randomize_(model, seed)
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
+
+
+def run_cli_in_one_and_two_processes(args: list, folder: pathlib.Path, timeout: float = 600) -> tuple[pathlib.Path, pathlib.Path]:
+    """``python -m training <args>`` once as one process and once under ``torchrun`` with 2 gloo
+    processes, each with ``--output`` in its own subfolder of ``folder`` (asserting both succeed);
+    returns the two output folders (``one``, ``two``) for the caller to compare."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "COMFYUI_PATH": str(COMFYUI), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    launchers = {"one": [sys.executable, "-m", "training"],
+                 "two": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "training"]}
+    for name, launcher in launchers.items():
+        done = subprocess.run([*launcher, *map(str, args), "--output", str(folder / name)], env=env, cwd=folder,
+                              capture_output=True, text=True, timeout=timeout)
+        assert done.returncode == 0, f"{name} process(es): {done.stderr[-3000:]}"
+    return folder / "one", folder / "two"

@@ -5,14 +5,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import pathlib
-import subprocess
-import sys
 
 import pytest
 
-from comfy_harness import COMFYUI, ROOT, require_comfyui
+from comfy_harness import require_comfyui, run_cli_in_one_and_two_processes
 
 require_comfyui()
 
@@ -152,15 +149,7 @@ def test_bad_inputs_fail_before_compute(tiny_sd15_file, prepared, tmp_path, caps
 
 @pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="torch.distributed with gloo is not available")
 def test_torchrun_two_processes_train_through_the_cli(prepared, tiny_sd15_file, tmp_path) -> None:
-    env = {**os.environ, "COMFYUI_PATH": str(COMFYUI), "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    args = ["train", "--cache", str(prepared), "--checkpoint", str(tiny_sd15_file), *TRAIN]
-    one = subprocess.run([sys.executable, "-m", "training", *args, "--output", str(tmp_path / "one")], env=env, cwd=tmp_path,
-                         capture_output=True, text=True, timeout=600)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "training",
-                          *args, "--output", str(tmp_path / "two")], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert two.returncode == 0, two.stderr[-3000:]
+    run_cli_in_one_and_two_processes(["train", "--cache", prepared, "--checkpoint", tiny_sd15_file, *TRAIN], tmp_path)
     with safe_open(str(tmp_path / "one" / "diff2flow_lora.safetensors"), "pt") as a, \
             safe_open(str(tmp_path / "two" / "diff2flow_lora.safetensors"), "pt") as b:
         assert set(a.keys()) == set(b.keys())

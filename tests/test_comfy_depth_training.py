@@ -5,14 +5,11 @@ prepare + train on a folder of pairs (resume, torchrun), the depth file loaded b
 Convention: FM sigma in [0, 1], sigma = 1 is noise."""
 from __future__ import annotations
 
-import os
 import pathlib
-import subprocess
-import sys
 
 import pytest
 
-from comfy_harness import COMFYUI, ROOT, require_comfyui
+from comfy_harness import require_comfyui, run_cli_in_one_and_two_processes
 
 require_comfyui()
 
@@ -346,16 +343,7 @@ def test_cli_refuses_bad_pairs_before_loading_anything(pair_folder, depth_cache,
 
 @pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="torch.distributed with gloo is not available")
 def test_cli_torchrun_two_processes_train_the_depth_model_of_one(depth_cache, tiny_sd15_file, tmp_path) -> None:
-    env = {**os.environ, "COMFYUI_PATH": str(COMFYUI), "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    args = ["train", "--cache", str(depth_cache), "--checkpoint", str(tiny_sd15_file), *CLI_TRAIN]
-    one = subprocess.run([sys.executable, "-m", "training", *args, "--output", str(tmp_path / "one")], env=env, cwd=tmp_path,
-                         capture_output=True, text=True, timeout=600)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-                          "training", *args, "--output", str(tmp_path / "two")], env=env, cwd=tmp_path, capture_output=True,
-                         text=True, timeout=600)
-    assert two.returncode == 0, two.stderr[-3000:]
+    run_cli_in_one_and_two_processes(["train", "--cache", depth_cache, "--checkpoint", tiny_sd15_file, *CLI_TRAIN], tmp_path)
     a, b = load_file(tmp_path / "one" / "diff2flow_lora.safetensors"), load_file(tmp_path / "two" / "diff2flow_lora.safetensors")
     assert a.keys() == b.keys() and f"{CONV}.diff" in a
     for key in a:

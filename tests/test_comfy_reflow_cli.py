@@ -10,7 +10,7 @@ import pathlib
 
 import pytest
 
-from comfy_harness import require_comfyui
+from comfy_harness import require_comfyui, run_cli_in_one_and_two_processes
 
 require_comfyui()
 
@@ -129,23 +129,8 @@ def test_a_checkpoint_that_is_no_sd_model_is_refused(tmp_path, prompts, capsys) 
 def test_torchrun_two_processes_generate_the_same_pairs_as_one(tiny_sd15_file, prompts, tmp_path) -> None:
     """`torchrun ... -m training pairs` splits the shards between the ranks; every pair is bit-identical to
     the one-process run's (per-index noise; each rank runs the same batch shapes)."""
-    import os
-    import subprocess
-    import sys
-
-    from comfy_harness import COMFYUI, ROOT
-
-    env = {**os.environ, "COMFYUI_PATH": str(COMFYUI), "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    args = ["pairs", "--checkpoint", str(tiny_sd15_file), "--prompts", str(prompts), "--count", "4", "--steps", "2",
-            "--cfg", "2", *SIZE, "--batch-size", "2", "--shard-size", "2", "--no-progress"]
-    one = subprocess.run([sys.executable, "-m", "training", *args, "--output", str(tmp_path / "one")], env=env,
-                         cwd=tmp_path, capture_output=True, text=True, timeout=600)
-    assert one.returncode == 0, one.stderr[-3000:]
-    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-                          "training", *args, "--output", str(tmp_path / "two")], env=env, cwd=tmp_path, capture_output=True,
-                         text=True, timeout=600)
-    assert two.returncode == 0, two.stderr[-3000:]
+    run_cli_in_one_and_two_processes(["pairs", "--checkpoint", tiny_sd15_file, "--prompts", prompts, "--count", "4", "--steps",
+                                      "2", "--cfg", "2", *SIZE, "--batch-size", "2", "--shard-size", "2", "--no-progress"], tmp_path)
     shards_one, shards_two = pair_shards(tmp_path / "one"), pair_shards(tmp_path / "two")
     assert [(a, b) for a, b, _ in shards_two] == [(a, b) for a, b, _ in shards_one] == [(0, 2), (2, 4)]
     for (_, _, p1), (_, _, p2) in zip(shards_one, shards_two):
