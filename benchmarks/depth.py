@@ -87,7 +87,8 @@ TOP_TIMESTEP = 999.0  # the regression baseline's timestep: the prior's pure-noi
 # image fixes the map, so the low-noise steps have little left to add); the diffusion objective keeps Marigold's
 # uniform integer tau, which under SD's schedule already puts most draws at high noise. 3000 steps (seed 0, single
 # at 1 / 2 / 4 / 10 steps): diff2flow full 0.124 / 0.131 / 0.138 / 0.146, naive_fm full 0.127 / 0.131 / 0.137 / 0.143,
-# diff2flow LoRA 0.132 / 0.139 / 0.149 / 0.157, regression 0.119 (better, but twice the cost of the 3-seed run).
+# diff2flow LoRA 0.132 / 0.139 / 0.149 / 0.157, regression 0.119 (better, but twice the cost of the 3-seed run); full at
+# lr 1e-3, 3000 steps: diff2flow 0.131 / 0.137 / 0.145 / 0.153, naive_fm 0.132 / 0.138 / 0.145 / 0.152 (within 0.001).
 TRAIN_STEPS = 1500
 LR_LORA, LR_FULL = 1e-2, 3e-3
 TIMESTEPS: dict[str, Any] = {"timestep_sampling": "shift", "shift": 6.0}  # the FM objectives' sigma draws
