@@ -8,10 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .objectives import get_objective
+
 __all__ = ["DEFAULT_DEPTH_STEPS", "MAX_STEPS", "MAX_ENSEMBLE", "MIN_RESOLUTION", "LATENT_SCALE", "DepthSettings",
            "processing_size"]
 
-DEFAULT_DEPTH_STEPS = 4  # a model that recommends nothing (a freshly widened one, a stock-loaded one)
+# a model that recommends nothing (a freshly widened one, a stock-loaded one, a Marigold conversion) samples as a
+# Diff2Flow depth model: the registry's recommendation for one, the single place that number lives
+DEFAULT_DEPTH_STEPS = get_objective("diff2flow").recommended_steps("depth")
 MAX_STEPS = 50
 MAX_ENSEMBLE = 10
 MIN_RESOLUTION = 64
