@@ -58,12 +58,13 @@ def load_checkpoint(path: str | os.PathLike, encoders: str = "required", embeddi
 
 
 def apply_lora(model: Any, clip: Any, path: str | os.PathLike, strength_model: float = 1.0,
-               strength_clip: float = 0.0, checkpoint: str = "the checkpoint") -> tuple[Any, Any, Optional[LoraMetadata]]:
+               strength_clip: float = 0.0, checkpoint: str = "the checkpoint",
+               tensors: Optional[dict[str, torch.Tensor]] = None) -> tuple[Any, Any, Optional[LoraMetadata]]:
     """``(model, clip, metadata)`` with the LoRA file at ``path`` loaded as stock loaders do.
 
     ``metadata`` is the file's Diff2Flow metadata (``None`` for a plain LoRA); a LoRA trained on
     the other prediction type than ``model`` is refused with the fix named (``checkpoint`` names the
-    base model in that message).
+    base model in that message). ``tensors``: the file's tensors when the caller has read them already.
     """
     name = pathlib.Path(path).name
     metadata = read_lora_metadata(path)
@@ -74,7 +75,7 @@ def apply_lora(model: Any, clip: Any, path: str | os.PathLike, strength_model: f
                 f"LoRA '{name}' was trained on a {metadata.prediction}-prediction model, but {checkpoint} predicts "
                 f"{prediction}: load the LoRA on the base model it was trained on."
             )
-    lora = comfy.utils.load_torch_file(str(path), safe_load=True)
+    lora = tensors if tensors is not None else comfy.utils.load_torch_file(str(path), safe_load=True)
     model, clip = comfy.sd.load_lora_for_models(model, clip, lora, strength_model, strength_clip)
     return model, clip, metadata
 

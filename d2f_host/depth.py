@@ -240,7 +240,7 @@ def load_depth_model(base_model: Any, path: str | os.PathLike, strength: float =
                     "is only reliable on the model it was trained from", name, metadata.base_model_hash)
     with _unloaded_keys() as unloaded:
         try:
-            model, _, _ = apply_lora(widened, None, path, strength, 0.0, checkpoint="this MODEL")
+            model, _, _ = apply_lora(widened, None, path, strength, 0.0, checkpoint="this MODEL", tensors=tensors)
         except ValueError as exc:  # the prediction-type check
             raise HostError(str(exc)) from exc
     if unloaded:

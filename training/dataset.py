@@ -11,7 +11,7 @@ import math
 import os
 import pathlib
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 
@@ -103,11 +103,9 @@ def nearest_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> t
     return min(buckets, key=lambda b: (abs(math.log(b[0] / b[1]) - ratio), -b[0] * b[1]))
 
 
-def load_image(path: str | os.PathLike, bucket: tuple[int, int] | None = None,
-               buckets: list[tuple[int, int]] | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
-    """The image as [H, W, 3] float in [0, 1] (ComfyUI's IMAGE layout), resized to cover its bucket
-    and centre-cropped to it; returns (pixels, bucket). Raises UnreadableImage for broken files."""
-    import numpy as np
+def read_rgb(path: str | os.PathLike) -> Any:
+    """The image file as an RGB PIL image, EXIF rotation applied and transparent areas white.
+    Raises UnreadableImage for broken files."""
     from PIL import Image, ImageOps
 
     try:
@@ -123,6 +121,17 @@ def load_image(path: str | os.PathLike, bucket: tuple[int, int] | None = None,
                 im = im.convert("RGB")
     except Exception as exc:  # PIL raises many kinds (OSError, SyntaxError, ValueError, DecompressionBombError)
         raise UnreadableImage(f"{type(exc).__name__}: {exc}") from exc
+    return im
+
+
+def load_image(path: str | os.PathLike, bucket: tuple[int, int] | None = None,
+               buckets: list[tuple[int, int]] | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+    """The image as [H, W, 3] float in [0, 1] (ComfyUI's IMAGE layout), resized to cover its bucket
+    and centre-cropped to it; returns (pixels, bucket). Raises UnreadableImage for broken files."""
+    import numpy as np
+    from PIL import Image
+
+    im = read_rgb(path)
     if bucket is None:
         if not buckets:
             raise ValueError("give a bucket or a list of buckets")

@@ -15,9 +15,9 @@ import torch
 
 from d2f_core.colormap import apply_colormap
 
-__all__ = ["IMAGE_SUFFIXES", "list_images", "load_image", "depth_paths", "save_depth"]
+from .dataset import IMAGE_EXTENSIONS, UnreadableImage, read_rgb
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
+__all__ = ["list_images", "load_image", "depth_paths", "save_depth"]
 
 
 class ImageListError(ValueError):
@@ -32,13 +32,13 @@ def list_images(paths: Sequence[str | os.PathLike]) -> list[pathlib.Path]:
     for raw in paths:
         path = pathlib.Path(raw)
         if path.is_dir():
-            found += sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found += sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
         elif path.is_file():
             found.append(path)
         else:
             raise ImageListError(f"--images {path} does not exist: pass image files or folders of images")
     if not found:
-        raise ImageListError(f"--images {', '.join(map(str, paths))}: no image files ({', '.join(IMAGE_SUFFIXES)})")
+        raise ImageListError(f"--images {', '.join(map(str, paths))}: no image files ({', '.join(IMAGE_EXTENSIONS)})")
     stems: dict[str, pathlib.Path] = {}
     for p in found:
         if p.stem in stems:
@@ -49,13 +49,11 @@ def list_images(paths: Sequence[str | os.PathLike]) -> list[pathlib.Path]:
 
 
 def load_image(path: pathlib.Path) -> torch.Tensor:
-    """An image file as a ComfyUI IMAGE ``[1, H, W, 3]`` float32 in [0, 1] (EXIF rotation applied)."""
-    from PIL import Image, ImageOps
-
+    """An image file as a ComfyUI IMAGE ``[1, H, W, 3]`` float32 in [0, 1] (read as training reads images:
+    EXIF rotation applied, transparent areas white)."""
     try:
-        with Image.open(path) as im:
-            rgb = ImageOps.exif_transpose(im).convert("RGB")
-    except OSError as exc:
+        rgb = read_rgb(path)
+    except UnreadableImage as exc:
         raise ImageListError(f"{path} could not be read as an image ({exc})") from exc
     return torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).unsqueeze(0)
 
