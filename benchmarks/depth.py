@@ -2,7 +2,11 @@
 demo's tiny v-model under ``diffusion``, ``naive_fm`` and ``diff2flow``, against a one-step regression.
 
     python benchmarks/depth.py --jobs 2     # full run (see the README for the measured time)
+    python benchmarks/depth.py --train-steps 6000 --eval-at 500,1500,3000 --jobs 2   # the training-budget curve
     python benchmarks/depth.py --quick      # a shrunken run that checks the script (seconds)
+
+The curve run evaluates every run also at the ``--eval-at`` checkpoints and writes ``depth_curve.*``: each
+target per checkpoint, since which method leads depends on how long the prior is fine-tuned.
 
 Data (``demo/scenes.py``): procedural 16x16 scenes (a tilted plane, spheres and tilted boxes; Lambertian
 shading times stripe / check textures) with their exact z-buffer depth; a fixed split, scenes
@@ -89,6 +93,14 @@ TOP_TIMESTEP = 999.0  # the regression baseline's timestep: the prior's pure-noi
 # at 1 / 2 / 4 / 10 steps): diff2flow full 0.124 / 0.131 / 0.138 / 0.146, naive_fm full 0.127 / 0.131 / 0.137 / 0.143,
 # diff2flow LoRA 0.132 / 0.139 / 0.149 / 0.157, regression 0.119 (better, but twice the cost of the 3-seed run); full at
 # lr 1e-3, 3000 steps: diff2flow 0.131 / 0.137 / 0.145 / 0.153, naive_fm 0.132 / 0.138 / 0.145 / 0.152 (within 0.001).
+# Further seed-0 checks (1 / 2 / 4 / 10 steps, single): 6000 steps, full lr 1e-3: diff2flow 0.129 / 0.133 / 0.137 /
+# 0.142, naive_fm 0.133 / 0.135 / 0.139 / 0.144, regression 0.126 (it overfits: 0.118 at 1500 steps); LoRA lr 1e-2:
+# diff2flow 0.124 / 0.131 / 0.141 / 0.149, naive_fm 0.120 / 0.126 / 0.136 / 0.144, regression (LoRA) 0.148 (0.120 at
+# 1500). Full at lr 3e-4, 3000 steps: diff2flow 0.148 / 0.156 / 0.168 / 0.177, naive_fm 0.147 / 0.156 / 0.165 / 0.174.
+# Shift 12 (full, 1500 steps): diff2flow 0.130 / 0.142 / 0.153 / 0.163 (worse than shift 6), naive_fm 0.128 / 0.136 /
+# 0.145 / 0.153 (better). The terminal-SNR leak is not what separates 1-step FM from the regression: adding the
+# (1 - sigma_max) x0 part that training inputs carry at sigma_max to the 1-step start moves diff2flow full only from
+# 0.1295 to 0.1281, and training diff2flow on sigma in (0, 1] (the table-end rule above sigma_max) gives 0.1305.
 TRAIN_STEPS = 1500
 LR_LORA, LR_FULL = 1e-2, 3e-3
 TIMESTEPS: dict[str, Any] = {"timestep_sampling": "shift", "shift": 6.0}  # the FM objectives' sigma draws
@@ -238,12 +250,31 @@ def train_regression(net: DepthUNet, adapters: dict[str, WeightAdapter], data: T
 
 
 def run_one(setup: Setup, method: str, adapter: str, seed: int, steps: int, batch: int, lr: float,
-            sampler_steps: tuple[int, ...] = STEPS, progress: Progress | None = None) -> dict[str, Any]:
+            sampler_steps: tuple[int, ...] = STEPS, eval_at: tuple[int, ...] = (),
+            progress: Progress | None = None) -> dict[str, Any]:
     """Fine-tune one widened copy of the prior under ``method`` (an objective, or "regression") and
-    evaluate it on the test scenes."""
+    evaluate it on the test scenes: ``metrics`` after the last step, ``curve[step]`` also after each
+    step of ``eval_at`` (checkpoints of this one run; the learning rate keeps its cosine over ``steps``).
+    ``train_seconds`` leaves the evaluations out."""
     net = setup.network()
     adapters = attach_depth_adapters(net, adapter, seed)
-    on_step = (lambda *_: progress.update(1, f"{method} {adapter} seed {seed}")) if progress is not None else None
+
+    def measure() -> dict[str, Any]:
+        if method == "regression":
+            return {"single": {"1": depth_metrics(regression_predict(net, setup.cond()), setup.test_depth)}}
+        return evaluate(setup, method, net, seed, sampler_steps)
+
+    curve: dict[str, Any] = {}
+    eval_seconds = [0.0]
+
+    def on_step(step: int, *_: Any) -> None:
+        if progress is not None:
+            progress.update(1, f"{method} {adapter} seed {seed}")
+        if step in eval_at and step != steps:
+            start_eval = time.perf_counter()
+            curve[str(step)] = measure()
+            eval_seconds[0] += time.perf_counter() - start_eval
+
     start = time.perf_counter()
     if method == "regression":
         losses = train_regression(net, adapters, setup.train_data, train_config("diff2flow", adapter, seed, steps, batch, lr),
@@ -252,14 +283,12 @@ def run_one(setup: Setup, method: str, adapter: str, seed: int, steps: int, batc
         trainer = Trainer(net, adapters, setup.d2f, train_config(method, adapter, seed, steps, batch, lr), setup.train_data)
         trainer.run(on_step=on_step)
         losses = trainer.losses
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start - eval_seconds[0]
     start = time.perf_counter()
-    if method == "regression":
-        metrics = {"single": {"1": depth_metrics(regression_predict(net, setup.cond()), setup.test_depth)}}
-    else:
-        metrics = evaluate(setup, method, net, seed, sampler_steps)
-    return {"method": method, "adapter": adapter, "seed": seed, "metrics": metrics, "train_seconds": seconds,
-            "seconds_per_step": seconds / steps, "eval_seconds": time.perf_counter() - start,
+    metrics = measure()
+    curve[str(steps)] = metrics
+    return {"method": method, "adapter": adapter, "seed": seed, "metrics": metrics, "curve": curve,
+            "train_seconds": seconds, "seconds_per_step": seconds / steps, "eval_seconds": time.perf_counter() - start,
             "final_loss": statistics.fmean(losses[-100:])}
 
 
@@ -289,22 +318,29 @@ def _pick(report: dict[str, Any], method: str, adapter: str) -> list[dict[str, A
     return [r for r in report["runs"] if r["method"] == method and r["adapter"] == adapter]
 
 
-def _mean(report: dict[str, Any], method: str, adapter: str, mode: str, steps: int, metric: str = "abs_rel") -> float:
-    return statistics.fmean(r["metrics"][mode][str(steps)][metric] for r in _pick(report, method, adapter))
+def _metrics(run: dict[str, Any], at: int | None) -> dict[str, Any]:
+    """A run's metrics after its last step (``at`` None) or at its checkpoint ``at``."""
+    return run["metrics"] if at is None else run["curve"][str(at)]
 
 
-def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
+def _mean(report: dict[str, Any], method: str, adapter: str, mode: str, steps: int, metric: str = "abs_rel",
+          at: int | None = None) -> float:
+    return statistics.fmean(_metrics(r, at)[mode][str(steps)][metric] for r in _pick(report, method, adapter))
+
+
+def targets(report: dict[str, Any], at: int | None = None) -> list[dict[str, Any]]:
     """Each target per adapter and mode (single member, ensemble of 5): the numbers compared and
-    whether it is met (on the means over seeds; AbsRel, lower is better)."""
-    regression = _mean(report, "regression", "full", "single", 1)
+    whether it is met (on the means over seeds; AbsRel, lower is better), after the last training step
+    or at the checkpoint ``at``."""
+    regression = _mean(report, "regression", "full", "single", 1, at=at)
     steps = report["config"]["sampler_steps"]
     out = []
     for adapter in report["config"]["adapters"]:
         for mode in ("single", "ensemble"):
-            d2f = {s: _mean(report, "diff2flow", adapter, mode, s) for s in steps}
-            naive = {s: _mean(report, "naive_fm", adapter, mode, s) for s in steps}
+            d2f = {s: _mean(report, "diff2flow", adapter, mode, s, at=at) for s in steps}
+            naive = {s: _mean(report, "naive_fm", adapter, mode, s, at=at) for s in steps}
             if 2 in steps and 10 in steps:
-                diffusion = _mean(report, "diffusion", adapter, mode, 10)
+                diffusion = _mean(report, "diffusion", adapter, mode, 10, at=at)
                 out.append({"adapter": adapter, "mode": mode, "target": "Diff2Flow 2-step AbsRel <= diffusion 10-step AbsRel",
                             "ours": f"{d2f[2]:.4f}", "bound": f"{diffusion:.4f}", "met": d2f[2] <= diffusion})
             out.append({"adapter": adapter, "mode": mode, "target": "Diff2Flow AbsRel <= naive FM at every step budget",
@@ -371,6 +407,7 @@ def summarise(report: dict[str, Any]) -> str:
         met = [f"{t['adapter']} {t['mode']}" for t in cases if t["met"]]
         verdict = "**met**" if len(met) == len(cases) else "**not met**" if not met else f"**met in {len(met)} of {len(cases)} cases** ({', '.join(met)})"
         lines.append(f"- {name}: {verdict}.")
+    lines += curve_section(report)
     lines += ["", "## Training cost", "", "| method | adapter | s / step | s / run | final loss, own objective (last 100) | eval s |",
               "|---|---|---|---|---|---|"]
     for method, adapter in rows + [("regression", "full")]:
@@ -380,6 +417,86 @@ def summarise(report: dict[str, Any]) -> str:
                      f"{statistics.fmean(r['eval_seconds'] for r in rs):.0f} |")
     lines.append("")
     return "\n".join(lines)
+
+
+def checkpoints(report: dict[str, Any]) -> list[int]:
+    """The training steps every run was evaluated at (its checkpoints and its last step), ascending."""
+    return sorted({int(k) for r in report["runs"] for k in r["curve"]})
+
+
+def unstable_runs(report: dict[str, Any]) -> list[str]:
+    """``"method adapter seed N"`` of each generative run whose 1-step AbsRel after its last step is worse
+    than at its first checkpoint: training went unstable (a learning rate too high for the run's length)."""
+    out = []
+    for r in report["runs"]:
+        ats = sorted(int(k) for k in r["curve"])
+        if r["method"] != "regression" and len(ats) > 1:
+            first, last = (r["curve"][str(a)]["single"]["1"]["abs_rel"] for a in (ats[0], ats[-1]))
+            if last > first:
+                out.append(f"{r['method']} {r['adapter']} seed {r['seed']}")
+    return out
+
+
+def curve_section(report: dict[str, Any]) -> list[str]:
+    """The report's "by training steps" part (only where the runs were evaluated at checkpoints): AbsRel at
+    1 / 2 sampler steps and each target at every checkpoint (means over seeds, single member and ensemble)."""
+    cfg, ats = report["config"], checkpoints(report)
+    if len(ats) < 2:
+        return []
+    lines = ["", f"## By training steps (checkpoints of each {cfg['train_steps']}-step run, cosine learning rate over the run)",
+             "", "AbsRel of one member at 1 / 2 sampler steps (regression: its one pass), mean over seeds.", "",
+             "| method | adapter | " + " | ".join(str(a) for a in ats) + " |", "|---|---|" + "---|" * len(ats)]
+    for method in OBJECTIVES:
+        for adapter in cfg["adapters"]:
+            cells = [" / ".join(f"{_mean(report, method, adapter, 'single', s, at=a):.4f}" for s in (1, 2)) for a in ats]
+            lines.append(f"| {method} | {adapter} | " + " | ".join(cells) + " |")
+    lines.append("| regression | full | " + " | ".join(f"{_mean(report, 'regression', 'full', 'single', 1, at=a):.4f}"
+                                                       for a in ats) + " |")
+    unstable = unstable_runs(report)
+    if unstable:
+        lines += ["", "Unstable runs (their last AbsRel at 1 step is worse than at their first checkpoint): "
+                  + ", ".join(unstable) + ". Means that include them compare a diverged baseline, not a method."]
+    names = list(dict.fromkeys(t["target"] for t in targets(report, ats[-1])))
+    lines += ["", "Targets met at each checkpoint (per adapter and mode; the numbers compared are in the json).", "",
+              "| training steps | adapter | mode | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
+    for a in ats:
+        found = targets(report, a)
+        for adapter in cfg["adapters"]:
+            for mode in ("single", "ensemble"):
+                verdicts = {t["target"]: t["met"] for t in found if t["adapter"] == adapter and t["mode"] == mode}
+                label = "single" if mode == "single" else f"ensemble ×{MEMBERS}"
+                lines.append(f"| {a} | {adapter} | {label} | " + " | ".join("yes" if verdicts[n] else "no" for n in names) + " |")
+    return lines
+
+
+def save_curve_plot(report: dict[str, Any], path: pathlib.Path) -> pathlib.Path:
+    """AbsRel of one member at 1 sampler step (regression: its one pass) against training steps, per adapter:
+    each seed a thin line (so an unstable run shows as one), the mean over seeds a thick one."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    from matplotlib.figure import Figure
+
+    cfg, ats = report["config"], checkpoints(report)
+    colors = {"diffusion": "tab:blue", "naive_fm": "tab:red", "diff2flow": "tab:green", "regression": "k"}
+    fig = Figure(figsize=(4.2 * len(cfg["adapters"]), 3.8), dpi=100)
+    axes = fig.subplots(1, len(cfg["adapters"]), sharey=True, squeeze=False)[0]
+    for ax, adapter in zip(axes, cfg["adapters"]):
+        for method, runs_of in [(m, adapter) for m in OBJECTIVES] + [("regression", "full")]:
+            runs = _pick(report, method, runs_of)
+            for r in runs:
+                ax.plot(ats, [r["curve"][str(a)]["single"]["1"]["abs_rel"] for a in ats], color=colors[method],
+                        linewidth=0.7, alpha=0.5)
+            label = "regression (full), 1 pass" if method == "regression" else f"{method}, 1 step"
+            ax.plot(ats, [_mean(report, method, runs_of, "single", 1, at=a) for a in ats], marker="o", linewidth=2,
+                    color=colors[method], label=f"{label} (mean; thin: seeds)")
+        ax.set_title(adapter)
+        ax.set_xlabel("training steps")
+        ax.grid(True, alpha=0.3)
+    axes[0].set_ylabel("AbsRel of one member, 1 step")
+    axes[-1].legend(fontsize=7)
+    fig.tight_layout()
+    return atomic_write(path, lambda p: fig.savefig(p, format="png"))
 
 
 def save_plot(report: dict[str, Any], path: pathlib.Path) -> pathlib.Path:
@@ -413,6 +530,17 @@ def save_plot(report: dict[str, Any], path: pathlib.Path) -> pathlib.Path:
 
 
 # ------------------------------------------------------------------------------------ main
+def parse_eval_at(p: argparse.ArgumentParser, text: str, train_steps: int) -> tuple[int, ...]:
+    """``--eval-at`` as ascending training steps, each in ``1 .. --train-steps`` (through ``p.error`` otherwise)."""
+    try:
+        steps = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        p.error(f"--eval-at must be comma-separated whole numbers of training steps, like 500,1500,3000; got {text!r}")
+    if not steps or steps[0] < 1 or steps[-1] > train_steps:
+        p.error(f"--eval-at steps must lie in 1 .. --train-steps ({train_steps}); got {text!r}")
+    return tuple(steps)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="seconds: 1 seed, 64 / 32 scenes, 20 training steps, 1 / 2 sampler steps")
@@ -420,6 +548,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--train", type=int, default=None, help="training scenes (default 2048)")
     p.add_argument("--test", type=int, default=None, help="test scenes (default 256)")
     p.add_argument("--train-steps", type=int, default=None, help=f"training steps per run (default {TRAIN_STEPS})")
+    p.add_argument("--eval-at", default=None,
+                   help="comma-separated training steps at which every run is also evaluated, for a training-budget "
+                        "curve (checkpoints of one run; the report is then named depth_curve)")
     add_finetune_flags(p, batch=16, lr_lora=LR_LORA, lr_full=LR_FULL)
     args = p.parse_args(argv)
     quick = args.quick
@@ -430,11 +561,12 @@ def main(argv: list[str] | None = None) -> int:
     sampler_steps = (1, 2) if quick else STEPS
     check_finetune_flags(p, args, ("seeds", len(seeds), 1), ("train", train, 1), ("test", test, 1),
                          ("train-steps", train_steps, 1))
+    eval_at = parse_eval_at(p, args.eval_at, train_steps) if args.eval_at is not None else ((10,) if quick else ())
     torch.set_num_threads(1)
     start = time.perf_counter()
     lrs = {"lora": args.lr_lora, "full": args.lr_full}
     methods = [(m, a) for m in OBJECTIVES for a in ADAPTERS] + [("regression", "full")]
-    jobs = [(m, a, s, train_steps, args.batch, lrs["full" if a == "full" else "lora"], sampler_steps)
+    jobs = [(m, a, s, train_steps, args.batch, lrs["full" if a == "full" else "lora"], sampler_steps, eval_at)
             for s in seeds for m, a in methods]
     runs = []
     if args.jobs == 1:
@@ -455,12 +587,17 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "config": {"seeds": seeds, "adapters": list(ADAPTERS), "train": train, "test": test, "train_steps": train_steps,
                    "batch": args.batch, "lrs": lrs, "timesteps": dict(TIMESTEPS), "sampler_steps": list(sampler_steps), "members": MEMBERS,
+                   "eval_at": list(eval_at),
                    "jobs": args.jobs, "quick": quick, "torch": torch.__version__},
         "runs": runs, "seconds": time.perf_counter() - start,
     }
     report["targets"] = targets(report)
-    stem = "depth_quick" if quick else "depth"
-    write_report(args.out, stem, report, summarise(report), [save_plot(report, args.out / f"{stem}_abs_rel_vs_steps.png")])
+    report["targets_by_training_steps"] = {str(a): targets(report, a) for a in checkpoints(report)}
+    stem = "depth_quick" if quick else "depth_curve" if eval_at else "depth"
+    plots = [save_plot(report, args.out / f"{stem}_abs_rel_vs_steps.png")]
+    if len(checkpoints(report)) > 1:
+        plots.append(save_curve_plot(report, args.out / f"{stem}_abs_rel_vs_training_steps.png"))
+    write_report(args.out, stem, report, summarise(report), plots)
     return 0
 
 
