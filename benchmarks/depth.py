@@ -469,46 +469,52 @@ def curve_section(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-def save_curve_plot(report: dict[str, Any], path: pathlib.Path) -> pathlib.Path:
-    """AbsRel of one member at 1 sampler step (regression: its one pass) against training steps, per adapter:
-    each seed a thin line (so an unstable run shows as one), the mean over seeds a thick one."""
+COLORS = {"diffusion": "tab:blue", "naive_fm": "tab:red", "diff2flow": "tab:green", "regression": "k"}
+
+
+def _figure(adapters: list[str]) -> tuple[Any, Any]:
+    """A figure with one panel per adapter, sharing the AbsRel axis."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
     from matplotlib.figure import Figure
 
-    cfg, ats = report["config"], checkpoints(report)
-    colors = {"diffusion": "tab:blue", "naive_fm": "tab:red", "diff2flow": "tab:green", "regression": "k"}
-    fig = Figure(figsize=(4.2 * len(cfg["adapters"]), 3.8), dpi=100)
-    axes = fig.subplots(1, len(cfg["adapters"]), sharey=True, squeeze=False)[0]
-    for ax, adapter in zip(axes, cfg["adapters"]):
-        for method, runs_of in [(m, adapter) for m in OBJECTIVES] + [("regression", "full")]:
-            runs = _pick(report, method, runs_of)
-            for r in runs:
-                ax.plot(ats, [r["curve"][str(a)]["single"]["1"]["abs_rel"] for a in ats], color=colors[method],
-                        linewidth=0.7, alpha=0.5)
-            label = "regression (full), 1 pass" if method == "regression" else f"{method}, 1 step"
-            ax.plot(ats, [_mean(report, method, runs_of, "single", 1, at=a) for a in ats], marker="o", linewidth=2,
-                    color=colors[method], label=f"{label} (mean; thin: seeds)")
-        ax.set_title(adapter)
-        ax.set_xlabel("training steps")
+    fig = Figure(figsize=(4.2 * len(adapters), 3.8), dpi=100)
+    return fig, fig.subplots(1, len(adapters), sharey=True, squeeze=False)[0]
+
+
+def _save_figure(fig: Any, axes: Any, ylabel: str, path: pathlib.Path) -> pathlib.Path:
+    for ax in axes:
         ax.grid(True, alpha=0.3)
-    axes[0].set_ylabel("AbsRel of one member, 1 step")
+    axes[0].set_ylabel(ylabel)
     axes[-1].legend(fontsize=7)
     fig.tight_layout()
     return atomic_write(path, lambda p: fig.savefig(p, format="png"))
 
 
+def save_curve_plot(report: dict[str, Any], path: pathlib.Path) -> pathlib.Path:
+    """AbsRel of one member at 1 sampler step (regression: its one pass) against training steps, per adapter:
+    each seed a thin line (so an unstable run shows as one), the mean over seeds a thick one."""
+    cfg, ats = report["config"], checkpoints(report)
+    fig, axes = _figure(cfg["adapters"])
+    for ax, adapter in zip(axes, cfg["adapters"]):
+        for method, runs_of in [(m, adapter) for m in OBJECTIVES] + [("regression", "full")]:
+            runs = _pick(report, method, runs_of)
+            for r in runs:
+                ax.plot(ats, [r["curve"][str(a)]["single"]["1"]["abs_rel"] for a in ats], color=COLORS[method],
+                        linewidth=0.7, alpha=0.5)
+            label = "regression (full), 1 pass" if method == "regression" else f"{method}, 1 step"
+            ax.plot(ats, [_mean(report, method, runs_of, "single", 1, at=a) for a in ats], marker="o", linewidth=2,
+                    color=COLORS[method], label=f"{label} (mean; thin: seeds)")
+        ax.set_title(adapter)
+        ax.set_xlabel("training steps")
+    return _save_figure(fig, axes, "AbsRel of one member, 1 step", path)
+
+
 def save_plot(report: dict[str, Any], path: pathlib.Path) -> pathlib.Path:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
-    from matplotlib.figure import Figure
-
+    """AbsRel against sampler steps after the last training step, per adapter (single and ensemble)."""
     cfg = report["config"]
-    colors = {"diffusion": "tab:blue", "naive_fm": "tab:red", "diff2flow": "tab:green"}
-    fig = Figure(figsize=(4.2 * len(cfg["adapters"]), 3.8), dpi=100)
-    axes = fig.subplots(1, len(cfg["adapters"]), sharey=True, squeeze=False)[0]
+    fig, axes = _figure(cfg["adapters"])
     regression = _mean_std([r["metrics"]["single"]["1"]["abs_rel"] for r in _pick(report, "regression", "full")])
     xs = cfg["sampler_steps"]
     for ax, adapter in zip(axes, cfg["adapters"]):
@@ -517,16 +523,12 @@ def save_plot(report: dict[str, Any], path: pathlib.Path) -> pathlib.Path:
             for mode, style in (("single", "-"), ("ensemble", "--")):
                 stats = [_mean_std([r["metrics"][mode][str(s)]["abs_rel"] for r in rs]) for s in xs]
                 ax.errorbar(xs, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3, linestyle=style,
-                            color=colors[method], label=f"{method}{'' if mode == 'single' else f' ×{MEMBERS}'}")
+                            color=COLORS[method], label=f"{method}{'' if mode == 'single' else f' ×{MEMBERS}'}")
         ax.axhline(regression[0], color="k", linestyle=":", label="regression (1 pass)")
         ax.set_title(adapter)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("sampler steps")
-        ax.grid(True, alpha=0.3)
-    axes[0].set_ylabel("AbsRel (affine-invariant)")
-    axes[-1].legend(fontsize=7)
-    fig.tight_layout()
-    return atomic_write(path, lambda p: fig.savefig(p, format="png"))
+    return _save_figure(fig, axes, "AbsRel (affine-invariant)", path)
 
 
 # ------------------------------------------------------------------------------------ main
