@@ -18,7 +18,8 @@ BENCHMARKS = ROOT / "benchmarks"
 # script -> (needs ComfyUI, the line(s) its report must print)
 SCRIPTS = {
     # the quick run also evaluates a checkpoint, so the training-budget curve's section is printed too
-    "depth.py": (False, ("AbsRel (lower is better) by sampler steps", "## By training steps")),
+    "depth.py": (False, ("AbsRel (lower is better) by sampler steps", "## Test denoising error by noise level",
+                         "## By training steps")),
     "ema.py": (False, "on - off (per seed)"),
     "exactness.py": (False, "max rel. error"),
     "paper_comparison.py": (False, "FD by sampler steps"),
@@ -78,3 +79,49 @@ def test_depth_report_reads_targets_and_instability_at_each_checkpoint(monkeypat
         found = [t for t in depth.targets(report, at) if t["target"] == naive_target and t["mode"] == "single"]
         assert [t["met"] for t in found] == [met], at
     assert depth.unstable_runs(report) == ["naive_fm full seed 0"]
+
+
+def test_depth_denoising_error_is_the_data_estimate_mse_at_each_sigma(monkeypatch: pytest.MonkeyPatch) -> None:
+    """On a point-mass data set (every target the constant c) the exact velocity is (x - c) / sigma, so its data
+    estimate has no error at any sigma; a velocity off by delta everywhere has error (sigma * delta)**2; a zero
+    velocity leaves x itself, whose error on the FM interpolant is sigma**2 (c**2 + 1)."""
+    import torch
+
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import depth
+
+    c, delta, sigmas = 0.3, 0.5, (0.1, 0.5, 0.9)
+    x0 = torch.full((64, 1, 16, 16), c)
+
+    def exact(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        return (x - c) / sigma.reshape(-1, 1, 1, 1)
+
+    found = depth.denoising_mse(exact, x0, sigmas, torch.Generator().manual_seed(0))
+    assert set(found) == {"0.1", "0.5", "0.9"}
+    assert max(found.values()) < 1e-10
+    off = depth.denoising_mse(lambda x, s: exact(x, s) + delta, x0, sigmas, torch.Generator().manual_seed(0))
+    for sigma in sigmas:
+        assert off[str(sigma)] == pytest.approx((sigma * delta) ** 2, rel=1e-5)
+    still = depth.denoising_mse(lambda x, s: torch.zeros_like(x), x0, sigmas, torch.Generator().manual_seed(0))
+    for sigma in sigmas:  # 2 draws of 16384 values: the estimate is within about 1 %
+        assert still[str(sigma)] == pytest.approx(sigma**2 * (c**2 + 1), rel=0.03)
+    gen = torch.Generator().manual_seed(1)  # draws = 2 is the mean over the next two noise draws
+    one = [depth.denoising_mse(lambda x, s: torch.zeros_like(x), x0, (0.5,), gen, draws=1)["0.5"] for _ in range(2)]
+    two = depth.denoising_mse(lambda x, s: torch.zeros_like(x), x0, (0.5,), torch.Generator().manual_seed(1), draws=2)
+    assert one[0] != one[1] and two["0.5"] == pytest.approx(sum(one) / 2, rel=1e-6)
+
+
+def test_depth_denoising_lead_names_the_noise_levels_where_diff2flow_is_below_naive_fm(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import depth
+
+    def run(method: str, seed: int, errors: tuple[float, float, float]) -> dict:
+        return {"method": method, "adapter": "full", "seed": seed,
+                "metrics": {"denoise": {s: e for s, e in zip(("0.1", "0.5", "0.9"), errors)}}}
+
+    report = {"config": {"adapters": ["full"], "denoise_sigmas": [0.1, 0.5, 0.9]}, "runs": [
+        run("diff2flow", 0, (0.010, 0.20, 0.30)), run("diff2flow", 1, (0.012, 0.22, 0.50)),
+        run("naive_fm", 0, (0.012, 0.19, 0.35)), run("naive_fm", 1, (0.014, 0.21, 0.40)),
+    ]}
+    # means: diff2flow 0.011 / 0.21 / 0.40 against naive FM 0.013 / 0.20 / 0.375
+    assert depth.denoising_lead(report, "full") == ["0.1"]
