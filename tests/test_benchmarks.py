@@ -19,7 +19,7 @@ BENCHMARKS = ROOT / "benchmarks"
 SCRIPTS = {
     # the quick run also evaluates a checkpoint, so the training-budget curve's section is printed too
     "depth.py": (False, ("AbsRel (lower is better) by sampler steps", "## Test denoising error by noise level",
-                         "## By training steps")),
+                         "The samples' MSE against the normalised test depth", "## By training steps")),
     "ema.py": (False, "on - off (per seed)"),
     "exactness.py": (False, "max rel. error"),
     "paper_comparison.py": (False, "FD by sampler steps"),
@@ -125,3 +125,18 @@ def test_depth_denoising_lead_names_the_noise_levels_where_diff2flow_is_below_na
     ]}
     # means: diff2flow 0.011 / 0.21 / 0.40 against naive FM 0.013 / 0.20 / 0.375
     assert depth.denoising_lead(report, "full") == ["0.1"]
+
+
+def test_depth_sample_mse_lead_names_the_step_budgets_where_diff2flow_samples_are_closer(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import depth
+
+    def run(method: str, mse: tuple[float, float, float]) -> dict:
+        single = {str(s): {"abs_rel": 0.1, "mse": m} for s, m in zip((1, 2, 10), mse)}
+        return {"method": method, "adapter": "lora16", "seed": 0, "metrics": {"single": single}}
+
+    report = {"config": {"adapters": ["lora16"], "sampler_steps": [1, 2, 10]}, "runs": [
+        run("diff2flow", (0.10, 0.15, 0.20)), run("naive_fm", (0.11, 0.14, 0.21)), run("diffusion", (0.01, 0.01, 0.01)),
+    ]}
+    assert depth.sample_mse_lead(report, "lora16") == [1, 10]
