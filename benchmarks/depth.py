@@ -431,7 +431,7 @@ def denoise_section(report: dict[str, Any]) -> list[str]:
     steps = cfg["sampler_steps"]
     lines += ["", "The samples' MSE against the normalised test depth (one member, no alignment; mean ± std over seeds), "
               "beside their AbsRel above:", "",
-              "| method | adapter | " + " | ".join(f"{s} steps" for s in steps) + " |", "|---|---|" + "---|" * len(steps)]
+              "| method | adapter | " + " | ".join(f"{s} step{'s' if s > 1 else ''}" for s in steps) + " |", "|---|---|" + "---|" * len(steps)]
     for method in OBJECTIVES:
         for adapter in cfg["adapters"]:
             rs = _pick(report, method, adapter)
