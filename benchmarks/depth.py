@@ -107,7 +107,8 @@ TOP_TIMESTEP = 999.0  # the regression baseline's timestep: the prior's pure-noi
 # / 0.137 / 0.144; full lr 1e-3: diff2flow 0.130 / 0.134 / 0.138 / 0.143, naive_fm 0.132 / 0.134 / 0.137 / 0.142,
 # regression 0.127 (the README's "By training budget"). Seed 0, full, 1500 steps: the samples' own MSE against the
 # normalised depth (one member, 1 / 2 / 4 / 10 steps) is diff2flow 0.135 / 0.154 / 0.178 / 0.202, naive_fm 0.143 / 0.161 /
-# 0.181 / 0.202 (AbsRel ranks them the other way beyond 2 steps); FM Euler on the shift-6 grid (the training shift)
+# 0.181 / 0.202 (AbsRel ranks them the other way beyond 2 steps; over 3 seeds naive_fm's samples are the closer ones at
+# 4 and 10 steps too, see the report's sample-MSE table); FM Euler on the shift-6 grid (the training shift)
 # instead of the uniform one: diff2flow 0.1295 / 0.1302 / 0.1410 / 0.1529, naive_fm 0.1320 / 0.1328 / 0.1405 / 0.1486
 # (both better beyond 1 step, the order unchanged). Fewer training scenes do not favour the prior: 512 instead of 2048
 # (seed 0, 1500 steps) gives regression 0.145 (it overfits), diff2flow full 0.151 / 0.153 / 0.158 / 0.164 against naive_fm
