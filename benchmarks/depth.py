@@ -51,7 +51,7 @@ import pathlib
 import statistics
 import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere: the demo package lives at the root
@@ -231,8 +231,8 @@ def evaluate(setup: Setup, objective: str, net: nn.Module, seed: int, steps_list
 
 
 @torch.no_grad()
-def denoising_mse(velocity: Any, x0: torch.Tensor, sigmas: tuple[float, ...], generator: torch.Generator,
-                  draws: int = DENOISE_DRAWS) -> dict[str, float]:
+def denoising_mse(velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x0: torch.Tensor,
+                  sigmas: tuple[float, ...], generator: torch.Generator, draws: int = DENOISE_DRAWS) -> dict[str, float]:
     """``{str(sigma): MSE}``: the mean squared error of the data estimate ``x0_hat = x - sigma * velocity(x, sigma)``
     against ``x0`` at ``x = (1 - sigma) x0 + sigma noise``, averaged over ``draws`` noise draws per sigma (FM sigma,
     docs/MATH.md section 1). This is the quantity the FM objectives train (the velocity error times sigma), measured
