@@ -46,7 +46,7 @@ from .model_sampling import patch_model
 __all__ = ["MARIGOLD_STEPS", "diffusers_unet_config", "marigold_unet_state_dict", "split_marigold_input_conv",
            "load_marigold", "load_marigold_file"]
 
-MARIGOLD_STEPS = DEFAULT_DEPTH_STEPS  # recommended FM Euler steps of a converted model: a Diff2Flow depth model's
+MARIGOLD_STEPS = DEFAULT_DEPTH_STEPS  # recommended FM Euler steps of a converted model: the same as a Diff2Flow depth model
 SD2_HEAD_CHANNELS = 64  # SD2's attention head width (not stored in the weights; ComfyUI's SD20 config says 64)
 LDM_CONV = f"{INPUT_CONV}.weight"
 LDM_PREFIXES = ("model.diffusion_model.", "diffusion_model.")
