@@ -113,6 +113,19 @@ TOP_TIMESTEP = 999.0  # the regression baseline's timestep: the prior's pure-noi
 # (both better beyond 1 step, the order unchanged). Fewer training scenes do not favour the prior: 512 instead of 2048
 # (seed 0, 1500 steps) gives regression 0.145 (it overfits), diff2flow full 0.151 / 0.153 / 0.158 / 0.164 against naive_fm
 # 0.152 / 0.150 / 0.154 / 0.158, diff2flow LoRA 0.147 / 0.155 / 0.165 / 0.175 against naive_fm 0.145 / 0.152 / 0.162 / 0.171.
+# Where full fine-tuning's 4- and 10-step gap comes from (the 1500-step runs of the table, 3 seeds, one member; a
+# one-off driver, not shipped): FM Euler that takes diff2flow's velocity above sigma 0.5 and naive_fm's below gives
+# 0.1456 / 0.1547 at 4 / 10 steps, better than either (diff2flow 0.1494 / 0.1585, naive_fm 0.1473 / 0.1554); the
+# reverse split gives 0.1497 / 0.1577, the worst. Diff2Flow's velocity is the better one at high noise, naive FM's
+# on the sampler's own path at mid noise (LoRA, seed 0: the same split, 0.1525 / 0.1612 against 0.1546 / 0.1641 and
+# 0.1563 / 0.1653). Trained from random weights instead of the prior (full, 3 seeds; 1 / 2 / 4 / 10 steps):
+# diff2flow 0.1343 / 0.1441 / 0.1550 / 0.1650, naive_fm 0.1348 / 0.1408 / 0.1497 / 0.1578. So the mid-noise gap is
+# the parameterisations' (a v-prediction read through the alignment against a raw velocity), not the prior's; the
+# prior improves diff2flow by 0.0035 / 0.0047 / 0.0056 / 0.0065 and naive_fm by only 0.0026 / 0.0021 / 0.0024 /
+# 0.0024 (the alignment passes on more of it, as the paper claims), but this digit prior is worth too little to
+# close the gap at 4 and 10 steps. EMA of the weights (decay 0.99 or 0.999, seed 0, full) moves no AbsRel by more
+# than 0.0003; LoRA with a full conv_out delta (the reference configs' "full last conv"), seed 0: diff2flow worse
+# (1 step 0.1415 against 0.1362 without it), naive_fm better (0.1376 against 0.1390).
 TRAIN_STEPS = 1500
 LR_LORA, LR_FULL = 1e-2, 3e-3
 TIMESTEPS: dict[str, Any] = {"timestep_sampling": "shift", "shift": 6.0}  # the FM objectives' sigma draws
