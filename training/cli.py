@@ -48,18 +48,24 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
+def help_text(text: str) -> str:
+    """Text generated from a registry or a config field, as argparse help: argparse %-formats every
+    help string (for ``%(default)s``), so a literal ``%`` ("0.5 % (RMS)") must be doubled."""
+    return text.replace("%", "%%")
+
+
 def add_config_flags(parser: argparse.ArgumentParser, cls: type = TrainConfig, title: str = "training options") -> None:
     """One flag per option of ``cls`` (``TrainConfig`` or ``PairsConfig``), with the option's own help
     and choices (training/config.py); defaults are SUPPRESSed so only given flags override the TOML
     file and the resume state."""
     group = parser.add_argument_group(f"{title} (also TOML keys of --config)")
     for spec in option_specs(cls):
-        help_text = f"{spec.help} (default {spec.default})"
+        text = help_text(f"{spec.help} (default {spec.default})")
         if spec.type is bool:
             group.add_argument(_flag(spec.name), dest=spec.name, action=argparse.BooleanOptionalAction,
-                               default=argparse.SUPPRESS, help=help_text)
+                               default=argparse.SUPPRESS, help=text)
         else:
-            group.add_argument(_flag(spec.name), dest=spec.name, type=spec.type, default=argparse.SUPPRESS, help=help_text,
+            group.add_argument(_flag(spec.name), dest=spec.name, type=spec.type, default=argparse.SUPPRESS, help=text,
                                choices=spec.choices, metavar=spec.name.upper())
 
 
@@ -714,8 +720,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="where sampling starts on SD models without zero terminal SNR: sigma_max (0.936 * noise) "
                         "or noise (pure noise at sigma 1; only the first step changes; docs/MATH.md section 10)")
     s.add_argument("--sampler", choices=list(SAMPLERS), default=None,
-                   help="; ".join(f"{n}: {r.description}" for n, r in SAMPLERS.items())
-                   + " (default: the LoRA's recommended sampler, else euler)")
+                   help=help_text("; ".join(f"{n}: {r.description}" for n, r in SAMPLERS.items())
+                                  + " (default: the LoRA's recommended sampler, else euler)"))
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--width", type=int, default=512)
     s.add_argument("--height", type=int, default=512)

@@ -1,6 +1,7 @@
 """The CLI's options and refusals that need no ComfyUI (the end-to-end runs are in tests/test_comfy_cli.py)."""
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import pathlib
 import subprocess
@@ -68,6 +69,30 @@ def test_resume_from_other_options_is_refused_before_any_compute(tmp_path, capsy
     assert "latent cache" in capsys.readouterr().err
     assert main(["train", "--resume", str(tmp_path / "nope.d2fstate"), "--cache", "c", "--checkpoint", "m"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def subcommand_parsers() -> dict[str, "argparse.ArgumentParser"]:
+    parser = build_parser()
+    return {"": parser, **parser._subparsers._group_actions[0].choices}
+
+
+@pytest.mark.parametrize("command", list(subcommand_parsers()))
+def test_help_of_every_subcommand_shows_every_flag_help(command: str) -> None:
+    """``--help`` of the top level and of every subcommand exits 0 and prints each flag's help text
+    as written (generated ones included: a literal % in a config field's help must survive argparse's
+    %-formatting, and no argparse internals may leak into the text)."""
+    result = subprocess.run([sys.executable, "-m", "training", *([command] if command else []), "--help"],
+                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+    printed = "".join(result.stdout.split())  # argparse re-wraps the text
+    assert "option_strings" not in printed
+    actions = subcommand_parsers()[command]._actions
+    actions = [a for a in actions + [c for a in actions for c in getattr(a, "_choices_actions", [])]  # subcommands' help
+               if a.help and a.help != argparse.SUPPRESS]
+    assert len(actions) > 1
+    for action in actions:
+        expected = action.help.replace("%%", "%")
+        assert "".join(expected.split()) in printed, f"{action.option_strings}: help not printed as written"
 
 
 def test_module_entry_point_runs() -> None:
