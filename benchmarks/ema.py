@@ -122,12 +122,14 @@ def main(argv: list[str] | None = None) -> int:
     minutes = (time.perf_counter() - start) / 60
     print(f"\nFD by sampler steps, diff2flow fine-tuning on digits 7-9, {len(seeds)} seed(s), EMA {args.ema_decay:g} vs off"
           f" ({minutes:.1f} min)\n\n{table}")
-    if not args.quick:
-        report = {"seeds": seeds, "checkpoints": checkpoints, "sampler_steps": sampler_steps, "ema_decay": args.ema_decay,
-                  "runs": runs, "minutes": minutes}
-        text = f"# EMA {args.ema_decay:g} vs none (benchmarks/ema.py, {len(seeds)} seeds, {minutes:.1f} min)\n\n{table}\n"
-        atomic_write(args.out / "ema.json", lambda path: pathlib.Path(path).write_text(json.dumps(report, indent=1)))
-        atomic_write(args.out / "ema.md", lambda path: pathlib.Path(path).write_text(text))
+    report = {"seeds": seeds, "checkpoints": checkpoints, "sampler_steps": sampler_steps, "ema_decay": args.ema_decay,
+              "runs": runs, "minutes": minutes, "quick": args.quick}
+    text = (f"# EMA {args.ema_decay:g} vs none (benchmarks/ema.py{', quick run' if args.quick else ''}, {len(seeds)} seeds, "
+            f"{minutes:.1f} min)\n\n{table}\n")
+    stem = "ema_quick" if args.quick else "ema"  # a quick run's folder is a temporary one unless --out is given
+    atomic_write(args.out / f"{stem}.json", lambda path: pathlib.Path(path).write_text(json.dumps(report, indent=1)))
+    atomic_write(args.out / f"{stem}.md", lambda path: pathlib.Path(path).write_text(text))
+    print(f"wrote {args.out / (stem + '.md')} and {stem}.json")
     return 0
 
 

@@ -32,6 +32,7 @@ import json
 import math
 import pathlib
 import sys
+import tempfile
 import time
 from typing import Any
 
@@ -50,6 +51,7 @@ from demo.store import WEIGHTS_DIR, load_classifier, load_unet  # noqa: E402
 from training import TrainConfig, Trainer  # noqa: E402
 from training.files import atomic_write, ensure_writable_folder  # noqa: E402
 
+RESULTS = ROOT / "benchmarks" / "results"  # where full runs write their reports (kept in the repository)
 OBJECTIVES = ("diffusion", "naive_fm", "diff2flow")  # the paper's comparison, in report order
 CHECKPOINT_SAMPLER_STEPS = 8  # the sampler used for FD along the fine-tuning checkpoints
 
@@ -297,18 +299,34 @@ def add_finetune_flags(p: argparse.ArgumentParser, batch: int = 16, lr_lora: flo
     p.add_argument("--lr-full", type=float, default=lr_full, help=f"full fine-tuning learning rate (default {lr_full:g})")
     p.add_argument("--jobs", type=int, default=1, help="worker processes, one thread each (default 1)")
     p.add_argument("--weights", type=pathlib.Path, default=WEIGHTS_DIR)
-    p.add_argument("--out", type=pathlib.Path, default=ROOT / "benchmarks" / "results")
+    p.add_argument("--out", type=pathlib.Path, default=None,
+                   help="folder for the report (default benchmarks/results/; with --quick a fresh temporary folder, printed)")
+
+
+def report_folder(out: pathlib.Path | None, quick: bool, name: str) -> pathlib.Path:
+    """Where a toy benchmark writes: ``out`` when given (``--out``); else :data:`RESULTS` for a full run and,
+    for a ``--quick`` one, a fresh temporary folder (``d2f_<name>_quick_*``, printed), so a check of the
+    script never writes into the checkout."""
+    if out is not None:
+        return out
+    if not quick:
+        return RESULTS
+    folder = pathlib.Path(tempfile.mkdtemp(prefix=f"d2f_{name}_quick_"))
+    print(f"quick run: writing the report to {folder} (--out to choose the folder)", flush=True)
+    return folder
 
 
 def check_finetune_flags(p: argparse.ArgumentParser, args: argparse.Namespace, *minimums: tuple[str, int, int]) -> None:
     """Refuse, through ``p.error``, each ``(flag, value, lowest)`` of ``minimums`` below its lowest value,
-    ``--batch`` / ``--jobs`` below 1, learning rates that are not positive and an ``--out`` that cannot be written."""
+    ``--batch`` / ``--jobs`` below 1, learning rates that are not positive and an ``--out`` that cannot be written;
+    ``args.out`` becomes the folder the report goes to (:func:`report_folder`, named after the script)."""
     for name, value, low in (*minimums, ("batch", args.batch, 1), ("jobs", args.jobs, 1)):
         if value < low:
             p.error(f"--{name} must be >= {low}, got {value}")
     for name in ("lr_lora", "lr_full"):
         if not getattr(args, name) > 0:
             p.error(f"--{name.replace('_', '-')} must be > 0, got {getattr(args, name)}")
+    args.out = report_folder(args.out, args.quick, pathlib.Path(p.prog).stem)
     try:
         ensure_writable_folder(args.out)
     except OSError as exc:

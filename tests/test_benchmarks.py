@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -44,12 +45,61 @@ def test_benchmark_quick_mode_runs(script: str, tmp_path: pathlib.Path) -> None:
     if script in ("depth.py", "paper_comparison.py", "reflow.py"):
         args += ["--out", str(tmp_path / "results"), "--jobs", "1"]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["TMPDIR"] = str(tmp_path)  # quick runs without --out (ema.py) write to a temporary folder: keep it in here
     if COMFYUI is not None:
         env["COMFYUI_PATH"] = str(COMFYUI)
     result = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     for line in (expected,) if isinstance(expected, str) else expected:
         assert line in result.stdout + result.stderr, result.stdout[-2000:]
+
+
+def _listing(folder: pathlib.Path) -> dict[str, tuple[int, int]]:
+    """Every file under ``folder``: relative path -> (mtime in ns, size)."""
+    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.stat().st_size) for p in folder.rglob("*") if p.is_file()}
+
+
+def test_quick_mode_without_out_writes_to_a_temporary_folder_not_the_checkout(tmp_path: pathlib.Path) -> None:
+    """A --quick run checks the script: without --out its report goes to a fresh temporary folder, printed,
+    and nothing in the checkout's benchmarks/results/ is added or rewritten (the depth benchmark: the quickest
+    that writes a report; the folder rule is the one every toy benchmark shares, paper_comparison.report_folder)."""
+    results = BENCHMARKS / "results"
+    before = _listing(results)
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    env["TMPDIR"] = str(temp)
+    try:
+        result = subprocess.run([sys.executable, str(BENCHMARKS / "depth.py"), "--quick", "--jobs", "1"], cwd=tmp_path,
+                                env=env, capture_output=True, text=True, timeout=900)
+    finally:
+        after = _listing(results)
+        for name in set(after) - set(before):  # this test never leaves the checkout dirty, even when it fails
+            (results / name).unlink(missing_ok=True)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    assert after == before, f"a quick run wrote into {results}: {sorted(k for k in after if after[k] != before.get(k))}"
+    found = re.search(r"^quick run: writing the report to (\S+)", result.stdout, re.MULTILINE)
+    assert found, result.stdout[-2000:]
+    folder = pathlib.Path(found.group(1))
+    assert folder.parent == temp and folder.name.startswith("d2f_depth_quick_")
+    assert {"depth_quick.md", "depth_quick.json", "depth_quick_abs_rel_vs_steps.png"} <= {p.name for p in folder.iterdir()}
+    assert "AbsRel (lower is better) by sampler steps" in (folder / "depth_quick.md").read_text()
+
+
+def test_report_folder_is_results_for_full_runs_and_a_fresh_temporary_one_for_quick_runs(
+        tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import tempfile
+
+    import paper_comparison
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    assert paper_comparison.report_folder(None, False, "depth") == BENCHMARKS / "results"
+    assert paper_comparison.report_folder(tmp_path / "mine", True, "depth") == tmp_path / "mine"  # --out wins
+    first, second = (paper_comparison.report_folder(None, True, "reflow") for _ in range(2))
+    assert first != second and {first.parent, second.parent} == {tmp_path}
+    assert first.is_dir() and first.name.startswith("d2f_reflow_quick_") and not any(first.iterdir())
+    assert f"writing the report to {first}" in capsys.readouterr().out  # printed, so the user can find it
 
 
 def _depth_run(method: str, adapter: str, curve: dict[int, float]) -> dict:
