@@ -5,11 +5,13 @@ For each image: resize to the processing resolution, encode with the VAE, then f
 member sample the depth latent with FM Euler on the FM sigma grid (``comfy.sample.sample_custom``,
 cfg 1; the conditioning is the empty prompt with the image latent as ``concat_latent_image``, Marigold's
 condition), decode it, take the channel mean (``d2f_core.depth.image_as_depth``); align the members to
-each other and take their median (``d2f_core.depth.ensemble_depth``, Marigold's ensemble), and resize
-back to the image's size.
+each other and take their median (``d2f_core.depth.ensemble_depth``, Marigold's ensemble), resize
+back to the image's size and scale to [0, 1] again (the resize moves the extremes: bilinear, averaged
+when shrinking).
 
 Output: affine-invariant depth in [0, 1] per image, Marigold's convention: 0 = near, 1 = far (the
-model's output is only known up to scale and shift, so each image's result spans [0, 1]).
+model's output is only known up to scale and shift, so each image's result spans [0, 1]: its nearest
+pixel is 0 and its farthest 1; a flat map, which has no depth order, is 0 everywhere).
 Time convention: FM sigma in [0, 1], sigma = 1 is noise; the model is Diff2Flow-patched here if it
 is not a flow model yet.
 """
@@ -83,10 +85,18 @@ def _resize(images: torch.Tensor, height: int, width: int) -> torch.Tensor:
     return F.interpolate(images, size=(height, width), mode="bilinear", align_corners=False, antialias=True)
 
 
+def _unit_range(depth: torch.Tensor) -> torch.Tensor:
+    """``depth`` ``[B, H, W]`` scaled to [0, 1] per image (min -> 0, max -> 1), float32; a flat map -> 0
+    (the same guard as ``ensemble_depth``'s scaling)."""
+    flat = depth.double().flatten(1)
+    low, high = flat.min(dim=1).values.view(-1, 1, 1), flat.max(dim=1).values.view(-1, 1, 1)
+    return ((depth.double() - low) / (high - low).clamp_min(1e-12)).float()
+
+
 def estimate_depth(model: Any, vae: Any, positive: list, images: torch.Tensor, settings: DepthSettings,
                    on_member: Optional[Callable[[int, int], None]] = None,
                    check_cancel: Optional[Callable[[], None]] = None) -> torch.Tensor:
-    """Depth ``[B, H, W]`` float32 in [0, 1] (0 = near) of ``images`` (IMAGE ``[B, H, W, C]`` in [0, 1]) with
+    """Depth ``[B, H, W]`` float32, each image spanning [0, 1] (0 = near), of ``images`` (IMAGE ``[B, H, W, C]`` in [0, 1]) with
     the depth ``model`` (module docstring). ``positive``: the empty prompt's CONDITIONING (:func:`empty_prompt`).
 
     ``on_member(done, total)`` is called after each member of each image (``total = B * ensemble_size``);
@@ -128,8 +138,8 @@ def _estimate(model: Any, vae: Any, positive: list, images: torch.Tensor, settin
             done += 1
             if on_member is not None:
                 on_member(done, total)
-        depth = ensemble_depth(torch.stack(members))  # [1, 1, h, w] in [0, 1]
-        out.append(_resize(depth, height, width).clamp(0, 1)[:, 0])
+        depth = ensemble_depth(torch.stack(members))  # [1, 1, h, w] spanning [0, 1]
+        out.append(_unit_range(_resize(depth, height, width)[:, 0]))  # the resize moves the extremes: [0, 1] again
     return torch.cat(out)
 
 

@@ -390,6 +390,28 @@ def test_processing_resolution_and_resize_back(depth_model) -> None:
     assert set(wrapper.sizes) == {(56 // 8, 96 // 8)}  # as is, rounded to multiples of 8
 
 
+@pytest.mark.parametrize("height, width, resolution", [(58, 100, 64), (16, 24, 128), (37, 61, 256)])
+def test_each_image_spans_0_to_1_after_the_resize_back(depth_model, height, width, resolution) -> None:
+    """The depth is resized back to the image's size, which moves its extremes (bilinear, averaged when
+    shrinking: 16 x 24 processed at 88 x 128 came back spanning 0.09 .. 0.89): each image's map is scaled
+    to [0, 1] again after the resize, as the docstrings state."""
+    assert processing_size(height, width, resolution) != (height, width)
+    depth = run_estimate(depth_model, images(2, height, width, seed=4), steps=2, ensemble=2, resolution=resolution)
+    assert depth.shape == (2, height, width) and depth.dtype == torch.float32
+    for d in depth:
+        assert float(d.min()) == pytest.approx(0.0, abs=1e-6) and float(d.max()) == pytest.approx(1.0, abs=1e-6)
+
+
+def test_rescale_after_the_resize_keeps_a_flat_map_finite() -> None:
+    from d2f_host.depth_estimate import _unit_range
+
+    ramp = torch.linspace(0.2, 0.7, 12).view(1, 3, 4)
+    out = _unit_range(torch.cat([ramp, torch.full((1, 3, 4), 0.5)]))
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out[0], (ramp[0] - 0.2) / 0.5, rtol=0, atol=1e-6)
+    assert torch.equal(out[1], torch.zeros(3, 4))  # no depth order: 0 everywhere, not NaN
+
+
 def test_progress_and_cancel(depth_model) -> None:
     seen = []
     run_estimate(depth_model, images(2, 32, 32), steps=1, ensemble=3, on_member=lambda d, t: seen.append((d, t)))
