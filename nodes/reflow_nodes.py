@@ -19,6 +19,7 @@ from comfy_api.latest import io
 import d2f_core
 from d2f_host.checkpoints import base_model_hash
 from d2f_host.conditioning import cond_kwargs
+from d2f_host.depth import is_image_conditioned
 from d2f_host.model_sampling import alignment_of, is_patched
 from d2f_host.unet import inference_network
 from training.files import sanitize_filename
@@ -73,6 +74,10 @@ class Diff2FlowReflowPairs(io.ComfyNode):
     @classmethod
     def execute(cls, model, positive, count, width, height, steps, cfg, sampler, seed, batch_size, folder,
                 negative=None) -> io.NodeOutput:
+        if is_image_conditioned(model):
+            raise ValueError("model takes an image latent besides the noise (a depth or other image-conditioned model), "
+                             "but reflow pairs are drawn from prompts alone: connect a text-to-image teacher (the "
+                             "checkpoint's MODEL, with LoRAs if you like)")
         if not positive:
             raise ValueError("positive is empty: connect a CLIP Text Encode with the prompts")
         if cfg != 1.0 and not negative:

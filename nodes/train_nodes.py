@@ -248,6 +248,22 @@ def check_preview_inputs(config: TrainConfig, vae: Any, preview_prompts: Optiona
                          "Encode), or set preview_cfg 1")
 
 
+def check_pairs_inputs(config: TrainConfig, latents: Optional[list], positive: Optional[list],
+                       negative: Optional[list]) -> None:
+    """Refuse the inputs that training on reflow pairs would ignore: the pairs bring their own images,
+    prompts and negative (the teacher's), so latents / positive are alternatives to them, and negative
+    serves only the previews."""
+    given = [name for name, value in (("latents", latents), ("positive", positive)) if value is not None]
+    if given:
+        raise ValueError(f"pairs and {' / '.join(given)} are both connected: a run trains on reflow pairs (their images "
+                         f"and prompts) or on latents + positive, not both. Disconnect {' and '.join(given)} to train on "
+                         "the pairs, or disconnect pairs to train on the latents")
+    if negative is not None and config.preview_every <= 0:
+        raise ValueError("negative is connected but the run trains on pairs, whose caption dropout uses the teacher's own "
+                         "negative stored with them: negative would only serve previews, which are off. Disconnect "
+                         "negative, or set preview_every > 0")
+
+
 def node_previewer(model, config: TrainConfig, vae: Any, preview_prompts: list, negative: Optional[list], unet,
                    device, pbar: comfy.utils.ProgressBar) -> Previewer:
     """The previews of a node run: each grid shown on the node through ComfyUI's progress preview."""
@@ -296,11 +312,15 @@ def train_lora_with_previews(model, latents: list, positive: list, negative: Opt
     [N, H, W, 3] (one black 1x1 image with previews off)."""
     depth = check_depth_inputs(model, config, depth_images, depth_maps, latents, positive, pairs, vae)
     check_preview_inputs(config, vae, preview_prompts, negative)
+    if preview_prompts is not None and config.preview_every <= 0:
+        log.warning("Diff2Flow: preview_prompts is connected but preview_every is 0: no previews are sampled (set "
+                    "preview_every N to sample them every N steps)")
     d2f = alignment_of(model, config.zero_terminal_snr)
     teacher_cfg = None
     if depth:
         data = build_depth_training_data(model, vae, depth_images, depth_maps, positive, negative)
     elif pairs:
+        check_pairs_inputs(config, latents, positive, negative)
         loaded = load_pairs(pairs)
         check_pairs_fit(model, loaded, pairs)
         data, teacher_cfg = loaded.training_data(), float(loaded.settings["cfg"])

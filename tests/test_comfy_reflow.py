@@ -260,3 +260,33 @@ def test_reflow_chain_from_pairs_to_few_step_sampling(comfy_nodes, checkpoints, 
     for source in (model, trained):
         _, calls, text = ksample(comfy_nodes, source, case, steps=20, cfg=7.0)
         assert (calls.steps, calls.uncond_rows) == (2, 0), text
+
+
+def test_pairs_with_latents_positive_or_an_unused_negative_are_refused(comfy_nodes, tiny_model, io_dirs) -> None:
+    """Pairs bring their own images, prompts and negative: latents / positive beside them, or a negative
+    with previews off, would be dropped silently; each is refused before training, naming the inputs."""
+    model = tiny_model("eps")
+    folder = make_pairs(comfy_nodes, model, 2)
+    node = comfy_nodes["D2F_TrainLoRA"]
+    spec = {i.id: i for i in node.define_schema().inputs}
+    base = {name: [getattr(i, "default", None)] for name, i in spec.items() if getattr(i, "default", None) is not None}
+    base.update(model=[model], pairs=[folder], objective=["reflow"], steps=[1], rank=[2], batch_size=[2],
+                output_name=["refused"])
+    latents = [{"samples": torch.randn(2, 4, 8, 8)}]
+    for extra, named in (({"latents": latents}, "pairs and latents"), ({"positive": [prompts(1)]}, "pairs and positive"),
+                         ({"latents": latents, "positive": [prompts(1)]}, "pairs and latents / positive"),
+                         ({"negative": [prompts(1)]}, "negative is connected")):
+        with pytest.raises(ValueError, match=named):
+            node.execute(**base, **extra)
+    assert not any((io_dirs / "loras").iterdir())  # refused before anything was written
+    # the pairs alone train
+    assert node.execute(**base).args[3] == 1
+
+
+def test_pairs_of_an_image_conditioned_teacher_are_refused_before_compute(comfy_nodes, tiny_model, io_dirs) -> None:
+    """A depth-widened teacher needs an image latent the pairs cannot give: a clear refusal, not a torch error."""
+    from d2f_host.depth import widen_model
+
+    with pytest.raises(ValueError, match="text-to-image teacher"):
+        make_pairs(comfy_nodes, widen_model(tiny_model("eps")), 2)
+    assert not (io_dirs / "output" / "diff2flow_pairs").exists()

@@ -141,3 +141,19 @@ def test_torchrun_two_processes_generate_the_same_pairs_as_one(tiny_sd15_file, p
     m1 = json.loads((tmp_path / "one" / "manifest.json").read_text())
     m2 = json.loads((tmp_path / "two" / "manifest.json").read_text())
     assert m1["count"] == m2["count"] == 4 and m1["settings"] == m2["settings"]
+
+
+@pytest.mark.parametrize("command", ["pairs", "sample"])
+def test_a_depth_model_as_the_lora_is_refused(command, tiny_sd15_file, prompts, tmp_path, capsys) -> None:
+    """An image-to-depth file as --lora (it needs an image latent) is refused with the depth command named."""
+    from d2f_core.lora_metadata import DEPTH_NORMALIZATION, LoraMetadata
+
+    metadata = LoraMetadata(objective="diff2flow", prediction="eps", zero_terminal_snr=False, rank=4, alpha=4.0,
+                            algorithm="LoRA", base_model_hash="0", sampler="euler", sampling_steps=2, sampling_cfg=1.0,
+                            task="depth", normalization=DEPTH_NORMALIZATION)
+    depth_file = tmp_path / "depth.safetensors"
+    save_file({"x": torch.zeros(1)}, str(depth_file), metadata=metadata.to_header())
+    args = ["--prompts", str(prompts)] if command == "pairs" else ["--prompt", "a cat"]
+    assert main([command, "--checkpoint", str(tiny_sd15_file), "--lora", str(depth_file), *args, *SIZE,
+                 "--output", str(tmp_path / "out"), "--no-progress"]) == 2
+    assert "is an image-to-depth model" in capsys.readouterr().err

@@ -492,6 +492,11 @@ def load_sampling_model(checkpoint: str | os.PathLike, lora: Optional[str] = Non
     base_hash = base_model_hash(model)  # before a LoRA is merged into the weights
     metadata = None
     if lora:
+        from d2f_core.lora_metadata import read_lora_metadata
+
+        if getattr(read_lora_metadata(lora), "task", "image") == "depth":
+            raise CliError(f"--lora {lora} is an image-to-depth model: it draws depth maps of images (python -m training "
+                           "depth --depth-model FILE), not images from prompts: pass a text-to-image LoRA, or none")
         try:
             model, clip, metadata = apply_lora(model, clip, lora, lora_strength, lora_strength)
         except ValueError as exc:
