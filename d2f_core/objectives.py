@@ -15,7 +15,9 @@ returning its raw output (eps or v for a diffusion model, the velocity for naive
   the velocity (fine-tuning a diffusion model as FM without the alignment).
 - ``diffusion``: integer ``tau`` uniform, ``x_tau = a x0 + s eps``, target eps or v.
 - ``reflow``: the ``diff2flow`` loss on the teacher's (noise, image) pairs: the noise ``z`` comes
-  with the data, ``x_sigma = (1 - sigma) x0 + sigma z``, target ``z - x0`` (docs/MATH.md section 6).
+  with the data, and the line runs from the student's own start ``sigma_max * z`` to ``x0``:
+  ``x_sigma = (1 - sigma) x0 + sigma n``, target ``n - x0``, ``n`` = :func:`reflow_line_noise`
+  (docs/MATH.md sections 6 and 12).
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ from typing import Any, Callable, Optional, Sequence
 import torch
 
 from .alignment import Diff2Flow
-from .sampling import ddim_trailing_sigmas, fm_sigmas, interpolant, time_shift
+from .sampling import ddim_trailing_sigmas, fm_sigmas, interpolant, reflow_line_noise, time_shift
 
 __all__ = [
     "ObjectiveOutput",
@@ -185,7 +187,9 @@ class Objective:
     - ``times``: ``"sigma"`` (FM sigma in ``(0, d2f.sigma_max]`` drawn by the timestep sampling) or
       ``"tau"`` (integer diffusion timestep, uniform).
     - ``paired_noise``: the noise of each sample comes with the data (reflow's (noise, image) pairs,
-      the per-sample tensor ``"noise"``) instead of being drawn.
+      the per-sample tensor ``"noise"``: the ``z`` the teacher started from) instead of being drawn;
+      the loss is taken on the line from the trained model's own start ``d2f.sigma_max * z`` to the
+      image (:func:`reflow_line_noise`), whatever the teacher's ``sigma_max`` was.
     - ``flow_model``: how a model trained with it is sampled: ``"diff2flow"`` (the aligned model,
       ``Diff2Flow.velocity_fn`` / the ComfyUI patch) or ``"naive"`` (raw output = velocity at
       ``T * sigma``, :func:`naive_fm_velocity_fn`).
@@ -235,7 +239,8 @@ class Objective:
         device (noise first, then times: the order every caller relies on for reproducibility).
 
         ``noise`` is the data's own noise when the data carries it (required for paired-noise
-        objectives); otherwise standard normal noise is drawn.
+        objectives: the pair's ``z``, returned as the noise end of the line through ``d2f``'s own start,
+        :func:`reflow_line_noise`); otherwise standard normal noise is drawn.
         """
         gen_device = generator.device if generator is not None else torch.device("cpu")
         batch = x0.shape[0]
@@ -248,6 +253,10 @@ class Objective:
             noise = torch.randn(x0.shape, generator=generator, device=gen_device, dtype=torch.float32)
         elif tuple(noise.shape) != tuple(x0.shape):
             raise ValueError(f"paired noise of shape {tuple(noise.shape)} does not match the latents {tuple(x0.shape)}")
+        elif self.paired_noise:
+            # the student samples from its own start, which may differ from the teacher's (zero terminal SNR on
+            # one side only): its line must pass through the state it will actually start from
+            noise = reflow_line_noise(noise, x0.to(noise.device, noise.dtype), d2f.sigma_max)
         if self.times == "tau":
             times = torch.randint(0, d2f.num_timesteps, (batch,), generator=generator, device=gen_device)
         else:

@@ -22,6 +22,7 @@ __all__ = [
     "ddim_trailing_sigmas",
     "START_RULES",
     "interpolant",
+    "reflow_line_noise",
     "sample_euler",
     "sample_heun",
     "cfg_velocity",
@@ -122,6 +123,17 @@ def interpolant(x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor | flo
     if s.ndim == 1:
         s = s.reshape(-1, *([1] * (x0.ndim - 1)))
     return ((1 - s) * x0 + s * noise).to(x0.dtype)
+
+
+def reflow_line_noise(z: torch.Tensor, x0: torch.Tensor, sigma_max: float) -> torch.Tensor:
+    """``n = z - (1 - sigma_max) / sigma_max * x0``: the noise end of the FM line that passes through a
+    sampler's start ``sigma_max * z`` at ``sigma_max`` and through ``x0`` at 0 (docs/MATH.md section 12;
+    ``z`` itself for ``sigma_max = 1``). ``sigma_max`` is the start of the model that will sample."""
+    if not 0 < sigma_max <= 1:
+        raise ValueError(f"sigma_max must lie in (0, 1], got {sigma_max}")
+    if sigma_max == 1.0:
+        return z
+    return (z - ((1 - sigma_max) / sigma_max) * x0).to(z.dtype)
 
 
 def _batched(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -153,7 +153,7 @@ def test_a_depth_model_as_the_lora_is_refused(command, tiny_sd15_file, prompts, 
                             task="depth", normalization=DEPTH_NORMALIZATION)
     depth_file = tmp_path / "depth.safetensors"
     save_file({"x": torch.zeros(1)}, str(depth_file), metadata=metadata.to_header())
-    args = ["--prompts", str(prompts)] if command == "pairs" else ["--prompt", "a cat"]
+    args = ["--prompts", str(prompts), "--count", "2"] if command == "pairs" else ["--prompt", "a cat", "--steps", "1"]
     assert main([command, "--checkpoint", str(tiny_sd15_file), "--lora", str(depth_file), *args, *SIZE,
                  "--output", str(tmp_path / "out"), "--no-progress"]) == 2
     assert "is an image-to-depth model" in capsys.readouterr().err

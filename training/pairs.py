@@ -427,25 +427,25 @@ class Pairs:
     def settings(self) -> dict[str, Any]:
         return self.manifest["settings"]
 
-    def line_noise(self) -> torch.Tensor:
-        """The noise end of the straight line through each pair as the teacher ran it (docs/MATH.md
-        section 12): the teacher started at ``sigma_max * z``, so the FM line
-        ``(1 - sigma) x0 + sigma * n`` that passes through that start at ``sigma_max`` and through
-        ``x0`` at 0 has ``n = z - (1 - sigma_max) / sigma_max * x0`` (``z`` itself for
-        ``sigma_max = 1``)."""
-        sigma_max = float(self.settings["sigma_max"])
-        if sigma_max == 1.0:
-            return self.noise
-        return self.noise - ((1 - sigma_max) / sigma_max) * self.latents
+    def line_noise(self, sigma_max: Optional[float] = None) -> torch.Tensor:
+        """The noise end of each pair's straight line for a model that starts sampling at ``sigma_max``
+        (default: the teacher's own, as the pairs were run): the FM line ``(1 - sigma) x0 + sigma * n``
+        through that start ``sigma_max * z`` and through ``x0`` at 0 (docs/MATH.md section 12,
+        ``d2f_core.reflow_line_noise``). Training forms it from the student's own ``sigma_max``."""
+        start = float(self.settings["sigma_max"]) if sigma_max is None else sigma_max
+        return d2f_core.reflow_line_noise(self.noise, self.latents, start)
 
     def training_data(self) -> TrainingData:
         """Training data for the ``reflow`` objective: each pair's image as the latent, its prompt's
-        conditioning, and the noise end of its line (:meth:`line_noise`) as the per-sample ``"noise"``."""
+        conditioning, and the noise ``z`` it was drawn from as the per-sample ``"noise"``. The objective
+        forms the line from the student's own start ``sigma_max * z`` (``Objective.draw``), so a student
+        whose ``sigma_max`` differs from the teacher's (zero terminal SNR on one side) still learns the
+        teacher's map from where it starts itself."""
         return TrainingData(
             latents=list(self.latents),
             conds=[self.conds[int(p)] for p in self.prompt],
             uncond=self.uncond,
-            extras=[{"noise": n} for n in self.line_noise()],
+            extras=[{"noise": z} for z in self.noise],
         )
 
 

@@ -205,9 +205,14 @@ def test_reflow_loss_equals_a_hand_written_reference_on_the_pairs(prediction: st
     v = (raw - x) / (1 - s4) if prediction == "eps" else (2 * s4 - 1) * x / n**2 + raw / n
     torch.testing.assert_close(out.per_sample, (v - (z - x0)).pow(2).flatten(1).mean(1))
     torch.testing.assert_close(out.target, z - x0)
-    # through the registry's draw: the pair's z is used as it is, only sigma is drawn
-    drawn_z, drawn_sigma = record.draw(x0, d2f, torch.Generator().manual_seed(1), z)
-    assert drawn_z is z and drawn_sigma.shape == (5,) and (drawn_sigma <= d2f.sigma_max).all()
+    # through the registry's draw: only sigma is drawn; the pair's z becomes the noise end of the line through
+    # this model's own start sigma_max * z (z itself with zero terminal SNR; docs/MATH.md section 12)
+    drawn, drawn_sigma = record.draw(x0, d2f, torch.Generator().manual_seed(1), z)
+    assert drawn_sigma.shape == (5,) and (drawn_sigma <= d2f.sigma_max).all()
+    sigma_max = d2f.sigma_max
+    torch.testing.assert_close(drawn, z - (1 - sigma_max) / sigma_max * x0)
+    torch.testing.assert_close((1 - sigma_max) * x0 + sigma_max * drawn, sigma_max * z)
+    assert (drawn is z) == zsnr
 
 
 def oracle_timestep(d2f: d2f_core.Diff2Flow, sigma: torch.Tensor) -> torch.Tensor:

@@ -170,11 +170,19 @@ def test_pairs_train_the_reflow_objective(reference) -> None:
     pairs = load_pairs(reference)
     data = pairs.training_data()
     assert len(data) == 14 and torch.equal(data.latents[3], pairs.latents[3])
-    # the line of each pair passes through the teacher's start sigma_max * z at sigma_max, and through x0 at 0
+    # the data carries each pair's z; the reflow objective's line passes through the student's own start
+    # sigma_max * z at sigma_max (the teacher's here, and a zero-terminal-SNR student's at 1), and through x0 at 0
     sigma_max = pairs.settings["sigma_max"]
     assert sigma_max < 1
-    line = d2f_core.interpolant(pairs.latents[3], data.extras[3]["noise"], sigma_max)
-    torch.testing.assert_close(line, sigma_max * pair_noise(7, 3, SHAPE))
+    assert torch.equal(data.extras[3]["noise"], pair_noise(7, 3, SHAPE))
+    for start in (sigma_max, 1.0):
+        student = d2f_core.Diff2Flow(d2f_core.scaled_linear(), "v") if start < 1 else \
+            d2f_core.Diff2Flow(d2f_core.rescale_zero_terminal_snr(d2f_core.scaled_linear()), "v")
+        assert student.sigma_max == pytest.approx(start)
+        noise, _ = d2f_core.get_objective("reflow").draw(pairs.latents[3:4], student, None, data.extras[3]["noise"][None])
+        line = d2f_core.interpolant(pairs.latents[3:4], noise, student.sigma_max)
+        torch.testing.assert_close(line, student.sigma_max * pair_noise(7, 3, SHAPE)[None])
+        torch.testing.assert_close(noise, pairs.line_noise(student.sigma_max)[3:4])
     net = CondNet(0).requires_grad_(False)
     modules = select_target_modules(net, "all")
     adapters = {n: make_adapter("LoRA", m.weight.shape, 4, 4.0, torch.Generator().manual_seed(0)) for n, m in modules.items()}

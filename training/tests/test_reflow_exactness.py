@@ -88,3 +88,53 @@ def test_reflow_straightens_gaussian_data_so_one_euler_step_is_the_ode_map(tmp_p
           f"(100 steps vs the exact map: {ode_error:.4f})")
     assert abs(before - S) < 0.02  # one step of the teacher lands on the mean: error s per coordinate
     assert after < 0.05 * before, (before, after)
+
+
+@pytest.mark.parametrize("teacher_zsnr, student_zsnr", [(False, True), (True, False)],
+                         ids=["sd_teacher_zsnr_student", "zsnr_teacher_sd_student"])
+def test_a_student_of_another_sigma_max_learns_the_teachers_map_from_its_own_start(tmp_path, one_thread, teacher_zsnr,
+                                                                                   student_zsnr) -> None:
+    """Pairs of a teacher starting at ``sigma_max_t * z`` trained into a student that starts at its own
+    ``sigma_max_s * z`` (zero terminal SNR on one side only): through ``load_pairs(...).training_data()``
+    and ``Trainer`` as a library user runs them, the student's 1- and 2-step samples from its own start
+    land on the teacher's map ``z -> x0`` (docs/MATH.md section 12).
+
+    Measured (CPU, the seeds below; RMS error in units of the data's spread s, 1 / 2 steps): 0.034 / 0.014
+    (SD teacher, zero-terminal-SNR student) and 0.040 / 0.014 (the reverse). Lines through the teacher's
+    start instead (the student's start ignored): 0.044 / 0.056 and 0.081 / 0.061."""
+    mu = torch.randn(D, generator=torch.Generator().manual_seed(1))
+    gaussian = d2f_core.GaussianMixture(mu[None], stds=S)
+
+    def teacher(x: torch.Tensor, sigma: torch.Tensor, cond: dict) -> torch.Tensor:
+        return gaussian.fm_velocity(x.flatten(1), sigma).reshape(x.shape).to(x.dtype)
+
+    def alignment(zsnr: bool) -> d2f_core.Diff2Flow:
+        schedule = d2f_core.scaled_linear()
+        return d2f_core.Diff2Flow(d2f_core.rescale_zero_terminal_snr(schedule) if zsnr else schedule, "v")
+
+    teacher_d2f, d2f = alignment(teacher_zsnr), alignment(student_zsnr)
+    settings = PairSettings(shape=(D, 1, 1), sigma_max=teacher_d2f.sigma_max, steps=100, seed=3, batch_size=512,
+                            teacher={"exact": "gaussian"})
+    generate_pairs(teacher, [{}], tmp_path / "pairs", 4096, settings, shard_size=2048)
+    pairs = load_pairs(tmp_path / "pairs")
+
+    net = AffineStudent().requires_grad_(False)
+    modules = select_target_modules(net, "all")
+    adapters = {n: make_adapter("LoRA", m.weight.shape, 64, 64.0, torch.Generator().manual_seed(0)) for n, m in modules.items()}
+    attach_parametrizations(modules, adapters)
+    config = TrainConfig(objective="reflow", steps=1500, batch_size=256, learning_rate=3e-3, lr_schedule="cosine", rank=64,
+                         alpha=64.0, weight_decay=0.0, seed=0, zero_terminal_snr=student_zsnr)
+    Trainer(net, adapters, d2f, config, pairs.training_data()).run()
+
+    z = torch.randn(1000, D, 1, 1, generator=torch.Generator().manual_seed(99))
+    # the teacher's map from the same z, as the pairs were made: 100 steps from sigma_max_t * z
+    reference = d2f_core.sample_euler(lambda x, s: teacher(x, s, {}), teacher_d2f.sigma_max * z,
+                                      d2f_core.fm_sigmas(100, sigma_max=teacher_d2f.sigma_max))
+    errors = {}
+    with torch.no_grad():
+        for steps in (1, 2):
+            sampled = d2f_core.sample_euler(d2f.velocity_fn(net), d2f.sigma_max * z, d2f_core.fm_sigmas(steps, sigma_max=d2f.sigma_max))
+            errors[steps] = (sampled - reference).pow(2).mean().sqrt().item() / S
+    print(f"student sigma_max {d2f.sigma_max:.3f}, teacher {teacher_d2f.sigma_max:.3f}: RMS error of 1 / 2 steps vs the "
+          f"teacher's map, in units of the data's spread: {errors[1]:.4f} / {errors[2]:.4f}")
+    assert errors[1] < 0.05 and errors[2] < 0.03, errors
