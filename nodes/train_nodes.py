@@ -329,6 +329,7 @@ def train_lora_with_previews(model, latents: list, positive: list, negative: Opt
     else:
         data = build_training_data(model, latents, positive, negative)
     files = RunFiles.named(lora_folder(), output_name)
+    files.remove_stale_temporaries()
     metadata = lora_metadata_for(model, config, d2f, teacher_cfg=teacher_cfg, task="depth" if depth else "image")
     if depth and not is_image_conditioned(model):
         model = widen_model(model)  # a clone: the input MODEL is never changed

@@ -17,6 +17,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from safetensors import safe_open  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
 
 from d2f_core.lora_metadata import read_lora_metadata  # noqa: E402
 from training.cli import main  # noqa: E402
@@ -214,3 +215,35 @@ def test_train_previews_sample_the_model_and_never_change_the_training(prepared,
     # previews on without prompts: refused before any compute, naming the flag
     assert main([*base, "--output", str(tmp_path / "noprompts"), "--preview-every", "2"]) == 2
     assert "--preview-every 2 needs --sample-prompts FILE" in capsys.readouterr().err
+
+
+def test_a_resume_at_the_last_step_writes_the_missing_final_files(prepared, tiny_sd15_file, tmp_path, capsys) -> None:
+    """A run killed between its last periodic save and its final files: the state is at the last step,
+    NAME.safetensors is missing, an older save was not pruned yet and temporary files are left. --resume
+    writes the final LoRA (equal to the run's), prunes to --keep-last, removes the leftovers and exits 0."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "run"
+    base = ["train", "--cache", str(prepared), "--checkpoint", str(tiny_sd15_file), "--output", str(out), "--name", "cut"]
+    assert main([*base, *TRAIN, "--save-every", "2", "--keep-last", "1"]) == 0
+    final = {k: v.clone() for k, v in load_file(out / "cut.safetensors").items()}
+    (out / "cut.safetensors").unlink()
+    (out / "cut_000004.safetensors").replace(out / "cut_000002.safetensors")  # not pruned yet
+    (out / "cut_000004.safetensors").write_bytes((out / "cut_000002.safetensors").read_bytes())
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    leftovers = [out / f".{name}.{gone.pid}.tmp" for name in ("cut.d2fstate", "loss.png", "cut_000004.safetensors")]
+    for path in leftovers:
+        path.write_bytes(b"partial")
+    capsys.readouterr()
+    assert main(["train", "--config", str(out / "cut.toml"), "--resume", str(out / "cut.d2fstate"), "--no-progress"]) == 0
+    assert "resuming cut at step 4 of 4: writing the final files" in capsys.readouterr().out
+    assert sorted(p.name for p in out.iterdir()) == ["cut.d2fstate", "cut.safetensors", "cut.toml", "cut_000004.safetensors",
+                                                     "loss.png", "metrics.jsonl"]
+    resumed = load_file(out / "cut.safetensors")
+    assert resumed.keys() == final.keys() and all(torch.equal(resumed[k], final[k]) for k in final)
+    # past the saved step is still refused, with the fix
+    assert main(["train", "--config", str(out / "cut.toml"), "--resume", str(out / "cut.d2fstate"), "--steps", "3",
+                 "--no-progress"]) == 2
+    assert "already at step 4, past --steps 3" in capsys.readouterr().err

@@ -222,8 +222,9 @@ def cmd_train(args: argparse.Namespace) -> int:
         if listed:
             raise CliError(f"--resume {args.resume} comes from a different configuration ({listed}): drop those options to "
                            "continue the saved run, or start a new run without --resume")
-        if state["step"] >= config.steps:
-            raise CliError(f"--resume {args.resume} is already at step {state['step']} of {config.steps}: raise --steps to train further")
+        if state["step"] > config.steps:
+            raise CliError(f"--resume {args.resume} is already at step {state['step']}, past --steps {config.steps}: "
+                           f"raise --steps to train further")
     if d2f_core.get_objective(config.objective).paired_noise and not run["pairs"]:
         raise CliError(f"objective {config.objective} trains on (noise, image) pairs: pass --pairs DIR (a folder from "
                        "`python -m training pairs`) instead of --cache")
@@ -242,6 +243,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     if world.is_main:
         files.check_writable()
         files.check_new_run(resuming=state is not None, overwrite=args.overwrite)
+        files.remove_stale_temporaries()
     cached = load_cache(run["cache"]) if run["cache"] else None
     pairs = load_pairs(run["pairs"]) if run["pairs"] else None
     task = cached.task if cached is not None else "image"
@@ -293,7 +295,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         trainer = Trainer(unet_network(unet), adapters, d2f, config, data, device, world.rank, world.world_size)
         if state is not None:
             trainer.load_state_dict(state)
-            print(f"resuming {files.name} at step {trainer.step} of {config.steps}", flush=True)
+            # a state at the last step (a run stopped between its last save and its final files): the run
+            # below trains nothing and writes what is missing
+            print(f"resuming {files.name} at step {trainer.step} of {config.steps}"
+                  + (": writing the final files" if trainer.step == config.steps else ""), flush=True)
         previewer = None
         if preview_prompts and world.is_main:
             previewer = training_previewer(model, clip, vae, checkpoint, config, preview_prompts, unet, device)

@@ -14,7 +14,9 @@
 
 Every write is atomic: the data goes to a temporary file in the same folder, is flushed to disk,
 then renamed over the final name. An interrupted or failed write (a full disk included) never
-leaves a corrupt file under the final name, and the previous file stays as it was.
+leaves a corrupt file under the final name, and the previous file stays as it was. The temporary
+file a killed process could not remove (``.<file name>.<pid>.tmp``) is removed by the next run of
+the same name (:meth:`RunFiles.remove_stale_temporaries`).
 
 With EMA on (``ema_decay`` > 0) every LoRA of a run holds the EMA weights
 (:meth:`training.engine.Trainer.saved_adapters`); :func:`save_run_lora` and
@@ -43,12 +45,15 @@ if TYPE_CHECKING:
 __all__ = [
     "STATE_SUFFIX", "RunFiles", "OutputExists", "atomic_write", "ensure_writable_folder", "save_lora",
     "save_training_state", "load_training_state", "sanitize_filename", "file_sha256", "save_run_lora",
-    "write_periodic_save", "prune_periodic_saves",
+    "write_periodic_save", "prune_periodic_saves", "remove_stale_temporaries",
 ]
 log = logging.getLogger("diff2flow")
 
 # not a model extension, so LoRA loaders never list training states
 STATE_SUFFIX = ".d2fstate"
+
+
+_TEMPORARY = re.compile(r"\.(?P<name>.+)\.(?P<pid>\d+)\.tmp")  # atomic_write's temporary file of <name>
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> pathlib.Path:
@@ -70,6 +75,34 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> pathl
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, owns: Callable[[str], bool]) -> list[pathlib.Path]:
+    """Delete the temporary files of :func:`atomic_write` in ``folder`` whose final file name ``owns``
+    accepts and whose writing process is gone (a killed run's). A live process's are kept: another
+    run may be writing into the same folder. Returns the deleted files."""
+    folder = pathlib.Path(folder)
+    if not folder.is_dir():
+        return []
+    removed = []
+    for path in folder.iterdir():
+        match = _TEMPORARY.fullmatch(path.name)
+        if match and owns(match["name"]) and path.is_file() and not _process_alive(int(match["pid"])):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
 
 
 def file_sha256(path: str | os.PathLike, length: int = 16) -> str:
@@ -203,6 +236,20 @@ class RunFiles:
     def sample_at(self, step: int) -> pathlib.Path:
         """The preview grid of ``step`` (``preview_every``)."""
         return self.samples / f"step_{step:06d}.png"
+
+    def owns(self, file_name: str) -> bool:
+        """Whether ``file_name`` (in :attr:`folder`) is one of this run's files."""
+        fixed = (self.lora, self.raw_lora, self.state, self.config, self.metrics, self.loss_png)
+        if file_name in {p.name for p in fixed}:
+            return True
+        match = re.fullmatch(re.escape(self.name) + r"_(\d{6,})(_raw)?\.safetensors", file_name)
+        return match is not None
+
+    def remove_stale_temporaries(self) -> list[pathlib.Path]:
+        """Delete the temporary files a killed run of this name left (:func:`remove_stale_temporaries`),
+        its preview grids' included."""
+        return remove_stale_temporaries(self.folder, self.owns) + remove_stale_temporaries(
+            self.samples, lambda name: re.fullmatch(r"step_\d{6,}\.png", name) is not None)
 
     def check_new_run(self, resuming: bool, overwrite: bool) -> None:
         """Refuse to overwrite another run's files (unless resuming it, or asked to)."""

@@ -28,7 +28,8 @@ from d2f_core.lora_metadata import LoraMetadata
 from . import distributed
 from .distributed import World
 from .engine import Trainer, TrainingError
-from .files import RunFiles, atomic_write, save_run_lora, save_training_state, write_periodic_save
+from .files import (RunFiles, atomic_write, prune_periodic_saves, save_run_lora, save_training_state,
+                    write_periodic_save)
 from .plots import save_loss_curve
 from .previews import save_grid_png
 
@@ -123,6 +124,8 @@ def run_headless(
         if final:
             loras = [save_run_lora(files, trainer, metadata(trainer.step), raw=raw) for raw in (False, True)]
             written = [p for p in loras if p is not None] + [save_training_state(files.state, trainer.state_dict())]
+            # the last periodic save's pruning, which a run killed right after writing its state never did
+            prune_periodic_saves(files, config.keep_last, trainer.step)
         else:  # periodic and interrupt saves, pruned to keep_last
             written = write_periodic_save(files, trainer, metadata(trainer.step))
         save_loss_curve(files.loss_png, {config.objective: trainer.losses}, title=f"{files.name}: {config.objective} loss")

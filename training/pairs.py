@@ -44,7 +44,7 @@ from safetensors.torch import load_file, save_file
 import d2f_core
 
 from .data import TrainingData
-from .files import atomic_write, ensure_writable_folder
+from .files import atomic_write, ensure_writable_folder, remove_stale_temporaries
 
 __all__ = [
     "FORMAT", "PairSettings", "PairProgress", "PairsSummary", "PairsError", "Pairs", "pair_seed", "pair_noise",
@@ -361,8 +361,7 @@ def generate_pairs(
                 "sources": sources or {}}
     if rank == 0:
         ensure_writable_folder(folder)
-        for stale in folder.glob(".pairs-*.tmp"):  # temporary files of a killed run
-            stale.unlink(missing_ok=True)
+        remove_stale_temporaries(folder, lambda name: name in (MANIFEST, CONDS) or _SHARD.match(name) is not None)
         if not (folder / CONDS).is_file():
             atomic_write(folder / CONDS, lambda tmp: save_file(flat, tmp))
     have = _covered(pair_shards(folder)) if folder.is_dir() else set()

@@ -89,8 +89,17 @@ def test_an_interrupted_run_keeps_its_finished_shards_and_resumes(reference, tmp
         generate(folder, 14, shard_size=4, check_cancel=cancel_at_fourth_batch)
     assert [(a, b) for a, b, _ in pair_shards(folder)] == [(0, 4), (4, 8), (8, 12)]
     assert load_pairs(folder).index.tolist() == list(range(12))  # a partial folder is usable data
+    # what a SIGKILL mid-write leaves: atomic_write's temporary files of a process that is gone
+    from training.tests.test_files import dead_pid
+
+    gone = dead_pid()
+    leftovers = [folder / f".{name}.{gone}.tmp" for name in ("manifest.json", "conds.safetensors",
+                                                               "pairs-000000012-000000014.safetensors")]
+    for path in leftovers:
+        path.write_bytes(b"partial")
     assert generate(folder, 14, shard_size=4).generated == 2
     assert_same_pairs(reference, folder, 14)
+    assert not any(path.exists() for path in leftovers)
 
 
 def test_a_full_disk_keeps_the_finished_shards(tmp_path, monkeypatch) -> None:
