@@ -398,9 +398,9 @@ class TrainDiff2FlowLora(io.ComfyNode):
             ),
             inputs=[
                 io.Model.Input("model", tooltip="The base SD1.x / SD2.x / SDXL model (eps or v prediction)."),
-                io.Latent.Input("latents", optional=True, tooltip="Training latents: a LATENT batch, or the list from ComfyUI's dataset nodes (not needed with pairs)."),
-                io.Conditioning.Input("positive", optional=True, tooltip="Captions: one conditioning for all latents, or one per latent (not needed with pairs)."),
-                io.Conditioning.Input("negative", optional=True, tooltip="Empty / negative conditioning used for caption dropout (keeps CFG working)."),
+                io.Latent.Input("latents", optional=True, tooltip="Training latents: a LATENT batch, or the list from ComfyUI's dataset nodes (not with pairs)."),
+                io.Conditioning.Input("positive", optional=True, tooltip="Captions: one conditioning for all latents, or one per latent (not with pairs)."),
+                io.Conditioning.Input("negative", optional=True, tooltip="Empty / negative conditioning used for caption dropout (keeps CFG working); with pairs only for previews (the pairs carry their own)."),
                 Pairs.Input("pairs", optional=True, tooltip="Reflow pairs from Diff2Flow Reflow Pairs: train on them (objective 'reflow') instead of latents / positive."),
                 io.Vae.Input("vae", optional=True, tooltip="Decodes the previews (preview_every > 0): the checkpoint's VAE."),
                 io.Conditioning.Input("preview_prompts", optional=True, tooltip="The prompts of the previews (preview_every > 0): one CLIP Text Encode per prompt, or a batch; the negative input is their unconditional prompt."),
