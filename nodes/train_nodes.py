@@ -24,7 +24,7 @@ from d2f_core.lora import adapters_state_dict
 from d2f_core.lora_metadata import LoraMetadata
 from d2f_host.checkpoints import attach_recommended_sampling, check_pairs_fit, lora_metadata_for
 from d2f_host.conditioning import cond_kwargs, latent_decoder
-from d2f_host.model_sampling import alignment_of, flow_model_for
+from d2f_host.model_sampling import alignment_of, flow_model_for, is_patched
 from d2f_host.depth import is_image_conditioned, widen_model
 from d2f_host.unet import attach_adapters, gradient_checkpointing, unet_network
 from training import TrainConfig, Trainer, TrainingData
@@ -315,6 +315,9 @@ def train_lora_with_previews(model, latents: list, positive: list, negative: Opt
     if preview_prompts is not None and config.preview_every <= 0:
         log.warning("Diff2Flow: preview_prompts is connected but preview_every is 0: no previews are sampled (set "
                     "preview_every N to sample them every N steps)")
+    if is_patched(model) and model.get_model_object("model_sampling").d2f.zero_terminal_snr and not config.zero_terminal_snr:
+        raise ValueError("zero_terminal_snr is off, but this MODEL was converted with zero terminal SNR (Diff2Flow Model "
+                         "Patch): set zero_terminal_snr on to train it as converted, or connect the model before the patch")
     d2f = alignment_of(model, config.zero_terminal_snr)
     teacher_cfg = None
     if depth:
