@@ -312,9 +312,13 @@ def train_lora_with_previews(model, latents: list, positive: list, negative: Opt
     [N, H, W, 3] (one black 1x1 image with previews off)."""
     depth = check_depth_inputs(model, config, depth_images, depth_maps, latents, positive, pairs, vae)
     check_preview_inputs(config, vae, preview_prompts, negative)
-    if preview_prompts is not None and config.preview_every <= 0:
-        log.warning("Diff2Flow: preview_prompts is connected but preview_every is 0: no previews are sampled (set "
-                    "preview_every N to sample them every N steps)")
+    if config.preview_every <= 0:
+        unused = [name for name, value in (("preview_prompts", preview_prompts), ("vae", None if depth else vae))
+                  if value is not None]
+        if unused:
+            are = "are" if len(unused) > 1 else "is"
+            log.warning("Diff2Flow: %s %s connected but preview_every is 0: no previews are sampled, so nothing uses "
+                        "them (set preview_every N to sample previews every N steps)", " and ".join(unused), are)
     if is_patched(model) and model.get_model_object("model_sampling").d2f.zero_terminal_snr and not config.zero_terminal_snr:
         raise ValueError("zero_terminal_snr is off, but this MODEL was converted with zero terminal SNR (Diff2Flow Model "
                          "Patch): set zero_terminal_snr on to train it as converted, or connect the model before the patch")

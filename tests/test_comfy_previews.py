@@ -117,3 +117,17 @@ def test_previews_refuse_missing_inputs_before_training(comfy_nodes, sd15, loras
     with pytest.raises(ValueError, match="connect negative .* or set preview_cfg 1"):
         run(comfy_nodes, model, vae, on, negative=False)
     assert not list(loras_dir.iterdir())  # nothing was trained or saved
+
+
+def test_preview_inputs_with_previews_off_are_named_in_a_warning(comfy_nodes, sd15, loras_dir, caplog) -> None:
+    """vae and preview_prompts connected with preview_every 0 serve nothing: the run says so (it still trains)."""
+    import logging
+
+    model, vae = sd15
+    with caplog.at_level(logging.WARNING, logger="diff2flow"):
+        assert run(comfy_nodes, model, vae, {**BASE, "steps": 1})[3] == 1
+    assert "preview_prompts and vae are connected but preview_every is 0" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="diff2flow"):
+        run(comfy_nodes, model, None, {**BASE, "steps": 1}, prompts=0, output_name="plain")
+    assert "preview_every is 0" not in caplog.text
