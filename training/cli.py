@@ -37,6 +37,7 @@ log = logging.getLogger("diff2flow")
 # run options of `train` / `pairs` that are not fields of their config class (also valid TOML keys)
 RUN_KEYS = ("cache", "pairs", "checkpoint", "output", "name", "sample_prompts")
 PAIRS_RUN_KEYS = ("checkpoint", "lora", "prompts", "output")
+PAIRS_TOML = "pairs.toml"  # the options of a pairs run, in its folder (pairs --config reads it back)
 
 
 class CliError(Exception):
@@ -393,7 +394,7 @@ def read_prompt_lines(path: str | os.PathLike, flag: str) -> list[str]:
 
 def cmd_pairs(args: argparse.Namespace) -> int:
     from . import distributed
-    from .files import file_sha256
+    from .files import file_sha256, remove_stale_temporaries
     from .pairs import PairSettings, generate_pairs
 
     run, config = _pairs_values(args)
@@ -442,7 +443,8 @@ def cmd_pairs(args: argparse.Namespace) -> int:
     finally:
         bar.close()
     if world.is_main:
-        write_toml(pathlib.Path(run["output"]) / "pairs.toml",
+        remove_stale_temporaries(run["output"], lambda name: name == PAIRS_TOML)  # a killed run's, of the file below
+        write_toml(pathlib.Path(run["output"]) / PAIRS_TOML,
                    {**{k: str(pathlib.Path(v).resolve()) for k, v in run.items() if v}, **config.to_dict()}, table="pairs")
         print(summary.report())
     distributed.barrier(world)
