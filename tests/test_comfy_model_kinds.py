@@ -31,6 +31,7 @@ import pytest
 import torch
 
 from comfy_harness import CONTEXT_DIM, build_tiny_model, require_comfyui
+from stand_ins import StandInClip, StandInVae
 
 require_comfyui()
 
@@ -171,29 +172,6 @@ def fm_chain(nodes, flow) -> None:
     check_latent(denoised["samples"])
 
 
-class StandInVae:
-    """encode = 8x8 average pooling of the image in [-1, 1] (4th channel: the grey level); decode = nearest
-    upsampling of the first 3 channels back to [0, 1] (as in test_comfy_depth)."""
-
-    latent_channels = 4
-
-    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
-        x = torch.nn.functional.avg_pool2d(pixels.movedim(-1, 1) * 2 - 1, 8)
-        return torch.cat([x, x.mean(dim=1, keepdim=True)], dim=1)
-
-    def decode(self, latent: torch.Tensor) -> torch.Tensor:
-        x = torch.nn.functional.interpolate(latent[:, :3], scale_factor=8, mode="nearest")
-        return ((x + 1) / 2).clamp(0, 1).movedim(1, -1)
-
-
-class StandInClip:
-    """Encodes any text to one fixed conditioning of the tiny models' width."""
-
-    def tokenize(self, text: str) -> str:
-        return text
-
-    def encode_from_tokens_scheduled(self, tokens: str) -> list:
-        return cond(len(tokens))
 
 
 def smooth_images(batch: int = 1, size: int = 64, seed: int = 0) -> torch.Tensor:
