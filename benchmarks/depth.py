@@ -69,7 +69,8 @@ from demo.progress import Progress  # noqa: E402
 from demo.scenes import scene_split  # noqa: E402
 from demo.store import load_unet  # noqa: E402
 from training import TrainConfig, Trainer, TrainingData  # noqa: E402
-from training.engine import build_optimizer, lr_lambda  # noqa: E402
+from training.engine import lr_lambda  # noqa: E402
+from training.optimizers import build_optimizer  # noqa: E402
 from training.files import atomic_write  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # the benchmarks' shared flags

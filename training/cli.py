@@ -31,6 +31,7 @@ from typing import Any, Optional, Sequence
 
 from .config import PairsConfig, TrainConfig, option_specs
 from .files import STATE_SUFFIX
+from .optimizers import OPTIMIZERS
 
 log = logging.getLogger("diff2flow")
 
@@ -217,6 +218,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     run, overrides, state = _train_values(args)
     config = make_config(state["config"] if state else {}, overrides)
+    unavailable = OPTIMIZERS[config.optimizer].missing()
+    if unavailable:
+        raise CliError(f"--optimizer {config.optimizer}: {unavailable}")
     if state is not None:
         saved = TrainConfig.from_dict(state["config"])
         listed = config.resume_mismatch(saved)

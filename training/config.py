@@ -13,7 +13,8 @@ from typing import Any, Optional, Sequence
 from d2f_core import OBJECTIVES, SAMPLERS, TIMESTEP_SAMPLERS
 from d2f_core.lora import ALGORITHMS, TARGETS
 
-OPTIMIZERS = ("AdamW", "Adam", "SGD", "AdamW8bit")
+from .optimizers import OPTIMIZERS, available_optimizers
+
 LR_SCHEDULES = ("constant", "cosine", "linear")
 DTYPES = ("bf16", "fp16", "fp32")
 
@@ -60,8 +61,10 @@ class TrainConfig:
     learning_rate: float = option(1e-4, "Peak learning rate.", min=1e-7, max=1.0, step=1e-6)
     lr_schedule: str = option("constant", "Decay after warmup: constant, cosine to 0, or linear to 0.", choices=LR_SCHEDULES)
     warmup_steps: int = option(0, "Linear warmup steps.", min=0, max=1_000_000)
-    optimizer: str = option("AdamW", "Optimizer (AdamW8bit needs the bitsandbytes package).", choices=OPTIMIZERS)
-    weight_decay: float = option(0.01, "Weight decay of AdamW / SGD.", min=0.0, max=1.0, step=0.001)
+    optimizer: str = option("AdamW", "; ".join(f"{o.name}: {o.description}" for o in OPTIMIZERS.values()) +
+                            ". A choice whose package is missing is hidden (the node) or refused with the install "
+                            "command (the CLI).", choices=tuple(OPTIMIZERS))
+    weight_decay: float = option(0.01, "Weight decay (every optimizer but Adam).", min=0.0, max=1.0, step=0.001)
     rank: int = option(8, "Adapter rank (LoKr: the factor the weight's sides are split around; OFT: the block "
                        "size it is chosen around, as ComfyUI's trainer).", min=1, max=512)
     alpha: float = option(8.0, "Adapter alpha: LoRA / LoHa / DoRA updates are scaled by alpha / rank; OFT: the bound "
@@ -175,14 +178,12 @@ class TrainConfig:
 
 
 def available_choices(spec: OptionSpec) -> tuple[str, ...]:
-    """The choices of an option that this installation can run (AdamW8bit needs bitsandbytes)."""
-    choices = spec.choices or ()
-    if "AdamW8bit" in choices:
-        try:
-            import bitsandbytes  # noqa: F401
-        except ImportError:
-            return tuple(c for c in choices if c != "AdamW8bit")
-    return tuple(choices)
+    """The choices of an option that this installation can run (optimizers whose package is missing
+    are left out: training/optimizers.py)."""
+    choices = tuple(spec.choices or ())
+    if choices == tuple(OPTIMIZERS):
+        return available_optimizers()
+    return choices
 
 
 @dataclass

@@ -28,6 +28,7 @@ from d2f_core.lora import WeightAdapter, adapters_state_dict
 
 from .config import TrainConfig
 from .data import TrainingData
+from .optimizers import build_optimizer
 
 Network = Callable[..., torch.Tensor]
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -61,20 +62,6 @@ def lr_lambda(config: TrainConfig) -> Callable[[int], float]:
         return 1.0 - progress
 
     return factor
-
-
-def build_optimizer(name: str, params: list[torch.nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    if name == "AdamW":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
-    if name == "Adam":
-        return torch.optim.Adam(params, lr=lr)
-    if name == "SGD":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay)
-    try:
-        import bitsandbytes as bnb  # optional: 8-bit optimizer states
-    except ImportError as exc:
-        raise ValueError("optimizer AdamW8bit needs the bitsandbytes package (pip install bitsandbytes); choose AdamW otherwise") from exc
-    return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
 
 
 class AdapterEMA:

@@ -129,7 +129,7 @@ def test_lr_schedules() -> None:
         ({"learning_rate": 0}, "learning_rate must be > 0"),
         ({"caption_dropout": 1.0}, r"caption_dropout must lie in \[0, 1\)"),
         ({"algorithm": "BOFT"}, "algorithm='BOFT' is not supported: choose one of LoRA, LoHa, LoKr, OFT, DoRA"),
-        ({"optimizer": "Lion"}, "optimizer='Lion' is not supported"),
+        ({"optimizer": "Shampoo"}, "optimizer='Shampoo' is not supported"),
     ],
 )
 def test_config_errors_name_the_option(kwargs: dict, match: str) -> None:

@@ -1,0 +1,94 @@
+"""The optimizer registry: every choice of ``TrainConfig.optimizer``, its description and the package it
+needs. Each one comes from torch or a maintained package, never written here; a choice whose package is
+missing is hidden from the node and refused by the CLI with the install command (:func:`build_optimizer`).
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+
+__all__ = ["Optimizer", "OPTIMIZERS", "available_optimizers", "build_optimizer"]
+
+Params = list[torch.nn.Parameter]
+
+
+@dataclass(frozen=True)
+class Optimizer:
+    """One optimizer choice: ``build(params, lr, weight_decay)``; ``module`` is the import that must
+    succeed, ``"module:attribute"`` where an attribute must exist too (``None``: always there), and
+    ``package`` what ``pip install`` names."""
+
+    name: str
+    description: str
+    build: Callable[[Params, float, float], torch.optim.Optimizer]
+    module: Optional[str] = None
+    package: Optional[str] = None
+
+    def missing(self) -> Optional[str]:
+        """Why this installation cannot run it (``None`` when it can)."""
+        if self.module is None:
+            return None
+        module, _, attribute = self.module.partition(":")
+        try:
+            imported = importlib.import_module(module)
+        except ImportError:
+            imported = None
+        found = imported is not None and (not attribute or hasattr(imported, attribute))
+        return None if found else f"optimizer {self.name} needs {self.package}: pip install '{self.package}'"
+
+
+def _bnb_adamw8bit(params: Params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    import bitsandbytes as bnb
+
+    return bnb.optim.AdamW8bit(params, lr=lr, weight_decay=weight_decay)
+
+
+def _adafactor(params: Params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    return torch.optim.Adafactor(params, lr=lr, weight_decay=weight_decay)
+
+
+def _lion(params: Params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    from lion_pytorch import Lion
+
+    return Lion(params, lr=lr, weight_decay=weight_decay)
+
+
+def _prodigy(params: Params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    from prodigyopt import Prodigy
+
+    return Prodigy(params, lr=lr, weight_decay=weight_decay)
+
+
+OPTIMIZERS: dict[str, Optimizer] = {o.name: o for o in (
+    Optimizer("AdamW", "Adam with decoupled weight decay (torch)",
+              lambda p, lr, wd: torch.optim.AdamW(p, lr=lr, weight_decay=wd)),
+    Optimizer("Adam", "Adam without weight decay (torch)", lambda p, lr, wd: torch.optim.Adam(p, lr=lr)),
+    Optimizer("SGD", "SGD with momentum 0.9 (torch)",
+              lambda p, lr, wd: torch.optim.SGD(p, lr=lr, momentum=0.9, weight_decay=wd)),
+    Optimizer("AdamW8bit", "AdamW with 8-bit states (bitsandbytes): less optimizer memory", _bnb_adamw8bit,
+              "bitsandbytes", "bitsandbytes"),
+    Optimizer("Adafactor", "Adafactor (torch): factored second moments, little optimizer memory", _adafactor,
+              "torch.optim:Adafactor", "torch>=2.5"),
+    Optimizer("Lion", "Lion (lion-pytorch): sign updates, one state; use a 3-10x smaller learning rate than AdamW",
+              _lion, "lion_pytorch", "lion-pytorch"),
+    Optimizer("Prodigy", "Prodigy (prodigyopt): estimates the step size itself; set learning_rate 1 (its default)",
+              _prodigy, "prodigyopt", "prodigyopt"),
+)}
+
+
+def available_optimizers() -> tuple[str, ...]:
+    """The optimizer names this installation can run (the node's combo)."""
+    return tuple(name for name, o in OPTIMIZERS.items() if o.missing() is None)
+
+
+def build_optimizer(name: str, params: Params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    """The optimizer ``name`` over ``params``; ``ValueError`` with the install command when its package
+    is missing."""
+    record = OPTIMIZERS[name]
+    reason = record.missing()
+    if reason is not None:
+        raise ValueError(f"{reason}; or choose {', '.join(available_optimizers())}")
+    return record.build(params, lr, weight_decay)
