@@ -20,7 +20,6 @@ import comfy.utils
 import folder_paths
 from comfy_api.latest import io
 
-from d2f_core.lora import adapters_state_dict
 from d2f_core.lora_metadata import LoraMetadata
 from d2f_host.checkpoints import attach_recommended_sampling, check_pairs_fit, lora_metadata_for
 from d2f_host.conditioning import cond_kwargs, latent_decoder
@@ -210,8 +209,8 @@ def build_depth_training_data(model, vae: Any, depth_images: list, depth_maps: l
     return TrainingData(latents, positive_kwargs, uncond, [{"concat": c} for c in concats])
 
 
-def lora_result(adapters: dict, metadata: LoraMetadata) -> Diff2FlowLora:
-    lora = Diff2FlowLora(adapters_state_dict(adapters))
+def lora_result(tensors: dict, metadata: LoraMetadata) -> Diff2FlowLora:
+    lora = Diff2FlowLora(tensors)
     lora.metadata = metadata
     return lora
 
@@ -366,7 +365,7 @@ def train_lora_with_previews(model, latents: list, positive: list, negative: Opt
             adapter.requires_grad_(False)
         save_run_lora(files, trainer, metadata(trainer.step), raw=True)  # <output_name>_raw (save_raw with EMA)
         # the outputs hold the saved weights: the EMA's when EMA is on
-        lora = lora_result({n: a.cpu() for n, a in trainer.saved_adapters().items()}, metadata(trainer.step))
+        lora = lora_result({k: v.cpu() for k, v in trainer.lora_state_dict().items()}, metadata(trainer.step))
     grids = previewer.grids() if previewer is not None else no_preview_image()
     return (trained_model(model, lora, config.objective, d2f.zero_terminal_snr), lora, {"loss": list(trainer.losses)},
             trainer.step, grids)

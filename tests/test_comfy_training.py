@@ -239,3 +239,22 @@ def test_trains_a_model_loaded_under_inference_mode(pack, tiny_model, conditioni
         _, lora, losses, steps = train(pack, model, TrainConfig(steps=2, batch_size=2, targets="all"))
     assert steps == 2 and all(math.isfinite(v) for v in losses["loss"])
     assert torch.equal(before, sample_unpatched(model, cond))
+
+
+def test_schedule_free_node_outputs_and_saves_its_evaluation_weights(pack, tiny_model, loras_dir, recorded_trainers) -> None:
+    """With AdamWScheduleFree the LORA_MODEL output and the periodic save hold the optimizer's evaluation
+    weights (its eval() sequence), not the weights it trains on."""
+    from safetensors.torch import load_file
+
+    from d2f_core.lora import adapters_state_dict
+
+    config = TrainConfig(steps=4, batch_size=2, learning_rate=1e-2, save_every=4, seed=4, optimizer="AdamWScheduleFree")
+    _, lora, _, _ = train(pack, tiny_model("eps"), config, output_name="schedule_free")
+    (trainer,) = recorded_trainers
+    training = adapters_state_dict(trainer.adapters)
+    trainer.optimizer.eval()  # the trainer is done: read its evaluation weights directly
+    evaluation = adapters_state_dict(trainer.adapters)
+    saved = load_file(loras_dir / "schedule_free_000004.safetensors")
+    assert lora.keys() == evaluation.keys() == saved.keys()
+    assert all(torch.equal(lora[k], evaluation[k]) and torch.equal(saved[k], evaluation[k]) for k in lora)
+    assert any(not torch.equal(training[k], evaluation[k]) for k in lora)

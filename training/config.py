@@ -148,6 +148,9 @@ class TrainConfig:
             raise ValueError(f"logit_std must be > 0, got {self.logit_std}")
         if not self.shift > 0:
             raise ValueError(f"shift must be > 0, got {self.shift}")
+        if OPTIMIZERS[self.optimizer].schedule_free and self.lr_schedule != "constant":
+            raise ValueError(f"optimizer {self.optimizer} replaces the learning-rate schedule: set lr_schedule constant "
+                             f"(warmup_steps still apply), or choose another optimizer for lr_schedule {self.lr_schedule}")
 
     def timestep_options(self) -> dict[str, Any]:
         """The keyword arguments of ``d2f_core.Objective.draw`` that select the timestep sampling."""

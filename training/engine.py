@@ -28,7 +28,7 @@ from d2f_core.lora import WeightAdapter, adapters_state_dict
 
 from .config import TrainConfig
 from .data import TrainingData
-from .optimizers import build_optimizer
+from .optimizers import OPTIMIZERS, build_optimizer
 
 Network = Callable[..., torch.Tensor]
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -143,6 +143,9 @@ class Trainer:
         if not self.params:
             raise ValueError("there is nothing to train: no adapter parameters")
         self.optimizer = build_optimizer(config.optimizer, self.params, config.learning_rate, config.weight_decay)
+        self.schedule_free = OPTIMIZERS[config.optimizer].schedule_free
+        if self.schedule_free:
+            self.optimizer.train()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.dtype == "fp16")
         if config.dtype == "fp16" and self.device.type == "cpu":
@@ -165,8 +168,30 @@ class Trainer:
         return self.ema is not None and self.config.save_raw
 
     def lora_state_dict(self, raw: bool = False) -> dict[str, torch.Tensor]:
-        """ComfyUI-native LoRA tensors of :meth:`saved_adapters` (``raw``: of the trained adapters)."""
-        return adapters_state_dict(self.adapters if raw else self.saved_adapters())
+        """ComfyUI-native LoRA tensors of :meth:`saved_adapters` (``raw``: of the trained adapters, as
+        :meth:`evaluation_weights` gives them)."""
+        if raw or self.ema is None:
+            with self.evaluation_weights():
+                return {k: v.detach().clone() for k, v in adapters_state_dict(self.adapters).items()}
+        return adapters_state_dict(self.ema.adapters)
+
+    @contextlib.contextmanager
+    def evaluation_weights(self) -> Iterator[None]:
+        """The trained adapters with the weights a schedule-free optimizer evaluates (its ``eval()``
+        sequence) for the time of the block; the training weights are copied back after, bit-exactly,
+        so saving, previewing or averaging never changes the trajectory. Other optimizers: unchanged."""
+        if not self.schedule_free:
+            yield
+            return
+        training = [p.detach().clone() for p in self.params]
+        self.optimizer.eval()
+        try:
+            yield
+        finally:
+            self.optimizer.train()
+            with torch.no_grad():
+                for p, t in zip(self.params, training):
+                    p.copy_(t)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """The mixed precision of ``config.dtype`` on the trainer's device (training and previews)."""
@@ -180,7 +205,8 @@ class Trainer:
         raw ones copied back after, bit-exactly, whatever happens in the block; without EMA nothing
         changes. Previews sample under it."""
         if self.ema is None:
-            yield
+            with self.evaluation_weights():
+                yield
             return
         weights = [p for adapter in self.adapters.values() for p in adapter.parameters()]
         raw = [p.detach().clone() for p in weights]
@@ -307,7 +333,8 @@ class Trainer:
         self.scaler.step(self.optimizer)
         self.scaler.update()
         if self.ema is not None:
-            self.ema.update()
+            with self.evaluation_weights():
+                self.ema.update()
         skipped = scale is not None and self.scaler.get_scale() < scale
         with warnings.catch_warnings():
             if skipped:

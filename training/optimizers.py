@@ -26,6 +26,9 @@ class Optimizer:
     build: Callable[[Params, float, float], torch.optim.Optimizer]
     module: Optional[str] = None
     package: Optional[str] = None
+    # schedule-free: the optimizer keeps two weight sequences and switches between them with its train() /
+    # eval(); the evaluation weights are the ones to save, sample and average (training.engine.Trainer)
+    schedule_free: bool = False
 
     def missing(self) -> Optional[str]:
         """Why this installation cannot run it (``None`` when it can)."""
@@ -62,6 +65,12 @@ def _prodigy(params: Params, lr: float, weight_decay: float) -> torch.optim.Opti
     return Prodigy(params, lr=lr, weight_decay=weight_decay)
 
 
+def _adamw_schedule_free(params: Params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    from schedulefree import AdamWScheduleFree
+
+    return AdamWScheduleFree(params, lr=lr, weight_decay=weight_decay)
+
+
 OPTIMIZERS: dict[str, Optimizer] = {o.name: o for o in (
     Optimizer("AdamW", "Adam with decoupled weight decay (torch)",
               lambda p, lr, wd: torch.optim.AdamW(p, lr=lr, weight_decay=wd)),
@@ -76,6 +85,9 @@ OPTIMIZERS: dict[str, Optimizer] = {o.name: o for o in (
               _lion, "lion_pytorch", "lion-pytorch"),
     Optimizer("Prodigy", "Prodigy (prodigyopt): estimates the step size itself; set learning_rate 1 (its default)",
               _prodigy, "prodigyopt", "prodigyopt"),
+    Optimizer("AdamWScheduleFree", "schedule-free AdamW (schedulefree): no decay schedule needed (lr_schedule "
+              "constant; warmup_steps still apply); saves, previews and EMA use its evaluation weights",
+              _adamw_schedule_free, "schedulefree", "schedulefree", schedule_free=True),
 )}
 
 

@@ -18,8 +18,10 @@ def runnable() -> list[str]:
 
 
 def config_for(name: str, **extra) -> TrainConfig:
-    return TrainConfig(steps=6, batch_size=2, optimizer=name, learning_rate=LEARNING_RATES.get(name, 1e-3), seed=3,
-                       **extra)
+    if optimizers.OPTIMIZERS[name].schedule_free:
+        extra["lr_schedule"] = "constant"  # it replaces the schedule (warmup_steps still apply)
+    options = dict(steps=6, batch_size=2, optimizer=name, learning_rate=LEARNING_RATES.get(name, 1e-3), seed=3)
+    return TrainConfig(**{**options, **extra})
 
 
 @pytest.mark.parametrize("name", [n for n in optimizers.OPTIMIZERS if n != "AdamW8bit"])
@@ -32,7 +34,7 @@ def test_every_optimizer_but_the_gpu_one_is_runnable_here(name: str) -> None:
 @pytest.mark.parametrize("name", runnable())
 def test_each_optimizer_is_the_one_that_trains(name: str) -> None:
     trainer, _, _ = make_run(config_for(name))
-    assert type(trainer.optimizer).__name__ == ("Adam" if name == "Adam" else name if name != "AdamW8bit" else "AdamW8bit")
+    assert type(trainer.optimizer).__name__ == name
     before = params(trainer.adapters)
     trainer.run()
     after = params(trainer.adapters)
@@ -74,3 +76,65 @@ def test_the_cli_refuses_a_missing_optimizer_before_any_compute(monkeypatch, cap
                                                                             "no_such_module_d2f", "lion-pytorch"))
     assert main(["train", "--cache", "c", "--checkpoint", "m", "--output", "o", "--optimizer", "Lion"]) == 2
     assert "--optimizer Lion: optimizer Lion needs lion-pytorch: pip install 'lion-pytorch'" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- schedule-free: its evaluation weights
+def evaluation_params(trainer) -> dict[str, torch.Tensor]:
+    """The adapters' weights in the optimizer's eval() mode, read by switching the trainer's own optimizer
+    (the trainer is not used afterwards)."""
+    trainer.optimizer.eval()
+    return params(trainer.adapters)
+
+
+def test_schedule_free_saves_its_evaluation_weights_and_trains_on_the_others() -> None:
+    from d2f_core.lora import adapters_state_dict
+
+    trainer, _, _ = make_run(config_for("AdamWScheduleFree"))
+    trainer.run()
+    training = params(trainer.adapters)
+    saved = trainer.lora_state_dict()
+    assert all(torch.equal(training[k], v) for k, v in params(trainer.adapters).items())  # restored after the save
+    evaluation = evaluation_params(trainer)
+    assert any(not torch.equal(training[k], evaluation[k]) for k in training)  # two different weight sequences
+    expected = adapters_state_dict(trainer.adapters)
+    assert saved.keys() == expected.keys() and all(torch.equal(saved[k], expected[k]) for k in saved)
+
+
+def test_schedule_free_saves_previews_and_ema_never_change_the_training() -> None:
+    """Saving, previewing and averaging switch to the evaluation weights and back bit-exactly: a run that
+    does all of them every step trains the same weights as one that does none."""
+    plain, _, _ = make_run(config_for("AdamWScheduleFree", steps=4))
+    plain.run()
+    busy, _, _ = make_run(config_for("AdamWScheduleFree", steps=4, save_every=1, preview_every=1))
+
+    def preview(trainer) -> None:
+        with trainer.sampling_weights():
+            pass
+
+    busy.run(save=lambda t: t.lora_state_dict(), preview=preview)
+    a, b = params(plain.adapters), params(busy.adapters)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_schedule_free_ema_averages_the_evaluation_weights() -> None:
+    """EMA_t = d EMA_{t-1} + (1 - d) x_t with x_t the evaluation weights, read here from the optimizer's own
+    state (schedulefree's eval() sets p to lerp(y, z, 1 - 1 / beta1)); from step 2 on x_t != y_t."""
+    trainer, _, _ = make_run(config_for("AdamWScheduleFree", steps=3, ema_decay=0.9, ema_warmup=False))
+    expected = params(trainer.adapters)
+    beta1 = trainer.optimizer.param_groups[0]["betas"][0]
+    names = [f"{n}.{k}" for n, a in trainer.adapters.items() for k, _ in a.named_parameters()]
+    for _ in range(3):
+        trainer.train_step()
+        live = dict(zip(names, (p for a in trainer.adapters.values() for p in a.parameters())))
+        for key, p in live.items():
+            x = p.detach().lerp(trainer.optimizer.state[p]["z"], 1 - 1 / beta1)
+            expected[key] = 0.9 * expected[key] + 0.1 * x
+    ema = {f"{n}.{k}": p for n, a in trainer.ema.adapters.items() for k, p in a.named_parameters()}
+    for key in expected:
+        torch.testing.assert_close(ema[key], expected[key], rtol=1e-5, atol=1e-7)
+
+
+def test_schedule_free_refuses_a_decay_schedule() -> None:
+    with pytest.raises(ValueError, match="optimizer AdamWScheduleFree replaces the learning-rate schedule: set "
+                                         "lr_schedule constant"):
+        TrainConfig(optimizer="AdamWScheduleFree", lr_schedule="cosine")
