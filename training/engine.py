@@ -158,7 +158,8 @@ class Trainer:
 
     # ------------------------------------------------------------------ weights
     def saved_adapters(self) -> dict[str, WeightAdapter]:
-        """The adapters a saved LoRA holds: the EMA's when EMA is on, the trained ones otherwise."""
+        """The adapters a saved LoRA holds: the EMA's when EMA is on, the trained ones otherwise (with a
+        schedule-free optimizer their saved weights are the evaluation ones: :meth:`lora_state_dict`)."""
         return self.ema.adapters if self.ema is not None else self.adapters
 
     @property
