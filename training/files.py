@@ -189,10 +189,14 @@ class RunFiles:
     def raw_lora_at(self, step: int) -> pathlib.Path:
         return self.folder / f"{self.name}_{step:06d}_raw.safetensors"
 
+    def _periodic_name(self) -> re.Pattern:
+        """The names of this run's periodic saves and their ``_raw`` files (group 1: the step)."""
+        return re.compile(re.escape(self.name) + r"_(\d{6,})(_raw)?\.safetensors")
+
     def periodic_saves(self) -> dict[int, list[pathlib.Path]]:
         """The files of this run's periodic saves in its folder, by step: exactly the names
         :meth:`lora_at` and :meth:`raw_lora_at` give (other runs' and unrelated files never match)."""
-        pattern = re.compile(re.escape(self.name) + r"_(\d{6,})(_raw)?\.safetensors")
+        pattern = self._periodic_name()
         saves: dict[int, list[pathlib.Path]] = {}
         if not self.folder.is_dir():
             return saves
@@ -242,8 +246,7 @@ class RunFiles:
         fixed = (self.lora, self.raw_lora, self.state, self.config, self.metrics, self.loss_png)
         if file_name in {p.name for p in fixed}:
             return True
-        match = re.fullmatch(re.escape(self.name) + r"_(\d{6,})(_raw)?\.safetensors", file_name)
-        return match is not None
+        return self._periodic_name().fullmatch(file_name) is not None
 
     def remove_stale_temporaries(self) -> list[pathlib.Path]:
         """Delete the temporary files a killed run of this name left (:func:`remove_stale_temporaries`),
