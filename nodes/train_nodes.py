@@ -231,9 +231,17 @@ def trained_model(model, lora: dict, objective: str, zero_terminal_snr: bool):
 PREVIEW_OPTIONS = tuple(spec.name for spec in option_specs() if spec.name.startswith("preview_"))
 
 
-def check_preview_inputs(config: TrainConfig, vae: Any, preview_prompts: Optional[list], negative: Optional[list]) -> None:
-    """Refuse previews the node cannot make, before any training, naming the input and the fix."""
+def check_preview_inputs(config: TrainConfig, vae: Any, preview_prompts: Optional[list], negative: Optional[list],
+                         depth: bool = False) -> None:
+    """Refuse previews the node cannot make, before any training, naming the input and the fix; with
+    previews off, name the inputs only previews would use (``vae`` serves depth training too)."""
     if config.preview_every <= 0:
+        unused = [name for name, value in (("preview_prompts", preview_prompts), ("vae", None if depth else vae))
+                  if value is not None]
+        if unused:
+            are = "are" if len(unused) > 1 else "is"
+            log.warning("Diff2Flow: %s %s connected but preview_every is 0: no previews are sampled, so nothing uses "
+                        "them (set preview_every N to sample previews every N steps)", " and ".join(unused), are)
         return
     if vae is None:
         raise ValueError(f"preview_every {config.preview_every} needs a VAE to decode the previews: connect the vae "
@@ -245,6 +253,14 @@ def check_preview_inputs(config: TrainConfig, vae: Any, preview_prompts: Optiona
     if cfg != 1.0 and not negative:
         raise ValueError(f"previews at cfg {cfg:g} need an unconditional prompt: connect negative (an empty CLIP Text "
                          "Encode), or set preview_cfg 1")
+
+
+def check_zero_terminal_snr(model, config: TrainConfig) -> None:
+    """Refuse to train a MODEL that Diff2Flow Model Patch converted with zero terminal SNR while the run's
+    own zero_terminal_snr is off: the conversion would be dropped in silence."""
+    if is_patched(model) and model.get_model_object("model_sampling").d2f.zero_terminal_snr and not config.zero_terminal_snr:
+        raise ValueError("zero_terminal_snr is off, but this MODEL was converted with zero terminal SNR (Diff2Flow Model "
+                         "Patch): set zero_terminal_snr on to train it as converted, or connect the model before the patch")
 
 
 def check_pairs_inputs(config: TrainConfig, latents: Optional[list], positive: Optional[list],
@@ -310,17 +326,8 @@ def train_lora_with_previews(model, latents: list, positive: list, negative: Opt
     ``vae`` (training/previews.py): returns its four results and the grids as an IMAGE batch
     [N, H, W, 3] (one black 1x1 image with previews off)."""
     depth = check_depth_inputs(model, config, depth_images, depth_maps, latents, positive, pairs, vae)
-    check_preview_inputs(config, vae, preview_prompts, negative)
-    if config.preview_every <= 0:
-        unused = [name for name, value in (("preview_prompts", preview_prompts), ("vae", None if depth else vae))
-                  if value is not None]
-        if unused:
-            are = "are" if len(unused) > 1 else "is"
-            log.warning("Diff2Flow: %s %s connected but preview_every is 0: no previews are sampled, so nothing uses "
-                        "them (set preview_every N to sample previews every N steps)", " and ".join(unused), are)
-    if is_patched(model) and model.get_model_object("model_sampling").d2f.zero_terminal_snr and not config.zero_terminal_snr:
-        raise ValueError("zero_terminal_snr is off, but this MODEL was converted with zero terminal SNR (Diff2Flow Model "
-                         "Patch): set zero_terminal_snr on to train it as converted, or connect the model before the patch")
+    check_preview_inputs(config, vae, preview_prompts, negative, depth)
+    check_zero_terminal_snr(model, config)
     d2f = alignment_of(model, config.zero_terminal_snr)
     teacher_cfg = None
     if depth:
