@@ -66,7 +66,7 @@ def main() -> None:
     from d2f_core.lora_metadata import LoraMetadata
     from training import TrainConfig, Trainer, TrainingData
     from training.files import RunFiles
-    from training.headless import run_headless
+    from d2f_app.headless import run_headless
     from train_speed import BATCH, CONTEXT, LATENT, LR, RANK, build_model
 
     if args.threads:

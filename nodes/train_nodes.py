@@ -27,13 +27,14 @@ from d2f_host.model_sampling import alignment_of, flow_model_for, is_patched
 from d2f_host.depth import is_image_conditioned, widen_model
 from d2f_host.unet import attach_adapters, gradient_checkpointing, unet_network
 from training import TrainConfig, Trainer, TrainingData
-from training.config import OptionSpec, available_choices, option_specs
+from training.config import option_specs
 from training.depth_dataset import depth_pixels
 from training.files import (STATE_SUFFIX, RunFiles, load_training_state, sanitize_filename, save_lora, save_run_lora,
                             write_periodic_save)
 from training.pairs import load_pairs
 from training.previews import Preview, Previewer, PreviewSettings, no_preview_image
 
+from .options import config_input
 from .progress import report_progress
 from .reflow_nodes import Pairs
 
@@ -376,21 +377,6 @@ def train_lora_with_previews(model, latents: list, positive: list, negative: Opt
     grids = previewer.grids() if previewer is not None else no_preview_image()
     return (trained_model(model, lora, config.objective, d2f.zero_terminal_snr), lora, {"loss": list(trainer.losses)},
             trainer.step, grids)
-
-
-def config_input(spec: OptionSpec) -> io.Input:
-    """The node input of one TrainConfig option (its name, default, choices, range and help)."""
-    if spec.choices is not None:
-        return io.Combo.Input(spec.name, options=list(available_choices(spec)), default=spec.default, tooltip=spec.help)
-    if spec.type is bool:
-        return io.Boolean.Input(spec.name, default=spec.default, tooltip=spec.help)
-    if spec.type is int:
-        # a training seed stays fixed: no "control after generate" (it would change the seed of a
-        # resumed run and of every re-queue)
-        extra = {"control_after_generate": False} if spec.name == "seed" else {}
-        return io.Int.Input(spec.name, default=spec.default, min=spec.min, max=spec.max, tooltip=spec.help, **extra)
-    return io.Float.Input(spec.name, default=spec.default, min=spec.min, max=spec.max, step=spec.step, round=False,
-                          tooltip=spec.help)
 
 
 class TrainDiff2FlowLora(io.ComfyNode):

@@ -20,7 +20,7 @@ from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from d2f_core.lora_metadata import read_lora_metadata  # noqa: E402
-from training.cli import main  # noqa: E402
+from d2f_app.cli import main  # noqa: E402
 
 TRAIN = ["--steps", "4", "--batch-size", "2", "--rank", "4", "--learning-rate", "1e-3", "--seed", "3", "--no-progress"]
 

@@ -649,7 +649,7 @@ def test_headless_depth_command_writes_grey_colour_and_raw(tiny_sd15_file, fp32_
     from PIL import Image
 
     from d2f_host.checkpoints import load_checkpoint
-    from training.cli import main
+    from d2f_app.cli import main
 
     base, _, _ = load_checkpoint(tiny_sd15_file, "skip")
     _, adapters = trained_depth_adapters(base)
@@ -676,7 +676,7 @@ def test_headless_depth_command_writes_grey_colour_and_raw(tiny_sd15_file, fp32_
     assert "2 steps" in capsys.readouterr().out  # the file's recommended steps
     # the files hold what the estimate gives with these settings (steps from the file, ensemble 2, long side 64)
     from d2f_host.depth_estimate import empty_prompt, load_depth_pipeline
-    from training.depth_files import load_image
+    from d2f_app.depth_files import load_image
 
     model, clip, vae, _ = load_depth_pipeline(tiny_sd15_file, depth_model=depth_file)
     image = load_image(folder / "room.png")

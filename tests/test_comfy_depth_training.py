@@ -25,7 +25,7 @@ import comfy.utils  # noqa: E402
 
 from d2f_core.lora_metadata import DEPTH_NORMALIZATION, LoraMetadata, read_lora_metadata  # noqa: E402
 from training import TrainConfig  # noqa: E402
-from training.cli import main  # noqa: E402
+from d2f_app.cli import main  # noqa: E402
 
 NODE = "D2F_TrainLoRA"
 CONV = "diffusion_model.input_blocks.0.0"
@@ -321,9 +321,9 @@ def test_cli_prepares_pairs_and_trains_a_depth_model_that_resumes_exactly(depth_
 
 
 def test_cli_refuses_bad_pairs_before_loading_anything(pair_folder, depth_cache, tiny_sd15_file, tmp_path, capsys, monkeypatch) -> None:
-    import training.cli
+    import d2f_app.cli
 
-    monkeypatch.setattr(training.cli, "_host", lambda args: pytest.fail("ComfyUI was loaded before the refusal"))
+    monkeypatch.setattr(d2f_app.cli, "_host", lambda args: pytest.fail("ComfyUI was loaded before the refusal"))
     broken = tmp_path / "broken"
     broken.mkdir()
     for name in ("p0.png", "p0.depth.npy", "p1.png"):

@@ -19,7 +19,7 @@ from PIL import Image  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
 from d2f_core.lora_metadata import read_lora_metadata  # noqa: E402
-from training.cli import main  # noqa: E402
+from d2f_app.cli import main  # noqa: E402
 from training.pairs import load_pairs, pair_shards  # noqa: E402
 
 SIZE = ["--width", "64", "--height", "64"]

@@ -83,7 +83,7 @@ def test_d2f_host_imports_no_nodes_and_only_the_config_of_training() -> None:
 
 
 def test_nodes_import_the_other_layers_by_absolute_name_and_never_the_headless_modules() -> None:
-    headless = {"training.cli", "training.headless", "training.distributed", "training.__main__"}
+    headless = {"d2f_app.cli", "d2f_app.headless", "training.distributed", "training.__main__"}
 
     def allowed(rel: str, level: int, module: str) -> bool:
         if level > 1:

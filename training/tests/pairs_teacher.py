@@ -42,7 +42,7 @@ def settings(d2f: d2f_core.Diff2Flow, **changes) -> PairSettings:
 
 
 def main() -> None:
-    from training import distributed
+    from d2f_app import distributed
 
     out, count, shard_size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     torch.set_num_threads(1)

@@ -12,7 +12,7 @@ from d2f_core.lora import ALGORITHMS, adapters_state_dict
 from d2f_core.lora_metadata import LoraMetadata
 from training import TrainConfig, TrainingError
 from training.files import RunFiles
-from training.headless import run_headless
+from d2f_app.headless import run_headless
 from training.tests.helpers import assert_equal, make_run, params, straight_and_resumed
 
 BASE = dict(batch_size=2, learning_rate=1e-2, seed=3)

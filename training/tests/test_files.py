@@ -125,7 +125,7 @@ def test_unreadable_state_deletes_nothing(tmp_path) -> None:
 @pytest.mark.parametrize("keep_last,kept", [(2, [4, 5]), (0, [1, 2, 3, 4, 5])])
 def test_headless_run_keeps_the_last_periodic_saves(tmp_path, keep_last: int, kept: list[int]) -> None:
     from training import TrainConfig
-    from training.headless import run_headless
+    from d2f_app.headless import run_headless
     from training.tests.helpers import make_run
 
     trainer, _, _ = make_run(TrainConfig(steps=5, save_every=1, keep_last=keep_last, ema_decay=0.9, save_raw=True))
@@ -171,7 +171,7 @@ def test_a_state_at_the_last_step_resumes_to_the_missing_final_files(tmp_path) -
     """A run killed after its last periodic save (the state at the final step) but before its final files
     and its pruning: resuming trains nothing, writes the final LoRA equal to a straight run's and prunes."""
     from training import TrainConfig
-    from training.headless import run_headless
+    from d2f_app.headless import run_headless
     from training.tests.helpers import make_run
 
     config = TrainConfig(steps=3, save_every=1, keep_last=1)

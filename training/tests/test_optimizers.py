@@ -70,7 +70,7 @@ def test_a_missing_package_is_hidden_and_refused_with_the_install_command(monkey
 
 
 def test_the_cli_refuses_a_missing_optimizer_before_any_compute(monkeypatch, capsys) -> None:
-    from training.cli import main
+    from d2f_app.cli import main
 
     monkeypatch.setitem(optimizers.OPTIMIZERS, "Lion", optimizers.Optimizer("Lion", "absent", lambda p, lr, wd: None,
                                                                             "no_such_module_d2f", "lion-pytorch"))

@@ -11,7 +11,7 @@ import d2f_core
 from d2f_core.lora_metadata import LoraMetadata
 from training import TrainConfig
 from training.files import RunFiles, load_training_state, save_training_state
-from training.headless import run_headless
+from d2f_app.headless import run_headless
 from training.previews import Preview, Previewer, PreviewSettings, image_grid
 from training.tests.helpers import CondNet, assert_equal, make_run, params
 

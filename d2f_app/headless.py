@@ -27,11 +27,11 @@ from d2f_core.lora_metadata import LoraMetadata
 
 from . import distributed
 from .distributed import World
-from .engine import Trainer, TrainingError
-from .files import (RunFiles, atomic_write, prune_periodic_saves, save_run_lora, save_training_state,
+from training.engine import Trainer, TrainingError
+from training.files import (RunFiles, atomic_write, prune_periodic_saves, save_run_lora, save_training_state,
                     write_periodic_save)
-from .plots import save_loss_curve
-from .previews import save_grid_png
+from training.plots import save_loss_curve
+from training.previews import save_grid_png
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 

@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from training import TrainConfig
-from training.cli import build_parser, main, make_config, read_toml, write_toml
+from d2f_app.cli import build_parser, main, make_config, read_toml, write_toml
 from training.files import save_training_state
 from training.tests.helpers import make_run
 
@@ -107,7 +107,7 @@ def test_non_positive_counts_are_refused(name, capsys) -> None:
 
 
 def test_every_pairs_option_is_a_flag_and_a_toml_key(tmp_path) -> None:
-    from training.cli import PAIRS_RUN_KEYS, _pairs_values
+    from d2f_app.cli import PAIRS_RUN_KEYS, _pairs_values
     from training.config import PairsConfig
 
     parser = build_parser()

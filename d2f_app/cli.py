@@ -29,9 +29,9 @@ import pathlib
 import sys
 from typing import Any, Optional, Sequence
 
-from .config import PairsConfig, TrainConfig, option_specs
-from .files import STATE_SUFFIX
-from .optimizers import OPTIMIZERS
+from training.config import PairsConfig, TrainConfig, option_specs
+from training.files import STATE_SUFFIX
+from training.optimizers import OPTIMIZERS
 
 log = logging.getLogger("diff2flow")
 
@@ -96,7 +96,7 @@ def read_toml(path: str | os.PathLike, cls: type = TrainConfig, run_keys: Sequen
 
 def write_toml(path: pathlib.Path, values: dict[str, Any], table: str = "train") -> None:
     """The run's options as a flat [train] (or [pairs]) table that ``--config`` reads back."""
-    from .files import atomic_write
+    from training.files import atomic_write
 
     def literal(v: Any) -> str:
         if isinstance(v, bool):
@@ -143,9 +143,9 @@ def _host(args: argparse.Namespace) -> None:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from .cache import prepare_cache
-    from .dataset import bucket_resolutions, scan_folder
-    from .depth_dataset import pair_depth_maps
+    from training.cache import prepare_cache
+    from training.dataset import bucket_resolutions, scan_folder
+    from training.depth_dataset import pair_depth_maps
 
     records = scan_folder(args.dataset)  # a missing / empty folder fails before ComfyUI loads
     # a folder with depth maps (name.depth.png / .npy) is one of image + depth pairs: every image needs its own,
@@ -183,7 +183,7 @@ def _train_values(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, A
     run = {k: getattr(args, k, None) or toml.get(k) for k in RUN_KEYS}
     state = None
     if args.resume:
-        from .files import load_training_state
+        from training.files import load_training_state
 
         state_path = pathlib.Path(args.resume)
         try:
@@ -211,10 +211,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     from . import distributed
     import d2f_core
 
-    from .cache import load_cache
-    from .files import RunFiles
+    from training.cache import load_cache
+    from training.files import RunFiles
     from .headless import run_headless
-    from .pairs import load_pairs
+    from training.pairs import load_pairs
 
     run, overrides, state = _train_values(args)
     config = make_config(state["config"] if state else {}, overrides)
@@ -266,7 +266,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     from d2f_host.model_sampling import alignment_of
     from d2f_host.unet import attach_adapters, gradient_checkpointing, unet_network
 
-    from .engine import Trainer
+    from training.engine import Trainer
 
     checkpoint = pathlib.Path(run["checkpoint"])
     # previews encode their prompts and decode their latents with the checkpoint's own encoders
@@ -324,7 +324,7 @@ def training_previewer(model: Any, clip: Any, vae: Any, checkpoint: pathlib.Path
 
     from d2f_host.conditioning import CheckpointEncoders, latent_decoder, text_cond_kwargs
 
-    from .previews import Previewer, PreviewSettings
+    from training.previews import Previewer, PreviewSettings
 
     settings = PreviewSettings.from_config(config)
     probe = torch.zeros(model.model.latent_format.latent_channels, config.preview_height // 8, config.preview_width // 8)
@@ -340,7 +340,7 @@ def training_data_from_cache(model: Any, cached: Any, checkpoint: pathlib.Path) 
     depth cache's image latents as the per-sample ``concat``."""
     from d2f_host.conditioning import text_cond_kwargs
 
-    from .data import TrainingData
+    from training.data import TrainingData
 
     channels = model.model.latent_format.latent_channels
     if cached.latents[0].shape[0] != channels:
@@ -398,8 +398,8 @@ def read_prompt_lines(path: str | os.PathLike, flag: str) -> list[str]:
 
 def cmd_pairs(args: argparse.Namespace) -> int:
     from . import distributed
-    from .files import file_sha256, remove_stale_temporaries
-    from .pairs import PairSettings, generate_pairs
+    from training.files import file_sha256, remove_stale_temporaries
+    from training.pairs import PairSettings, generate_pairs
 
     run, config = _pairs_values(args)
     prompts = read_prompt_lines(run["prompts"], "--prompts")
@@ -574,7 +574,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     uncond = cond_of(sm.encoders.encode_text([args.negative])[0])
     sigmas = d2f_core.fm_sigmas(args.steps, sigma_max=sm.d2f.sigma_max, shift=args.shift, start=args.start)
-    from .previews import preview_noise, sample_latent
+    from training.previews import preview_noise, sample_latent
 
     written = []
     with torch.inference_mode():
@@ -756,12 +756,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s: %(message)s")
     args = build_parser().parse_args(argv)
-    from .cache import DatasetError
-    from .engine import TrainingError
+    from training.cache import DatasetError
+    from training.engine import TrainingError
     from d2f_host.bootstrap import HostError
 
-    from .files import OutputExists
-    from .pairs import PairsError
+    from training.files import OutputExists
+    from training.pairs import PairsError
 
     try:
         return args.func(args) or 0

@@ -13,9 +13,10 @@ import time
 import torch
 
 from d2f_core.lora_metadata import LoraMetadata
-from training import TrainConfig, distributed
+from training import TrainConfig
+from d2f_app import distributed
 from training.files import RunFiles, load_training_state
-from training.headless import run_headless
+from d2f_app.headless import run_headless
 from training.tests.helpers import make_run
 
 

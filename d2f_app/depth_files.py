@@ -15,7 +15,7 @@ import torch
 
 from d2f_core.colormap import apply_colormap
 
-from .dataset import IMAGE_EXTENSIONS, UnreadableImage, read_rgb
+from training.dataset import IMAGE_EXTENSIONS, UnreadableImage, read_rgb
 
 __all__ = ["list_images", "load_image", "depth_paths", "save_depth"]
 

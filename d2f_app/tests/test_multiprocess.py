@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
-WORKER = ROOT / "training" / "tests" / "headless_worker.py"
+WORKER = ROOT / "d2f_app" / "tests" / "headless_worker.py"
 TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 needs_gloo = pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="torch.distributed with gloo is not available"
