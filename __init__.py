@@ -5,6 +5,7 @@ API). The nodes are registered only when ComfyUI itself is importable; everywher
 (``pip install``, ``pytest d2f_core``, the headless trainer) importing this file is harmless and
 registers nothing.
 """
+
 from __future__ import annotations
 
 import importlib.util

@@ -20,6 +20,7 @@ median step times (target <= 1.05).
 
     COMFYUI_PATH=/path/to/ComfyUI python benchmarks/cli_overhead.py [--channels 64] [--steps 8] [--rounds 2]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,16 +59,17 @@ def main() -> None:
     bootstrap_comfyui()
     from d2f_host.model_sampling import alignment_of
     from d2f_host.unet import attach_adapters, unet_network
-    logging.disable(logging.WARNING)
-    import torch
-    import comfy.model_management
 
+    logging.disable(logging.WARNING)
+    import comfy.model_management
+    import torch
+    from train_speed import BATCH, CONTEXT, LATENT, LR, RANK, build_model
+
+    from d2f_app.headless import run_headless
     from d2f_core import objective_loss
     from d2f_core.lora_metadata import LoraMetadata
     from training import TrainConfig, Trainer, TrainingData
     from training.files import RunFiles
-    from d2f_app.headless import run_headless
-    from train_speed import BATCH, CONTEXT, LATENT, LR, RANK, build_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -82,7 +84,9 @@ def main() -> None:
     d2f = alignment_of(model)
     x0 = model.model.process_latent_in(latents)
     data = TrainingData(list(x0), [{"context": context}])
-    config = TrainConfig(steps=1, batch_size=BATCH, rank=RANK, alpha=float(RANK), learning_rate=LR, targets=args.targets, seed=0)
+    config = TrainConfig(
+        steps=1, batch_size=BATCH, rank=RANK, alpha=float(RANK), learning_rate=LR, targets=args.targets, seed=0
+    )
     with torch.inference_mode(False), torch.enable_grad():
         _, unet, adapters, _ = attach_adapters(model, config)
         trainer = Trainer(unet_network(unet), adapters, d2f, config, data, device)
@@ -128,8 +132,10 @@ def main() -> None:
         cli_times += cli_block(args.steps + 1)  # n + 1 records give n gaps
     cli, bare = statistics.median(cli_times), statistics.median(bare_times)
     load = os.getloadavg() if hasattr(os, "getloadavg") else (0.0, 0.0, 0.0)
-    print(f"\nSD1.5-layout UNet, model_channels {args.channels}, targets {args.targets}, batch {BATCH}x{LATENT}, rank {RANK}, fp32, "
-          f"{device}, torch threads {torch.get_num_threads()}, load avg {load[0]:.2f}")
+    print(
+        f"\nSD1.5-layout UNet, model_channels {args.channels}, targets {args.targets}, batch {BATCH}x{LATENT}, rank {RANK}, fp32, "
+        f"{device}, torch threads {torch.get_num_threads()}, load avg {load[0]:.2f}"
+    )
     print(f"bare loop  {bare:.4f} s/step (median of {len(bare_times)}, mean {statistics.mean(bare_times):.4f})")
     print(f"CLI        {cli:.4f} s/step (median of {len(cli_times)}, mean {statistics.mean(cli_times):.4f})")
     print(f"CLI / bare step time: {cli / bare:.3f}x (target <= 1.05)")

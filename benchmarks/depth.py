@@ -1,4 +1,4 @@
-"""Image-to-depth with a diffusion prior at toy scale (issue 13): Marigold-style fine-tuning of the
+"""Image-to-depth with a diffusion prior at toy scale: Marigold-style fine-tuning of the
 demo's tiny v-model under ``diffusion``, ``naive_fm`` and ``diff2flow``, against a one-step regression.
 
     python benchmarks/depth.py --jobs 2     # full run (see the README for the measured time)
@@ -24,7 +24,8 @@ as the per-sample tensor ``concat`` (``TrainingData.extras``: the trainer passes
 keyword argument, never dropped by caption dropout; ``DepthUNet`` appends it after the noisy input, as
 ComfyUI's ``c_concat``). 1500 steps, batch 16, cosine
 learning rate 1e-2 (LoRA) / 3e-3 (full), AdamW without weight decay; FM sigma drawn with shift 6 for
-``diff2flow`` and ``naive_fm``, integer tau uniform for ``diffusion`` (settings measured below).
+``diff2flow`` and ``naive_fm``, integer tau uniform for ``diffusion`` (the runs that chose them:
+``benchmarks/results/depth_ablations.md``).
 
 Baseline: one-step regression, the same widened UNet (full dense delta) fed a zero depth channel at
 timestep 999 and trained with MSE on the target directly, with the same steps, batch, learning rate
@@ -37,13 +38,14 @@ DDIM grid), from ``sigma_max * noise``; 5 members from different noise per test 
 ("ensemble"). Metrics (``d2f_core.depth.depth_metrics``, docs/MATH.md section 13): AbsRel and delta1
 after the per-image least-squares scale and shift, against the exact test depth.
 
-Targets (issue 13), on the means over seeds, per adapter: Diff2Flow's 2-step AbsRel <= diffusion's
+Targets, on the means over seeds, per adapter: Diff2Flow's 2-step AbsRel <= diffusion's
 10-step AbsRel; Diff2Flow <= naive FM at every step budget; Diff2Flow at 1 step within 1.1x of the
 regression baseline. The report states each as met or not, with the numbers.
 
 Time convention (docs/MATH.md section 1): FM sigma in [0, 1], sigma = 1 is noise,
 ``x_sigma = (1 - sigma) x0 + sigma noise``, velocity ``noise - x0``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,7 +53,8 @@ import pathlib
 import statistics
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # run as a script from anywhere: the demo package lives at the root
@@ -70,8 +73,8 @@ from demo.scenes import scene_split  # noqa: E402
 from demo.store import load_unet  # noqa: E402
 from training import TrainConfig, Trainer, TrainingData  # noqa: E402
 from training.engine import lr_lambda  # noqa: E402
-from training.optimizers import build_optimizer  # noqa: E402
 from training.files import atomic_write  # noqa: E402
+from training.optimizers import build_optimizer  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # the benchmarks' shared flags
 from paper_comparison import add_finetune_flags, check_finetune_flags, write_report  # noqa: E402
@@ -83,53 +86,10 @@ MEMBERS = 5
 DENOISE_SIGMAS = (0.1, 0.3, 0.5, 0.7, 0.9)  # FM sigmas of the test denoising error (all below SD's sigma_max 0.936)
 DENOISE_DRAWS = 2
 TOP_TIMESTEP = 999.0  # the regression baseline's timestep: the prior's pure-noise end
-# Training settings, measured on seed 0 (2048 / 256 scenes, 1500 steps, batch 16; test AbsRel of one member at
-# 1 / 2 / 10 steps, regression: one pass). Full fine-tuning under diff2flow with uniform sigma: lr 3e-4: 0.206 / 0.212 /
-# 0.223, lr 1e-3: 0.161 / 0.167 / 0.185, lr 3e-3: 0.153 / 0.157 / 0.174 (short runs want a high rate); shift-3 sigma
-# draws: lr 1e-3: 0.148 / 0.154 / 0.174, lr 3e-3: 0.138 / 0.144 / 0.161; shift 6, lr 3e-3: 0.130 / 0.138 / 0.157;
-# lr 1e-2: 0.138 / 0.146 / 0.166. Regression (full): lr 3e-4: 0.130, 3e-3: 0.118, 1e-2: 0.130. LoRA r16 under
-# diff2flow, shift 6: lr 3e-3: 0.140 / 0.148 / 0.168, lr 1e-2: 0.136 / 0.145 / 0.164. Diffusion, full, lr 3e-3:
-# 0.142 / 0.146 / 0.163. Hence lr 1e-2 (LoRA) / 3e-3 (full, and the regression), and shift-6 sigma draws for both FM
-# objectives (more training at high noise, where 1-2-step sampling spends its steps and a depth map is decided: the
-# image fixes the map, so the low-noise steps have little left to add); the diffusion objective keeps Marigold's
-# uniform integer tau, which under SD's schedule already puts most draws at high noise. 3000 steps (seed 0, single
-# at 1 / 2 / 4 / 10 steps): diff2flow full 0.124 / 0.131 / 0.138 / 0.146, naive_fm full 0.127 / 0.131 / 0.137 / 0.143,
-# diff2flow LoRA 0.132 / 0.139 / 0.149 / 0.157, regression 0.119 (better, but twice the cost of the 3-seed run); full at
-# lr 1e-3, 3000 steps: diff2flow 0.131 / 0.137 / 0.145 / 0.153, naive_fm 0.132 / 0.138 / 0.145 / 0.152 (within 0.001).
-# Further seed-0 checks (1 / 2 / 4 / 10 steps, single): 6000 steps, full lr 1e-3: diff2flow 0.129 / 0.133 / 0.137 /
-# 0.142, naive_fm 0.133 / 0.135 / 0.139 / 0.144, regression 0.126 (it overfits: 0.118 at 1500 steps); LoRA lr 1e-2:
-# diff2flow 0.124 / 0.131 / 0.141 / 0.149, naive_fm 0.120 / 0.126 / 0.136 / 0.144, regression (LoRA) 0.148 (0.120 at
-# 1500). Full at lr 3e-4, 3000 steps: diff2flow 0.148 / 0.156 / 0.168 / 0.177, naive_fm 0.147 / 0.156 / 0.165 / 0.174.
-# Shift 12 (full, 1500 steps): diff2flow 0.130 / 0.142 / 0.153 / 0.163 (worse than shift 6), naive_fm 0.128 / 0.136 /
-# 0.145 / 0.153 (better). The terminal-SNR leak is not what separates 1-step FM from the regression: adding the
-# (1 - sigma_max) x0 part that training inputs carry at sigma_max to the 1-step start moves diff2flow full only from
-# 0.1295 to 0.1281, and training diff2flow on sigma in (0, 1] (the table-end rule above sigma_max) gives 0.1305.
-# 6000 steps, 3 seeds, no run unstable: LoRA lr 3e-3: diff2flow 0.126 / 0.131 / 0.138 / 0.145, naive_fm 0.126 / 0.131
-# / 0.137 / 0.144; full lr 1e-3: diff2flow 0.130 / 0.134 / 0.138 / 0.143, naive_fm 0.132 / 0.134 / 0.137 / 0.142,
-# regression 0.127 (the README's "By training budget"). Seed 0, full, 1500 steps: the samples' own MSE against the
-# normalised depth (one member, 1 / 2 / 4 / 10 steps) is diff2flow 0.135 / 0.154 / 0.178 / 0.202, naive_fm 0.143 / 0.161 /
-# 0.181 / 0.202 (AbsRel ranks them the other way beyond 2 steps; over 3 seeds naive_fm's samples are the closer ones at
-# 4 and 10 steps too, see the report's sample-MSE table); FM Euler on the shift-6 grid (the training shift)
-# instead of the uniform one: diff2flow 0.1295 / 0.1302 / 0.1410 / 0.1529, naive_fm 0.1320 / 0.1328 / 0.1405 / 0.1486
-# (both better beyond 1 step, the order unchanged). Fewer training scenes do not favour the prior: 512 instead of 2048
-# (seed 0, 1500 steps) gives regression 0.145 (it overfits), diff2flow full 0.151 / 0.153 / 0.158 / 0.164 against naive_fm
-# 0.152 / 0.150 / 0.154 / 0.158, diff2flow LoRA 0.147 / 0.155 / 0.165 / 0.175 against naive_fm 0.145 / 0.152 / 0.162 / 0.171.
-# Where full fine-tuning's 4- and 10-step gap comes from (the 1500-step runs of the table, 3 seeds, one member; a
-# one-off driver, not shipped): FM Euler that takes diff2flow's velocity above sigma 0.5 and naive_fm's below gives
-# 0.1456 / 0.1547 at 4 / 10 steps, better than either (diff2flow 0.1494 / 0.1585, naive_fm 0.1473 / 0.1554); the
-# reverse split gives 0.1497 / 0.1577, the worst. Diff2Flow's velocity is the better one at high noise, naive FM's
-# on the sampler's own path at mid noise (LoRA, seed 0: the same split, 0.1525 / 0.1612 against 0.1546 / 0.1641 and
-# 0.1563 / 0.1653). Trained from random weights instead of the prior (full, 3 seeds; 1 / 2 / 4 / 10 steps):
-# diff2flow 0.1343 / 0.1441 / 0.1550 / 0.1650, naive_fm 0.1348 / 0.1408 / 0.1497 / 0.1578. So the mid-noise gap is
-# the parameterisations' (a v-prediction read through the alignment against a raw velocity), not the prior's; the
-# prior improves diff2flow by 0.0035 / 0.0047 / 0.0056 / 0.0065 and naive_fm by only 0.0026 / 0.0021 / 0.0024 /
-# 0.0024 (the alignment passes on more of it, as the paper claims), but this digit prior is worth too little to
-# close the gap at 4 and 10 steps. EMA of the weights (decay 0.99 or 0.999, seed 0, full) moves no AbsRel by more
-# than 0.0003; LoRA with a full conv_out delta (the reference configs' "full last conv"), seed 0: diff2flow worse
-# (1 step 0.1415 against 0.1362 without it), naive_fm better (0.1376 against 0.1390).
-TRAIN_STEPS = 1500
-LR_LORA, LR_FULL = 1e-2, 3e-3
-TIMESTEPS: dict[str, Any] = {"timestep_sampling": "shift", "shift": 6.0}  # the FM objectives' sigma draws
+TRAIN_STEPS = 1500  # half the cost of 3000 steps; longer budgets: --train-steps (benchmarks/results/depth_ablations.md)
+LR_LORA, LR_FULL = 1e-2, 3e-3  # the best 1500-step rates of a seed-0 sweep (benchmarks/results/depth_ablations.md)
+# the FM objectives' sigma draws: for diff2flow shift 6 beat uniform, 3 and 12 (benchmarks/results/depth_ablations.md)
+TIMESTEPS: dict[str, Any] = {"timestep_sampling": "shift", "shift": 6.0}
 
 
 # ------------------------------------------------------------------------------------ the depth network
@@ -149,8 +109,13 @@ class DepthUNet(nn.Module):
         unet.conv_in = wide
         self.unet = unet
 
-    def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor | None = None,
-                concat: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        timestep: torch.Tensor,
+        context: torch.Tensor | None = None,
+        concat: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if concat is None:
             raise ValueError("DepthUNet needs the image as concat= (shape [B, 1, 16, 16], in [-1, 1])")
         if concat.shape[0] != x.shape[0] or concat.shape[2:] != x.shape[2:]:
@@ -217,8 +182,9 @@ def predict_members(setup: Setup, objective: str, net: nn.Module, steps: int, no
     """[MEMBERS, N, 1, 16, 16]: the objective's own sampler at ``steps`` from each member's noise."""
     record = d2f_core.get_objective(objective)
     velocity, sigmas, cond = record.velocity_fn(net, setup.d2f), record.sampler_sigmas(setup.d2f, steps), setup.cond()
-    return torch.stack([d2f_core.sample_euler(lambda x, s: velocity(x, s, **cond), float(sigmas[0]) * n, sigmas)
-                        for n in noise])
+    return torch.stack(
+        [d2f_core.sample_euler(lambda x, s: velocity(x, s, **cond), float(sigmas[0]) * n, sigmas) for n in noise]
+    )
 
 
 @torch.no_grad()
@@ -234,19 +200,29 @@ def evaluate(setup: Setup, objective: str, net: nn.Module, seed: int, steps_list
         if not torch.isfinite(members).all():
             raise FloatingPointError(f"{objective}: non-finite depth predictions at {steps} steps")
         # "mse": the sample against the normalised target itself, no alignment (what the objectives' losses see)
-        scores = [{**depth_metrics(m, setup.test_depth), "mse": (m - setup.test_target).pow(2).mean().item()}
-                  for m in members]
+        scores = [
+            {**depth_metrics(m, setup.test_depth), "mse": (m - setup.test_target).pow(2).mean().item()} for m in members
+        ]
         single[str(steps)] = {k: statistics.fmean(s[k] for s in scores) for k in scores[0]}
         ensemble[str(steps)] = depth_metrics(ensemble_depth(members), setup.test_depth)
     velocity, cond = d2f_core.get_objective(objective).velocity_fn(net, setup.d2f), setup.cond()
-    denoise = denoising_mse(lambda x, s: velocity(x, s, **cond), setup.test_target, DENOISE_SIGMAS,
-                            torch.Generator().manual_seed(30_000 + seed))
+    denoise = denoising_mse(
+        lambda x, s: velocity(x, s, **cond),
+        setup.test_target,
+        DENOISE_SIGMAS,
+        torch.Generator().manual_seed(30_000 + seed),
+    )
     return {"single": single, "ensemble": ensemble, "denoise": denoise}
 
 
 @torch.no_grad()
-def denoising_mse(velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], x0: torch.Tensor,
-                  sigmas: tuple[float, ...], generator: torch.Generator, draws: int = DENOISE_DRAWS) -> dict[str, float]:
+def denoising_mse(
+    velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x0: torch.Tensor,
+    sigmas: tuple[float, ...],
+    generator: torch.Generator,
+    draws: int = DENOISE_DRAWS,
+) -> dict[str, float]:
     """``{str(sigma): MSE}``: the mean squared error of the data estimate ``x0_hat = x - sigma * velocity(x, sigma)``
     against ``x0`` at ``x = (1 - sigma) x0 + sigma noise``, averaged over ``draws`` noise draws per sigma (FM sigma,
     docs/MATH.md section 1). This is the quantity the FM objectives train (the velocity error times sigma), measured
@@ -271,12 +247,24 @@ def regression_predict(net: nn.Module, cond: dict[str, torch.Tensor]) -> torch.T
 # ------------------------------------------------------------------------------------ training
 def train_config(objective: str, adapter: str, seed: int, steps: int, batch: int, lr: float) -> TrainConfig:
     rank = 1 if adapter == "full" else int(adapter[4:])
-    return TrainConfig(objective=objective, steps=steps, batch_size=batch, learning_rate=lr, lr_schedule="cosine",
-                       rank=rank, alpha=float(rank), targets="all", weight_decay=0.0, seed=seed, **TIMESTEPS)
+    return TrainConfig(
+        objective=objective,
+        steps=steps,
+        batch_size=batch,
+        learning_rate=lr,
+        lr_schedule="cosine",
+        rank=rank,
+        alpha=float(rank),
+        targets="all",
+        weight_decay=0.0,
+        seed=seed,
+        **TIMESTEPS,
+    )
 
 
-def train_regression(net: DepthUNet, adapters: dict[str, WeightAdapter], data: TrainingData, config: TrainConfig,
-                     on_step=None) -> list[float]:
+def train_regression(
+    net: DepthUNet, adapters: dict[str, WeightAdapter], data: TrainingData, config: TrainConfig, on_step=None
+) -> list[float]:
     """The regression baseline's loop: ``Trainer``'s optimizer, learning rate schedule and batch draws
     (``TrainingData.draw_indices`` from a generator seeded like the trainer's), the loss the MSE of
     :func:`regression_predict`'s output on the target. Returns the losses."""
@@ -300,9 +288,18 @@ def train_regression(net: DepthUNet, adapters: dict[str, WeightAdapter], data: T
     return losses
 
 
-def run_one(setup: Setup, method: str, adapter: str, seed: int, steps: int, batch: int, lr: float,
-            sampler_steps: tuple[int, ...] = STEPS, eval_at: tuple[int, ...] = (),
-            progress: Progress | None = None) -> dict[str, Any]:
+def run_one(
+    setup: Setup,
+    method: str,
+    adapter: str,
+    seed: int,
+    steps: int,
+    batch: int,
+    lr: float,
+    sampler_steps: tuple[int, ...] = STEPS,
+    eval_at: tuple[int, ...] = (),
+    progress: Progress | None = None,
+) -> dict[str, Any]:
     """Fine-tune one widened copy of the prior under ``method`` (an objective, or "regression") and
     evaluate it on the test scenes: ``metrics`` after the last step, ``curve[step]`` also after each
     step of ``eval_at`` (checkpoints of this one run; the learning rate keeps its cosine over ``steps``).
@@ -313,8 +310,10 @@ def run_one(setup: Setup, method: str, adapter: str, seed: int, steps: int, batc
     def measure() -> dict[str, Any]:
         if method == "regression":
             prediction = regression_predict(net, setup.cond())
-            return {"single": {"1": depth_metrics(prediction, setup.test_depth)},
-                    "mse": (prediction - setup.test_target).pow(2).mean().item()}
+            return {
+                "single": {"1": depth_metrics(prediction, setup.test_depth)},
+                "mse": (prediction - setup.test_target).pow(2).mean().item(),
+            }
         return evaluate(setup, method, net, seed, sampler_steps)
 
     curve: dict[str, Any] = {}
@@ -330,19 +329,30 @@ def run_one(setup: Setup, method: str, adapter: str, seed: int, steps: int, batc
 
     start = time.perf_counter()
     if method == "regression":
-        losses = train_regression(net, adapters, setup.train_data, train_config("diff2flow", adapter, seed, steps, batch, lr),
-                                  on_step)
+        losses = train_regression(
+            net, adapters, setup.train_data, train_config("diff2flow", adapter, seed, steps, batch, lr), on_step
+        )
     else:
-        trainer = Trainer(net, adapters, setup.d2f, train_config(method, adapter, seed, steps, batch, lr), setup.train_data)
+        trainer = Trainer(
+            net, adapters, setup.d2f, train_config(method, adapter, seed, steps, batch, lr), setup.train_data
+        )
         trainer.run(on_step=on_step)
         losses = trainer.losses
     seconds = time.perf_counter() - start - eval_seconds[0]
     start = time.perf_counter()
     metrics = measure()
     curve[str(steps)] = metrics
-    return {"method": method, "adapter": adapter, "seed": seed, "metrics": metrics, "curve": curve,
-            "train_seconds": seconds, "seconds_per_step": seconds / steps, "eval_seconds": time.perf_counter() - start,
-            "final_loss": statistics.fmean(losses[-100:])}
+    return {
+        "method": method,
+        "adapter": adapter,
+        "seed": seed,
+        "metrics": metrics,
+        "curve": curve,
+        "train_seconds": seconds,
+        "seconds_per_step": seconds / steps,
+        "eval_seconds": time.perf_counter() - start,
+        "final_loss": statistics.fmean(losses[-100:]),
+    }
 
 
 _WORKER: dict[str, Any] = {}
@@ -376,8 +386,15 @@ def _metrics(run: dict[str, Any], at: int | None) -> dict[str, Any]:
     return run["metrics"] if at is None else run["curve"][str(at)]
 
 
-def _mean(report: dict[str, Any], method: str, adapter: str, mode: str, steps: int, metric: str = "abs_rel",
-          at: int | None = None) -> float:
+def _mean(
+    report: dict[str, Any],
+    method: str,
+    adapter: str,
+    mode: str,
+    steps: int,
+    metric: str = "abs_rel",
+    at: int | None = None,
+) -> float:
     return statistics.fmean(_metrics(r, at)[mode][str(steps)][metric] for r in _pick(report, method, adapter))
 
 
@@ -394,22 +411,48 @@ def targets(report: dict[str, Any], at: int | None = None) -> list[dict[str, Any
             naive = {s: _mean(report, "naive_fm", adapter, mode, s, at=at) for s in steps}
             if 2 in steps and 10 in steps:
                 diffusion = _mean(report, "diffusion", adapter, mode, 10, at=at)
-                out.append({"adapter": adapter, "mode": mode, "target": "Diff2Flow 2-step AbsRel <= diffusion 10-step AbsRel",
-                            "ours": f"{d2f[2]:.4f}", "bound": f"{diffusion:.4f}", "met": d2f[2] <= diffusion})
-            out.append({"adapter": adapter, "mode": mode, "target": "Diff2Flow AbsRel <= naive FM at every step budget",
-                        "ours": " / ".join(f"{d2f[s]:.4f}" for s in steps), "bound": " / ".join(f"{naive[s]:.4f}" for s in steps),
-                        "met": all(d2f[s] <= naive[s] for s in steps)})
-            out.append({"adapter": adapter, "mode": mode, "target": "Diff2Flow 1-step AbsRel <= 1.1x regression AbsRel",
-                        "ours": f"{d2f[1]:.4f}", "bound": f"{1.1 * regression:.4f}", "met": d2f[1] <= 1.1 * regression})
+                out.append(
+                    {
+                        "adapter": adapter,
+                        "mode": mode,
+                        "target": "Diff2Flow 2-step AbsRel <= diffusion 10-step AbsRel",
+                        "ours": f"{d2f[2]:.4f}",
+                        "bound": f"{diffusion:.4f}",
+                        "met": d2f[2] <= diffusion,
+                    }
+                )
+            out.append(
+                {
+                    "adapter": adapter,
+                    "mode": mode,
+                    "target": "Diff2Flow AbsRel <= naive FM at every step budget",
+                    "ours": " / ".join(f"{d2f[s]:.4f}" for s in steps),
+                    "bound": " / ".join(f"{naive[s]:.4f}" for s in steps),
+                    "met": all(d2f[s] <= naive[s] for s in steps),
+                }
+            )
+            out.append(
+                {
+                    "adapter": adapter,
+                    "mode": mode,
+                    "target": "Diff2Flow 1-step AbsRel <= 1.1x regression AbsRel",
+                    "ours": f"{d2f[1]:.4f}",
+                    "bound": f"{1.1 * regression:.4f}",
+                    "met": d2f[1] <= 1.1 * regression,
+                }
+            )
     return out
 
 
 def sample_mse_lead(report: dict[str, Any], adapter: str) -> list[int]:
     """The sampler step budgets at which Diff2Flow's samples have a lower mean MSE against the normalised test
     depth (one member, no alignment) than naive FM's, for ``adapter``."""
-    return [s for s in report["config"]["sampler_steps"]
-            if _mean(report, "diff2flow", adapter, "single", s, "mse")
-            < _mean(report, "naive_fm", adapter, "single", s, "mse")]
+    return [
+        s
+        for s in report["config"]["sampler_steps"]
+        if _mean(report, "diff2flow", adapter, "single", s, "mse")
+        < _mean(report, "naive_fm", adapter, "single", s, "mse")
+    ]
 
 
 def denoising_lead(report: dict[str, Any], adapter: str) -> list[str]:
@@ -428,41 +471,67 @@ def denoise_section(report: dict[str, Any]) -> list[str]:
     is below naive FM."""
     cfg = report["config"]
     sigmas = [str(s) for s in cfg["denoise_sigmas"]]
-    lines = ["", "## Test denoising error by noise level", "",
-             "MSE of the data estimate `x - sigma v` against the normalised test depth, at fixed FM sigma (the objectives' "
-             "own quantity, on held-out scenes; lower is better), mean ± std over seeds. Unlike AbsRel of a sample, it "
-             "does not reward a sampler for staying near the mean of a wide posterior.", "",
-             "| method | adapter | " + " | ".join(f"sigma {s}" for s in sigmas) + " |", "|---|---|" + "---|" * len(sigmas)]
+    lines = [
+        "",
+        "## Test denoising error by noise level",
+        "",
+        "MSE of the data estimate `x - sigma v` against the normalised test depth, at fixed FM sigma (the objectives' "
+        "own quantity, on held-out scenes; lower is better), mean ± std over seeds. Unlike AbsRel of a sample, it "
+        "does not reward a sampler for staying near the mean of a wide posterior.",
+        "",
+        "| method | adapter | " + " | ".join(f"sigma {s}" for s in sigmas) + " |",
+        "|---|---|" + "---|" * len(sigmas),
+    ]
     for method in OBJECTIVES:
         for adapter in cfg["adapters"]:
             rs = _pick(report, method, adapter)
-            lines.append(f"| {method} | {adapter} | " + " | ".join(_cell([r["metrics"]["denoise"][s] for r in rs]) for s in sigmas) + " |")
+            lines.append(
+                f"| {method} | {adapter} | "
+                + " | ".join(_cell([r["metrics"]["denoise"][s] for r in rs]) for s in sigmas)
+                + " |"
+            )
     regression = _cell([r["metrics"]["mse"] for r in _pick(report, "regression", "full")])
     lines += ["", f"The regression's one pass (no noisy input): MSE {regression}."]
     for adapter in cfg["adapters"]:
         lead = denoising_lead(report, adapter)
-        lines.append(f"- {adapter}: Diff2Flow's denoising error is below naive FM's at {len(lead)} of {len(sigmas)} noise "
-                     f"levels{' (sigma ' + ', '.join(lead) + ')' if 0 < len(lead) < len(sigmas) else ''}.")
+        lines.append(
+            f"- {adapter}: Diff2Flow's denoising error is below naive FM's at {len(lead)} of {len(sigmas)} noise "
+            f"levels{' (sigma ' + ', '.join(lead) + ')' if 0 < len(lead) < len(sigmas) else ''}."
+        )
     steps = cfg["sampler_steps"]
-    lines += ["", "The samples' MSE against the normalised test depth (one member, no alignment; mean ± std over seeds), "
-              "beside their AbsRel above:", "",
-              "| method | adapter | " + " | ".join(f"{s} step{'s' if s > 1 else ''}" for s in steps) + " |", "|---|---|" + "---|" * len(steps)]
+    lines += [
+        "",
+        "The samples' MSE against the normalised test depth (one member, no alignment; mean ± std over seeds), "
+        "beside their AbsRel above:",
+        "",
+        "| method | adapter | " + " | ".join(f"{s} step{'s' if s > 1 else ''}" for s in steps) + " |",
+        "|---|---|" + "---|" * len(steps),
+    ]
     for method in OBJECTIVES:
         for adapter in cfg["adapters"]:
             rs = _pick(report, method, adapter)
-            lines.append(f"| {method} | {adapter} | " + " | ".join(_cell([r["metrics"]["single"][str(s)]["mse"] for r in rs])
-                                                              for s in steps) + " |")
+            lines.append(
+                f"| {method} | {adapter} | "
+                + " | ".join(_cell([r["metrics"]["single"][str(s)]["mse"] for r in rs]) for s in steps)
+                + " |"
+            )
     lines.append("")
     for adapter in cfg["adapters"]:
         lead = sample_mse_lead(report, adapter)
-        lines.append(f"- {adapter}: Diff2Flow's samples have the lower MSE at {len(lead)} of {len(steps)} step budgets"
-                     f"{' (' + ', '.join(map(str, lead)) + ')' if 0 < len(lead) < len(steps) else ''}.")
+        lines.append(
+            f"- {adapter}: Diff2Flow's samples have the lower MSE at {len(lead)} of {len(steps)} step budgets"
+            f"{' (' + ', '.join(map(str, lead)) + ')' if 0 < len(lead) < len(steps) else ''}."
+        )
     return lines
 
 
 def _timesteps(cfg: dict[str, Any]) -> str:
     ts = cfg["timesteps"]
-    return f"shift-{ts['shift']:g} sampling" if ts["timestep_sampling"] == "shift" else f"{ts['timestep_sampling']} sampling"
+    return (
+        f"shift-{ts['shift']:g} sampling"
+        if ts["timestep_sampling"] == "shift"
+        else f"{ts['timestep_sampling']} sampling"
+    )
 
 
 def summarise(report: dict[str, Any]) -> str:
@@ -475,7 +544,11 @@ def summarise(report: dict[str, Any]) -> str:
         lines = ["| method (sampler) | adapter | " + " | ".join(head) + " |", "|---|---|" + "---|" * len(head)]
         for method, adapter in rows:
             rs = _pick(report, method, adapter)
-            cells = [_cell([r["metrics"][mode][str(s)][metric] for r in rs], digits) for mode in ("single", "ensemble") for s in steps]
+            cells = [
+                _cell([r["metrics"][mode][str(s)][metric] for r in rs], digits)
+                for mode in ("single", "ensemble")
+                for s in steps
+            ]
             label = f"{method} ({d2f_core.get_objective(method).sampling_label})"
             lines.append(f"| {label} | {adapter} | " + " | ".join(cells) + " |")
         reg = [r["metrics"]["single"]["1"][metric] for r in _pick(report, "regression", "full")]
@@ -509,22 +582,37 @@ def summarise(report: dict[str, Any]) -> str:
     ]
     for t in report["targets"]:
         mode = "single" if t["mode"] == "single" else f"ensemble ×{MEMBERS}"
-        lines.append(f"| {t['adapter']} | {mode} | {t['target']} | {t['ours']} | {t['bound']} | {'yes' if t['met'] else 'no'} |")
+        lines.append(
+            f"| {t['adapter']} | {mode} | {t['target']} | {t['ours']} | {t['bound']} | {'yes' if t['met'] else 'no'} |"
+        )
     lines += [""]
     for name in dict.fromkeys(t["target"] for t in report["targets"]):
         cases = [t for t in report["targets"] if t["target"] == name]
         met = [f"{t['adapter']} {t['mode']}" for t in cases if t["met"]]
-        verdict = "**met**" if len(met) == len(cases) else "**not met**" if not met else f"**met in {len(met)} of {len(cases)} cases** ({', '.join(met)})"
+        verdict = (
+            "**met**"
+            if len(met) == len(cases)
+            else "**not met**"
+            if not met
+            else f"**met in {len(met)} of {len(cases)} cases** ({', '.join(met)})"
+        )
         lines.append(f"- {name}: {verdict}.")
     lines += denoise_section(report)
     lines += curve_section(report)
-    lines += ["", "## Training cost", "", "| method | adapter | s / step | s / run | final loss, own objective (last 100) | eval s |",
-              "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "## Training cost",
+        "",
+        "| method | adapter | s / step | s / run | final loss, own objective (last 100) | eval s |",
+        "|---|---|---|---|---|---|",
+    ]
     for method, adapter in rows + [("regression", "full")]:
         rs = _pick(report, method, adapter)
-        lines.append(f"| {method} | {adapter} | {_cell([r['seconds_per_step'] for r in rs], 4)} | "
-                     f"{statistics.fmean(r['train_seconds'] for r in rs):.0f} | {_cell([r['final_loss'] for r in rs], 4)} | "
-                     f"{statistics.fmean(r['eval_seconds'] for r in rs):.0f} |")
+        lines.append(
+            f"| {method} | {adapter} | {_cell([r['seconds_per_step'] for r in rs], 4)} | "
+            f"{statistics.fmean(r['train_seconds'] for r in rs):.0f} | {_cell([r['final_loss'] for r in rs], 4)} | "
+            f"{statistics.fmean(r['eval_seconds'] for r in rs):.0f} |"
+        )
     lines.append("")
     return "\n".join(lines)
 
@@ -553,29 +641,51 @@ def curve_section(report: dict[str, Any]) -> list[str]:
     cfg, ats = report["config"], checkpoints(report)
     if len(ats) < 2:
         return []
-    lines = ["", f"## By training steps (checkpoints of each {cfg['train_steps']}-step run, cosine learning rate over the run)",
-             "", "AbsRel of one member at 1 / 2 sampler steps (regression: its one pass), mean over seeds.", "",
-             "| method | adapter | " + " | ".join(str(a) for a in ats) + " |", "|---|---|" + "---|" * len(ats)]
+    lines = [
+        "",
+        f"## By training steps (checkpoints of each {cfg['train_steps']}-step run, cosine learning rate over the run)",
+        "",
+        "AbsRel of one member at 1 / 2 sampler steps (regression: its one pass), mean over seeds.",
+        "",
+        "| method | adapter | " + " | ".join(str(a) for a in ats) + " |",
+        "|---|---|" + "---|" * len(ats),
+    ]
     for method in OBJECTIVES:
         for adapter in cfg["adapters"]:
-            cells = [" / ".join(f"{_mean(report, method, adapter, 'single', s, at=a):.4f}" for s in (1, 2)) for a in ats]
+            cells = [
+                " / ".join(f"{_mean(report, method, adapter, 'single', s, at=a):.4f}" for s in (1, 2)) for a in ats
+            ]
             lines.append(f"| {method} | {adapter} | " + " | ".join(cells) + " |")
-    lines.append("| regression | full | " + " | ".join(f"{_mean(report, 'regression', 'full', 'single', 1, at=a):.4f}"
-                                                       for a in ats) + " |")
+    lines.append(
+        "| regression | full | "
+        + " | ".join(f"{_mean(report, 'regression', 'full', 'single', 1, at=a):.4f}" for a in ats)
+        + " |"
+    )
     unstable = unstable_runs(report)
     if unstable:
-        lines += ["", "Unstable runs (their last AbsRel at 1 step is worse than at their first checkpoint): "
-                  + ", ".join(unstable) + ". Means that include them compare a diverged baseline, not a method."]
+        lines += [
+            "",
+            "Unstable runs (their last AbsRel at 1 step is worse than at their first checkpoint): "
+            + ", ".join(unstable)
+            + ". Means that include them compare a diverged baseline, not a method.",
+        ]
     names = list(dict.fromkeys(t["target"] for t in targets(report, ats[-1])))
-    lines += ["", "Targets met at each checkpoint (per adapter and mode; the numbers compared are in the json).", "",
-              "| training steps | adapter | mode | " + " | ".join(names) + " |", "|---|---|---|" + "---|" * len(names)]
+    lines += [
+        "",
+        "Targets met at each checkpoint (per adapter and mode; the numbers compared are in the json).",
+        "",
+        "| training steps | adapter | mode | " + " | ".join(names) + " |",
+        "|---|---|---|" + "---|" * len(names),
+    ]
     for a in ats:
         found = targets(report, a)
         for adapter in cfg["adapters"]:
             for mode in ("single", "ensemble"):
                 verdicts = {t["target"]: t["met"] for t in found if t["adapter"] == adapter and t["mode"] == mode}
                 label = "single" if mode == "single" else f"ensemble ×{MEMBERS}"
-                lines.append(f"| {a} | {adapter} | {label} | " + " | ".join("yes" if verdicts[n] else "no" for n in names) + " |")
+                lines.append(
+                    f"| {a} | {adapter} | {label} | " + " | ".join("yes" if verdicts[n] else "no" for n in names) + " |"
+                )
     return lines
 
 
@@ -611,11 +721,22 @@ def save_curve_plot(report: dict[str, Any], path: pathlib.Path) -> pathlib.Path:
         for method, runs_of in [(m, adapter) for m in OBJECTIVES] + [("regression", "full")]:
             runs = _pick(report, method, runs_of)
             for r in runs:
-                ax.plot(ats, [r["curve"][str(a)]["single"]["1"]["abs_rel"] for a in ats], color=COLORS[method],
-                        linewidth=0.7, alpha=0.5)
+                ax.plot(
+                    ats,
+                    [r["curve"][str(a)]["single"]["1"]["abs_rel"] for a in ats],
+                    color=COLORS[method],
+                    linewidth=0.7,
+                    alpha=0.5,
+                )
             label = "regression (full), 1 pass" if method == "regression" else f"{method}, 1 step"
-            ax.plot(ats, [_mean(report, method, runs_of, "single", 1, at=a) for a in ats], marker="o", linewidth=2,
-                    color=COLORS[method], label=f"{label} (mean; thin: seeds)")
+            ax.plot(
+                ats,
+                [_mean(report, method, runs_of, "single", 1, at=a) for a in ats],
+                marker="o",
+                linewidth=2,
+                color=COLORS[method],
+                label=f"{label} (mean; thin: seeds)",
+            )
         ax.set_title(adapter)
         ax.set_xlabel("training steps")
     return _save_figure(fig, axes, "AbsRel of one member, 1 step", path)
@@ -632,8 +753,16 @@ def save_plot(report: dict[str, Any], path: pathlib.Path) -> pathlib.Path:
             rs = _pick(report, method, adapter)
             for mode, style in (("single", "-"), ("ensemble", "--")):
                 stats = [_mean_std([r["metrics"][mode][str(s)]["abs_rel"] for r in rs]) for s in xs]
-                ax.errorbar(xs, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3, linestyle=style,
-                            color=COLORS[method], label=f"{method}{'' if mode == 'single' else f' ×{MEMBERS}'}")
+                ax.errorbar(
+                    xs,
+                    [m for m, _ in stats],
+                    yerr=[s for _, s in stats],
+                    marker="o",
+                    capsize=3,
+                    linestyle=style,
+                    color=COLORS[method],
+                    label=f"{method}{'' if mode == 'single' else f' ×{MEMBERS}'}",
+                )
         ax.axhline(regression[0], color="k", linestyle=":", label="regression (1 pass)")
         ax.set_title(adapter)
         ax.set_xscale("log", base=2)
@@ -655,14 +784,19 @@ def parse_eval_at(p: argparse.ArgumentParser, text: str, train_steps: int) -> tu
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="seconds: 1 seed, 64 / 32 scenes, 20 training steps, 1 / 2 sampler steps")
+    p.add_argument(
+        "--quick", action="store_true", help="seconds: 1 seed, 64 / 32 scenes, 20 training steps, 1 / 2 sampler steps"
+    )
     p.add_argument("--seeds", type=int, default=None, help="seeds (default 3)")
     p.add_argument("--train", type=int, default=None, help="training scenes (default 2048)")
     p.add_argument("--test", type=int, default=None, help="test scenes (default 256)")
     p.add_argument("--train-steps", type=int, default=None, help=f"training steps per run (default {TRAIN_STEPS})")
-    p.add_argument("--eval-at", default=None,
-                   help="comma-separated training steps at which every run is also evaluated, for a training-budget "
-                        "curve (checkpoints of one run; the report is then named depth_curve)")
+    p.add_argument(
+        "--eval-at",
+        default=None,
+        help="comma-separated training steps at which every run is also evaluated, for a training-budget "
+        "curve (checkpoints of one run; the report is then named depth_curve)",
+    )
     add_finetune_flags(p, batch=16, lr_lora=LR_LORA, lr_full=LR_FULL)
     args = p.parse_args(argv)
     quick = args.quick
@@ -671,15 +805,19 @@ def main(argv: list[str] | None = None) -> int:
     test = args.test or (32 if quick else 256)
     train_steps = args.train_steps or (20 if quick else TRAIN_STEPS)
     sampler_steps = (1, 2) if quick else STEPS
-    check_finetune_flags(p, args, ("seeds", len(seeds), 1), ("train", train, 1), ("test", test, 1),
-                         ("train-steps", train_steps, 1))
+    check_finetune_flags(
+        p, args, ("seeds", len(seeds), 1), ("train", train, 1), ("test", test, 1), ("train-steps", train_steps, 1)
+    )
     eval_at = parse_eval_at(p, args.eval_at, train_steps) if args.eval_at is not None else ((10,) if quick else ())
     torch.set_num_threads(1)
     start = time.perf_counter()
     lrs = {"lora": args.lr_lora, "full": args.lr_full}
     methods = [(m, a) for m in OBJECTIVES for a in ADAPTERS] + [("regression", "full")]
-    jobs = [(m, a, s, train_steps, args.batch, lrs["full" if a == "full" else "lora"], sampler_steps, eval_at)
-            for s in seeds for m, a in methods]
+    jobs = [
+        (m, a, s, train_steps, args.batch, lrs["full" if a == "full" else "lora"], sampler_steps, eval_at)
+        for s in seeds
+        for m, a in methods
+    ]
     runs = []
     if args.jobs == 1:
         setup = Setup(args.weights, train, test)
@@ -688,21 +826,37 @@ def main(argv: list[str] | None = None) -> int:
     else:
         import multiprocessing as mp
 
-        with Progress(len(jobs), f"depth runs ({args.jobs} processes)", unit="run") as bar, \
-                mp.get_context("spawn").Pool(args.jobs, initializer=_worker_init,
-                                             initargs=(str(args.weights), train, test)) as pool:
+        with (
+            Progress(len(jobs), f"depth runs ({args.jobs} processes)", unit="run") as bar,
+            mp.get_context("spawn").Pool(
+                args.jobs, initializer=_worker_init, initargs=(str(args.weights), train, test)
+            ) as pool,
+        ):
             for result in pool.imap_unordered(_worker_run, jobs):
                 runs.append(result)
                 bar.update(1, f"{result['method']} {result['adapter']} seed {result['seed']}")
     order = [f"{m} {a}" for m, a in methods]
     runs.sort(key=lambda r: (order.index(f"{r['method']} {r['adapter']}"), r["seed"]))
     report = {
-        "config": {"seeds": seeds, "adapters": list(ADAPTERS), "train": train, "test": test, "train_steps": train_steps,
-                   "batch": args.batch, "lrs": lrs, "timesteps": dict(TIMESTEPS), "sampler_steps": list(sampler_steps), "members": MEMBERS,
-                   "denoise_sigmas": list(DENOISE_SIGMAS),
-                   "eval_at": list(eval_at),
-                   "jobs": args.jobs, "quick": quick, "torch": torch.__version__},
-        "runs": runs, "seconds": time.perf_counter() - start,
+        "config": {
+            "seeds": seeds,
+            "adapters": list(ADAPTERS),
+            "train": train,
+            "test": test,
+            "train_steps": train_steps,
+            "batch": args.batch,
+            "lrs": lrs,
+            "timesteps": dict(TIMESTEPS),
+            "sampler_steps": list(sampler_steps),
+            "members": MEMBERS,
+            "denoise_sigmas": list(DENOISE_SIGMAS),
+            "eval_at": list(eval_at),
+            "jobs": args.jobs,
+            "quick": quick,
+            "torch": torch.__version__,
+        },
+        "runs": runs,
+        "seconds": time.perf_counter() - start,
     }
     report["targets"] = targets(report)
     report["targets_by_training_steps"] = {str(a): targets(report, a) for a in checkpoints(report)}

@@ -14,6 +14,7 @@ with the ``diff2flow`` sampler at 8 and 50 FM Euler steps, from the same noise f
 
 Time convention (docs/MATH.md section 1): FM sigma in [0, 1], sigma = 1 is noise.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,23 +31,49 @@ if str(ROOT) not in sys.path:  # run as a script from anywhere: the demo package
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # paper_comparison's setup
 
 import torch  # noqa: E402
+from paper_comparison import Setup, add_finetune_flags, check_finetune_flags  # noqa: E402
+from paper_comparison import run_one as paper_run  # noqa: E402
 
 from demo.progress import Progress  # noqa: E402
-from paper_comparison import Setup, add_finetune_flags, check_finetune_flags, run_one as paper_run  # noqa: E402
 from training.files import atomic_write  # noqa: E402
 
 OBJECTIVE = "diff2flow"
 
 
-def run_one(setup: Setup, adapter: str, seed: int, ema_decay: float, checkpoints: list[int], sampler_steps: list[int],
-            batch: int, lr: float, progress: Progress | None = None) -> dict[str, Any]:
+def run_one(
+    setup: Setup,
+    adapter: str,
+    seed: int,
+    ema_decay: float,
+    checkpoints: list[int],
+    sampler_steps: list[int],
+    batch: int,
+    lr: float,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
     """paper_comparison's run (``diff2flow``, ``adapter``: ``"full"`` or ``"lora<rank>"``) with
     ``ema_decay``, every checkpoint evaluated with every sampler step count; FD by checkpoint."""
     kind = "full" if adapter == "full" else "lora"
-    run = paper_run(setup, OBJECTIVE, adapter, seed, checkpoints, sampler_steps, batch, {kind: lr}, progress,
-                    ema_decay=ema_decay, checkpoint_sampler_steps=sampler_steps)
-    return {"adapter": adapter, "seed": seed, "ema_decay": ema_decay, "seconds": run["seconds"],
-            "fd": {step: result["fd"] for step, result in run["checkpoints"].items()}}
+    run = paper_run(
+        setup,
+        OBJECTIVE,
+        adapter,
+        seed,
+        checkpoints,
+        sampler_steps,
+        batch,
+        {kind: lr},
+        progress,
+        ema_decay=ema_decay,
+        checkpoint_sampler_steps=sampler_steps,
+    )
+    return {
+        "adapter": adapter,
+        "seed": seed,
+        "ema_decay": ema_decay,
+        "seconds": run["seconds"],
+        "fd": {step: result["fd"] for step, result in run["checkpoints"].items()},
+    }
 
 
 _WORKER: dict[str, Any] = {}
@@ -70,7 +97,9 @@ def summarise(runs: list[dict[str, Any]], checkpoints: list[int], sampler_steps:
     """A markdown table: FD (mean ± std over seeds) per adapter, EMA off / on, checkpoint, sampler steps;
     and the per-seed difference on minus off."""
     adapters = sorted({r["adapter"] for r in runs}, key=lambda a: (a == "full", a))
-    head = "| adapter | EMA | " + " | ".join(f"step {c}, {s}-step FD" for c in checkpoints for s in sampler_steps) + " |"
+    head = (
+        "| adapter | EMA | " + " | ".join(f"step {c}, {s}-step FD" for c in checkpoints for s in sampler_steps) + " |"
+    )
     lines = [head, "|" + "---|" * (2 + len(checkpoints) * len(sampler_steps))]
     for adapter in adapters:
         for decay in (0.0, ema_decay):
@@ -79,7 +108,11 @@ def summarise(runs: list[dict[str, Any]], checkpoints: list[int], sampler_steps:
             lines.append(f"| {adapter} | {'off' if decay == 0 else f'{decay:g}'} | " + " | ".join(cells) + " |")
         off = {r["seed"]: r for r in runs if r["adapter"] == adapter and r["ema_decay"] == 0.0}
         on = {r["seed"]: r for r in runs if r["adapter"] == adapter and r["ema_decay"] == ema_decay}
-        diffs = [_cell([on[s]["fd"][c][k] - off[s]["fd"][c][k] for s in sorted(on)]) for c in checkpoints for k in sampler_steps]
+        diffs = [
+            _cell([on[s]["fd"][c][k] - off[s]["fd"][c][k] for s in sorted(on)])
+            for c in checkpoints
+            for k in sampler_steps
+        ]
         lines.append(f"| {adapter} | on - off (per seed) | " + " | ".join(diffs) + " |")
     return "\n".join(lines)
 
@@ -103,8 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     start = time.perf_counter()
     lrs = {"lora": args.lr_lora, "full": args.lr_full}
-    jobs = [(a, s, d, checkpoints, sampler_steps, args.batch, lrs["full" if a == "full" else "lora"])
-            for s in seeds for a in adapters for d in (0.0, args.ema_decay)]
+    jobs = [
+        (a, s, d, checkpoints, sampler_steps, args.batch, lrs["full" if a == "full" else "lora"])
+        for s in seeds
+        for a in adapters
+        for d in (0.0, args.ema_decay)
+    ]
     runs = []
     if args.jobs == 1:
         setup = Setup("v", samples, args.weights)
@@ -113,19 +150,34 @@ def main(argv: list[str] | None = None) -> int:
     else:
         import multiprocessing as mp
 
-        with Progress(len(jobs), f"EMA comparison ({args.jobs} processes)", unit="run") as bar, \
-                mp.get_context("spawn").Pool(args.jobs, initializer=_worker_init, initargs=(samples, str(args.weights))) as pool:
+        with (
+            Progress(len(jobs), f"EMA comparison ({args.jobs} processes)", unit="run") as bar,
+            mp.get_context("spawn").Pool(
+                args.jobs, initializer=_worker_init, initargs=(samples, str(args.weights))
+            ) as pool,
+        ):
             for result in pool.imap_unordered(_worker_run, jobs):
                 runs.append(result)
                 bar.update(1, f"{result['adapter']} seed {result['seed']} ema {result['ema_decay']:g}")
     table = summarise(runs, checkpoints, sampler_steps, args.ema_decay)
     minutes = (time.perf_counter() - start) / 60
-    print(f"\nFD by sampler steps, diff2flow fine-tuning on digits 7-9, {len(seeds)} seed(s), EMA {args.ema_decay:g} vs off"
-          f" ({minutes:.1f} min)\n\n{table}")
-    report = {"seeds": seeds, "checkpoints": checkpoints, "sampler_steps": sampler_steps, "ema_decay": args.ema_decay,
-              "runs": runs, "minutes": minutes, "quick": args.quick}
-    text = (f"# EMA {args.ema_decay:g} vs none (benchmarks/ema.py{', quick run' if args.quick else ''}, {len(seeds)} seeds, "
-            f"{minutes:.1f} min)\n\n{table}\n")
+    print(
+        f"\nFD by sampler steps, diff2flow fine-tuning on digits 7-9, {len(seeds)} seed(s), EMA {args.ema_decay:g} vs off"
+        f" ({minutes:.1f} min)\n\n{table}"
+    )
+    report = {
+        "seeds": seeds,
+        "checkpoints": checkpoints,
+        "sampler_steps": sampler_steps,
+        "ema_decay": args.ema_decay,
+        "runs": runs,
+        "minutes": minutes,
+        "quick": args.quick,
+    }
+    text = (
+        f"# EMA {args.ema_decay:g} vs none (benchmarks/ema.py{', quick run' if args.quick else ''}, {len(seeds)} seeds, "
+        f"{minutes:.1f} min)\n\n{table}\n"
+    )
     stem = "ema_quick" if args.quick else "ema"  # a quick run's folder is a temporary one unless --out is given
     atomic_write(args.out / f"{stem}.json", lambda path: pathlib.Path(path).write_text(json.dumps(report, indent=1)))
     atomic_write(args.out / f"{stem}.md", lambda path: pathlib.Path(path).write_text(text))

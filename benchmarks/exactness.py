@@ -7,6 +7,7 @@ model type and dtype.
     python benchmarks/exactness.py            # float64 and float32
     python benchmarks/exactness.py --quick    # float64 only
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,7 +17,7 @@ import sys
 import torch
 
 sys.path.append(str(pathlib.Path(__file__).resolve().parents[1]))  # a fresh clone: d2f_core without installing
-from d2f_core.tests.helpers import CASES, exactness_error  # noqa: E402
+from d2f_core.tests.helpers import CASES, exactness_error
 
 
 def main() -> None:

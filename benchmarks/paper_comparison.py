@@ -25,6 +25,7 @@ checkpoint and with every sampler step count at step 0 (zero-shot) and at the la
 Time convention (docs/MATH.md section 1): FM sigma in [0, 1], sigma = 1 is noise,
 ``x_sigma = (1 - sigma) x0 + sigma noise``, velocity ``noise - x0``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -81,8 +82,13 @@ def evaluate(setup: Setup, objective: str, net: torch.nn.Module, sampler_steps: 
     velocity = pipeline.velocity_model(objective, net, setup.d2f)
     fd, acc = {}, {}
     for steps in sampler_steps:
-        samples = pipeline.sample(velocity, setup.eval_ctx, setup.uncond, setup.eval_noise,
-                                  d2f_core.get_objective(objective).sampler_sigmas(setup.d2f, steps))
+        samples = pipeline.sample(
+            velocity,
+            setup.eval_ctx,
+            setup.uncond,
+            setup.eval_noise,
+            d2f_core.get_objective(objective).sampler_sigmas(setup.d2f, steps),
+        )
         if not torch.isfinite(samples).all():
             fd[steps], acc[steps] = float("nan"), float("nan")
             continue
@@ -93,9 +99,19 @@ def evaluate(setup: Setup, objective: str, net: torch.nn.Module, sampler_steps: 
 
 
 # ------------------------------------------------------------------------------------ one run
-def run_one(setup: Setup, objective: str, adapter: str, seed: int, checkpoints: list[int], sampler_steps: list[int],
-            batch: int, lrs: dict[str, float], progress: Progress | None = None, ema_decay: float = 0.0,
-            checkpoint_sampler_steps: list[int] | None = None) -> dict[str, Any]:
+def run_one(
+    setup: Setup,
+    objective: str,
+    adapter: str,
+    seed: int,
+    checkpoints: list[int],
+    sampler_steps: list[int],
+    batch: int,
+    lrs: dict[str, float],
+    progress: Progress | None = None,
+    ema_decay: float = 0.0,
+    checkpoint_sampler_steps: list[int] | None = None,
+) -> dict[str, Any]:
     """Fine-tune one copy of the base model; evaluate at each checkpoint with
     ``checkpoint_sampler_steps`` (default: the 8-step sampler) and at the last one with every
     sampler step count. ``adapter`` is ``"full"`` or ``"lora<rank>"``. With ``ema_decay`` the
@@ -103,9 +119,20 @@ def run_one(setup: Setup, objective: str, adapter: str, seed: int, checkpoints: 
     kind, rank = ("full", 1) if adapter == "full" else ("lora", int(adapter[4:]))
     net = pipeline.fresh_copy(setup.unet)
     adapters = pipeline.attach_adapters(net, kind, rank=rank, targets="all", seed=seed)
-    config = TrainConfig(objective=objective, steps=checkpoints[-1], batch_size=batch, learning_rate=lrs[kind],
-                         rank=rank, alpha=float(rank), targets="all", seed=seed, caption_dropout=0.1,
-                         weight_decay=0.0, lr_schedule="constant", ema_decay=ema_decay)
+    config = TrainConfig(
+        objective=objective,
+        steps=checkpoints[-1],
+        batch_size=batch,
+        learning_rate=lrs[kind],
+        rank=rank,
+        alpha=float(rank),
+        targets="all",
+        seed=seed,
+        caption_dropout=0.1,
+        weight_decay=0.0,
+        lr_schedule="constant",
+        ema_decay=ema_decay,
+    )
     trainer = Trainer(net, adapters, setup.d2f, config, setup.train_data)
     results: dict[int, Any] = {}
     start = time.perf_counter()
@@ -114,14 +141,21 @@ def run_one(setup: Setup, objective: str, adapter: str, seed: int, checkpoints: 
         if progress is not None:
             progress.update(1, f"{objective} {adapter} seed {seed}")
         if step in checkpoints:
-            steps = sampler_steps if step == checkpoints[-1] else (checkpoint_sampler_steps or [CHECKPOINT_SAMPLER_STEPS])
+            steps = (
+                sampler_steps if step == checkpoints[-1] else (checkpoint_sampler_steps or [CHECKPOINT_SAMPLER_STEPS])
+            )
             with trainer.sampling_weights():
                 results[step] = evaluate(setup, objective, net, steps)
 
     trainer.run(on_step=on_step)
-    return {"objective": objective, "adapter": adapter, "seed": seed, "checkpoints": results,
-            "train_loss_last100": sum(trainer.losses[-100:]) / len(trainer.losses[-100:]),
-            "seconds": time.perf_counter() - start}
+    return {
+        "objective": objective,
+        "adapter": adapter,
+        "seed": seed,
+        "checkpoints": results,
+        "train_loss_last100": sum(trainer.losses[-100:]) / len(trainer.losses[-100:]),
+        "seconds": time.perf_counter() - start,
+    }
 
 
 _WORKER: dict[str, Any] = {}
@@ -164,8 +198,11 @@ def summarise(report: dict[str, Any]) -> str:
 
     def checkpoint_table(metric, digits: int) -> list[str]:
         """One row per objective and adapter: ``metric`` zero-shot, then mean ± std at each checkpoint."""
-        rows = ["", "| objective | adapter | " + " | ".join(f"step {c}" for c in [0] + checkpoints) + " |",
-                "|---|---|" + "---|" * (len(checkpoints) + 1)]
+        rows = [
+            "",
+            "| objective | adapter | " + " | ".join(f"step {c}" for c in [0] + checkpoints) + " |",
+            "|---|---|" + "---|" * (len(checkpoints) + 1),
+        ]
         for objective in OBJECTIVES:
             for adapter in adapters:
                 rs = pick(objective, adapter)
@@ -199,7 +236,11 @@ def summarise(report: dict[str, Any]) -> str:
     ]
     for objective in OBJECTIVES:
         name = f"{objective} ({d2f_core.get_objective(objective).sampling_label})"
-        lines.append(f"| {name} | zero-shot | " + " | ".join(_fmt(zero[objective]["fd"][str(s)], 0.0) for s in sampler_steps) + " |")
+        lines.append(
+            f"| {name} | zero-shot | "
+            + " | ".join(_fmt(zero[objective]["fd"][str(s)], 0.0) for s in sampler_steps)
+            + " |"
+        )
         for adapter in adapters:
             rs = pick(objective, adapter)
             cells = [_fmt(*_stats([r["checkpoints"][last]["fd"][str(s)] for r in rs])) for s in sampler_steps]
@@ -242,7 +283,9 @@ def save_plots(report: dict[str, Any], out: pathlib.Path) -> list[pathlib.Path]:
                 ax.axhline(floor, color="k", linestyle=":", label="real-vs-real floor")
             ax.set_title(adapter)
             ax.set_xlabel(xlabel)
-            ax.set_xscale("symlog", linthresh=100) if logx == "symlog" else ax.set_xscale("log", base=2) if logx else None
+            ax.set_xscale("symlog", linthresh=100) if logx == "symlog" else ax.set_xscale(
+                "log", base=2
+            ) if logx else None
             ax.set_yscale("log")
             ax.grid(True, alpha=0.3)
         axes[0].set_ylabel(ylabel)
@@ -258,23 +301,49 @@ def save_plots(report: dict[str, Any], out: pathlib.Path) -> list[pathlib.Path]:
                 value = zero[objective][metric] if steps_key is None else zero[objective][metric][steps_key]
                 return value, 0.0
             rs = [r for r in runs if r["objective"] == objective and r["adapter"] == adapter]
-            values = [r["checkpoints"][str(step)][metric] if steps_key is None else r["checkpoints"][str(step)][metric][steps_key] for r in rs]
+            values = [
+                r["checkpoints"][str(step)][metric]
+                if steps_key is None
+                else r["checkpoints"][str(step)][metric][steps_key]
+                for r in rs
+            ]
             return _stats(values)
 
         return series
 
     xs = [0] + checkpoints
-    panel_figure("fd_vs_finetune_steps.png", f"FD ({CHECKPOINT_SAMPLER_STEPS}-step sampler)", at_checkpoint("fd", k), xs,
-                 "fine-tuning steps", "symlog", report["floor_fd"])
-    panel_figure("val_loss_vs_finetune_steps.png", "FM validation loss", at_checkpoint("val_loss", None), xs,
-                 "fine-tuning steps", "symlog", None)
+    panel_figure(
+        "fd_vs_finetune_steps.png",
+        f"FD ({CHECKPOINT_SAMPLER_STEPS}-step sampler)",
+        at_checkpoint("fd", k),
+        xs,
+        "fine-tuning steps",
+        "symlog",
+        report["floor_fd"],
+    )
+    panel_figure(
+        "val_loss_vs_finetune_steps.png",
+        "FM validation loss",
+        at_checkpoint("val_loss", None),
+        xs,
+        "fine-tuning steps",
+        "symlog",
+        None,
+    )
 
     def by_sampler(objective: str, adapter: str, steps: int) -> tuple[float, float]:
         rs = [r for r in runs if r["objective"] == objective and r["adapter"] == adapter]
         return _stats([r["checkpoints"][last]["fd"][str(steps)] for r in rs])
 
-    panel_figure("fd_vs_sampler_steps.png", f"FD after {last} fine-tuning steps", by_sampler, sampler_steps,
-                 "sampler steps (NFE)", True, report["floor_fd"])
+    panel_figure(
+        "fd_vs_sampler_steps.png",
+        f"FD after {last} fine-tuning steps",
+        by_sampler,
+        sampler_steps,
+        "sampler steps (NFE)",
+        True,
+        report["floor_fd"],
+    )
     return written
 
 
@@ -292,15 +361,23 @@ def _int_list(name: str):
     return parse
 
 
-def add_finetune_flags(p: argparse.ArgumentParser, batch: int = 16, lr_lora: float = 1e-3, lr_full: float = 3e-4) -> None:
+def add_finetune_flags(
+    p: argparse.ArgumentParser, batch: int = 16, lr_lora: float = 1e-3, lr_full: float = 3e-4
+) -> None:
     """The flags every toy fine-tuning benchmark shares (this one, reflow.py, ema.py)."""
     p.add_argument("--batch", type=int, default=batch, help=f"training batch (default {batch})")
     p.add_argument("--lr-lora", type=float, default=lr_lora, help=f"LoRA learning rate (default {lr_lora:g})")
-    p.add_argument("--lr-full", type=float, default=lr_full, help=f"full fine-tuning learning rate (default {lr_full:g})")
+    p.add_argument(
+        "--lr-full", type=float, default=lr_full, help=f"full fine-tuning learning rate (default {lr_full:g})"
+    )
     p.add_argument("--jobs", type=int, default=1, help="worker processes, one thread each (default 1)")
     p.add_argument("--weights", type=pathlib.Path, default=WEIGHTS_DIR)
-    p.add_argument("--out", type=pathlib.Path, default=None,
-                   help="folder for the report (default benchmarks/results/; with --quick a fresh temporary folder, printed)")
+    p.add_argument(
+        "--out",
+        type=pathlib.Path,
+        default=None,
+        help="folder for the report (default benchmarks/results/; with --quick a fresh temporary folder, printed)",
+    )
 
 
 def report_folder(out: pathlib.Path | None, quick: bool, name: str) -> pathlib.Path:
@@ -333,21 +410,34 @@ def check_finetune_flags(p: argparse.ArgumentParser, args: argparse.Namespace, *
         p.error(f"--out {args.out} cannot be written: {exc}")
 
 
-def write_report(out: pathlib.Path, stem: str, report: dict[str, Any], markdown: str, plots: list[pathlib.Path]) -> None:
+def write_report(
+    out: pathlib.Path, stem: str, report: dict[str, Any], markdown: str, plots: list[pathlib.Path]
+) -> None:
     """Write ``<stem>.md`` and ``<stem>.json`` into ``out`` (the plots are already written), print the
     markdown and where everything went (every toy benchmark ends this way)."""
     atomic_write(out / f"{stem}.md", lambda path: pathlib.Path(path).write_text(markdown))
     atomic_write(out / f"{stem}.json", lambda path: pathlib.Path(path).write_text(json.dumps(report, indent=1)))
     print(markdown)
-    print(f"wrote {out / (stem + '.md')}, {stem}.json and {', '.join(str(p) for p in plots)} in {report['seconds'] / 60:.1f} min")
+    print(
+        f"wrote {out / (stem + '.md')}, {stem}.json and {', '.join(str(p) for p in plots)} in {report['seconds'] / 60:.1f} min"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="shrunken run: 1 seed, 20/50 steps, 1/4 sampler steps, 100 samples")
+    p.add_argument(
+        "--quick", action="store_true", help="shrunken run: 1 seed, 20/50 steps, 1/4 sampler steps, 100 samples"
+    )
     p.add_argument("--prediction", choices=["eps", "v"], default="v")
-    p.add_argument("--seeds", type=_int_list("--seeds"), default=None, help="number of seeds as one integer (default 3)")
-    p.add_argument("--checkpoints", type=_int_list("--checkpoints"), default=None, help="fine-tuning checkpoints (default 100,500,2000)")
+    p.add_argument(
+        "--seeds", type=_int_list("--seeds"), default=None, help="number of seeds as one integer (default 3)"
+    )
+    p.add_argument(
+        "--checkpoints",
+        type=_int_list("--checkpoints"),
+        default=None,
+        help="fine-tuning checkpoints (default 100,500,2000)",
+    )
     p.add_argument("--sampler-steps", type=_int_list("--sampler-steps"), default=None, help="default 1,2,4,8,50")
     p.add_argument("--ranks", type=_int_list("--ranks"), default=None, help="LoRA ranks (default 4,16)")
     p.add_argument("--samples", type=_int_list("--samples"), default=None, help="FD samples (default 500)")
@@ -383,29 +473,56 @@ def main(argv: list[str] | None = None) -> int:
         import multiprocessing as mp
 
         ctx = mp.get_context("spawn")
-        with Progress(len(jobs), f"paper comparison ({args.jobs} processes, runs)") as bar, ctx.Pool(
-            args.jobs, initializer=_worker_init, initargs=(args.prediction, samples, str(args.weights))
-        ) as pool:
+        with (
+            Progress(len(jobs), f"paper comparison ({args.jobs} processes, runs)") as bar,
+            ctx.Pool(
+                args.jobs, initializer=_worker_init, initargs=(args.prediction, samples, str(args.weights))
+            ) as pool,
+        ):
             for result in pool.imap_unordered(_worker_run, jobs):
                 runs.append(result)
                 bar.update(1, f"{result['objective']} {result['adapter']} seed {result['seed']}")
     for r in runs:  # JSON keys are strings: make the in-memory report look like the saved one
-        r["checkpoints"] = {str(c): {**v, "fd": {str(k): x for k, x in v["fd"].items()},
-                                     "accuracy": {str(k): x for k, x in v["accuracy"].items()}} for c, v in r["checkpoints"].items()}
+        r["checkpoints"] = {
+            str(c): {
+                **v,
+                "fd": {str(k): x for k, x in v["fd"].items()},
+                "accuracy": {str(k): x for k, x in v["accuracy"].items()},
+            }
+            for c, v in r["checkpoints"].items()
+        }
     for v in zero.values():
         v["fd"] = {str(k): x for k, x in v["fd"].items()}
         v["accuracy"] = {str(k): x for k, x in v["accuracy"].items()}
     report = {
-        "config": {"prediction": args.prediction, "seeds": seeds, "checkpoints": checkpoints, "sampler_steps": sampler_steps,
-                   "adapters": adapters, "samples": samples, "batch": args.batch, "lrs": lrs, "jobs": args.jobs,
-                   "quick": quick, "torch": torch.__version__},
-        "floor_fd": setup.floor, "real_count": int(setup.images.shape[0]), "zero_shot": zero, "runs": runs,
+        "config": {
+            "prediction": args.prediction,
+            "seeds": seeds,
+            "checkpoints": checkpoints,
+            "sampler_steps": sampler_steps,
+            "adapters": adapters,
+            "samples": samples,
+            "batch": args.batch,
+            "lrs": lrs,
+            "jobs": args.jobs,
+            "quick": quick,
+            "torch": torch.__version__,
+        },
+        "floor_fd": setup.floor,
+        "real_count": int(setup.images.shape[0]),
+        "zero_shot": zero,
+        "runs": runs,
         "seconds": time.perf_counter() - start,
     }
     plot_dir = args.out / ("quick" if quick else "")
     plot_dir.mkdir(parents=True, exist_ok=True)
-    write_report(args.out, "paper_comparison_quick" if quick else "paper_comparison", report, summarise(report),
-                 save_plots(report, plot_dir))
+    write_report(
+        args.out,
+        "paper_comparison_quick" if quick else "paper_comparison",
+        report,
+        summarise(report),
+        save_plots(report, plot_dir),
+    )
     return 0
 
 

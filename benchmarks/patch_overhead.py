@@ -8,6 +8,7 @@ gives the median (and min) over all timed steps of all runs; the target is patch
 
     COMFYUI_PATH=/path/to/ComfyUI python benchmarks/patch_overhead.py [--channels 64] [--cfg 1 7]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -21,7 +22,9 @@ from types import ModuleType
 from typing import Any
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-sys.path.append(str(ROOT))  # a fresh clone: d2f_core and d2f_host without installing (appended: ComfyUI's nodes.py wins)
+sys.path.append(
+    str(ROOT)
+)  # a fresh clone: d2f_core and d2f_host without installing (appended: ComfyUI's nodes.py wins)
 
 
 def import_comfyui() -> ModuleType:
@@ -45,12 +48,19 @@ def load_model_sampling() -> ModuleType:
 
 def build_sd15_shaped(harness: ModuleType, channels: int, context_dim: int, dtype: Any) -> Any:
     """SD1.5's UNet layout (4 levels, 2 res blocks, attention on the first 3) at a given width."""
-    import comfy.model_base, comfy.model_management, comfy.model_patcher, comfy.supported_models  # noqa: E401
+    import comfy.model_base
+    import comfy.model_management
+    import comfy.model_patcher
+    import comfy.supported_models
     import torch
 
     unet = dict(
-        harness.TINY_UNET, model_channels=channels, context_dim=context_dim, num_res_blocks=[2, 2, 2, 2],
-        channel_mult=[1, 2, 4, 4], transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
+        harness.TINY_UNET,
+        model_channels=channels,
+        context_dim=context_dim,
+        num_res_blocks=[2, 2, 2, 2],
+        channel_mult=[1, 2, 4, 4],
+        transformer_depth=[1, 1, 1, 1, 1, 1, 0, 0],
         transformer_depth_output=[1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
     )
     cfg = comfy.supported_models.SD15(unet)
@@ -69,6 +79,7 @@ def step_times(model: Any, steps: int, cfg: float, latent: Any, cond: list, unco
     """
     import comfy.sample
     import torch
+
     cuda = model.load_device.type == "cuda"
     marks: list[Any] = []
 
@@ -78,8 +89,9 @@ def step_times(model: Any, steps: int, cfg: float, latent: Any, cond: list, unco
             marks[-1].record()
 
     noise = comfy.sample.prepare_noise(latent, 0)
-    comfy.sample.sample(model, noise, steps, cfg, "euler", "simple", cond, uncond, latent,
-                        callback=callback, disable_pbar=True, seed=0)
+    comfy.sample.sample(
+        model, noise, steps, cfg, "euler", "simple", cond, uncond, latent, callback=callback, disable_pbar=True, seed=0
+    )
     if cuda:
         torch.cuda.synchronize()
         return [a.elapsed_time(b) / 1000 for a, b in zip(marks, marks[1:])]
@@ -97,7 +109,9 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=7, help="timed runs per variant and cfg")
     ap.add_argument("--warmup", type=int, default=2, help="untimed runs per variant and cfg")
     ap.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="default: fp16 on CUDA, fp32 otherwise")
-    ap.add_argument("--quick", action="store_true", help="a seconds-long run that checks the script (figures meaningless)")
+    ap.add_argument(
+        "--quick", action="store_true", help="a seconds-long run that checks the script (figures meaningless)"
+    )
     args = ap.parse_args()
     if args.quick:
         args.channels, args.size, args.steps, args.repeats, args.warmup = 32, 16, 2, 1, 0
@@ -106,8 +120,8 @@ def main() -> None:
 
     harness = import_comfyui()
     ms = load_model_sampling()
-    import torch
     import comfy.model_management
+    import torch
 
     device = comfy.model_management.get_torch_device()
     dtype_name = args.dtype or ("fp16" if device.type == "cuda" else "fp32")
@@ -123,8 +137,10 @@ def main() -> None:
 
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"device: {device} ({name})  torch {torch.__version__}  dtype {dtype_name}")
-    print(f"UNet: SD1.5 layout, model_channels {args.channels}, context_dim {args.context_dim}, "
-          f"{n_params / 1e6:.2f} M parameters; latent {args.batch}x4x{args.size}x{args.size}")
+    print(
+        f"UNet: SD1.5 layout, model_channels {args.channels}, context_dim {args.context_dim}, "
+        f"{n_params / 1e6:.2f} M parameters; latent {args.batch}x4x{args.size}x{args.size}"
+    )
     print(f"euler / simple, {args.steps} steps per run, {args.repeats} timed runs per variant (interleaved ABBA)\n")
     print(f"{'cfg':>5} {'variant':<10} {'median s/step':>14} {'min s/step':>11} {'ratio':>7}")
     noisy = False

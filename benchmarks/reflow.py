@@ -22,12 +22,13 @@ is over the evaluation noise alone):
 - how far the teacher's N-step end points are from its 128-step ones (how the default of 32 pair
   steps was chosen), full mode only.
 
-Targets (issue 11): the student's 2-step FD <= the teacher's 8-step FD; its 4-step FD <= 1.2x the
+Targets: the student's 2-step FD <= the teacher's 8-step FD; its 4-step FD <= 1.2x the
 teacher's 50-step FD; its 1-step FD <= 0.5x the teacher's 1-step FD. The report states each as
 met or not, with the numbers.
 
 Time convention (docs/MATH.md section 1): FM sigma in [0, 1], sigma = 1 is noise.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,13 +63,8 @@ CLASSES = ddata.PRETRAIN_CLASSES
 STUDENT_STEPS = (1, 2, 4, 8)
 TEACHER_STEPS = (1, 2, 4, 8, 50)
 STRAIGHTNESS_STEPS = 32
-SHIFT = 6.0  # the students' timestep sampling shift (see train_student)
-# Pairs and training steps. Measured on seed 0 (1 seed, --jobs 2; FD at 1 / 2 / 4 steps; bounds: teacher 8-step
-# 3.26, 1.2x teacher 50-step 2.74): 8192 pairs, 1500 steps: LoRA 4.17 / 3.10 / 2.93, full 4.89 / 3.45 / 3.08;
-# 8192 pairs, 3000 steps: LoRA 3.56 / 2.93 / 2.85, full 3.98 / 3.10 / 2.99; 16384 pairs, 3000 steps: LoRA
-# 3.38 / 2.83 / 2.74, full 3.87 / 3.04 / 2.88 (longer training helps every student; more pairs help again at
-# the same training, so the students were fitting the pairs rather than the teacher's map). The defaults are
-# the last (3 seeds: benchmarks/results/reflow.md).
+# the students' timestep sampling shift: it beat shift 3 and uniform (benchmarks/results/reflow_ablations.md)
+SHIFT = 6.0
 
 
 # ------------------------------------------------------------------------------------ setup
@@ -121,8 +117,9 @@ def straightness(setup: Setup, net: torch.nn.Module, seed: int, count: int = 200
     aligned = setup.d2f.velocity_fn(net)
     x = float(sigmas[0]) * setup.noise(seed)[:count]
     ctx = setup.ctx[:count]
-    end = d2f_core.sample_euler(lambda x_, s: aligned(x_, s, ctx), x, sigmas,
-                                callback=lambda info: velocities.append(info["velocity"]))
+    end = d2f_core.sample_euler(
+        lambda x_, s: aligned(x_, s, ctx), x, sigmas, callback=lambda info: velocities.append(info["velocity"])
+    )
     vbar = (x - end) / float(sigmas[0])
     weights = (sigmas[:-1] - sigmas[1:]).float() / float(sigmas[0])
     deviation = sum(w * (v - vbar).pow(2).flatten(1).sum(1) for w, v in zip(weights, velocities))
@@ -131,8 +128,17 @@ def straightness(setup: Setup, net: torch.nn.Module, seed: int, count: int = 200
 
 # ------------------------------------------------------------------------------------ pairs and their cost
 def pair_settings(setup: Setup, steps: int, batch: int) -> PairSettings:
-    return PairSettings((1, 16, 16), setup.d2f.sigma_max, "euler", steps, 1.0, 1.0, 0, batch,
-                        {"demo": "unet_v.safetensors", "classes": list(CLASSES)})
+    return PairSettings(
+        (1, 16, 16),
+        setup.d2f.sigma_max,
+        "euler",
+        steps,
+        1.0,
+        1.0,
+        0,
+        batch,
+        {"demo": "unet_v.safetensors", "classes": list(CLASSES)},
+    )
 
 
 @torch.no_grad()
@@ -144,13 +150,16 @@ def bare_loop(setup: Setup, count: int, steps: int, batch: int) -> float:
     start = time.perf_counter()
     for first in range(0, count, batch):
         noise = torch.randn(batch, 1, 16, 16, generator=gen)
-        cond = {"context": torch.cat([setup.class_conds[i % len(CLASSES)]["context"] for i in range(first, first + batch)])}
-        d2f_core.sample_euler(lambda x, s: teacher(x, s, cond), setup.d2f.sigma_max * noise, sigmas)
+        cond = {
+            "context": torch.cat([setup.class_conds[i % len(CLASSES)]["context"] for i in range(first, first + batch)])
+        }
+        d2f_core.sample_euler(lambda x, s, cond=cond: teacher(x, s, cond), setup.d2f.sigma_max * noise, sigmas)
     return time.perf_counter() - start
 
 
-def make_pairs(setup: Setup, folder: pathlib.Path, count: int, steps: int, batch: int, shard: int,
-               rounds: int) -> dict[str, Any]:
+def make_pairs(
+    setup: Setup, folder: pathlib.Path, count: int, steps: int, batch: int, shard: int, rounds: int
+) -> dict[str, Any]:
     """Generate ``count`` pairs into ``folder``: first ``rounds`` rounds of ``shard`` pairs each (appended),
     each followed by the bare loop on as many pairs; then the rest. Returns the timings."""
     settings, teacher = pair_settings(setup, steps, batch), setup.velocity(setup.unet)
@@ -166,13 +175,21 @@ def make_pairs(setup: Setup, folder: pathlib.Path, count: int, steps: int, batch
     summary = generate_pairs(teacher, setup.class_conds, folder, count, settings, shard_size=shard)
     pair_seconds += time.perf_counter() - start
     print(summary.report(), flush=True)
-    return {"count": count, "steps": steps, "batch": batch, "seconds": pair_seconds, "pairs_per_second": count / pair_seconds,
-            "ratios": ratios, "ratio": statistics.median(ratios) if ratios else float("nan")}
+    return {
+        "count": count,
+        "steps": steps,
+        "batch": batch,
+        "seconds": pair_seconds,
+        "pairs_per_second": count / pair_seconds,
+        "ratios": ratios,
+        "ratio": statistics.median(ratios) if ratios else float("nan"),
+    }
 
 
 @torch.no_grad()
-def pair_step_choice(setup: Setup, candidates: tuple[int, ...] = (8, 16, 32, 64), reference: int = 128,
-                     count: int = 256) -> dict[str, float]:
+def pair_step_choice(
+    setup: Setup, candidates: tuple[int, ...] = (8, 16, 32, 64), reference: int = 128, count: int = 256
+) -> dict[str, float]:
     """RMS distance of the teacher's N-step end points from its ``reference``-step ones, relative to
     the RMS of the images (the discretisation error a pair carries)."""
     teacher = setup.d2f.velocity_fn(setup.unet)
@@ -183,24 +200,47 @@ def pair_step_choice(setup: Setup, candidates: tuple[int, ...] = (8, 16, 32, 64)
 
 
 # ------------------------------------------------------------------------------------ students
-def train_student(setup: Setup, data: Any, adapter: str, seed: int, steps: int, batch: int, lr: float,
-                  progress: Progress | None = None) -> dict[str, Any]:
+def train_student(
+    setup: Setup,
+    data: Any,
+    adapter: str,
+    seed: int,
+    steps: int,
+    batch: int,
+    lr: float,
+    progress: Progress | None = None,
+) -> dict[str, Any]:
     kind, rank = ("full", 1) if adapter == "full" else ("lora", int(adapter[4:]))
     net = pipeline.fresh_copy(setup.unet)
     adapters = pipeline.attach_adapters(net, kind, rank=rank, targets="all", seed=seed)
-    # shift timestep sampling: more training at high noise, where 1-4-step sampling spends its steps. Measured
-    # here (LoRA r16, seed 1, 1500 steps, FD at 1 / 2 / 4 steps): shift 3: 6.87 / 5.06 / 4.53, shift 6: 5.74 / 4.68 /
-    # 4.38; full: shift 3: 8.01 / 5.39 / 4.73, shift 6: 6.50 / 5.15 / 4.66 (uniform sampling was worse than shift 3)
-    config = TrainConfig(objective="reflow", steps=steps, batch_size=batch, learning_rate=lr, lr_schedule="cosine",
-                         rank=rank, alpha=float(rank), targets="all", weight_decay=0.0, timestep_sampling="shift",
-                         shift=SHIFT, seed=seed)
+    # shift timestep sampling: more training at high noise, where 1-4-step sampling spends its steps (SHIFT)
+    config = TrainConfig(
+        objective="reflow",
+        steps=steps,
+        batch_size=batch,
+        learning_rate=lr,
+        lr_schedule="cosine",
+        rank=rank,
+        alpha=float(rank),
+        targets="all",
+        weight_decay=0.0,
+        timestep_sampling="shift",
+        shift=SHIFT,
+        seed=seed,
+    )
     trainer = Trainer(net, adapters, setup.d2f, config, data)
     start = time.perf_counter()
     trainer.run(on_step=(lambda *_: progress.update(1, f"{adapter} seed {seed}")) if progress is not None else None)
     seconds = time.perf_counter() - start
-    return {"adapter": adapter, "seed": seed, "fd": fd_at(setup, net, seed, STUDENT_STEPS),
-            "straightness": straightness(setup, net, seed), "train_seconds": seconds, "seconds_per_step": seconds / steps,
-            "final_loss": statistics.fmean(trainer.losses[-100:])}
+    return {
+        "adapter": adapter,
+        "seed": seed,
+        "fd": fd_at(setup, net, seed, STUDENT_STEPS),
+        "straightness": straightness(setup, net, seed),
+        "train_seconds": seconds,
+        "seconds_per_step": seconds / steps,
+        "final_loss": statistics.fmean(trainer.losses[-100:]),
+    }
 
 
 _WORKER: dict[str, Any] = {}
@@ -231,7 +271,10 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     teacher = {k: _mean_std([t["fd"][k] for t in report["teacher"]])[0] for k in report["teacher"][0]["fd"]}
     out = []
     for adapter in report["config"]["adapters"]:
-        student = {k: _mean_std([r["fd"][k] for r in report["students"] if r["adapter"] == adapter])[0] for k in ("1", "2", "4")}
+        student = {
+            k: _mean_std([r["fd"][k] for r in report["students"] if r["adapter"] == adapter])[0]
+            for k in ("1", "2", "4")
+        }
         for name, mine, bound in (
             ("2-step FD <= teacher 8-step FD", student["2"], teacher["8"]),
             ("4-step FD <= 1.2x teacher 50-step FD", student["4"], 1.2 * teacher["50"]),
@@ -260,16 +303,21 @@ def summarise(report: dict[str, Any]) -> str:
         "",
         "| model | " + " | ".join(f"{s} step{'s' if s != '1' else ''}" for s in steps_cols) + " | straightness |",
         "|---|" + "---|" * (len(steps_cols) + 1),
-        "| teacher | " + " | ".join(_cell([t["fd"][s] for t in teacher]) for s in steps_cols)
+        "| teacher | "
+        + " | ".join(_cell([t["fd"][s] for t in teacher]) for s in steps_cols)
         + f" | {_cell([t['straightness'] for t in teacher], 4)} |",
     ]
     for adapter in cfg["adapters"]:
         rs = [r for r in students if r["adapter"] == adapter]
         cells = [_cell([r["fd"][s] for r in rs]) if s in rs[0]["fd"] else "" for s in steps_cols]
-        lines.append(f"| reflow student ({adapter}) | " + " | ".join(cells) + f" | {_cell([r['straightness'] for r in rs], 4)} |")
+        lines.append(
+            f"| reflow student ({adapter}) | " + " | ".join(cells) + f" | {_cell([r['straightness'] for r in rs], 4)} |"
+        )
     lines += ["", "## Targets", "", "| student | target | student | bound | met |", "|---|---|---|---|---|"]
     for t in report["targets"]:
-        lines.append(f"| {t['adapter']} | {t['target']} | {t['student']:.2f} | {t['bound']:.2f} | {'yes' if t['met'] else 'no'} |")
+        lines.append(
+            f"| {t['adapter']} | {t['target']} | {t['student']:.2f} | {t['bound']:.2f} | {'yes' if t['met'] else 'no'} |"
+        )
     train_s = [r["seconds_per_step"] for r in students]
     lines += [
         "",
@@ -283,11 +331,17 @@ def summarise(report: dict[str, Any]) -> str:
         f"{statistics.fmean(r['train_seconds'] for r in students):.0f} s per student.",
     ]
     if report.get("pair_steps"):
-        lines += ["", "## Pair steps (how the default was chosen)", "",
-                  "RMS distance of the teacher's N-step Euler end points from its 128-step ones, relative to the images' RMS "
-                  "(256 samples):", "",
-                  "| N | " + " | ".join(report["pair_steps"]) + " |", "|---|" + "---|" * len(report["pair_steps"]),
-                  "| distance | " + " | ".join(f"{v:.4f}" for v in report["pair_steps"].values()) + " |"]
+        lines += [
+            "",
+            "## Pair steps (how the default was chosen)",
+            "",
+            "RMS distance of the teacher's N-step Euler end points from its 128-step ones, relative to the images' RMS "
+            "(256 samples):",
+            "",
+            "| N | " + " | ".join(report["pair_steps"]) + " |",
+            "|---|" + "---|" * len(report["pair_steps"]),
+            "| distance | " + " | ".join(f"{v:.4f}" for v in report["pair_steps"].values()) + " |",
+        ]
     lines.append("")
     return "\n".join(lines)
 
@@ -302,11 +356,14 @@ def save_plot(report: dict[str, Any], path: pathlib.Path) -> pathlib.Path:
     ax = fig.subplots()
     series = [("teacher", report["teacher"], "k")] + [
         (f"reflow {a}", [r for r in report["students"] if r["adapter"] == a], c)
-        for a, c in zip(report["config"]["adapters"], ("tab:green", "tab:orange"))]
+        for a, c in zip(report["config"]["adapters"], ("tab:green", "tab:orange"))
+    ]
     for label, rs, color in series:
         xs = [int(s) for s in rs[0]["fd"]]
         stats = [_mean_std([r["fd"][str(s)] for r in rs]) for s in xs]
-        ax.errorbar(xs, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3, color=color, label=label)
+        ax.errorbar(
+            xs, [m for m, _ in stats], yerr=[s for _, s in stats], marker="o", capsize=3, color=color, label=label
+        )
     ax.axhline(report["floor_fd"], color="grey", linestyle=":", label="real-vs-real floor")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
@@ -321,15 +378,15 @@ def save_plot(report: dict[str, Any], path: pathlib.Path) -> pathlib.Path:
 # ------------------------------------------------------------------------------------ main
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="seconds: 1 seed, 256 pairs of 8 steps, 20 training steps, 100 samples")
+    p.add_argument(
+        "--quick", action="store_true", help="seconds: 1 seed, 256 pairs of 8 steps, 20 training steps, 100 samples"
+    )
     p.add_argument("--seeds", type=int, default=None, help="seeds (default 3)")
     p.add_argument("--pairs", type=int, default=None, help="pairs (default 16384)")
     p.add_argument("--pair-steps", type=int, default=None, help="teacher ODE steps per pair (default 32)")
     p.add_argument("--train-steps", type=int, default=None, help="reflow training steps per student (default 3000)")
     p.add_argument("--samples", type=int, default=None, help="FD samples (default 500)")
-    # full learning rate measured on seed 0 (16384 pairs, 3000 steps, FD at 1 / 2 / 4 steps): 1e-4: 5.21 / 3.60 / 3.18,
-    # 3e-4: 3.87 / 3.04 / 2.88, 1e-3: 3.28 / 2.81 / 2.71 (an EMA of 0.999 changed nothing: the cosine schedule already
-    # ends at a learning rate of 0)
+    # the defaults (16384 pairs, 3000 steps, full lr 1e-3) won the seed-0 runs of benchmarks/results/reflow_ablations.md
     add_finetune_flags(p, batch=32, lr_lora=2e-3, lr_full=1e-3)
     args = p.parse_args(argv)
     quick = args.quick
@@ -339,24 +396,42 @@ def main(argv: list[str] | None = None) -> int:
     train_steps = args.train_steps or (20 if quick else 3000)
     samples = args.samples or (100 if quick else 500)
     gen_batch, shard = (64, 128) if quick else (256, 1024)
-    check_finetune_flags(p, args, ("seeds", len(seeds), 1), ("pairs", count, shard), ("pair-steps", pair_steps, 1),
-                         ("train-steps", train_steps, 1), ("samples", samples, 2))
+    check_finetune_flags(
+        p,
+        args,
+        ("seeds", len(seeds), 1),
+        ("pairs", count, shard),
+        ("pair-steps", pair_steps, 1),
+        ("train-steps", train_steps, 1),
+        ("samples", samples, 2),
+    )
     torch.set_num_threads(1)
     start = time.perf_counter()
     setup = Setup(args.weights, samples)
     print(f"floor FD (real vs real halves): {setup.floor:.3f}", flush=True)
-    teacher = [{"seed": s, "fd": fd_at(setup, setup.unet, s, TEACHER_STEPS), "straightness": straightness(setup, setup.unet, s)}
-               for s in seeds]
+    teacher = [
+        {
+            "seed": s,
+            "fd": fd_at(setup, setup.unet, s, TEACHER_STEPS),
+            "straightness": straightness(setup, setup.unet, s),
+        }
+        for s in seeds
+    ]
     for t in teacher:
-        print(f"teacher seed {t['seed']}: FD {', '.join(f'{k}: {v:.2f}' for k, v in t['fd'].items())}, "
-              f"straightness {t['straightness']:.4f}", flush=True)
+        print(
+            f"teacher seed {t['seed']}: FD {', '.join(f'{k}: {v:.2f}' for k, v in t['fd'].items())}, "
+            f"straightness {t['straightness']:.4f}",
+            flush=True,
+        )
     choice = {} if quick else pair_step_choice(setup)
     folder = pathlib.Path(tempfile.mkdtemp(prefix="d2f_reflow_pairs_"))
     adapters = ["lora16", "full"]
     lrs = {"lora": args.lr_lora, "full": args.lr_full}
     try:
         pairs = make_pairs(setup, folder / "pairs", count, pair_steps, gen_batch, shard, rounds=1 if quick else 3)
-        jobs = [(a, s, train_steps, args.batch, lrs["full" if a == "full" else "lora"]) for s in seeds for a in adapters]
+        jobs = [
+            (a, s, train_steps, args.batch, lrs["full" if a == "full" else "lora"]) for s in seeds for a in adapters
+        ]
         students = []
         if args.jobs == 1:
             data = load_pairs(folder / "pairs").training_data()
@@ -365,9 +440,12 @@ def main(argv: list[str] | None = None) -> int:
         else:
             import multiprocessing as mp
 
-            with Progress(len(jobs), f"reflow students ({args.jobs} processes)", unit="run") as bar, \
-                    mp.get_context("spawn").Pool(args.jobs, initializer=_worker_init,
-                                                 initargs=(str(args.weights), samples, str(folder / "pairs"))) as pool:
+            with (
+                Progress(len(jobs), f"reflow students ({args.jobs} processes)", unit="run") as bar,
+                mp.get_context("spawn").Pool(
+                    args.jobs, initializer=_worker_init, initargs=(str(args.weights), samples, str(folder / "pairs"))
+                ) as pool,
+            ):
                 for result in pool.imap_unordered(_worker_run, jobs):
                     students.append(result)
                     bar.update(1, f"{result['adapter']} seed {result['seed']}")
@@ -375,10 +453,25 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(folder, ignore_errors=True)
     students.sort(key=lambda r: (adapters.index(r["adapter"]), r["seed"]))
     report = {
-        "config": {"seeds": seeds, "adapters": adapters, "samples": samples, "batch": args.batch, "lrs": lrs,
-                   "train_steps": train_steps, "jobs": args.jobs, "shard": shard, "quick": quick, "torch": torch.__version__},
-        "floor_fd": setup.floor, "real_count": setup.real_count, "teacher": teacher, "students": students,
-        "pairs": pairs, "pair_steps": choice, "seconds": time.perf_counter() - start,
+        "config": {
+            "seeds": seeds,
+            "adapters": adapters,
+            "samples": samples,
+            "batch": args.batch,
+            "lrs": lrs,
+            "train_steps": train_steps,
+            "jobs": args.jobs,
+            "shard": shard,
+            "quick": quick,
+            "torch": torch.__version__,
+        },
+        "floor_fd": setup.floor,
+        "real_count": setup.real_count,
+        "teacher": teacher,
+        "students": students,
+        "pairs": pairs,
+        "pair_steps": choice,
+        "seconds": time.perf_counter() - start,
     }
     report["targets"] = targets(report)
     stem = "reflow_quick" if quick else "reflow"

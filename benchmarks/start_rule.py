@@ -20,6 +20,7 @@ exact end point relative to the RMS norm of the end points (the noise-to-data ma
     python benchmarks/start_rule.py --quick    # seconds: data set A, 4 / 8 / 20 steps, 500 samples
     python benchmarks/start_rule.py            # both data sets, 10000 samples (a few CPU minutes)
 """
+
 from __future__ import annotations
 
 import pathlib
@@ -28,14 +29,14 @@ import sys
 # runnable from a fresh clone without installing the package: the repository root first
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
-import argparse  # noqa: E402
-import time  # noqa: E402
-from typing import Callable  # noqa: E402
+import argparse
+import time
+from collections.abc import Callable
 
-import torch  # noqa: E402
+import torch
 
-import d2f_core  # noqa: E402
-from d2f_core import Diff2Flow, GaussianMixture  # noqa: E402
+import d2f_core
+from d2f_core import Diff2Flow, GaussianMixture
 
 RULES = ("sigma_max", "noise", "noise+step", "flow_grid")
 STEPS = (4, 8, 20, 50, 200)
@@ -51,7 +52,8 @@ def datasets() -> dict[str, GaussianMixture]:
     return {
         "A": GaussianMixture(means_a, stds=torch.tensor([0.3, 0.6, 0.9]), weights=torch.tensor([0.5, 0.3, 0.2])),
         "B": GaussianMixture(
-            torch.tensor([[-2.0, 0.0], [2.0, 1.0], [0.0, -2.5]]), stds=torch.tensor([0.3, 0.4, 0.25]),
+            torch.tensor([[-2.0, 0.0], [2.0, 1.0], [0.0, -2.5]]),
+            stds=torch.tensor([0.3, 0.4, 0.25]),
             weights=torch.tensor([0.3, 0.5, 0.2]),
         ),
     }
@@ -69,9 +71,10 @@ def exact_network(gmm: GaussianMixture, d2f: Diff2Flow) -> Callable[[torch.Tenso
 
 
 def above_sigma_max(gmm: GaussianMixture, samples: int, seed: int) -> list[tuple]:
-    """Relative velocity errors (median, max over noisy data states) above sigma_max: the old
-    reading (timestep T-1 but the closed forms in sigma, before docs/MATH.md section 10), the current
-    one, both against the table-end velocity, and the table end against the exact FM velocity."""
+    """Relative velocity errors (median, max over noisy data states) above sigma_max: the "old reading"
+    (timestep T-1, but its output read with the closed forms in sigma, i.e. without the table-end rule of
+    docs/MATH.md section 10) and ``Diff2Flow.velocity`` ("now"), both against the table-end velocity, and
+    the table end against the exact FM velocity."""
     rows = []
     gen = torch.Generator().manual_seed(seed)
     for prediction in PREDICTIONS:
@@ -87,11 +90,11 @@ def above_sigma_max(gmm: GaussianMixture, samples: int, seed: int) -> list[tuple
             out = network(x_in, t)
             n = d2f.noise_norm(sigma)
             table_end = (x - gmm.posterior_mean(x_in, a_t, s_t)) / sigma
-            if prediction == "eps":  # (e - x) / (1 - sigma): was a ValueError at sigma = 1
-                before = (out - x) / (1 - sigma) if value < 1 else None
+            if prediction == "eps":  # (e - x) / (1 - sigma): undefined at sigma = 1 (the table says ValueError)
+                closed_form = (out - x) / (1 - sigma) if value < 1 else None
             else:
-                before = (2 * sigma - 1) * x / n**2 + out / n
-            now = d2f.velocity(out, x, sigma)
+                closed_form = (2 * sigma - 1) * x / n**2 + out / n
+            converted = d2f.velocity(out, x, sigma)
 
             def err(a: torch.Tensor | None, b: torch.Tensor) -> tuple[float, float] | None:
                 if a is None:
@@ -99,7 +102,15 @@ def above_sigma_max(gmm: GaussianMixture, samples: int, seed: int) -> list[tuple
                 r = (a - b).norm(dim=1) / b.norm(dim=1)
                 return float(r.median()), float(r.max())
 
-            rows.append((prediction, value, err(before, table_end), err(now, table_end), err(table_end, gmm.fm_velocity(x, sigma))))
+            rows.append(
+                (
+                    prediction,
+                    value,
+                    err(closed_form, table_end),
+                    err(converted, table_end),
+                    err(table_end, gmm.fm_velocity(x, sigma)),
+                )
+            )
     return rows
 
 
@@ -107,8 +118,8 @@ def print_above(rows: list[tuple]) -> None:
     print("\nvelocity above sigma_max on data set A: relative error, median / max")
     print("| pred | sigma | old reading vs table end | Diff2Flow now vs table end | table end vs exact FM velocity |")
     print("|---|---|---|---|---|")
-    for prediction, value, before, now, limit in rows:
-        cells = ["ValueError" if e is None else f"{e[0]:.2g} / {e[1]:.2g}" for e in (before, now, limit)]
+    for prediction, value, closed_form, converted, limit in rows:
+        cells = ["ValueError" if e is None else f"{e[0]:.2g} / {e[1]:.2g}" for e in (closed_form, converted, limit)]
         print(f"| {prediction} | {value:.2f} | " + " | ".join(cells) + " |")
 
 
@@ -128,7 +139,9 @@ def exact_flow(gmm: GaussianMixture, z: torch.Tensor, steps: int) -> torch.Tenso
     return d2f_core.sample_heun(gmm.fm_velocity, z, torch.linspace(1.0, 0.0, steps + 1, dtype=torch.float64))
 
 
-def run(gmm: GaussianMixture, samples: int, steps_list: tuple[int, ...], reference_steps: int, sampler: str, seed: int) -> dict:
+def run(
+    gmm: GaussianMixture, samples: int, steps_list: tuple[int, ...], reference_steps: int, sampler: str, seed: int
+) -> dict:
     gen = torch.Generator().manual_seed(seed)
     z = torch.randn(samples, gmm.dim, generator=gen, dtype=torch.float64)
     exact = exact_flow(gmm, z, reference_steps)
@@ -146,7 +159,7 @@ def run(gmm: GaussianMixture, samples: int, steps_list: tuple[int, ...], referen
         d2f = Diff2Flow(d2f_core.scaled_linear(), prediction)
         converted = d2f.velocity_fn(exact_network(gmm, d2f))
 
-        def velocity(x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        def velocity(x: torch.Tensor, sigma: torch.Tensor, converted=converted) -> torch.Tensor:
             return converted(x, sigma[:1])  # the samplers' sigma is one value for the batch
 
         for steps in steps_list:
@@ -168,24 +181,33 @@ def wins_everywhere(table: dict, rule: str, steps_list: tuple[int, ...]) -> bool
 def print_table(name: str, gmm: GaussianMixture, result: dict, steps_list: tuple[int, ...]) -> None:
     info, table = result["info"], result["table"]
     mean = float((gmm.weights @ gmm.means).norm())
-    print(f"\ndata set {name}: {gmm.dim}-D, {gmm.means.shape[0]} components, |E x0| = {mean:.2f}; "
-          f"reference error (SW) {info['reference_error']:.1e}, SW of the reference to a fresh data "
-          f"sample {info['data_sample_floor']:.4f}")
+    print(
+        f"\ndata set {name}: {gmm.dim}-D, {gmm.means.shape[0]} components, |E x0| = {mean:.2f}; "
+        f"reference error (SW) {info['reference_error']:.1e}, SW of the reference to a fresh data "
+        f"sample {info['data_sample_floor']:.4f}"
+    )
     print("SW to the data distribution (map error) per start rule")
     print("| pred | steps | " + " | ".join(RULES) + " |")
     print("|---|---|" + "---|" * len(RULES))
     for prediction in PREDICTIONS:
         for steps in steps_list:
-            cells = [f"{table[prediction, steps, r][0]:.4f} ({100 * table[prediction, steps, r][1]:.2f} %)" for r in RULES]
+            cells = [
+                f"{table[prediction, steps, r][0]:.4f} ({100 * table[prediction, steps, r][1]:.2f} %)" for r in RULES
+            ]
             print(f"| {prediction} | {steps} | " + " | ".join(cells) + " |")
 
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true",
-                        help="data set A only, 4 / 8 / 20 steps, 500 samples, 100 reference steps (seconds)")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="data set A only, 4 / 8 / 20 steps, 500 samples, 100 reference steps (seconds)",
+    )
     parser.add_argument("--samples", type=int, help="samples per run (default 10000; 500 with --quick)")
-    parser.add_argument("--reference-steps", type=int, help="Heun steps of the exact flow (default 1000; 100 with --quick)")
+    parser.add_argument(
+        "--reference-steps", type=int, help="Heun steps of the exact flow (default 1000; 100 with --quick)"
+    )
     parser.add_argument("--sampler", choices=sorted(d2f_core.SAMPLERS), default="euler")
     parser.add_argument("--data", nargs="+", choices=("A", "B"), help="data sets (default A and B; A with --quick)")
     parser.add_argument("--seed", type=int, default=1)
@@ -200,8 +222,10 @@ def main(argv: list[str] | None = None) -> dict:
     data = {name: data[name] for name in (args.data or (["A"] if args.quick else ["A", "B"]))}
     torch.set_num_threads(1)  # small tensors: threads only add overhead (and share the machine)
     began = time.perf_counter()
-    print(f"start rules on SD's schedule (sigma_max = {Diff2Flow(d2f_core.scaled_linear()).sigma_max:.5f}), "
-          f"FM {args.sampler}, {samples} samples, exact GMM eps / v network")
+    print(
+        f"start rules on SD's schedule (sigma_max = {Diff2Flow(d2f_core.scaled_linear()).sigma_max:.5f}), "
+        f"FM {args.sampler}, {samples} samples, exact GMM eps / v network"
+    )
     print_above(above_sigma_max(datasets()["A"], 500 if args.quick else 4000, args.seed))
     results = {}
     for name, gmm in data.items():
@@ -209,7 +233,9 @@ def main(argv: list[str] | None = None) -> dict:
         print_table(name, gmm, results[name], steps_list)
     for rule in RULES[1:]:
         verdict = all(wins_everywhere(r["table"], rule, steps_list) for r in results.values())
-        print(f"{rule!r} beats 'sigma_max' (SW) at every step count, eps and v, every data set: {'yes' if verdict else 'no'}")
+        print(
+            f"{rule!r} beats 'sigma_max' (SW) at every step count, eps and v, every data set: {'yes' if verdict else 'no'}"
+        )
     print(f"({time.perf_counter() - began:.1f} s)")
     return results
 

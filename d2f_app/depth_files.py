@@ -4,17 +4,17 @@ For an image ``NAME.ext`` the output folder gets ``NAME_depth.png`` (16-bit grey
 ``NAME_depth_color.png`` (the colour map, 8-bit RGB) and ``NAME_depth.npy`` (float32 [H, W] in [0, 1]).
 Depth is affine-invariant (docs/MATH.md section 13): each image's map spans [0, 1]. Pure: no ComfyUI.
 """
+
 from __future__ import annotations
 
 import os
 import pathlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from d2f_core.colormap import apply_colormap
-
 from training.dataset import IMAGE_EXTENSIONS, UnreadableImage, read_rgb
 
 __all__ = ["list_images", "load_image", "depth_paths", "save_depth"]
@@ -42,8 +42,10 @@ def list_images(paths: Sequence[str | os.PathLike]) -> list[pathlib.Path]:
     stems: dict[str, pathlib.Path] = {}
     for p in found:
         if p.stem in stems:
-            raise ImageListError(f"--images: {stems[p.stem]} and {p} have the same name stem, so their depth files would "
-                                 "overwrite each other: rename one")
+            raise ImageListError(
+                f"--images: {stems[p.stem]} and {p} have the same name stem, so their depth files would "
+                "overwrite each other: rename one"
+            )
         stems[p.stem] = p
     return found
 
@@ -61,10 +63,16 @@ def load_image(path: pathlib.Path) -> torch.Tensor:
 def depth_paths(output: pathlib.Path, image: pathlib.Path) -> dict[str, pathlib.Path]:
     """The three files written for ``image``: ``grey``, ``color`` and ``raw``."""
     stem = image.stem
-    return {"grey": output / f"{stem}_depth.png", "color": output / f"{stem}_depth_color.png", "raw": output / f"{stem}_depth.npy"}
+    return {
+        "grey": output / f"{stem}_depth.png",
+        "color": output / f"{stem}_depth_color.png",
+        "raw": output / f"{stem}_depth.npy",
+    }
 
 
-def save_depth(output: pathlib.Path, image: pathlib.Path, depth: torch.Tensor, colormap: str = "spectral") -> dict[str, pathlib.Path]:
+def save_depth(
+    output: pathlib.Path, image: pathlib.Path, depth: torch.Tensor, colormap: str = "spectral"
+) -> dict[str, pathlib.Path]:
     """Write ``depth`` ([H, W] in [0, 1]) as the three files of :func:`depth_paths`; returns them."""
     from PIL import Image
 

@@ -3,6 +3,7 @@
 ``torchrun --nproc_per_node N`` sets RANK, WORLD_SIZE and LOCAL_RANK; each process trains its
 shard of every global batch (see ``Trainer``). NCCL on CUDA, gloo on CPU.
 """
+
 from __future__ import annotations
 
 import os
@@ -27,12 +28,19 @@ class World:
         return self.world_size > 1
 
 
+ONE_PROCESS = World()  # a run without torchrun
+
+
 def world_from_env() -> World:
     """The process's place as torchrun describes it (one process when not under torchrun)."""
     try:
-        return World(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0)))
+        return World(
+            int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)), int(os.environ.get("LOCAL_RANK", 0))
+        )
     except ValueError as exc:
-        raise RuntimeError(f"RANK / WORLD_SIZE / LOCAL_RANK are not integers ({exc}): start several processes with torchrun") from exc
+        raise RuntimeError(
+            f"RANK / WORLD_SIZE / LOCAL_RANK are not integers ({exc}): start several processes with torchrun"
+        ) from exc
 
 
 def init(world: World) -> None:

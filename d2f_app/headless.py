@@ -12,6 +12,7 @@ Ctrl-C or SIGTERM: the current step finishes, every process stops at the same st
 the LoRA are written atomically, and the run exits with 130 / 143 and the command that resumes
 it. A second Ctrl-C abandons the step in flight (the state of the last finished step is saved).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -21,17 +22,24 @@ import signal
 import sys
 import threading
 import time
-from typing import Any, Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from d2f_core.lora_metadata import LoraMetadata
+from training.engine import Trainer, TrainingError
+from training.files import (
+    RunFiles,
+    atomic_write,
+    prune_periodic_saves,
+    save_run_lora,
+    save_training_state,
+    write_periodic_save,
+)
+from training.plots import save_loss_curve
+from training.previews import save_grid_png
 
 from . import distributed
 from .distributed import World
-from training.engine import Trainer, TrainingError
-from training.files import (RunFiles, atomic_write, prune_periodic_saves, save_run_lora, save_training_state,
-                    write_periodic_save)
-from training.plots import save_loss_curve
-from training.previews import save_grid_png
 
 EXIT_CODES = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
@@ -45,18 +53,21 @@ class StopSignals:
     abandons the step: KeyboardInterrupt)."""
 
     def __init__(self) -> None:
-        self.received: Optional[int] = None
+        self.received: int | None = None
         self._previous: dict[int, object] = {}
 
     def _handle(self, signum: int, frame: object) -> None:
         if self.received is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.received = signum
-        print(f"\n{signal.Signals(signum).name}: stopping after this step and saving (Ctrl-C again to abandon the step)",
-              file=sys.stderr, flush=True)
+        print(
+            f"\n{signal.Signals(signum).name}: stopping after this step and saving (Ctrl-C again to abandon the step)",
+            file=sys.stderr,
+            flush=True,
+        )
 
     @contextlib.contextmanager
-    def installed(self) -> Iterator["StopSignals"]:
+    def installed(self) -> Iterator[StopSignals]:
         if threading.current_thread() is not threading.main_thread():
             yield self  # signals reach the main thread only; the caller stops the run otherwise
             return
@@ -98,10 +109,10 @@ def run_headless(
     trainer: Trainer,
     files: RunFiles,
     metadata: Callable[[int], LoraMetadata],
-    world: World = World(),
+    world: World = distributed.ONE_PROCESS,
     resume_hint: str = "",
     progress: bool = True,
-    previewer: Optional[Callable[[Trainer], Any]] = None,
+    previewer: Callable[[Trainer], Any] | None = None,
 ) -> int:
     """Train to ``trainer.config.steps`` writing ``files``; returns the process exit code
     (0 done, 130 / 143 interrupted and saved, 1 failed)."""
@@ -128,14 +139,23 @@ def run_headless(
             prune_periodic_saves(files, config.keep_last, trainer.step)
         else:  # periodic and interrupt saves, pruned to keep_last
             written = write_periodic_save(files, trainer, metadata(trainer.step))
-        save_loss_curve(files.loss_png, {config.objective: trainer.losses}, title=f"{files.name}: {config.objective} loss")
+        save_loss_curve(
+            files.loss_png, {config.objective: trainer.losses}, title=f"{files.name}: {config.objective} loss"
+        )
         return written
 
     def on_step(step: int, loss: float, lr: float) -> None:
         now = time.perf_counter()
         if metrics is not None:
-            metrics.write({"step": step, "loss": loss, "lr": lr, "seconds": round(now - started, 4),
-                           "it_s": round(1.0 / max(now - last[0], 1e-9), 4)})
+            metrics.write(
+                {
+                    "step": step,
+                    "loss": loss,
+                    "lr": lr,
+                    "seconds": round(now - started, 4),
+                    "it_s": round(1.0 / max(now - last[0], 1e-9), 4),
+                }
+            )
         if bar is not None:
             bar.set_postfix(loss=f"{loss:.4g}", lr=f"{lr:.3g}", refresh=False)
             bar.update(1)
@@ -148,8 +168,13 @@ def run_headless(
         path = files.sample_at(t.step)
         save_grid_png(path, made.grid, f"step {t.step}: {previewer.settings.describe()}")
         if metrics is not None:
-            metrics.write({"step": t.step, "sample": path.relative_to(files.folder).as_posix(),
-                           "sample_seconds": round(made.seconds, 4)})
+            metrics.write(
+                {
+                    "step": t.step,
+                    "sample": path.relative_to(files.folder).as_posix(),
+                    "sample_seconds": round(made.seconds, 4),
+                }
+            )
         last[0] = time.perf_counter()  # the next step's it/s is the step's own
 
     def check_stop() -> None:
@@ -161,8 +186,12 @@ def run_headless(
     try:
         with stops.installed():
             try:
-                trainer.run(on_step=on_step, check_cancel=check_stop, save=lambda t: write_files(final=False),
-                            preview=preview if previewer is not None else None)
+                trainer.run(
+                    on_step=on_step,
+                    check_cancel=check_stop,
+                    save=lambda t: write_files(final=False),
+                    preview=preview if previewer is not None else None,
+                )
             except KeyboardInterrupt:
                 # the step in flight is abandoned: the trainer is as it was before it, except the generator
                 trainer.generator.set_state(step_start_generator[0])
@@ -175,7 +204,8 @@ def run_headless(
         written = write_files(final=False)
         if main:
             message = (
-                f"interrupted at step {trainer.step} of {config.steps}; saved " + ", ".join(str(p) for p in written)
+                f"interrupted at step {trainer.step} of {config.steps}; saved "
+                + ", ".join(str(p) for p in written)
                 + (f"\nresume with: {resume_hint}" if resume_hint else "")
             )
     except TrainingError as exc:

@@ -16,6 +16,7 @@ Modules:
     depth            image-to-depth: depth normalisation, the widened first convolution, affine
                      alignment, the ensemble, AbsRel / delta1
 """
+
 from . import depth, schedules
 from .alignment import PREDICTION_TYPES, Diff2Flow, normalize_prediction
 from .gaussian_mixture import GaussianMixture
@@ -37,8 +38,8 @@ from .objectives import (
 )
 from .sampling import (
     SAMPLERS,
-    Sampler,
     START_RULES,
+    Sampler,
     cfg_velocity,
     ddim_trailing_sigmas,
     fm_sigmas,

@@ -19,9 +19,11 @@ the network is evaluated as at its last entry: timestep T-1 on the VP input ``x 
 output converted to ``x0_hat`` with the table end's ``a_T``, ``s_T`` (the level the network was
 told), and ``v = (x - x0_hat) / sigma`` at the actual sigma; finite up to sigma = 1, eps included.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -150,7 +152,7 @@ class Diff2Flow:
         return self._sigma_table.clone()
 
     @classmethod
-    def for_model(cls, alphas_cumprod: torch.Tensor, prediction: str, zero_terminal_snr: bool = False) -> "Diff2Flow":
+    def for_model(cls, alphas_cumprod: torch.Tensor, prediction: str, zero_terminal_snr: bool = False) -> Diff2Flow:
         """The alignment of a model with schedule ``alphas_cumprod`` and ``prediction``, optionally
         with zero terminal SNR: the one constructor the patch, the nodes, the trainer and the CLI use.
 
@@ -168,7 +170,9 @@ class Diff2Flow:
         return cls(ac, prediction)
 
     @classmethod
-    def from_discrete_sigmas(cls, sigmas: torch.Tensor, prediction: str = "eps", zero_terminal_snr: bool = False) -> "Diff2Flow":
+    def from_discrete_sigmas(
+        cls, sigmas: torch.Tensor, prediction: str = "eps", zero_terminal_snr: bool = False
+    ) -> Diff2Flow:
         """Build from ComfyUI's ``ModelSamplingDiscrete.sigmas`` buffer (VE ``k``, ascending)."""
         return cls.for_model(alphas_cumprod_from_discrete_sigmas(sigmas), prediction, zero_terminal_snr)
 

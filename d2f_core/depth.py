@@ -20,9 +20,8 @@ nor the offset of a depth map), so everything here is affine-invariant:
 Time plays no part here; the objectives keep the one convention (FM sigma in [0, 1], sigma = 1 is
 noise, ``x_sigma = (1 - sigma) x0 + sigma eps``).
 """
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 import torch
 
@@ -52,15 +51,16 @@ def _per_image(depth: torch.Tensor, name: str) -> torch.Tensor:
     return depth
 
 
-def _valid(depth: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+def _valid(depth: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     valid = torch.isfinite(depth)
     if mask is not None:
         valid &= _per_image(mask, "mask").to(torch.bool)
     return valid
 
 
-def normalize_depth(depth: torch.Tensor, mask: Optional[torch.Tensor] = None,
-                    quantiles: tuple[float, float] = DEPTH_QUANTILES) -> torch.Tensor:
+def normalize_depth(
+    depth: torch.Tensor, mask: torch.Tensor | None = None, quantiles: tuple[float, float] = DEPTH_QUANTILES
+) -> torch.Tensor:
     """Per-image affine map of ``depth`` ([B, H, W] or [B, 1, H, W]) to [-1, 1]: the ``quantiles``
     (default 2 % / 98 %) of the valid pixels (finite, inside ``mask``) go to -1 / 1, values
     beyond them are clipped. Invalid pixels become 0. Returns [B, 1, H, W] float32.
@@ -105,9 +105,9 @@ def image_as_depth(image: torch.Tensor) -> torch.Tensor:
 
 def widen_input_conv(weight: torch.Tensor, copies: int = 2) -> torch.Tensor:
     """The first convolution's weight [O, C, kh, kw] widened to [O, copies * C, kh, kw] for an input
-    of ``copies`` latents side by side: each copy holds the old weights divided by ``copies``.
+    of ``copies`` latents side by side: each copy holds the given weights divided by ``copies``.
 
-    On duplicated input ``cat([x] * copies)`` the widened convolution gives exactly the old one's
+    On duplicated input ``cat([x] * copies)`` the widened convolution gives exactly the given one's
     output (the bias is unchanged), so an image-conditioned model starts as its prior.
     """
     if weight.ndim < 2:
@@ -117,7 +117,9 @@ def widen_input_conv(weight: torch.Tensor, copies: int = 2) -> torch.Tensor:
     return torch.cat([weight / copies] * copies, dim=1)
 
 
-def fit_affine(pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def fit_affine(
+    pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Per-image least-squares ``(scale, shift)`` [B] with ``scale * pred + shift ~ target`` over the
     valid pixels (finite in both, inside ``mask``). Solved in float64 in closed form."""
     pred, target = _per_image(pred, "pred").double(), _per_image(target, "target").double()
@@ -137,7 +139,7 @@ def fit_affine(pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Te
     return torch.stack(scales), torch.stack(shifts)
 
 
-def align_affine(pred: torch.Tensor, target: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+def align_affine(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """``pred`` mapped by its least-squares scale and shift onto ``target`` (:func:`fit_affine`),
     [B, 1, H, W] float64."""
     scale, shift = fit_affine(pred, target, mask)
@@ -170,7 +172,9 @@ def ensemble_depth(members: torch.Tensor, iterations: int = 3) -> torch.Tensor:
     return ((reference - low) / (high - low).clamp_min(1e-12)).float()
 
 
-def _aligned_positive(pred: torch.Tensor, gt: torch.Tensor, mask: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def _aligned_positive(
+    pred: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The prediction aligned to ``gt`` and both as flat valid-pixel lists per image, with the aligned
     prediction kept above zero (ratios need positive depth)."""
     gt = _per_image(gt, "gt").double()
@@ -179,7 +183,7 @@ def _aligned_positive(pred: torch.Tensor, gt: torch.Tensor, mask: Optional[torch
     return aligned, valid
 
 
-def abs_rel(pred: torch.Tensor, gt: torch.Tensor, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+def abs_rel(pred: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """Mean absolute relative error ``|d - d*| / d*`` per image [B], after aligning ``pred`` to the
     ground truth ``gt`` (positive depth) by least-squares scale and shift."""
     aligned, valid = _aligned_positive(pred, gt, mask)
@@ -187,7 +191,9 @@ def abs_rel(pred: torch.Tensor, gt: torch.Tensor, mask: Optional[torch.Tensor] =
     return torch.stack([((aligned[i] - gt[i]).abs() / gt[i])[valid[i]].mean() for i in range(gt.shape[0])])
 
 
-def delta1(pred: torch.Tensor, gt: torch.Tensor, mask: Optional[torch.Tensor] = None, threshold: float = 1.25) -> torch.Tensor:
+def delta1(
+    pred: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor | None = None, threshold: float = 1.25
+) -> torch.Tensor:
     """The fraction of pixels with ``max(d / d*, d* / d) < threshold`` per image [B], after the same
     alignment as :func:`abs_rel`."""
     aligned, valid = _aligned_positive(pred, gt, mask)
@@ -196,6 +202,6 @@ def delta1(pred: torch.Tensor, gt: torch.Tensor, mask: Optional[torch.Tensor] = 
     return torch.stack([(ratio[i][valid[i]] < threshold).double().mean() for i in range(gt.shape[0])])
 
 
-def depth_metrics(pred: torch.Tensor, gt: torch.Tensor, mask: Optional[torch.Tensor] = None) -> dict[str, float]:
+def depth_metrics(pred: torch.Tensor, gt: torch.Tensor, mask: torch.Tensor | None = None) -> dict[str, float]:
     """``{"abs_rel": .., "delta1": ..}``: the means over the batch of :func:`abs_rel` and :func:`delta1`."""
     return {"abs_rel": float(abs_rel(pred, gt, mask).mean()), "delta1": float(delta1(pred, gt, mask).mean())}

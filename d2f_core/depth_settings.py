@@ -4,14 +4,22 @@
 The estimate itself runs through ComfyUI (``d2f_host.depth_estimate``); docs/MATH.md section 13 has
 the ensemble. Time plays no part here.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from .objectives import get_objective
 
-__all__ = ["DEFAULT_DEPTH_STEPS", "MAX_STEPS", "MAX_ENSEMBLE", "MIN_RESOLUTION", "LATENT_SCALE", "DepthSettings",
-           "processing_size"]
+__all__ = [
+    "DEFAULT_DEPTH_STEPS",
+    "MAX_STEPS",
+    "MAX_ENSEMBLE",
+    "MIN_RESOLUTION",
+    "LATENT_SCALE",
+    "DepthSettings",
+    "processing_size",
+]
 
 # a model that recommends nothing (a freshly widened one, a stock-loaded one, a Marigold conversion) samples as a
 # Diff2Flow depth model: the registry's recommendation for one, the single place that number lives
@@ -40,8 +48,10 @@ class DepthSettings:
         if not 1 <= self.ensemble_size <= MAX_ENSEMBLE:
             raise ValueError(f"ensemble_size must be 1-{MAX_ENSEMBLE}, got {self.ensemble_size}")
         if self.resolution != 0 and self.resolution < MIN_RESOLUTION:
-            raise ValueError(f"processing_resolution must be 0 (the image's own size) or at least {MIN_RESOLUTION}, "
-                             f"got {self.resolution}")
+            raise ValueError(
+                f"processing_resolution must be 0 (the image's own size) or at least {MIN_RESOLUTION}, "
+                f"got {self.resolution}"
+            )
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
 
@@ -52,5 +62,7 @@ def processing_size(height: int, width: int, resolution: int) -> tuple[int, int]
     if resolution:
         scale = resolution / max(height, width)
         height, width = height * scale, width * scale
-    return (max(LATENT_SCALE, int(round(height / LATENT_SCALE)) * LATENT_SCALE),
-            max(LATENT_SCALE, int(round(width / LATENT_SCALE)) * LATENT_SCALE))
+    return (
+        max(LATENT_SCALE, int(round(height / LATENT_SCALE)) * LATENT_SCALE),
+        max(LATENT_SCALE, int(round(width / LATENT_SCALE)) * LATENT_SCALE),
+    )

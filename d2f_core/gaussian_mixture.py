@@ -8,10 +8,10 @@ to a data set this is the optimal denoiser of that data set.
 
 FM convention: sigma = 1 is noise, ``x_sigma = (1 - sigma) x0 + sigma eps``, ``v = eps - x0``.
 """
+
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
@@ -30,7 +30,7 @@ class GaussianMixture:
         self,
         means: torch.Tensor,
         stds: torch.Tensor | float = 0.0,
-        weights: Optional[torch.Tensor] = None,
+        weights: torch.Tensor | None = None,
     ) -> None:
         self.means = torch.as_tensor(means, dtype=torch.float64)
         if self.means.ndim != 2:
@@ -48,7 +48,7 @@ class GaussianMixture:
     def dim(self) -> int:
         return int(self.means.shape[1])
 
-    def sample(self, n: int, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    def sample(self, n: int, generator: torch.Generator | None = None) -> torch.Tensor:
         """``n`` float64 samples of shape [n, D]."""
         comp = torch.multinomial(self.weights, n, replacement=True, generator=generator)
         z = torch.randn(n, self.dim, generator=generator, dtype=torch.float64)
@@ -62,11 +62,7 @@ class GaussianMixture:
         mu, c2 = self.means.to(x.device), (self.stds**2).to(x.device)
         var = a[:, None] ** 2 * c2[None, :] + s[:, None] ** 2  # [B, K]
         diff = x[:, None, :] - a[:, None, None] * mu[None]  # [B, K, D]
-        logits = (
-            self.weights.to(x.device).log()[None]
-            - diff.pow(2).sum(-1) / (2 * var)
-            - 0.5 * self.dim * var.log()
-        )
+        logits = self.weights.to(x.device).log()[None] - diff.pow(2).sum(-1) / (2 * var) - 0.5 * self.dim * var.log()
         w = torch.softmax(logits, dim=1)
         comp_mean = mu[None] + (a[:, None] * c2[None] / var)[..., None] * diff
         return (w[..., None] * comp_mean).sum(1)

@@ -39,11 +39,12 @@ own ``LokrDiff`` / ``OFTDiff`` train modules on the same tensors.
 
 ``<key>`` is the module path in the checkpoint, e.g. ``diffusion_model.input_blocks.1.1.proj_in``.
 """
+
 from __future__ import annotations
 
 import math
 import re
-from typing import Iterable, Optional
+from collections.abc import Iterable
 
 import torch
 from torch import nn
@@ -132,7 +133,7 @@ class WeightAdapter(nn.Module):
                 param.copy_(src.reshape(param.shape))
 
 
-def _kaiming_uniform_(t: torch.Tensor, fan_in: int, generator: Optional[torch.Generator]) -> None:
+def _kaiming_uniform_(t: torch.Tensor, fan_in: int, generator: torch.Generator | None) -> None:
     bound = 1 / math.sqrt(fan_in)  # kaiming-uniform(a=sqrt(5)), as torch.nn.Linear and peft
     with torch.no_grad():
         t.uniform_(-bound, bound, generator=generator)
@@ -143,7 +144,9 @@ class LoRAAdapter(WeightAdapter):
 
     description = "low-rank product up @ down (Hu et al. 2021)"
 
-    def __init__(self, weight_shape: Iterable[int], rank: int, alpha: float, generator: Optional[torch.Generator] = None) -> None:
+    def __init__(
+        self, weight_shape: Iterable[int], rank: int, alpha: float, generator: torch.Generator | None = None
+    ) -> None:
         super().__init__(weight_shape, rank, alpha)
         out = self.weight_shape[0]
         self.down = nn.Parameter(torch.empty(rank, self.fan_in))
@@ -165,7 +168,9 @@ class LoHaAdapter(WeightAdapter):
 
     description = "Hadamard product of two low-rank terms (LyCORIS; more expressive at the same rank)"
 
-    def __init__(self, weight_shape: Iterable[int], rank: int, alpha: float, generator: Optional[torch.Generator] = None) -> None:
+    def __init__(
+        self, weight_shape: Iterable[int], rank: int, alpha: float, generator: torch.Generator | None = None
+    ) -> None:
         super().__init__(weight_shape, rank, alpha)
         out = self.weight_shape[0]
         self.w1_a = nn.Parameter(torch.empty(out, rank))
@@ -182,8 +187,10 @@ class LoHaAdapter(WeightAdapter):
 
     def _native_items(self, key: str) -> list[tuple[str, torch.Tensor]]:
         return [
-            (f"{key}.hada_w1_a", self.w1_a), (f"{key}.hada_w1_b", self.w1_b),
-            (f"{key}.hada_w2_a", self.w2_a), (f"{key}.hada_w2_b", self.w2_b),
+            (f"{key}.hada_w1_a", self.w1_a),
+            (f"{key}.hada_w1_b", self.w1_b),
+            (f"{key}.hada_w2_a", self.w2_a),
+            (f"{key}.hada_w2_b", self.w2_b),
         ]
 
 
@@ -210,7 +217,9 @@ class LoKrAdapter(WeightAdapter):
     description = "Kronecker product of two small full matrices (rank: the split factor; alpha unused)"
     saves_alpha = False
 
-    def __init__(self, weight_shape: Iterable[int], rank: int, alpha: float, generator: Optional[torch.Generator] = None) -> None:
+    def __init__(
+        self, weight_shape: Iterable[int], rank: int, alpha: float, generator: torch.Generator | None = None
+    ) -> None:
         super().__init__(weight_shape, rank, alpha)
         out1, out2 = factorization(self.weight_shape[0], rank)
         in1, in2 = factorization(self.fan_in, rank)
@@ -230,9 +239,13 @@ class OFTAdapter(WeightAdapter):
     Cayley transform of a skew-symmetric ``Q = B - B^T`` (norm bounded by ``alpha``); ``B`` starts
     at zero (``R = I``). ``rank`` is the factor the block size is chosen around."""
 
-    description = "orthogonal rotation of the output rows in blocks (rank: the block size; alpha: the rotation's norm bound)"
+    description = (
+        "orthogonal rotation of the output rows in blocks (rank: the block size; alpha: the rotation's norm bound)"
+    )
 
-    def __init__(self, weight_shape: Iterable[int], rank: int, alpha: float, generator: Optional[torch.Generator] = None) -> None:
+    def __init__(
+        self, weight_shape: Iterable[int], rank: int, alpha: float, generator: torch.Generator | None = None
+    ) -> None:
         super().__init__(weight_shape, rank, alpha)
         block_size, blocks = factorization(self.weight_shape[0], rank)
         self.blocks = nn.Parameter(torch.zeros(blocks, block_size, block_size))
@@ -265,21 +278,32 @@ class DoRAAdapter(LoRAAdapter):
 
     description = "LoRA plus a trained magnitude per input channel (weight-decomposed, Liu et al. 2024)"
 
-    def __init__(self, weight_shape: Iterable[int], rank: int, alpha: float, generator: Optional[torch.Generator] = None,
-                 weight: Optional[torch.Tensor] = None) -> None:
+    def __init__(
+        self,
+        weight_shape: Iterable[int],
+        rank: int,
+        alpha: float,
+        generator: torch.Generator | None = None,
+        weight: torch.Tensor | None = None,
+    ) -> None:
         super().__init__(weight_shape, rank, alpha, generator)
         if weight is None:
             raise ValueError("DoRA initialises its magnitude from the base weight: pass weight= (the layer's weight)")
         if self.weight_shape[0] == 1:
-            raise ValueError("DoRA needs a layer with more than one output row: ComfyUI reads a magnitude of "
-                             "length 1 as lying on the output axis")
+            raise ValueError(
+                "DoRA needs a layer with more than one output row: ComfyUI reads a magnitude of "
+                "length 1 as lying on the output axis"
+            )
         self.magnitude = nn.Parameter(torch.empty(1, self.weight_shape[1], *([1] * (len(self.weight_shape) - 2))))
         self.match_base(weight)
 
     @staticmethod
     def _norms(v: torch.Tensor) -> torch.Tensor:
         """``||v|| + eps`` per input channel (axis 1), shaped [1, in, 1, ...] (float32 eps, as the loader)."""
-        return torch.linalg.vector_norm(v, dim=[d for d in range(v.dim()) if d != 1], keepdim=True) + torch.finfo(torch.float32).eps
+        return (
+            torch.linalg.vector_norm(v, dim=[d for d in range(v.dim()) if d != 1], keepdim=True)
+            + torch.finfo(torch.float32).eps
+        )
 
     def match_base(self, weight: torch.Tensor) -> None:
         if tuple(weight.shape) != self.weight_shape:
@@ -304,7 +328,9 @@ class FullAdapter(WeightAdapter):
     description = "every weight of the layer trained (full fine-tuning, saved as the difference from the base; rank and alpha unused)"
     saves_alpha = False
 
-    def __init__(self, weight_shape: Iterable[int], rank: int, alpha: float, generator: Optional[torch.Generator] = None) -> None:
+    def __init__(
+        self, weight_shape: Iterable[int], rank: int, alpha: float, generator: torch.Generator | None = None
+    ) -> None:
         super().__init__(weight_shape, rank, alpha)
         self.diff = nn.Parameter(torch.zeros(self.weight_shape))
 
@@ -317,14 +343,22 @@ class FullAdapter(WeightAdapter):
 
 # name -> adapter class; TrainConfig.algorithm's choices (node combo, CLI flag) come from here
 ALGORITHMS: dict[str, type[WeightAdapter]] = {
-    "LoRA": LoRAAdapter, "LoHa": LoHaAdapter, "LoKr": LoKrAdapter, "OFT": OFTAdapter, "DoRA": DoRAAdapter,
+    "LoRA": LoRAAdapter,
+    "LoHa": LoHaAdapter,
+    "LoKr": LoKrAdapter,
+    "OFT": OFTAdapter,
+    "DoRA": DoRAAdapter,
     "Full": FullAdapter,
 }
 
 
 def make_adapter(
-    algorithm: str, weight_shape: Iterable[int], rank: int, alpha: float, generator: Optional[torch.Generator] = None,
-    weight: Optional[torch.Tensor] = None,
+    algorithm: str,
+    weight_shape: Iterable[int],
+    rank: int,
+    alpha: float,
+    generator: torch.Generator | None = None,
+    weight: torch.Tensor | None = None,
 ) -> WeightAdapter:
     """A fresh adapter of ``algorithm`` (a key of :data:`ALGORITHMS`) for a weight of ``weight_shape``.
 
@@ -367,7 +401,9 @@ def attach_parametrizations(modules: dict[str, nn.Module], adapters: dict[str, W
         parametrize.register_parametrization(module, "weight", adapters[name], unsafe=True)
 
 
-def adapters_state_dict(adapters: dict[str, WeightAdapter], prefix: str = "diffusion_model.") -> dict[str, torch.Tensor]:
+def adapters_state_dict(
+    adapters: dict[str, WeightAdapter], prefix: str = "diffusion_model."
+) -> dict[str, torch.Tensor]:
     """ComfyUI-native LoRA tensors of all adapters, keys ``<prefix><module path>.<tensor>``."""
     out: dict[str, torch.Tensor] = {}
     for name, adapter in adapters.items():
@@ -375,7 +411,9 @@ def adapters_state_dict(adapters: dict[str, WeightAdapter], prefix: str = "diffu
     return out
 
 
-def load_adapters_state_dict(adapters: dict[str, WeightAdapter], tensors: dict[str, torch.Tensor], prefix: str = "diffusion_model.") -> None:
+def load_adapters_state_dict(
+    adapters: dict[str, WeightAdapter], tensors: dict[str, torch.Tensor], prefix: str = "diffusion_model."
+) -> None:
     """Inverse of :func:`adapters_state_dict`; raises for missing or unexpected tensors."""
     expected = set()
     for name, adapter in adapters.items():
@@ -383,4 +421,6 @@ def load_adapters_state_dict(adapters: dict[str, WeightAdapter], tensors: dict[s
         expected |= set(adapter.native_state_dict(prefix + name))
     unexpected = sorted(set(tensors) - expected)
     if unexpected:
-        raise KeyError(f"tensors that belong to no adapter of this model: {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}")
+        raise KeyError(
+            f"tensors that belong to no adapter of this model: {unexpected[:5]}{' ...' if len(unexpected) > 5 else ''}"
+        )

@@ -6,21 +6,31 @@ LoRA needs plain flow sampling, ``diff2flow`` and ``diffusion`` LoRAs the Diff2F
 prediction type and zero terminal SNR, and how the result samples best (a ``reflow`` LoRA: few
 steps at cfg 1). Keys carry the prefix ``diff2flow.``.
 
-Compatibility: every field after the first three is optional, so files written before a field
-existed still parse (the field is ``None``), and keys this version does not know are ignored, so
-older toolkits read newer files of the same format version.
+Compatibility within a format version: every field after the first three is optional (a file
+without it parses, the field is ``None``) and keys this version does not know are ignored, so
+toolkits of different versions read each other's files of the same format version (a value one does
+not know, such as a new task, is refused by name).
 """
+
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
-from typing import Mapping, NamedTuple, Optional
+from typing import NamedTuple
 
 from .alignment import normalize_prediction
 from .objectives import OBJECTIVES, get_objective
 
-__all__ = ["FORMAT_VERSION", "PREFIX", "TASKS", "DEPTH_NORMALIZATION", "LoraMetadata", "SamplingDefaults",
-           "read_lora_metadata"]
+__all__ = [
+    "FORMAT_VERSION",
+    "PREFIX",
+    "TASKS",
+    "DEPTH_NORMALIZATION",
+    "LoraMetadata",
+    "SamplingDefaults",
+    "read_lora_metadata",
+]
 
 FORMAT_VERSION = 1
 PREFIX = "diff2flow."
@@ -55,17 +65,17 @@ class LoraMetadata:
     prediction: str
     zero_terminal_snr: bool
     schedule: str = "scaled_linear"
-    rank: Optional[int] = None
-    alpha: Optional[float] = None
+    rank: int | None = None
+    alpha: float | None = None
     algorithm: str = "LoRA"
-    steps: Optional[int] = None
+    steps: int | None = None
     base_model_hash: str = ""
-    sampler: Optional[str] = None
-    sampling_steps: Optional[int] = None
-    sampling_cfg: Optional[float] = None
-    teacher_cfg: Optional[float] = None
+    sampler: str | None = None
+    sampling_steps: int | None = None
+    sampling_cfg: float | None = None
+    teacher_cfg: float | None = None
     task: str = "image"
-    normalization: Optional[str] = None
+    normalization: str | None = None
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -75,13 +85,15 @@ class LoraMetadata:
         if self.zero_terminal_snr and self.prediction == "eps":
             raise ValueError("zero terminal SNR is only valid for v-prediction (this metadata says eps)")
         if self.task not in TASKS:
-            raise ValueError(f"task {self.task!r} is unknown: expected one of {', '.join(TASKS)} (update the Diff2Flow toolkit?)")
+            raise ValueError(
+                f"task {self.task!r} is unknown: expected one of {', '.join(TASKS)} (update the Diff2Flow toolkit?)"
+            )
         if self.sampling_steps is not None and self.sampling_steps < 1:
             raise ValueError(f"sampling_steps must be >= 1, got {self.sampling_steps}")
 
     def sampling_defaults(self) -> SamplingDefaults:
         """The sampler, steps and cfg to sample this LoRA with: what the file records, and for what
-        it does not (files written before these fields existed) its objective's registry defaults."""
+        it does not (the fields are optional) its objective's registry defaults."""
         objective = get_objective(self.objective)
         return SamplingDefaults(
             self.sampler or objective.sampler,
@@ -99,14 +111,14 @@ class LoraMetadata:
         return out
 
     @classmethod
-    def from_header(cls, header: Optional[Mapping[str, str]]) -> Optional["LoraMetadata"]:
+    def from_header(cls, header: Mapping[str, str] | None) -> LoraMetadata | None:
         """Parse a safetensors header; ``None`` when it carries no Diff2Flow metadata.
 
         Raises ``ValueError`` for a newer format version or malformed values, naming the key.
         """
         if not header or PREFIX + "objective" not in header:
             return None
-        raw = {k[len(PREFIX):]: v for k, v in header.items() if k.startswith(PREFIX)}
+        raw = {k[len(PREFIX) :]: v for k, v in header.items() if k.startswith(PREFIX)}
         version = int(raw.get("format_version", FORMAT_VERSION))
         if version > FORMAT_VERSION:
             raise ValueError(
@@ -117,7 +129,7 @@ class LoraMetadata:
         types = {f.name: f.type for f in fields(cls)}
         for key, value in raw.items():
             if key not in types:
-                continue  # keys from newer minor versions are ignored
+                continue  # a key this version does not know (module docstring)
             try:
                 if key in ("zero_terminal_snr",):
                     if value not in ("true", "false"):
@@ -137,7 +149,7 @@ class LoraMetadata:
         return cls(**kwargs)
 
 
-def read_lora_metadata(path: str | os.PathLike) -> Optional[LoraMetadata]:
+def read_lora_metadata(path: str | os.PathLike) -> LoraMetadata | None:
     """The Diff2Flow metadata of a .safetensors LoRA (``None`` for other files or plain LoRAs)."""
     if not str(path).lower().endswith(".safetensors"):
         return None

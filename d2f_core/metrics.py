@@ -1,4 +1,5 @@
 """Sample-quality metrics that need no extra dependency."""
+
 from __future__ import annotations
 
 import torch

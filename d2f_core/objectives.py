@@ -19,10 +19,12 @@ returning its raw output (eps or v for a diffusion model, the velocity for naive
   ``x_sigma = (1 - sigma) x0 + sigma n``, target ``n - x0``, ``n`` = :func:`reflow_line_noise`
   (docs/MATH.md sections 6 and 12).
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -46,7 +48,12 @@ __all__ = [
     "fm_validation_loss",
 ]
 
-TIMESTEP_SAMPLERS = ("uniform", "logit_normal", "shift")
+TIMESTEP_SAMPLERS = {
+    "uniform": "every noise level equally often",
+    "logit_normal": "sigmoid(logit_mean + logit_std * z), z standard normal: more weight in the middle (SD3)",
+    "shift": "uniform, then the time shift: more high-noise steps for shift > 1",
+}
+"""How training sigmas are drawn (:func:`sample_training_sigmas`), each with its description."""
 Network = Callable[..., torch.Tensor]
 
 
@@ -80,7 +87,7 @@ def sample_training_sigmas(
     logit_mean: float = 0.0,
     logit_std: float = 1.0,
     shift: float = 3.0,
-    generator: Optional[torch.Generator] = None,
+    generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Draw ``batch`` FM sigmas in ``(0, sigma_max]`` (float32 on ``device``).
@@ -113,7 +120,13 @@ def sample_training_sigmas(
 
 
 def diff2flow_loss(
-    network: Network, d2f: Diff2Flow, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor, *args: Any, **kwargs: Any
+    network: Network,
+    d2f: Diff2Flow,
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    sigma: torch.Tensor,
+    *args: Any,
+    **kwargs: Any,
 ) -> ObjectiveOutput:
     """The Diff2Flow objective: velocity MSE of the aligned diffusion network at FM ``sigma``."""
     x_sigma = interpolant(x0, noise, sigma)
@@ -135,7 +148,13 @@ def naive_fm_velocity_fn(network: Network, num_timesteps: int = 1000) -> Callabl
 
 
 def naive_fm_loss(
-    network: Network, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor, *args: Any, num_timesteps: int = 1000, **kwargs: Any
+    network: Network,
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    sigma: torch.Tensor,
+    *args: Any,
+    num_timesteps: int = 1000,
+    **kwargs: Any,
 ) -> ObjectiveOutput:
     """Naive FM fine-tuning: no alignment, the raw output is regressed on ``eps - x0``."""
     x_sigma = interpolant(x0, noise, sigma)
@@ -146,7 +165,13 @@ def naive_fm_loss(
 
 
 def diffusion_loss(
-    network: Network, d2f: Diff2Flow, x0: torch.Tensor, noise: torch.Tensor, tau: torch.Tensor, *args: Any, **kwargs: Any
+    network: Network,
+    d2f: Diff2Flow,
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    tau: torch.Tensor,
+    *args: Any,
+    **kwargs: Any,
 ) -> ObjectiveOutput:
     """Standard diffusion fine-tuning at integer timesteps ``tau``: eps or v MSE per the model."""
     tau = torch.as_tensor(tau, device=x0.device).long()
@@ -161,8 +186,15 @@ def diffusion_loss(
     return ObjectiveOutput(per_sample.mean(), per_sample, tau, out, target)
 
 
-def _naive_fm(network: Network, d2f: Diff2Flow, x0: torch.Tensor, noise: torch.Tensor, sigma: torch.Tensor,
-              *args: Any, **kwargs: Any) -> ObjectiveOutput:
+def _naive_fm(
+    network: Network,
+    d2f: Diff2Flow,
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    sigma: torch.Tensor,
+    *args: Any,
+    **kwargs: Any,
+) -> ObjectiveOutput:
     return naive_fm_loss(network, x0, noise, sigma, *args, num_timesteps=d2f.num_timesteps, **kwargs)
 
 
@@ -216,7 +248,7 @@ class Objective:
     sampler: str = "euler"
     steps: int = 20
     cfg: float = 5.0
-    depth_steps: Optional[int] = None
+    depth_steps: int | None = None
 
     def recommended_steps(self, task: str = "image") -> int:
         """The sampling steps to recommend for a model of ``task`` (``"image"`` or ``"depth"``) trained
@@ -227,8 +259,8 @@ class Objective:
         self,
         x0: torch.Tensor,
         d2f: Diff2Flow,
-        generator: Optional[torch.Generator] = None,
-        noise: Optional[torch.Tensor] = None,
+        generator: torch.Generator | None = None,
+        noise: torch.Tensor | None = None,
         *,
         timestep_sampling: str = "uniform",
         logit_mean: float = 0.0,
@@ -261,7 +293,12 @@ class Objective:
             times = torch.randint(0, d2f.num_timesteps, (batch,), generator=generator, device=gen_device)
         else:
             times = sample_training_sigmas(
-                batch, timestep_sampling, d2f.sigma_max, logit_mean=logit_mean, logit_std=logit_std, shift=shift,
+                batch,
+                timestep_sampling,
+                d2f.sigma_max,
+                logit_mean=logit_mean,
+                logit_std=logit_std,
+                shift=shift,
                 generator=generator,
             )
         return noise, times
@@ -325,12 +362,12 @@ def objective_loss(
     d2f: Diff2Flow,
     x0: torch.Tensor,
     *args: Any,
-    noise: Optional[torch.Tensor] = None,
+    noise: torch.Tensor | None = None,
     timestep_sampling: str = "uniform",
     logit_mean: float = 0.0,
     logit_std: float = 1.0,
     shift: float = 3.0,
-    generator: Optional[torch.Generator] = None,
+    generator: torch.Generator | None = None,
     **kwargs: Any,
 ) -> ObjectiveOutput:
     """Draw noise and times (:meth:`Objective.draw`) and evaluate ``objective`` on them.
@@ -340,15 +377,29 @@ def objective_loss(
     uniformly. ``generator`` makes the draws reproducible (noise is drawn before times).
     """
     record = get_objective(objective)
-    noise, times = record.draw(x0, d2f, generator, noise, timestep_sampling=timestep_sampling,
-                               logit_mean=logit_mean, logit_std=logit_std, shift=shift)
+    noise, times = record.draw(
+        x0,
+        d2f,
+        generator,
+        noise,
+        timestep_sampling=timestep_sampling,
+        logit_mean=logit_mean,
+        logit_std=logit_std,
+        shift=shift,
+    )
     noise, times = noise.to(x0.device, x0.dtype), times.to(x0.device)
     return record.loss(network, d2f, x0, noise, times, *args, **kwargs)
 
 
 def evaluate_objective(
-    objective: str, network: Network, d2f: Diff2Flow, x0: torch.Tensor, noise: torch.Tensor, times: torch.Tensor,
-    *args: Any, **kwargs: Any,
+    objective: str,
+    network: Network,
+    d2f: Diff2Flow,
+    x0: torch.Tensor,
+    noise: torch.Tensor,
+    times: torch.Tensor,
+    *args: Any,
+    **kwargs: Any,
 ) -> ObjectiveOutput:
     """``objective`` on given noise and times: FM sigmas for the ``times="sigma"`` objectives,
     integer tau for ``diffusion``."""
@@ -369,7 +420,7 @@ def fm_validation_loss(
     *args: Any,
     segments: int = 8,
     seed: int = 0,
-    sigmas: Optional[Sequence[float]] = None,
+    sigmas: Sequence[float] | None = None,
     **kwargs: Any,
 ) -> dict[str, Any]:
     """The comparable validation loss: FM velocity MSE at fixed sigmas with fixed noise.

@@ -6,6 +6,7 @@ A schedule is the table ``alphas_cumprod[tau]`` for integer diffusion timesteps
 (``docs/MATH.md`` section 2). :class:`d2f_core.Diff2Flow` maps such a table onto the
 flow-matching convention (sigma = 1 is noise).
 """
+
 from __future__ import annotations
 
 import math

@@ -2,14 +2,16 @@
 
 Importing this module never imports ComfyUI; :func:`bootstrap_comfyui` does, once.
 """
+
 from __future__ import annotations
 
 import os
 import pathlib
 import sys
-from typing import Optional
 
 import torch
+
+from .errors import HostError
 
 PACK_ROOT = pathlib.Path(__file__).resolve().parents[1]
 COMFYUI_HINT = (
@@ -18,11 +20,7 @@ COMFYUI_HINT = (
 )
 
 
-class HostError(RuntimeError):
-    """ComfyUI or a checkpoint cannot be used; the message says what to change."""
-
-
-def find_comfyui() -> Optional[pathlib.Path]:
+def find_comfyui() -> pathlib.Path | None:
     """A ComfyUI source tree: ``COMFYUI_PATH``, else the ComfyUI this pack is installed in."""
     candidates = [os.environ.get("COMFYUI_PATH", "")]
     if PACK_ROOT.parent.name == "custom_nodes":
@@ -33,7 +31,7 @@ def find_comfyui() -> Optional[pathlib.Path]:
     return None
 
 
-def bootstrap_comfyui(cpu: Optional[bool] = None) -> pathlib.Path:
+def bootstrap_comfyui(cpu: bool | None = None) -> pathlib.Path:
     """Make ComfyUI importable as a library (headless): put its tree first on ``sys.path`` (its
     ``nodes.py`` must win over this pack's ``nodes/`` package) and choose the device before
     ``comfy.model_management`` is imported (CPU when no CUDA GPU, or when ``cpu`` is true)."""
@@ -51,8 +49,10 @@ def bootstrap_comfyui(cpu: Optional[bool] = None) -> pathlib.Path:
         import comfy.cli_args
 
         comfy.cli_args.args.cpu = (not torch.cuda.is_available()) if cpu is None else cpu
-        import comfy.model_management  # noqa: F401
-        import comfy.sd  # noqa: F401
+        import comfy.model_management
+        import comfy.sd
     except ImportError as exc:
-        raise HostError(f"ComfyUI at {root} could not be imported ({exc}): install its requirements.txt into this Python") from exc
+        raise HostError(
+            f"ComfyUI at {root} could not be imported ({exc}): install its requirements.txt into this Python"
+        ) from exc
     return root

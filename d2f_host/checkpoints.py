@@ -1,31 +1,44 @@
 """SD checkpoints and LoRA files through ComfyUI's own loaders, checked for Diff2Flow."""
+
 from __future__ import annotations
 
 import hashlib
 import logging
 import os
 import pathlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
-
-import torch
+from typing import Any
 
 import comfy.sd
 import comfy.utils
+import torch
 
 from d2f_core import Diff2Flow, get_objective, scaled_linear
 from d2f_core.lora_metadata import DEPTH_NORMALIZATION, LoraMetadata, read_lora_metadata
 from training.config import TrainConfig
 
-from .bootstrap import HostError
+from .errors import HostError
 from .model_sampling import prediction_of, schedule_of
 
-__all__ = ["load_checkpoint", "apply_lora", "file_fingerprint", "base_model_hash", "schedule_name", "check_pairs_fit",
-           "lora_metadata_for", "RecommendedSampling", "attach_recommended_sampling", "recommended_sampling_of"]
+__all__ = [
+    "load_checkpoint",
+    "apply_lora",
+    "file_fingerprint",
+    "base_model_hash",
+    "schedule_name",
+    "check_pairs_fit",
+    "lora_metadata_for",
+    "RecommendedSampling",
+    "attach_recommended_sampling",
+    "recommended_sampling_of",
+]
 log = logging.getLogger("diff2flow")
 
 
-def load_checkpoint(path: str | os.PathLike, encoders: str = "required", embedding_directory: Any = None) -> tuple[Any, Any, Any]:
+def load_checkpoint(
+    path: str | os.PathLike, encoders: str = "required", embedding_directory: Any = None
+) -> tuple[Any, Any, Any]:
     """(MODEL, CLIP, VAE) of an SD checkpoint through ComfyUI's own loader, checked to be a
     diffusion model Diff2Flow can convert (``HostError`` naming the file and the reason otherwise).
 
@@ -38,28 +51,42 @@ def load_checkpoint(path: str | os.PathLike, encoders: str = "required", embeddi
     load = encoders != "skip"
     path = pathlib.Path(path)
     if not path.is_file():
-        raise HostError(f"checkpoint {path} does not exist: pass the .safetensors / .ckpt file of an SD1.x, SD2.x or SDXL model")
+        raise HostError(
+            f"checkpoint {path} does not exist: pass the .safetensors / .ckpt file of an SD1.x, SD2.x or SDXL model"
+        )
     try:
         model, clip, vae = comfy.sd.load_checkpoint_guess_config(
             str(path), output_vae=load, output_clip=load, embedding_directory=embedding_directory
         )[:3]
     except Exception as exc:  # ComfyUI raises RuntimeError / ValueError / safetensors errors for files it cannot read
-        raise HostError(f"checkpoint {path} could not be loaded as an SD model ({exc}): pass an SD1.x, SD2.x or SDXL checkpoint") from exc
+        raise HostError(
+            f"checkpoint {path} could not be loaded as an SD model ({exc}): pass an SD1.x, SD2.x or SDXL checkpoint"
+        ) from exc
     if model is None:
         raise HostError(f"checkpoint {path} holds no diffusion model (UNet): pass a full SD checkpoint")
     try:
         prediction_of(model.get_model_object("model_sampling"))
     except ValueError as exc:
-        raise HostError(f"checkpoint {path} is an unsupported model type ({type(model.model).__name__}): {exc}") from exc
+        raise HostError(
+            f"checkpoint {path} is an unsupported model type ({type(model.model).__name__}): {exc}"
+        ) from exc
     if encoders == "required" and (clip is None or vae is None):
         missing = " and ".join(n for n, v in (("text encoder", clip), ("VAE", vae)) if v is None)
-        raise HostError(f"checkpoint {path} has no {missing}: `prepare` and `sample` need a checkpoint that includes them")
+        raise HostError(
+            f"checkpoint {path} has no {missing}: `prepare` and `sample` need a checkpoint that includes them"
+        )
     return model, clip, vae
 
 
-def apply_lora(model: Any, clip: Any, path: str | os.PathLike, strength_model: float = 1.0,
-               strength_clip: float = 0.0, checkpoint: str = "the checkpoint",
-               tensors: Optional[dict[str, torch.Tensor]] = None) -> tuple[Any, Any, Optional[LoraMetadata]]:
+def apply_lora(
+    model: Any,
+    clip: Any,
+    path: str | os.PathLike,
+    strength_model: float = 1.0,
+    strength_clip: float = 0.0,
+    checkpoint: str = "the checkpoint",
+    tensors: dict[str, torch.Tensor] | None = None,
+) -> tuple[Any, Any, LoraMetadata | None]:
     """``(model, clip, metadata)`` with the LoRA file at ``path`` loaded as stock loaders do.
 
     ``metadata`` is the file's Diff2Flow metadata (``None`` for a plain LoRA); a LoRA trained on
@@ -97,12 +124,12 @@ def _base_unet_state(model: Any) -> dict[str, torch.Tensor]:
     replaced = []
     for name, original in getattr(model, "object_patches_backup", {}).items():
         if name.startswith(prefix) and isinstance(original, torch.nn.Module):
-            path = name[len(prefix):]
+            path = name[len(prefix) :]
             replaced.append(path + ".")
             sd = {k: v for k, v in sd.items() if not k.startswith(path + ".")}
             sd.update({f"{path}.{k}": v for k, v in original.state_dict().items()})
     for key, saved in getattr(model, "backup", {}).items():
-        path = key[len(prefix):]
+        path = key[len(prefix) :]
         # a weight patch of an object-patched module backs up the patch's weight, not the base's
         if key.startswith(prefix) and path in sd and not any(path.startswith(r) for r in replaced):
             sd[path] = saved.weight
@@ -123,7 +150,11 @@ def base_model_hash(model: Any) -> str:
 
 def schedule_name(alphas_cumprod: torch.Tensor) -> str:
     """``scaled_linear`` for SD's own schedule, ``custom`` for anything else (LoRA metadata)."""
-    return "scaled_linear" if torch.allclose(torch.as_tensor(alphas_cumprod, dtype=torch.float64), scaled_linear(), rtol=1e-5, atol=0) else "custom"
+    return (
+        "scaled_linear"
+        if torch.allclose(torch.as_tensor(alphas_cumprod, dtype=torch.float64), scaled_linear(), rtol=1e-5, atol=0)
+        else "custom"
+    )
 
 
 def check_pairs_fit(model: Any, pairs: Any, folder: str) -> None:
@@ -131,16 +162,23 @@ def check_pairs_fit(model: Any, pairs: Any, folder: str) -> None:
     they come from another base model (a reflow student starts from its teacher)."""
     channels = model.model.latent_format.latent_channels
     if pairs.latents.shape[1] != channels:
-        raise ValueError(f"the pairs in {folder} hold {pairs.latents.shape[1]}-channel latents but this model needs "
-                         f"{channels}: generate the pairs with a model of this family")
+        raise ValueError(
+            f"the pairs in {folder} hold {pairs.latents.shape[1]}-channel latents but this model needs "
+            f"{channels}: generate the pairs with a model of this family"
+        )
     teacher = pairs.settings.get("teacher", {}).get("checkpoint_hash")
     if teacher not in (None, base_model_hash(model)):
-        log.warning("the pairs in %s come from another base model (UNet fingerprint %s): reflow usually trains the "
-                    "teacher's own base model", folder, teacher)
+        log.warning(
+            "the pairs in %s come from another base model (UNet fingerprint %s): reflow usually trains the "
+            "teacher's own base model",
+            folder,
+            teacher,
+        )
 
 
-def lora_metadata_for(model: Any, config: TrainConfig, d2f: Diff2Flow,
-                      teacher_cfg: Optional[float] = None, task: str = "image") -> Callable[[int], LoraMetadata]:
+def lora_metadata_for(
+    model: Any, config: TrainConfig, d2f: Diff2Flow, teacher_cfg: float | None = None, task: str = "image"
+) -> Callable[[int], LoraMetadata]:
     """``metadata(step)``: what a LoRA trained on ``model`` under ``config`` with alignment ``d2f``
     records (the same for the node and the CLI, so both write the same format): the objective's
     recommended sampling from the registry, and ``teacher_cfg``, the guidance of the pairs a
@@ -153,11 +191,22 @@ def lora_metadata_for(model: Any, config: TrainConfig, d2f: Diff2Flow,
     source, _ = schedule_of(model.get_model_object("model_sampling"))
     objective = get_objective(config.objective)
     depth = task == "depth"
-    fields = dict(objective=config.objective, prediction=d2f.prediction, zero_terminal_snr=d2f.zero_terminal_snr,
-                  schedule=schedule_name(source), rank=config.rank, alpha=config.alpha,
-                  algorithm=config.algorithm, base_model_hash=base_model_hash(model), sampler=objective.sampler,
-                  sampling_steps=objective.recommended_steps(task), sampling_cfg=1.0 if depth else objective.cfg,
-                  teacher_cfg=teacher_cfg, task=task, normalization=DEPTH_NORMALIZATION if depth else None)
+    fields = dict(
+        objective=config.objective,
+        prediction=d2f.prediction,
+        zero_terminal_snr=d2f.zero_terminal_snr,
+        schedule=schedule_name(source),
+        rank=config.rank,
+        alpha=config.alpha,
+        algorithm=config.algorithm,
+        base_model_hash=base_model_hash(model),
+        sampler=objective.sampler,
+        sampling_steps=objective.recommended_steps(task),
+        sampling_cfg=1.0 if depth else objective.cfg,
+        teacher_cfg=teacher_cfg,
+        task=task,
+        normalization=DEPTH_NORMALIZATION if depth else None,
+    )
     return lambda step: LoraMetadata(**fields, steps=step)
 
 
@@ -184,7 +233,7 @@ def attach_recommended_sampling(model: Any, metadata: LoraMetadata, source: str)
     return model
 
 
-def recommended_sampling_of(model: Any) -> Optional[RecommendedSampling]:
+def recommended_sampling_of(model: Any) -> RecommendedSampling | None:
     """What :func:`attach_recommended_sampling` attached to ``model`` (``None`` for any other model)."""
     get = getattr(model, "get_attachment", None)
     value = get(SAMPLING_ATTACHMENT) if get is not None else None

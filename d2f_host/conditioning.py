@@ -5,14 +5,15 @@ A conditioning entry is ComfyUI's ``(cross-attention tensor, extras)``; the UNet
 model's own ``encode_adm``). Sizes follow stock sampling: the width / height a conditioning
 carries (``CLIPTextEncodeSDXL``) win, the sample's own latent size is the default.
 """
+
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Optional
-
-import torch
+from collections.abc import Callable
+from typing import Any
 
 import comfy.model_base
+import torch
 
 from .checkpoints import file_fingerprint
 
@@ -64,8 +65,12 @@ def cond_kwargs(model: Any, entry: tuple[torch.Tensor, dict], latent: torch.Tens
             )
         height, width = latent.shape[-2] * 8, latent.shape[-1] * 8
         # as stock sampling (comfy.samplers.encode_model_conds): the conditioning's own sizes win
-        params = {"width": width, "height": height, **{k: v for k, v in extras.items() if v is not None},
-                  "device": torch.device("cpu")}
+        params = {
+            "width": width,
+            "height": height,
+            **{k: v for k, v in extras.items() if v is not None},
+            "device": torch.device("cpu"),
+        }
         adm = model.model.encode_adm(**params)
         if adm is not None:
             kwargs["y"] = adm.float().cpu()
@@ -78,8 +83,9 @@ def text_cond_kwargs(model: Any, text: dict[str, torch.Tensor], latent: torch.Te
     return cond_kwargs(model, (text["context"], {"pooled_output": text.get("pooled_output")}), latent)
 
 
-def latent_decoder(model: Any, vae: Any, training_unet: Optional[torch.nn.Module] = None,
-                   device: Optional[torch.device] = None) -> Callable[[torch.Tensor], torch.Tensor]:
+def latent_decoder(
+    model: Any, vae: Any, training_unet: torch.nn.Module | None = None, device: torch.device | None = None
+) -> Callable[[torch.Tensor], torch.Tensor]:
     """``decode(latents) -> images``: latents [B, C, h, w] in ``model``'s scale (what its UNet samples)
     through ``vae`` into ComfyUI IMAGEs [B, H, W, 3] in [0, 1] (CPU float32); training previews.
 

@@ -7,7 +7,7 @@ clone with two object patches, the mechanism ComfyUI's own model nodes use, so t
 never modified:
 
 - ``diffusion_model.input_blocks.0.0``: the widened convolution (:func:`d2f_core.depth.widen_input_conv`,
-  Marigold's initialisation: the new channels copy the old weights and both halves are halved, so the
+  Marigold's initialisation: the added channels copy the base weights and both halves are halved, so the
   widened model equals the base one on duplicated input), or a given 8-channel weight (a trained or
   converted depth model);
 - ``concat_keys = ("concat_image",)``: ``BaseModel.concat_cond`` then turns the conditioning's
@@ -25,28 +25,39 @@ loaders cannot widen a layer). Its metadata says ``task = depth``.
 
 Time plays no part here; the sampling convention is the project's (FM sigma in [0, 1], sigma = 1 is noise).
 """
+
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
 import pathlib
-from typing import Any, Iterator, Optional
-
-import torch
+from collections.abc import Iterator
+from typing import Any
 
 import comfy.utils
+import torch
 
 from d2f_core.depth import widen_input_conv
 from d2f_core.lora_metadata import DEPTH_NORMALIZATION, LoraMetadata, read_lora_metadata
 
-from .bootstrap import HostError
 from .checkpoints import apply_lora, attach_recommended_sampling, base_model_hash
+from .errors import HostError
 from .model_sampling import flow_model_for
 
-__all__ = ["INPUT_CONV", "CONCAT_KEYS", "input_conv", "latent_channels", "is_image_conditioned", "widen_model",
-           "widened_input_shape", "require_image_conditioned", "read_depth_metadata", "adapter_shape_mismatches",
-           "load_depth_model"]
+__all__ = [
+    "INPUT_CONV",
+    "CONCAT_KEYS",
+    "input_conv",
+    "latent_channels",
+    "is_image_conditioned",
+    "widen_model",
+    "widened_input_shape",
+    "require_image_conditioned",
+    "read_depth_metadata",
+    "adapter_shape_mismatches",
+    "load_depth_model",
+]
 
 INPUT_CONV = "input_blocks.0.0"  # the UNet's first convolution (LDM / ComfyUI module path)
 CONCAT_KEYS = ("concat_image",)  # BaseModel.concat_cond: c_concat from the conditioning's concat_latent_image
@@ -64,7 +75,10 @@ def latent_channels(model: Any) -> int:
 def is_image_conditioned(model: Any) -> bool:
     """Whether ``model``'s first convolution takes more channels than its latent has (a depth or other
     image-conditioned model) and it receives them through ``c_concat``."""
-    return int(input_conv(model).weight.shape[1]) > latent_channels(model) and tuple(model.get_model_object("concat_keys")) == CONCAT_KEYS
+    return (
+        int(input_conv(model).weight.shape[1]) > latent_channels(model)
+        and tuple(model.get_model_object("concat_keys")) == CONCAT_KEYS
+    )
 
 
 def widened_input_shape(model: Any) -> tuple[int, ...]:
@@ -74,7 +88,7 @@ def widened_input_shape(model: Any) -> tuple[int, ...]:
     return (int(out), 2 * latent_channels(model), *(int(k) for k in kernel))
 
 
-def widen_model(model: Any, weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None) -> Any:
+def widen_model(model: Any, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> Any:
     """A clone of ``model`` that takes the image latent through ``concat_latent_image`` (module docstring).
 
     ``weight`` (and ``bias``): the widened first convolution's own tensors (a converted depth
@@ -82,23 +96,37 @@ def widen_model(model: Any, weight: Optional[torch.Tensor] = None, bias: Optiona
     already image-conditioned is refused (its convolution would be widened twice).
     """
     if is_image_conditioned(model):
-        raise HostError("this MODEL already takes an image latent (its first convolution is widened): connect the "
-                        "base model, or use it as it is")
+        raise HostError(
+            "this MODEL already takes an image latent (its first convolution is widened): connect the "
+            "base model, or use it as it is"
+        )
     conv = input_conv(model)
     channels = latent_channels(model)
     if int(conv.weight.shape[1]) != channels:
-        raise HostError(f"this MODEL's first convolution takes {conv.weight.shape[1]} channels, not its latent's "
-                        f"{channels} (an inpainting or other image-conditioned model): depth needs a base text-to-image model")
+        raise HostError(
+            f"this MODEL's first convolution takes {conv.weight.shape[1]} channels, not its latent's "
+            f"{channels} (an inpainting or other image-conditioned model): depth needs a base text-to-image model"
+        )
     shape = widened_input_shape(model)
     if weight is None:
         weight = widen_input_conv(conv.weight.detach().float())
     elif tuple(weight.shape) != shape:
-        raise HostError(f"the depth model's first convolution has shape {tuple(weight.shape)}, but this MODEL needs "
-                        f"{shape}: load it onto the base model it was trained from (same family)")
+        raise HostError(
+            f"the depth model's first convolution has shape {tuple(weight.shape)}, but this MODEL needs "
+            f"{shape}: load it onto the base model it was trained from (same family)"
+        )
     if bias is None:
         bias = conv.bias.detach() if conv.bias is not None else None
-    widened = type(conv)(shape[1], shape[0], tuple(shape[2:]), stride=conv.stride, padding=conv.padding,
-                         bias=bias is not None, device=conv.weight.device, dtype=conv.weight.dtype)
+    widened = type(conv)(
+        shape[1],
+        shape[0],
+        tuple(shape[2:]),
+        stride=conv.stride,
+        padding=conv.padding,
+        bias=bias is not None,
+        device=conv.weight.device,
+        dtype=conv.weight.dtype,
+    )
     # plain tensors copied out of any inference mode: the trainer wraps and differentiates through them
     with torch.inference_mode(False):
         widened.weight = torch.nn.Parameter(weight.detach().clone().to(conv.weight), requires_grad=False)
@@ -113,9 +141,11 @@ def widen_model(model: Any, weight: Optional[torch.Tensor] = None, bias: Optiona
 def require_image_conditioned(model: Any, what: str = "this MODEL") -> None:
     """``HostError`` naming the fix unless ``model`` takes an image latent (a depth model)."""
     if not is_image_conditioned(model):
-        raise HostError(f"{what} is not image-conditioned (its first convolution takes {input_conv(model).weight.shape[1]} "
-                        "channels, its latent's only): load a depth model with 'Diff2Flow Depth Model Loader' (a trained "
-                        "depth file) or 'Diff2Flow Marigold Loader' (a Marigold-layout checkpoint)")
+        raise HostError(
+            f"{what} is not image-conditioned (its first convolution takes {input_conv(model).weight.shape[1]} "
+            "channels, its latent's only): load a depth model with 'Diff2Flow Depth Model Loader' (a trained "
+            "depth file) or 'Diff2Flow Marigold Loader' (a Marigold-layout checkpoint)"
+        )
 
 
 # ---------------------------------------------------------------------- depth model files
@@ -134,22 +164,34 @@ def read_depth_metadata(path: str | os.PathLike) -> LoraMetadata:
     except Exception as exc:  # safetensors' own errors for files that are not safetensors, ValueError for bad metadata
         raise HostError(f"depth model '{path.name}' could not be read ({exc})") from exc
     if metadata is None:
-        raise HostError(f"'{path.name}' carries no Diff2Flow metadata, so it is not a depth model file: a depth model is "
-                        "the .safetensors file of a depth training run (task = depth); an ordinary LoRA loads with "
-                        "'Diff2Flow Checkpoint Loader' or LoraLoader, a Marigold checkpoint with 'Diff2Flow Marigold Loader'")
+        raise HostError(
+            f"'{path.name}' carries no Diff2Flow metadata, so it is not a depth model file: a depth model is "
+            "the .safetensors file of a depth training run (task = depth); an ordinary LoRA loads with "
+            "'Diff2Flow Checkpoint Loader' or LoraLoader, a Marigold checkpoint with 'Diff2Flow Marigold Loader'"
+        )
     if metadata.task != "depth":
-        raise HostError(f"'{path.name}' is a Diff2Flow {metadata.task} LoRA, not a depth model (its metadata says task = "
-                        f"{metadata.task}): load it with 'Diff2Flow Checkpoint Loader'")
+        raise HostError(
+            f"'{path.name}' is a Diff2Flow {metadata.task} LoRA, not a depth model (its metadata says task = "
+            f"{metadata.task}): load it with 'Diff2Flow Checkpoint Loader'"
+        )
     if metadata.normalization not in (None, DEPTH_NORMALIZATION):
-        raise HostError(f"depth model '{path.name}' was trained on targets normalised as {metadata.normalization!r}, which "
-                        f"this toolkit does not know ({DEPTH_NORMALIZATION} only): update the Diff2Flow toolkit")
+        raise HostError(
+            f"depth model '{path.name}' was trained on targets normalised as {metadata.normalization!r}, which "
+            f"this toolkit does not know ({DEPTH_NORMALIZATION} only): update the Diff2Flow toolkit"
+        )
     return metadata
 
 
 # tensor suffix -> (dimension of the tensor, dimension of the weight) that must agree; plain shape checks that
 # catch a file trained on another family before ComfyUI would skip the layer with only a log line
-_SHAPE_RULES = {".lora_up.weight": (0, 0), ".lora_down.weight": (1, 1), ".hada_w1_a": (0, 0), ".hada_w2_a": (0, 0),
-                ".hada_w1_b": (1, 1), ".hada_w2_b": (1, 1)}
+_SHAPE_RULES = {
+    ".lora_up.weight": (0, 0),
+    ".lora_down.weight": (1, 1),
+    ".hada_w1_a": (0, 0),
+    ".hada_w2_a": (0, 0),
+    ".hada_w1_b": (1, 1),
+    ".hada_w2_b": (1, 1),
+}
 
 
 def adapter_shape_mismatches(tensors: dict[str, torch.Tensor], model: Any) -> list[str]:
@@ -193,7 +235,7 @@ def _unloaded_keys() -> Iterator[list[str]]:
             message = record.getMessage()
             for marker in ("lora key not loaded: ", "NOT LOADED "):
                 if message.startswith(marker):
-                    found.append(message[len(marker):])
+                    found.append(message[len(marker) :])
 
     handler = Collect(level=logging.WARNING)
     root = logging.getLogger()
@@ -220,32 +262,46 @@ def load_depth_model(base_model: Any, path: str | os.PathLike, strength: float =
     metadata = read_depth_metadata(path)
     name = path.name
     if is_image_conditioned(base_model):
-        raise HostError(f"this MODEL already takes an image latent: connect the base text-to-image model '{name}' was "
-                        "trained from (a checkpoint loader's MODEL), not a depth model")
+        raise HostError(
+            f"this MODEL already takes an image latent: connect the base text-to-image model '{name}' was "
+            "trained from (a checkpoint loader's MODEL), not a depth model"
+        )
     tensors = comfy.utils.load_torch_file(str(path), safe_load=True)
     if DEPTH_CONV_KEY not in tensors:
-        raise HostError(f"'{name}' has no widened first convolution ({DEPTH_CONV_KEY}): it is not a depth model file "
-                        "(the depth trainer always saves that layer in full)")
+        raise HostError(
+            f"'{name}' has no widened first convolution ({DEPTH_CONV_KEY}): it is not a depth model file "
+            "(the depth trainer always saves that layer in full)"
+        )
     needed = widened_input_shape(base_model)
     if tuple(tensors[DEPTH_CONV_KEY].shape) != needed:
-        raise HostError(f"'{name}' has a first convolution of shape {tuple(tensors[DEPTH_CONV_KEY].shape)}, but this MODEL "
-                        f"needs {needed}: load it onto the base model of the family it was trained on")
+        raise HostError(
+            f"'{name}' has a first convolution of shape {tuple(tensors[DEPTH_CONV_KEY].shape)}, but this MODEL "
+            f"needs {needed}: load it onto the base model of the family it was trained on"
+        )
     widened = widen_model(base_model)
     mismatched = adapter_shape_mismatches(tensors, widened)
     if mismatched:
-        raise HostError(f"{len(mismatched)} tensors of '{name}' do not fit this MODEL's layers (e.g. {mismatched[0]}): it was "
-                        "trained on another model family; load it onto the base model it was trained from")
+        raise HostError(
+            f"{len(mismatched)} tensors of '{name}' do not fit this MODEL's layers (e.g. {mismatched[0]}): it was "
+            "trained on another model family; load it onto the base model it was trained from"
+        )
     if metadata.base_model_hash and metadata.base_model_hash != base_model_hash(base_model):
-        log.warning("depth model %s was trained on another base model (UNet fingerprint %s): it loads, but its output "
-                    "is only reliable on the model it was trained from", name, metadata.base_model_hash)
+        log.warning(
+            "depth model %s was trained on another base model (UNet fingerprint %s): it loads, but its output "
+            "is only reliable on the model it was trained from",
+            name,
+            metadata.base_model_hash,
+        )
     with _unloaded_keys() as unloaded:
         try:
             model, _, _ = apply_lora(widened, None, path, strength, 0.0, checkpoint="this MODEL", tensors=tensors)
         except ValueError as exc:  # the prediction-type check
             raise HostError(str(exc)) from exc
     if unloaded:
-        raise HostError(f"{len(unloaded)} tensors of '{name}' fit no layer of this MODEL (e.g. {unloaded[0]}): it was "
-                        "trained on another model family; load it onto the base model it was trained from")
+        raise HostError(
+            f"{len(unloaded)} tensors of '{name}' fit no layer of this MODEL (e.g. {unloaded[0]}): it was "
+            "trained on another model family; load it onto the base model it was trained from"
+        )
     flow = flow_model_for(model, metadata.objective, metadata.zero_terminal_snr)
     attach_recommended_sampling(flow, metadata, f"depth model '{name}'")
     return flow, metadata

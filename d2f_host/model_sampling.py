@@ -14,20 +14,28 @@ model in ComfyUI's flow convention (sigma = 1 is noise, ``denoised = x - sigma *
 Stock ``euler`` on such a model is FM Euler, since ``(x - denoised) / sigma = v``
 (docs/MATH.md section 4).
 """
+
 from __future__ import annotations
 
 from typing import Any
 
-import torch
-
 import comfy.model_sampling as cms
+import torch
 
 from d2f_core import Diff2Flow, get_objective
 from d2f_core.schedules import alphas_cumprod_from_discrete_sigmas
 
 __all__ = [
-    "Diff2FlowModelSampling", "prediction_of", "schedule_of", "alignment_of", "patch_model", "naive_flow_sampling",
-    "flow_model_for", "is_patched", "is_flow_model", "flow_sigma_max",
+    "Diff2FlowModelSampling",
+    "prediction_of",
+    "schedule_of",
+    "alignment_of",
+    "patch_model",
+    "naive_flow_sampling",
+    "flow_model_for",
+    "is_patched",
+    "is_flow_model",
+    "flow_sigma_max",
 ]
 
 
@@ -38,7 +46,9 @@ def _is_plain_discrete_vp(ms: object) -> bool:
         return False
     refused = [cms.ModelSamplingDiscreteEDM, cms.StableCascadeSampling]
     # ComfyUI's LCM model sampling lives in comfy_extras; refuse it by its base's name
-    if any(isinstance(ms, cls) for cls in refused) or any(c.__name__ == "ModelSamplingDiscreteDistilled" for c in type(ms).__mro__):
+    if any(isinstance(ms, cls) for cls in refused) or any(
+        c.__name__ == "ModelSamplingDiscreteDistilled" for c in type(ms).__mro__
+    ):
         return False
     return type(ms).sigma is cms.ModelSamplingDiscrete.sigma
 
@@ -137,7 +147,9 @@ class Diff2FlowModelSampling(cms.CONST, torch.nn.Module):
     def calculate_input(self, sigma: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         return self.d2f.model_input(noise, sigma)
 
-    def calculate_denoised(self, sigma: torch.Tensor, model_output: torch.Tensor, model_input: torch.Tensor) -> torch.Tensor:
+    def calculate_denoised(
+        self, sigma: torch.Tensor, model_output: torch.Tensor, model_input: torch.Tensor
+    ) -> torch.Tensor:
         return self.d2f.denoised(model_output, model_input, sigma)
 
     def extra_repr(self) -> str:

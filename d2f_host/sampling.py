@@ -4,13 +4,14 @@ samplers of ``d2f_core.SAMPLERS`` as ComfyUI SAMPLERs (used by the sampling node
 Convention: FM sigma in [0, 1], sigma = 1 is noise, ``x_sigma = (1 - sigma) x0 + sigma eps``, ``v = eps - x0``
 (docs/MATH.md section 4).
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
-
-import torch
+from collections.abc import Callable
+from typing import Any
 
 import comfy.samplers
+import torch
 
 import d2f_core
 
@@ -29,9 +30,9 @@ def sample_flow_matching(
     model: Callable[..., torch.Tensor],
     x: torch.Tensor,
     sigmas: torch.Tensor,
-    extra_args: Optional[dict] = None,
-    callback: Optional[Callable[[dict], Any]] = None,
-    disable: Optional[bool] = None,
+    extra_args: dict | None = None,
+    callback: Callable[[dict], Any] | None = None,
+    disable: bool | None = None,
     sampler: str = "euler",
 ) -> torch.Tensor:
     """k-diffusion-style sampler function: the FM sampler ``sampler`` of ``d2f_core.SAMPLERS`` on a

@@ -1,22 +1,28 @@
 """The UNet as the engine and the headless sampler use it: adapters as weight wrappers on a clone
 (training), gradient checkpointing, and the raw UNet as ``d2f_core``'s ``network(x_in, t, **cond)``."""
+
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Callable, Iterator, Optional
-
-import torch
-import torch.utils.checkpoint
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import comfy.model_management
+import torch
+import torch.utils.checkpoint
 
 from d2f_core.lora import WeightAdapter, make_adapter, select_target_modules
 from training.config import TrainConfig
 
 from .depth import INPUT_CONV, input_conv, is_image_conditioned
 
-__all__ = ["trainable_copies_of_inference_tensors", "gradient_checkpointing", "attach_adapters", "unet_network",
-           "inference_network"]
+__all__ = [
+    "trainable_copies_of_inference_tensors",
+    "gradient_checkpointing",
+    "attach_adapters",
+    "unet_network",
+    "inference_network",
+]
 
 
 def trainable_copies_of_inference_tensors(module: torch.nn.Module) -> None:
@@ -50,7 +56,11 @@ def gradient_checkpointing(unet: torch.nn.Module, enabled: bool) -> Iterator[Non
     if not enabled:
         yield
         return
-    blocks = [*getattr(unet, "input_blocks", []), getattr(unet, "middle_block", None), *getattr(unet, "output_blocks", [])]
+    blocks = [
+        *getattr(unet, "input_blocks", []),
+        getattr(unet, "middle_block", None),
+        *getattr(unet, "output_blocks", []),
+    ]
     layers = [layer for block in blocks if block is not None for layer in block.children()]
     wrapped = []
     for layer in layers:
@@ -71,7 +81,9 @@ def gradient_checkpointing(unet: torch.nn.Module, enabled: bool) -> Iterator[Non
                 del layer.forward
 
 
-def attach_adapters(model: Any, config: TrainConfig) -> tuple[Any, torch.nn.Module, dict[str, WeightAdapter], torch.device]:
+def attach_adapters(
+    model: Any, config: TrainConfig
+) -> tuple[Any, torch.nn.Module, dict[str, WeightAdapter], torch.device]:
     """A clone of ``model`` with fresh ``config`` adapters as weight wrappers (the shared UNet
     weights are never modified), loaded on the compute device and ready for autograd.
 
@@ -88,9 +100,17 @@ def attach_adapters(model: Any, config: TrainConfig) -> tuple[Any, torch.nn.Modu
         # image half starts as a copy of the prior's weights and must learn what the image means
         modules[INPUT_CONV] = input_conv(clone)
     gen = torch.Generator().manual_seed(config.seed)
-    adapters = {n: make_adapter("Full" if widened and n == INPUT_CONV else config.algorithm, m.weight.shape, config.rank,
-                                config.alpha, gen, weight=m.weight)
-                for n, m in modules.items()}
+    adapters = {
+        n: make_adapter(
+            "Full" if widened and n == INPUT_CONV else config.algorithm,
+            m.weight.shape,
+            config.rank,
+            config.alpha,
+            gen,
+            weight=m.weight,
+        )
+        for n, m in modules.items()
+    }
     for n, adapter in adapters.items():
         clone.add_weight_wrapper(f"diffusion_model.{n}.weight", adapter)
     comfy.model_management.load_models_gpu([clone], memory_required=1e20, force_full_load=True)
@@ -104,7 +124,7 @@ def attach_adapters(model: Any, config: TrainConfig) -> tuple[Any, torch.nn.Modu
     return clone, unet, adapters, device
 
 
-def unet_network(unet: torch.nn.Module, dtype: Optional[torch.dtype] = None) -> Callable[..., torch.Tensor]:
+def unet_network(unet: torch.nn.Module, dtype: torch.dtype | None = None) -> Callable[..., torch.Tensor]:
     """``network(x_in, timestep, context, y=None, concat=None)``: the raw UNet as the training
     engine and the headless sampler call it (``d2f_core``'s network protocol).
 
@@ -114,8 +134,13 @@ def unet_network(unet: torch.nn.Module, dtype: Optional[torch.dtype] = None) -> 
     it, inputs pass as they are (training runs under autocast).
     """
 
-    def network(x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, y: Optional[torch.Tensor] = None,
-                concat: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def network(
+        x: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor,
+        y: torch.Tensor | None = None,
+        concat: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         if concat is not None:
             x = torch.cat([x, concat.to(x)], dim=1)
         if dtype is None:

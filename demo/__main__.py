@@ -1,4 +1,5 @@
 """``python -m demo``: see :mod:`demo.run`."""
+
 import sys
 
 from .run import main

@@ -4,6 +4,7 @@ It judges the demo's samples twice: its predicted label says whether a class-con
 shows the right digit, and its penultimate features (:data:`FEATURE_DIM` values) feed the
 Fréchet distance (:mod:`demo.fid`), the FID recipe with a digit network in place of Inception.
 """
+
 from __future__ import annotations
 
 import torch
@@ -44,8 +45,9 @@ def predict(classifier: DigitClassifier, x: torch.Tensor, batch: int = 1000) -> 
     return torch.cat(labels), torch.cat(feats)
 
 
-def train_classifier(images: torch.Tensor, labels: torch.Tensor, steps: int = 1500, batch: int = 64, seed: int = 0,
-                     progress=None) -> DigitClassifier:
+def train_classifier(
+    images: torch.Tensor, labels: torch.Tensor, steps: int = 1500, batch: int = 64, seed: int = 0, progress=None
+) -> DigitClassifier:
     """Train from seed ``seed`` with AdamW and one-pixel random shifts (so small misalignments of
     generated digits do not decide their class)."""
     torch.manual_seed(seed)

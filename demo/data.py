@@ -8,9 +8,10 @@ The fine-tuning *shift*: the diffusion model is pretrained on :data:`PRETRAIN_CL
 only and fine-tuned on :data:`FINETUNE_CLASSES` (7-9), digits it has never seen, addressed by
 class tokens its (frozen) class encoder never learned, as a new concept is taught to SD.
 """
+
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -35,7 +36,9 @@ def load_digits_tensor(size: int = IMAGE_SIZE) -> tuple[torch.Tensor, torch.Tens
     return (images * 2 - 1).clamp(-1, 1), torch.as_tensor(digits.target, dtype=torch.long)
 
 
-def select_classes(images: torch.Tensor, labels: torch.Tensor, classes: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
+def select_classes(
+    images: torch.Tensor, labels: torch.Tensor, classes: Sequence[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The images and labels whose label is in ``classes``."""
     bad = [c for c in classes if not 0 <= int(c) <= 9]
     if bad or not classes:

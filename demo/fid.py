@@ -6,6 +6,7 @@ The matrix square roots are taken by eigendecomposition of symmetric positive se
 matrices (no scipy): ``C_1^{1/2} C_2 C_1^{1/2}`` is symmetric PSD, and its square root has the
 same trace as ``(C_1 C_2)^{1/2}`` in the usual formula, without a non-symmetric sqrtm.
 """
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,5 @@
 """The before / after sample grid PNG (one row per class)."""
+
 from __future__ import annotations
 
 import pathlib
@@ -23,7 +24,11 @@ def _tile(samples: torch.Tensor, per_class: int) -> np.ndarray:
     # [-1, 1] -> 0..255, rows = classes, columns = samples of that class
     img = ((samples.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)[:, 0].numpy()
     classes = img.shape[0] // per_class
-    img = img.reshape(classes, per_class, *img.shape[1:]).repeat(CELL // img.shape[-1], 2).repeat(CELL // img.shape[-1], 3)
+    img = (
+        img.reshape(classes, per_class, *img.shape[1:])
+        .repeat(CELL // img.shape[-1], 2)
+        .repeat(CELL // img.shape[-1], 3)
+    )
     return img.transpose(0, 2, 1, 3).reshape(classes * CELL, per_class * CELL)
 
 

@@ -14,6 +14,7 @@ Once converted with ``d2f_core.Diff2Flow`` the model is a flow-matching model in
 convention (docs/MATH.md section 1): sigma in [0, 1], ``x_sigma = (1 - sigma) x0 + sigma noise``,
 velocity ``noise - x0``.
 """
+
 from __future__ import annotations
 
 import math
@@ -140,7 +141,9 @@ class ClassEncoder(nn.Module):
     def forward(self, labels: torch.Tensor) -> torch.Tensor:
         labels = torch.as_tensor(labels, dtype=torch.long)
         if labels.ndim != 1 or ((labels < 0) | (labels > NULL_CLASS)).any():
-            raise ValueError(f"class labels must be a 1-D tensor of values in 0..{NULL_CLASS} ({NULL_CLASS} = null class)")
+            raise ValueError(
+                f"class labels must be a 1-D tensor of values in 0..{NULL_CLASS} ({NULL_CLASS} = null class)"
+            )
         return self.embedding(labels).view(-1, self.config.context_tokens, self.config.context_dim)
 
 
@@ -168,7 +171,9 @@ class TinyUNet(nn.Module):
 
     def forward(self, x: torch.Tensor, timestep: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         if context is None:
-            raise ValueError("TinyUNet needs context tokens (ClassEncoder output); use the null class for unconditional")
+            raise ValueError(
+                "TinyUNet needs context tokens (ClassEncoder output); use the null class for unconditional"
+            )
         timestep = torch.as_tensor(timestep, device=x.device).reshape(-1).expand(x.shape[0])
         emb = self.time_embed(timestep_embedding(timestep, self.config.base))
         h0 = self.conv_in(F.pixel_unshuffle(x, 2))

@@ -5,12 +5,13 @@ Time convention (docs/MATH.md section 1): FM sigma in [0, 1], sigma = 1 is noise
 ``x_sigma = (1 - sigma) x0 + sigma noise``, velocity ``v = noise - x0``; diffusion timesteps
 ``tau`` in 0..999 on SD's scaled-linear schedule appear only inside ``d2f_core.Diff2Flow``.
 """
+
 from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 from torch import nn
@@ -28,7 +29,9 @@ VelocityFn = Callable[..., torch.Tensor]
 ADAPTER_KINDS = ("lora", "full")
 
 
-def attach_adapters(unet: TinyUNet, kind: str, rank: int = 8, targets: str = "all", seed: int = 0) -> dict[str, WeightAdapter]:
+def attach_adapters(
+    unet: TinyUNet, kind: str, rank: int = 8, targets: str = "all", seed: int = 0
+) -> dict[str, WeightAdapter]:
     """Attach fresh adapters to ``unet`` (in place; its own weights are frozen): ``"lora"`` of
     ``rank`` (alpha = rank, so the LoRA scale is 1) or ``"full"`` (``d2f_core.lora.FullAdapter``: a zero-initialised
     dense delta, so ``training.Trainer`` trains every weight of the targeted layers with the same loop, data draws
@@ -100,8 +103,9 @@ class Evaluation:
     accuracy: float  # fraction of samples the classifier labels as the requested digit
 
 
-def evaluate_samples(samples: torch.Tensor, labels: torch.Tensor, real_features: torch.Tensor,
-                     classifier: DigitClassifier) -> Evaluation:
+def evaluate_samples(
+    samples: torch.Tensor, labels: torch.Tensor, real_features: torch.Tensor, classifier: DigitClassifier
+) -> Evaluation:
     predicted, feats = predict(classifier, samples)
     return Evaluation(frechet_distance(feats, real_features), float((predicted == labels).float().mean()))
 

@@ -10,6 +10,7 @@ classifier-free guidance works. The classifier learns all 10 digits (80 % split;
 accuracy is printed). Everything is seeded and runs on one thread, so a run reproduces the
 committed files bit for bit on the same torch build.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,8 +31,15 @@ from .progress import Progress
 from .store import WEIGHTS_DIR, classifier_path, save_classifier, save_unet, unet_path
 
 
-def pretrain_unet(prediction: str, steps: int, batch: int, lr: float, seed: int, caption_dropout: float = 0.1,
-                  progress: Progress | None = None) -> tuple[TinyUNet, ClassEncoder]:
+def pretrain_unet(
+    prediction: str,
+    steps: int,
+    batch: int,
+    lr: float,
+    seed: int,
+    caption_dropout: float = 0.1,
+    progress: Progress | None = None,
+) -> tuple[TinyUNet, ClassEncoder]:
     """Diffusion pretraining on :data:`demo.data.PRETRAIN_CLASSES` (deterministic from ``seed``)."""
     images, labels = ddata.select_classes(*ddata.load_digits_tensor(), ddata.PRETRAIN_CLASSES)
     torch.manual_seed(seed)
@@ -45,7 +53,7 @@ def pretrain_unet(prediction: str, steps: int, batch: int, lr: float, seed: int,
         opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * s / steps)).item())
     )
     gen = torch.Generator().manual_seed(seed + 1)
-    for step in range(steps):
+    for _ in range(steps):
         idx = torch.randint(images.shape[0], (batch,), generator=gen)
         y = labels[idx].clone()
         y[torch.rand(batch, generator=gen) < caption_dropout] = NULL_CLASS
@@ -67,8 +75,9 @@ def sha256(path: pathlib.Path) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m demo.pretrain", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m demo.pretrain", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--only", choices=["eps", "v", "classifier", "all"], default="all", help="what to train")
     parser.add_argument("--steps", type=int, default=3000, help="UNet optimizer steps (default 3000)")
     parser.add_argument("--batch", type=int, default=64, help="UNet batch size")
@@ -102,11 +111,21 @@ def _train(args: argparse.Namespace) -> int:
         with Progress(args.steps, f"pretrain {prediction}") as bar:
             unet, encoder = pretrain_unet(prediction, args.steps, args.batch, args.lr, args.seed, progress=bar)
         path = unet_path(prediction, args.out)
-        save_unet(path, unet, encoder, {
-            "prediction": prediction, "schedule": "scaled_linear(1000)", "objective": "diffusion",
-            "classes": ",".join(map(str, ddata.PRETRAIN_CLASSES)), "steps": args.steps, "batch": args.batch,
-            "lr": args.lr, "seed": args.seed,
-        })
+        save_unet(
+            path,
+            unet,
+            encoder,
+            {
+                "prediction": prediction,
+                "schedule": "scaled_linear(1000)",
+                "objective": "diffusion",
+                "classes": ",".join(map(str, ddata.PRETRAIN_CLASSES)),
+                "steps": args.steps,
+                "batch": args.batch,
+                "lr": args.lr,
+                "seed": args.seed,
+            },
+        )
         print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB, sha256 {sha256(path)})")
     if args.only in ("classifier", "all"):
         images, labels = ddata.load_digits_tensor()
@@ -114,13 +133,28 @@ def _train(args: argparse.Namespace) -> int:
         n_train = int(0.8 * images.shape[0])
         train, held = perm[:n_train], perm[n_train:]
         with Progress(args.classifier_steps, "classifier") as bar:
-            clf = train_classifier(images[train], labels[train], steps=args.classifier_steps, seed=args.seed,
-                                   progress=lambda s, l: bar.update(1, f"loss {l:.3f}"))
+            clf = train_classifier(
+                images[train],
+                labels[train],
+                steps=args.classifier_steps,
+                seed=args.seed,
+                progress=lambda s, loss: bar.update(1, f"loss {loss:.3f}"),
+            )
         accuracy = float((predict(clf, images[held])[0] == labels[held]).float().mean())
         path = classifier_path(args.out)
-        save_classifier(path, clf, {"classes": "0-9", "steps": args.classifier_steps, "seed": args.seed,
-                                    "heldout_accuracy": f"{accuracy:.4f}"})
-        print(f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB, sha256 {sha256(path)}); held-out accuracy {accuracy:.3f}")
+        save_classifier(
+            path,
+            clf,
+            {
+                "classes": "0-9",
+                "steps": args.classifier_steps,
+                "seed": args.seed,
+                "heldout_accuracy": f"{accuracy:.4f}",
+            },
+        )
+        print(
+            f"wrote {path} ({path.stat().st_size / 1e6:.2f} MB, sha256 {sha256(path)}); held-out accuracy {accuracy:.3f}"
+        )
     print(f"done in {time.perf_counter() - start:.0f} s")
     return 0
 

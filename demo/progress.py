@@ -1,7 +1,6 @@
 """The demo's progress bar: tqdm with a status text next to each update."""
-from __future__ import annotations
 
-from typing import Optional
+from __future__ import annotations
 
 from tqdm import tqdm
 
@@ -13,7 +12,7 @@ class Progress(tqdm):
     def __init__(self, total: int, label: str, unit: str = "it", enabled: bool = True) -> None:
         super().__init__(total=int(total), desc=label, unit=unit, dynamic_ncols=True, disable=not enabled)
 
-    def update(self, n: int = 1, status: Optional[str] = None) -> Optional[bool]:
+    def update(self, n: int = 1, status: str | None = None) -> bool | None:
         if status:
             self.set_postfix_str(status, refresh=False)
         return super().update(n)

@@ -14,6 +14,7 @@ classifier reads as the requested digit, and the FM validation loss (``d2f_core.
 Time convention (docs/MATH.md section 1): FM sigma in [0, 1], sigma = 1 is noise,
 ``x_sigma = (1 - sigma) x0 + sigma noise``, velocity ``noise - x0``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -65,20 +66,36 @@ def _positive_float(name: str):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", type=pathlib.Path, default=pathlib.Path("demo_output"), help="output folder (default demo_output/)")
+    p = argparse.ArgumentParser(
+        prog="python -m demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--out", type=pathlib.Path, default=pathlib.Path("demo_output"), help="output folder (default demo_output/)"
+    )
     p.add_argument("--prediction", choices=["eps", "v"], default="v", help="which pretrained model (default v)")
     p.add_argument("--steps", type=_positive_int("--steps"), default=1500, help="LoRA fine-tuning steps (default 1500)")
     p.add_argument("--batch", type=_positive_int("--batch"), default=32, help="fine-tuning batch size (default 32)")
     p.add_argument("--rank", type=_positive_int("--rank"), default=8, help="LoRA rank (default 8)")
     p.add_argument("--lr", type=_positive_float("--lr"), default=1e-3, help="learning rate (default 1e-3)")
-    p.add_argument("--samples", type=_positive_int("--samples"), default=600,
-                   help="samples of the digits 7-9 for the Fréchet distance (default 600; >= 2)")
-    p.add_argument("--grid", type=_positive_int("--grid"), default=8, help="samples per class in the PNG grid (default 8)")
-    p.add_argument("--sample-steps", type=_positive_int("--sample-steps"), default=20, help="FM Euler steps (default 20)")
-    p.add_argument("--cfg", type=_positive_float("--cfg"), default=2.0, help="classifier-free guidance scale (default 2)")
+    p.add_argument(
+        "--samples",
+        type=_positive_int("--samples"),
+        default=600,
+        help="samples of the digits 7-9 for the Fréchet distance (default 600; >= 2)",
+    )
+    p.add_argument(
+        "--grid", type=_positive_int("--grid"), default=8, help="samples per class in the PNG grid (default 8)"
+    )
+    p.add_argument(
+        "--sample-steps", type=_positive_int("--sample-steps"), default=20, help="FM Euler steps (default 20)"
+    )
+    p.add_argument(
+        "--cfg", type=_positive_float("--cfg"), default=2.0, help="classifier-free guidance scale (default 2)"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the noise and of the fine-tuning draws")
-    p.add_argument("--threads", type=_positive_int("--threads"), default=None, help="torch CPU threads (default: torch's)")
+    p.add_argument(
+        "--threads", type=_positive_int("--threads"), default=None, help="torch CPU threads (default: torch's)"
+    )
     p.add_argument("--weights", type=pathlib.Path, default=WEIGHTS_DIR, help="folder of the pretrained weights")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
@@ -133,15 +150,28 @@ def main(argv: list[str] | None = None) -> int:
             fd_samples = pipeline.sample(velocity, fd_ctx, uncond, fd_noise, sigmas, args.cfg)
             bar.update(args.samples)
         ev = pipeline.evaluate_samples(fd_samples, fd_labels, real_features, classifier)
-        return grid, {"fd": ev.fd, "accuracy": ev.accuracy, "fm_val_loss": pipeline.validation_loss(velocity, images, val_ctx)}
+        return grid, {
+            "fd": ev.fd,
+            "accuracy": ev.accuracy,
+            "fm_val_loss": pipeline.validation_loss(velocity, images, val_ctx),
+        }
 
     with torch.no_grad():
         grid_before, before = evaluate(d2f.velocity_fn(unet), "zero-shot")
 
     # ---------------------------------------------------------------- LoRA fine-tuning (diff2flow)
-    config = TrainConfig(objective="diff2flow", steps=args.steps, batch_size=args.batch, learning_rate=args.lr,
-                         rank=args.rank, alpha=float(args.rank), targets="all", seed=args.seed, caption_dropout=0.1,
-                         weight_decay=0.0)
+    config = TrainConfig(
+        objective="diff2flow",
+        steps=args.steps,
+        batch_size=args.batch,
+        learning_rate=args.lr,
+        rank=args.rank,
+        alpha=float(args.rank),
+        targets="all",
+        seed=args.seed,
+        caption_dropout=0.1,
+        weight_decay=0.0,
+    )
     tuned = pipeline.fresh_copy(unet)
     adapters = pipeline.attach_adapters(tuned, "lora", rank=args.rank, targets=config.targets, seed=args.seed)
     trainer = Trainer(tuned, adapters, d2f, config, pipeline.training_data(images, labels, encoder))
@@ -154,12 +184,24 @@ def main(argv: list[str] | None = None) -> int:
     # ---------------------------------------------------------------- outputs
     seconds = time.perf_counter() - start
     save_grid(args.out / "samples.png", grid_before, grid_after, args.grid)
-    save_loss_curve(args.out / "loss_curve.png", {f"diff2flow LoRA r{args.rank} ({args.prediction})": trainer.losses},
-                    title="Diff2Flow LoRA fine-tuning on the digits 7-9")
+    save_loss_curve(
+        args.out / "loss_curve.png",
+        {f"diff2flow LoRA r{args.rank} ({args.prediction})": trainer.losses},
+        title="Diff2Flow LoRA fine-tuning on the digits 7-9",
+    )
     result = {
-        "prediction": args.prediction, "steps": args.steps, "rank": args.rank, "samples": args.samples,
-        "sample_steps": args.sample_steps, "cfg": args.cfg, "seconds": seconds, "threads": torch.get_num_threads(),
-        "floor_fd": floor, "before": before, "after": after, "final_train_loss": trainer.losses[-1],
+        "prediction": args.prediction,
+        "steps": args.steps,
+        "rank": args.rank,
+        "samples": args.samples,
+        "sample_steps": args.sample_steps,
+        "cfg": args.cfg,
+        "seconds": seconds,
+        "threads": torch.get_num_threads(),
+        "floor_fd": floor,
+        "before": before,
+        "after": after,
+        "final_train_loss": trainer.losses[-1],
         "pretrained": {k: meta.get(k) for k in ("steps", "seed", "classes")},
     }
     markdown = metrics_markdown(result)

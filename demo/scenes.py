@@ -11,6 +11,7 @@ mean depth), deterministic per ``(seed, index)``: a fixed train/test split is tw
 Images come as [N, 1, size, size] in [-1, 1] (the demo prior's range), depth as [N, 1, size, size]
 positive distances.
 """
+
 from __future__ import annotations
 
 import math
@@ -82,7 +83,9 @@ def render_scene(seed: int, size: int = 16, supersample: int = 4) -> tuple[torch
     return image.float(), pool(depth).float()
 
 
-def make_scenes(start: int, count: int, size: int = 16, supersample: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+def make_scenes(
+    start: int, count: int, size: int = 16, supersample: int = 4, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Scenes ``start .. start + count - 1`` of the set ``seed``: ``(images [N, 1, size, size],
     depths [N, 1, size, size])``; scene ``i`` is the same whatever ``start`` and ``count``."""
     if count < 1:

@@ -4,6 +4,7 @@
 (``encoder.*``); ``demo/weights/classifier.safetensors`` the digit classifier. The metadata
 records what a file is (prediction type, schedule, sizes, training seed and steps).
 """
+
 from __future__ import annotations
 
 import json
@@ -58,7 +59,9 @@ def _missing(path: pathlib.Path, what: str) -> FileNotFoundError:
     return FileNotFoundError(f"{what} weights not found at {path}: run `python -m demo.pretrain` to create them")
 
 
-def load_unet(prediction: str, folder: str | pathlib.Path = WEIGHTS_DIR) -> tuple[TinyUNet, ClassEncoder, dict[str, str]]:
+def load_unet(
+    prediction: str, folder: str | pathlib.Path = WEIGHTS_DIR
+) -> tuple[TinyUNet, ClassEncoder, dict[str, str]]:
     """``(unet, encoder, metadata)`` for ``prediction`` ("eps" or "v"), frozen, in eval mode."""
     path = unet_path(prediction, folder)
     if not path.is_file():

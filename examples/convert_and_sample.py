@@ -8,6 +8,7 @@ floor) and writes the samples to ``--out`` as safetensors.
 
     python examples/convert_and_sample.py --prediction v --out output/example
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,7 +48,8 @@ def main() -> None:
     d2f = Diff2Flow(schedule, args.prediction)
     print(d2f)
     gmm = GaussianMixture(
-        torch.tensor([[-2.0, 0.0], [2.0, 1.0], [0.0, -2.5]]), stds=torch.tensor([0.3, 0.4, 0.25]),
+        torch.tensor([[-2.0, 0.0], [2.0, 1.0], [0.0, -2.5]]),
+        stds=torch.tensor([0.3, 0.4, 0.25]),
         weights=torch.tensor([0.3, 0.5, 0.2]),
     )
     gen = torch.Generator().manual_seed(args.seed)
@@ -61,7 +63,9 @@ def main() -> None:
         # text-to-image start, as ComfyUI does for flow models: x = sigma_max * noise (the
         # interpolant with an all-zero latent). sigma_max = 1 with zero terminal SNR.
         sigmas = d2f_core.fm_sigmas(steps, sigma_max=d2f.sigma_max, shift=args.shift)
-        noise = torch.randn(args.samples, 2, generator=torch.Generator().manual_seed(args.seed + 1), dtype=torch.float64)
+        noise = torch.randn(
+            args.samples, 2, generator=torch.Generator().manual_seed(args.seed + 1), dtype=torch.float64
+        )
         x = sigmas[0].item() * noise
         start = time.perf_counter()
         samples = d2f_core.sample_euler(velocity, x, sigmas)

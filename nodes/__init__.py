@@ -1,9 +1,10 @@
 """ComfyUI adapters for the Diff2Flow toolkit (imported only inside ComfyUI).
 
-Each node gathers its inputs, calls ``d2f_core`` (or ``training``) and returns; the math lives in
-``d2f_core``. Registration goes through ComfyUI's V3 API: :func:`comfy_entrypoint` returns a
+Each node gathers its inputs, calls the layers below (``d2f_host`` for anything inside a model,
+``training``, ``d2f_core``) and returns; the math lives in ``d2f_core``. Registration goes through ComfyUI's V3 API: :func:`comfy_entrypoint` returns a
 ``ComfyExtension`` listing every node; node ids share the prefix ``D2F_``.
 """
+
 from __future__ import annotations
 
 from comfy_api.latest import ComfyExtension, io

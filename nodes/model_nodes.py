@@ -1,4 +1,5 @@
 """Model nodes: the Diff2Flow model patch and the Diff2Flow checkpoint loader."""
+
 from __future__ import annotations
 
 import logging
@@ -8,6 +9,7 @@ from comfy_api.latest import io
 
 from d2f_host.checkpoints import apply_lora, attach_recommended_sampling, load_checkpoint
 from d2f_host.model_sampling import flow_model_for, patch_model
+from training import registry_text
 
 CATEGORY = "Diff2Flow"
 NO_LORA = "None"
@@ -55,22 +57,39 @@ class Diff2FlowCheckpointLoader(io.ComfyNode):
                 "Loads an SD checkpoint (and optionally a LoRA) and returns it as a flow-matching model. "
                 "A LoRA trained with this toolkit carries its settings (objective, prediction type, zero "
                 "terminal SNR) in its metadata, and the patch is configured from them; its recommended steps and "
-                "cfg (a reflow LoRA: 2 steps, cfg 1) travel with the MODEL to Diff2Flow KSampler."
+                f"cfg (a reflow LoRA: {registry_text.recommended_sampling_text('reflow')}) travel with the MODEL to "
+                "Diff2Flow KSampler."
             ),
             inputs=[
-                io.Combo.Input("ckpt_name", options=folder_paths.get_filename_list("checkpoints"), tooltip="Checkpoint from models/checkpoints."),
                 io.Combo.Input(
-                    "lora_name", options=[NO_LORA] + folder_paths.get_filename_list("loras"), default=NO_LORA,
+                    "ckpt_name",
+                    options=folder_paths.get_filename_list("checkpoints"),
+                    tooltip="Checkpoint from models/checkpoints.",
+                ),
+                io.Combo.Input(
+                    "lora_name",
+                    options=[NO_LORA] + folder_paths.get_filename_list("loras"),
+                    default=NO_LORA,
                     tooltip="Optional LoRA from models/loras (applied to the UNet only).",
                 ),
-                io.Float.Input("lora_strength", default=1.0, min=-10.0, max=10.0, step=0.01, tooltip="Strength of the LoRA on the UNet."),
+                io.Float.Input(
+                    "lora_strength",
+                    default=1.0,
+                    min=-10.0,
+                    max=10.0,
+                    step=0.01,
+                    tooltip="Strength of the LoRA on the UNet.",
+                ),
                 io.Boolean.Input(
-                    "zero_terminal_snr", default=False,
+                    "zero_terminal_snr",
+                    default=False,
                     tooltip=ZSNR_TOOLTIP + " Ignored when the LoRA's Diff2Flow metadata sets it.",
                 ),
             ],
             outputs=[
-                io.Model.Output(tooltip="The flow-matching model (with the LoRA). With a Diff2Flow LoRA it carries the LoRA's recommended steps and cfg, which Diff2Flow KSampler uses (steps_cfg_from = lora)."),
+                io.Model.Output(
+                    tooltip="The flow-matching model (with the LoRA). With a Diff2Flow LoRA it carries the LoRA's recommended steps and cfg, which Diff2Flow KSampler uses (steps_cfg_from = lora)."
+                ),
                 io.Clip.Output(tooltip="The checkpoint's text encoder."),
                 io.Vae.Output(tooltip="The checkpoint's VAE."),
             ],
@@ -79,21 +98,33 @@ class Diff2FlowCheckpointLoader(io.ComfyNode):
     @classmethod
     def execute(cls, ckpt_name: str, lora_name: str, lora_strength: float, zero_terminal_snr: bool) -> io.NodeOutput:
         ckpt_path = folder_paths.get_full_path_or_raise("checkpoints", ckpt_name)
-        model, clip, vae = load_checkpoint(ckpt_path, "optional", embedding_directory=folder_paths.get_folder_paths("embeddings"))
+        model, clip, vae = load_checkpoint(
+            ckpt_path, "optional", embedding_directory=folder_paths.get_folder_paths("embeddings")
+        )
         objective, metadata = "diff2flow", None
         if lora_name != NO_LORA:
             lora_path = folder_paths.get_full_path_or_raise("loras", lora_name)
-            model, _, metadata = apply_lora(model, None, lora_path, lora_strength, 0.0, checkpoint=f"checkpoint '{ckpt_name}'")
+            model, _, metadata = apply_lora(
+                model, None, lora_path, lora_strength, 0.0, checkpoint=f"checkpoint '{ckpt_name}'"
+            )
             if metadata is not None:
                 if metadata.zero_terminal_snr != zero_terminal_snr:
-                    log.info("Diff2Flow: zero_terminal_snr=%s taken from the metadata of %s", metadata.zero_terminal_snr, lora_name)
+                    log.info(
+                        "Diff2Flow: zero_terminal_snr=%s taken from the metadata of %s",
+                        metadata.zero_terminal_snr,
+                        lora_name,
+                    )
                 zero_terminal_snr, objective = metadata.zero_terminal_snr, metadata.objective
         flow = flow_model_for(model, objective, zero_terminal_snr)  # a clone: the attachment stays on it
         if metadata is not None:
             attach_recommended_sampling(flow, metadata, f"LoRA '{lora_name}' (objective {objective})")
             sampler, steps, cfg = metadata.sampling_defaults()
-            log.info("Diff2Flow: %s recommends %d steps at cfg %g; Diff2Flow KSampler uses them (steps_cfg_from = lora)",
-                     lora_name, steps, cfg)
+            log.info(
+                "Diff2Flow: %s recommends %d steps at cfg %g; Diff2Flow KSampler uses them (steps_cfg_from = lora)",
+                lora_name,
+                steps,
+                cfg,
+            )
         return io.NodeOutput(flow, clip, vae)
 
 

@@ -11,6 +11,7 @@ last step. Steps are the trainer's optimizer steps (1..steps); times are wall-cl
 Nothing here needs a server: ``report_progress`` records and sends only when ComfyUI's
 ``PromptServer`` exists, and the route is registered only then.
 """
+
 from __future__ import annotations
 
 import math
@@ -18,7 +19,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
-from typing import Any, Optional
+from typing import Any
 
 PROGRESS_EVENT = "diff2flow.train.progress"
 HISTORY_ROUTE = "/diff2flow/training/history"
@@ -33,8 +34,15 @@ Bucket = list
 class RunHistory:
     """The progress of one training run: its last step and a downsampled loss history."""
 
-    def __init__(self, node: str, prompt_id: Optional[str], steps: int, workflow: Optional[str] = None,
-                 max_points: int = MAX_POINTS, smoothing: float = SMOOTHING):
+    def __init__(
+        self,
+        node: str,
+        prompt_id: str | None,
+        steps: int,
+        workflow: str | None = None,
+        max_points: int = MAX_POINTS,
+        smoothing: float = SMOOTHING,
+    ):
         if max_points < 2:
             raise ValueError(f"max_points must be at least 2, got {max_points}")
         if not 0.0 <= smoothing < 1.0:
@@ -43,21 +51,21 @@ class RunHistory:
         self.max_points, self.smoothing = max_points, smoothing
         self.points: list[Bucket] = []
         self.stride = 1  # steps per bucket; doubles each time the buckets are merged in pairs
-        self.step: Optional[int] = None
-        self.first_step: Optional[int] = None
-        self.loss: Optional[float] = None
-        self.lr: Optional[float] = None
-        self.smooth: Optional[float] = None
+        self.step: int | None = None
+        self.first_step: int | None = None
+        self.loss: float | None = None
+        self.lr: float | None = None
+        self.smooth: float | None = None
         self.started = self.updated = time.time()
         self.elapsed_s = 0.0
-        self.eta_s: Optional[float] = None
+        self.eta_s: float | None = None
         self._ema, self._count = 0.0, 0
 
     @property
     def finished(self) -> bool:
         return self.step is not None and self.step >= self.steps
 
-    def add(self, step: int, steps: int, loss: float, lr: float, now: Optional[float] = None) -> None:
+    def add(self, step: int, steps: int, loss: float, lr: float, now: float | None = None) -> None:
         """Record optimizer step ``step`` of ``steps`` (steps come in increasing order)."""
         now = time.time() if now is None else now
         if self.first_step is None:
@@ -73,10 +81,16 @@ class RunHistory:
             return  # a non-finite loss is not drawable (and not valid JSON); the trainer stops on it
         self._ema = self.smoothing * self._ema + (1.0 - self.smoothing) * loss
         self._count += 1
-        self.smooth = self._ema / (1.0 - self.smoothing ** self._count)  # debiased: no pull towards 0 early on
+        self.smooth = self._ema / (1.0 - self.smoothing**self._count)  # debiased: no pull towards 0 early on
         last = self.points[-1] if self.points else None
         if last is not None and step // self.stride == last[0] // self.stride:
-            last[1], last[2], last[3], last[4], last[5] = step, min(last[2], loss), max(last[3], loss), loss, self.smooth
+            last[1], last[2], last[3], last[4], last[5] = (
+                step,
+                min(last[2], loss),
+                max(last[3], loss),
+                loss,
+                self.smooth,
+            )
         else:
             self.points.append([step, step, loss, loss, loss, self.smooth])
         if len(self.points) > self.max_points:
@@ -89,22 +103,41 @@ class RunHistory:
         for bucket in self.points:
             prev = merged[-1] if merged else None
             if prev is not None and bucket[0] // self.stride == prev[0] // self.stride:
-                prev[1], prev[2], prev[3], prev[4], prev[5] = (bucket[1], min(prev[2], bucket[2]), max(prev[3], bucket[3]),
-                                                               bucket[4], bucket[5])
+                prev[1], prev[2], prev[3], prev[4], prev[5] = (
+                    bucket[1],
+                    min(prev[2], bucket[2]),
+                    max(prev[3], bucket[3]),
+                    bucket[4],
+                    bucket[5],
+                )
             else:
                 merged.append(list(bucket))
         self.points = merged
 
     def event(self) -> dict[str, Any]:
         """The live event of the last step (what the page appends to its chart)."""
-        return {"node": self.node, "prompt_id": self.prompt_id, "workflow": self.workflow, "step": self.step, "steps": self.steps,
-                "loss": self.loss, "lr": self.lr, "smooth": self.smooth, "eta_s": self.eta_s,
-                "elapsed_s": self.elapsed_s}
+        return {
+            "node": self.node,
+            "prompt_id": self.prompt_id,
+            "workflow": self.workflow,
+            "step": self.step,
+            "steps": self.steps,
+            "loss": self.loss,
+            "lr": self.lr,
+            "smooth": self.smooth,
+            "eta_s": self.eta_s,
+            "elapsed_s": self.elapsed_s,
+        }
 
     def as_dict(self) -> dict[str, Any]:
         """The whole run, JSON-ready (the history route's answer for it)."""
-        return {**self.event(), "finished": self.finished, "stride": self.stride,
-                "updated": self.updated, "points": [list(p) for p in self.points]}
+        return {
+            **self.event(),
+            "finished": self.finished,
+            "stride": self.stride,
+            "updated": self.updated,
+            "points": [list(p) for p in self.points],
+        }
 
 
 class ProgressStore:
@@ -116,11 +149,20 @@ class ProgressStore:
             raise ValueError(f"max_runs must be at least 1, got {max_runs}")
         RunHistory("check", None, 1, max_points=max_points, smoothing=smoothing)  # the same errors as a run's
         self.max_runs, self.max_points, self.smoothing = max_runs, max_points, smoothing
-        self._runs: OrderedDict[tuple[str, Optional[str]], RunHistory] = OrderedDict()
+        self._runs: OrderedDict[tuple[str, str | None], RunHistory] = OrderedDict()
         self._lock = threading.Lock()
 
-    def record(self, node: str, prompt_id: Optional[str], step: int, steps: int, loss: float, lr: float,
-               workflow: Optional[str] = None, now: Optional[float] = None) -> dict[str, Any]:
+    def record(
+        self,
+        node: str,
+        prompt_id: str | None,
+        step: int,
+        steps: int,
+        loss: float,
+        lr: float,
+        workflow: str | None = None,
+        now: float | None = None,
+    ) -> dict[str, Any]:
         """Add one step of the run (``node``, ``prompt_id``); returns the live event for it."""
         key = (str(node), prompt_id)
         with self._lock:
@@ -134,11 +176,11 @@ class ProgressStore:
                 self._runs.popitem(last=False)
             return run.event()
 
-    def has_run(self, node: str, prompt_id: Optional[str]) -> bool:
+    def has_run(self, node: str, prompt_id: str | None) -> bool:
         with self._lock:
             return (str(node), prompt_id) in self._runs
 
-    def snapshot(self, node: Optional[str] = None) -> list[dict[str, Any]]:
+    def snapshot(self, node: str | None = None) -> list[dict[str, Any]]:
         """Every kept run (of ``node`` only, when given), oldest update first."""
         with self._lock:
             return [run.as_dict() for (n, _), run in self._runs.items() if node is None or n == str(node)]
@@ -161,7 +203,7 @@ def prompt_server() -> Any:
     return getattr(prompt_server_class, "instance", None)
 
 
-def executing() -> tuple[Optional[str], Optional[str]]:
+def executing() -> tuple[str | None, str | None]:
     """(node id, prompt id) of the node ComfyUI is executing in this thread; (None, None) outside a prompt."""
     try:
         from comfy_execution.utils import get_executing_context
@@ -171,7 +213,7 @@ def executing() -> tuple[Optional[str], Optional[str]]:
     return (str(context.node_id), context.prompt_id) if context is not None else (None, None)
 
 
-def running_prompts(server: Any) -> Optional[dict[str, dict]]:
+def running_prompts(server: Any) -> dict[str, dict] | None:
     """prompt id -> extra_data of the prompts the server runs now (None when it cannot tell)."""
     queue = getattr(server, "prompt_queue", None)
     try:
@@ -181,10 +223,12 @@ def running_prompts(server: Any) -> Optional[dict[str, dict]]:
         return None
 
 
-def workflow_id(server: Any, prompt_id: Optional[str]) -> Optional[str]:
+def workflow_id(server: Any, prompt_id: str | None) -> str | None:
     """The id of the page's workflow the prompt came from (the page shows a run only on its own workflow)."""
     extra = (running_prompts(server) or {}).get(prompt_id) or {}
-    workflow = (extra.get("extra_pnginfo") or {}).get("workflow") if isinstance(extra.get("extra_pnginfo"), dict) else None
+    workflow = (
+        (extra.get("extra_pnginfo") or {}).get("workflow") if isinstance(extra.get("extra_pnginfo"), dict) else None
+    )
     found = workflow.get("id") if isinstance(workflow, dict) else None
     return str(found) if found else None
 
@@ -205,7 +249,7 @@ def report_progress(pbar: Any, steps: int, step: int, loss: float, lr: float) ->
     server.send_sync(PROGRESS_EVENT, event)
 
 
-def history_answer(server: Any, node: Optional[str] = None) -> dict[str, Any]:
+def history_answer(server: Any, node: str | None = None) -> dict[str, Any]:
     """The route's JSON: every kept run, each with ``running`` (its prompt still executes)."""
     running = running_prompts(server)
     runs = STORE.snapshot(node)

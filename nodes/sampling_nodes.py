@@ -1,8 +1,10 @@
 """Sampling nodes: FM scheduler, FM sampler (SAMPLER) and the Diff2Flow KSampler.
 
-Sampler choices come from ``d2f_core.SAMPLERS`` (the registry): a sampler added there appears in
-every combo here and in the CLI.
+Sampler and start-rule choices come from ``d2f_core.SAMPLERS`` / ``START_RULES`` (the registries), their
+tooltips and descriptions from ``training.registry_text``: an entry added there appears in every combo and
+tooltip here and in the CLI.
 """
+
 from __future__ import annotations
 
 import logging
@@ -13,37 +15,49 @@ import latent_preview
 from comfy_api.latest import io
 
 import d2f_core
-
 from d2f_host.checkpoints import recommended_sampling_of
 from d2f_host.model_sampling import is_flow_model, patch_model
-from d2f_host.sampling import flow_sigmas, fm_sampler, sample_flow_matching  # noqa: F401  (re-exported: tests and older imports)
+from d2f_host.sampling import flow_sigmas, fm_sampler
+from training import registry_text
 
 CATEGORY = "Diff2Flow/sampling"
 log = logging.getLogger("diff2flow")
 
-STEPS_TOOLTIP = "Number of sampling steps (model evaluations for Euler; Heun uses about twice as many)."
-SAMPLER_TOOLTIP = "; ".join(s.description for s in d2f_core.SAMPLERS.values()) + "."
 SHIFT_TOOLTIP = (
     "SD3-style time shift of the FM sigma grid: 1 = uniform in sigma; > 1 spends more steps at high noise "
     "(try 2-3 for few-step sampling or large images)."
 )
-DENOISE_TOOLTIP = "1.0 starts from pure noise (text-to-image); lower values keep more of the input latent (image-to-image)."
-START_TOOLTIP = (
-    "Where sampling starts on an SD model without zero terminal SNR (schedule ends at sigma_max = 0.936): "
-    "sigma_max = from 0.936 * noise (SD practice); noise = from pure noise at sigma 1, only the first step "
-    "changes (closer to the data from 20 steps on in the exact test, worse at 4). No effect on flow or "
-    "zero-terminal-SNR models or with denoise < 1."
+DENOISE_TOOLTIP = (
+    "1.0 starts from pure noise (text-to-image); lower values keep more of the input latent (image-to-image)."
 )
-
-
 STEPS_CFG_FROM = ("lora", "widgets")
-STEPS_CFG_FROM_TOOLTIP = (
-    "lora: when the model carries a Diff2Flow LoRA's recommended steps and cfg (Diff2Flow Checkpoint Loader or Train "
-    "Diff2Flow LoRA with a LoRA from this toolkit; a reflow LoRA: 2 steps, cfg 1), sample with those and ignore the "
-    "steps and cfg widgets; other models use the widgets. widgets: always the steps and cfg widgets."
-)
-
 OVERRIDDEN = " Not used when steps_cfg_from is 'lora' and the model carries a Diff2Flow LoRA's recommendation."
+
+
+# the tooltips that name registry entries are rendered from the registries when a schema is built
+def steps_tooltip() -> str:
+    return f"Number of sampling steps; model evaluations per step: {registry_text.evaluations_text()}."
+
+
+def sampler_tooltip() -> str:
+    return registry_text.choices_text("samplers") + "."
+
+
+def start_tooltip() -> str:
+    return (
+        "Where sampling from pure noise starts on an SD model without zero terminal SNR (its schedule ends at "
+        f"sigma_max = 0.936): {registry_text.choices_text('start_rules')}. No effect on flow or zero-terminal-SNR "
+        "models or with denoise < 1."
+    )
+
+
+def steps_cfg_from_tooltip() -> str:
+    return (
+        "lora: when the model carries a Diff2Flow LoRA's recommended steps and cfg (Diff2Flow Checkpoint Loader or "
+        "Train Diff2Flow LoRA with a LoRA from this toolkit; a reflow LoRA: "
+        f"{registry_text.recommended_sampling_text('reflow')}), sample with those and ignore the steps and cfg widgets; "
+        "other models use the widgets. widgets: always the steps and cfg widgets."
+    )
 
 
 def steps_and_cfg(model, steps: int, cfg: float, steps_cfg_from: str = "lora") -> tuple[int, float, str]:
@@ -55,9 +69,19 @@ def steps_and_cfg(model, steps: int, cfg: float, steps_cfg_from: str = "lora") -
     if rec is None:
         return steps, cfg, f"{steps} steps, cfg {cfg:g} (widgets)"
     if steps_cfg_from == "lora":
-        return rec.steps, rec.cfg, (f"{rec.steps} steps, cfg {rec.cfg:g}: recommended by {rec.source} "
-                                    f"(widgets {steps} / {cfg:g} ignored; steps_cfg_from = widgets to use them)")
-    return steps, cfg, f"{steps} steps, cfg {cfg:g} (widgets; {rec.source} recommends {rec.steps} steps, cfg {rec.cfg:g})"
+        return (
+            rec.steps,
+            rec.cfg,
+            (
+                f"{rec.steps} steps, cfg {rec.cfg:g}: recommended by {rec.source} "
+                f"(widgets {steps} / {cfg:g} ignored; steps_cfg_from = widgets to use them)"
+            ),
+        )
+    return (
+        steps,
+        cfg,
+        f"{steps} steps, cfg {cfg:g} (widgets; {rec.source} recommends {rec.steps} steps, cfg {rec.cfg:g})",
+    )
 
 
 def as_flow_model(model):
@@ -78,11 +102,19 @@ class FMScheduler(io.ComfyNode):
                 "eps/v models) down to 0, with optional SD3-style shift and denoise for image-to-image."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="A flow model: the output of Diff2Flow Model Patch or Diff2Flow Checkpoint Loader."),
-                io.Int.Input("steps", default=20, min=1, max=10000, tooltip=STEPS_TOOLTIP),
+                io.Model.Input(
+                    "model", tooltip="A flow model: the output of Diff2Flow Model Patch or Diff2Flow Checkpoint Loader."
+                ),
+                io.Int.Input("steps", default=20, min=1, max=10000, tooltip=steps_tooltip()),
                 io.Float.Input("shift", default=1.0, min=0.01, max=100.0, step=0.01, tooltip=SHIFT_TOOLTIP),
                 io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01, tooltip=DENOISE_TOOLTIP),
-                io.Combo.Input("start", options=list(d2f_core.START_RULES), default="sigma_max", optional=True, tooltip=START_TOOLTIP),
+                io.Combo.Input(
+                    "start",
+                    options=list(d2f_core.START_RULES),
+                    default="sigma_max",
+                    optional=True,
+                    tooltip=start_tooltip(),
+                ),
             ],
             outputs=[io.Sigmas.Output(tooltip="steps + 1 decreasing FM sigmas ending at 0.")],
         )
@@ -96,17 +128,22 @@ class FMSampler(io.ComfyNode):
     @classmethod
     def define_schema(cls) -> io.Schema:
         return io.Schema(
-            # the id predates the Heun choice; kept so saved workflows keep loading
+            # saved workflows refer to the node by this id, so it stays although the node runs every FM sampler
             node_id="D2F_FMEulerSampler",
             display_name="FM Sampler (Diff2Flow)",
             category=CATEGORY,
             description=(
-                "A flow-matching sampler (Euler: x <- x + (sigma_next - sigma) * v, or second-order Heun) as a "
-                "SAMPLER for SamplerCustom / SamplerCustomAdvanced. Use it with the FM Scheduler on a "
-                "Diff2Flow-patched model; previews and progress come through the usual callback."
+                "A flow-matching sampler as a SAMPLER for SamplerCustom / SamplerCustomAdvanced, one of: "
+                f"{registry_text.choices_text('samplers')}. Use it with the FM Scheduler on a Diff2Flow-patched "
+                "model; previews and progress come through the usual callback."
             ),
             inputs=[
-                io.Combo.Input("sampler", options=list(d2f_core.SAMPLERS), default="euler", tooltip=SAMPLER_TOOLTIP),
+                io.Combo.Input(
+                    "sampler",
+                    options=list(d2f_core.SAMPLERS),
+                    default=registry_text.default_sampler(),
+                    tooltip=sampler_tooltip(),
+                ),
             ],
             outputs=[io.Sampler.Output(tooltip="The chosen FM sampler.")],
         )
@@ -125,34 +162,86 @@ class Diff2FlowKSampler(io.ComfyNode):
             category=CATEGORY,
             description=(
                 "KSampler for flow matching: converts an SD model with Diff2Flow if it is not converted yet, "
-                "then samples with FM Euler (or Heun) on the uniform FM sigma grid. The answer to 'how do I "
+                "then samples on the uniform FM sigma grid with the chosen FM sampler, by default "
+                f"{registry_text.choice_text('samplers', registry_text.default_sampler())}. The answer to 'how do I "
                 "sample after Diff2Flow training': this node, with the trained LoRA applied. A model from Diff2Flow "
                 "Checkpoint Loader with a Diff2Flow LoRA samples at the LoRA's recommended steps and cfg unless "
                 "steps_cfg_from is 'widgets'; the node shows the values it used."
             ),
             inputs=[
-                io.Model.Input("model", tooltip="An SD1.x / SD2.x / SDXL model (converted here if needed) or an already converted one."),
-                io.Int.Input("seed", default=0, min=0, max=0xFFFFFFFFFFFFFFFF, control_after_generate=True, tooltip="Seed of the initial noise."),
-                io.Int.Input("steps", default=20, min=1, max=10000, tooltip=STEPS_TOOLTIP + OVERRIDDEN),
-                io.Float.Input("cfg", default=7.0, min=0.0, max=100.0, step=0.1, round=0.01, tooltip="Classifier-free guidance scale (1 = no guidance)." + OVERRIDDEN),
-                io.Combo.Input("sampler", options=list(d2f_core.SAMPLERS), default="euler", tooltip=SAMPLER_TOOLTIP),
+                io.Model.Input(
+                    "model",
+                    tooltip="An SD1.x / SD2.x / SDXL model (converted here if needed) or an already converted one.",
+                ),
+                io.Int.Input(
+                    "seed",
+                    default=0,
+                    min=0,
+                    max=0xFFFFFFFFFFFFFFFF,
+                    control_after_generate=True,
+                    tooltip="Seed of the initial noise.",
+                ),
+                io.Int.Input("steps", default=20, min=1, max=10000, tooltip=steps_tooltip() + OVERRIDDEN),
+                io.Float.Input(
+                    "cfg",
+                    default=7.0,
+                    min=0.0,
+                    max=100.0,
+                    step=0.1,
+                    round=0.01,
+                    tooltip="Classifier-free guidance scale (1 = no guidance)." + OVERRIDDEN,
+                ),
+                io.Combo.Input(
+                    "sampler",
+                    options=list(d2f_core.SAMPLERS),
+                    default=registry_text.default_sampler(),
+                    tooltip=sampler_tooltip(),
+                ),
                 io.Float.Input("shift", default=1.0, min=0.01, max=100.0, step=0.01, tooltip=SHIFT_TOOLTIP),
                 io.Conditioning.Input("positive", tooltip="What the image should show."),
-                io.Conditioning.Input("negative", tooltip="What the image should not show (the unconditional branch of CFG)."),
-                io.Latent.Input("latent_image", tooltip="Empty latent for text-to-image, an encoded image for image-to-image."),
+                io.Conditioning.Input(
+                    "negative", tooltip="What the image should not show (the unconditional branch of CFG)."
+                ),
+                io.Latent.Input(
+                    "latent_image", tooltip="Empty latent for text-to-image, an encoded image for image-to-image."
+                ),
                 io.Float.Input("denoise", default=1.0, min=0.01, max=1.0, step=0.01, tooltip=DENOISE_TOOLTIP),
-                io.Combo.Input("start", options=list(d2f_core.START_RULES), default="sigma_max", optional=True, tooltip=START_TOOLTIP),
-                # last, so the widget values of workflows saved before it keep their places; optional, so
-                # API-format prompts written before it still validate (they get the default)
-                io.Combo.Input("steps_cfg_from", options=list(STEPS_CFG_FROM), default="lora", optional=True,
-                               tooltip=STEPS_CFG_FROM_TOOLTIP),
+                io.Combo.Input(
+                    "start",
+                    options=list(d2f_core.START_RULES),
+                    default="sigma_max",
+                    optional=True,
+                    tooltip=start_tooltip(),
+                ),
+                # last, so saved workflows without it keep their widget values in place; optional, so
+                # API-format prompts without it validate (they get the default)
+                io.Combo.Input(
+                    "steps_cfg_from",
+                    options=list(STEPS_CFG_FROM),
+                    default="lora",
+                    optional=True,
+                    tooltip=steps_cfg_from_tooltip(),
+                ),
             ],
             outputs=[io.Latent.Output(tooltip="The sampled latent.")],
         )
 
     @classmethod
-    def execute(cls, model, seed, steps, cfg, sampler, shift, positive, negative, latent_image, denoise,
-                start: str = "sigma_max", steps_cfg_from: str = "lora") -> io.NodeOutput:
+    def execute(
+        cls,
+        model,
+        seed,
+        steps,
+        cfg,
+        sampler,
+        shift,
+        positive,
+        negative,
+        latent_image,
+        denoise,
+        start: str = "sigma_max",
+        steps_cfg_from: str = "lora",
+    ) -> io.NodeOutput:
         steps, cfg, used = steps_and_cfg(model, steps, cfg, steps_cfg_from)
         log.info("Diff2Flow KSampler: %s", used)
         flow_model = as_flow_model(model)
@@ -162,9 +251,18 @@ class Diff2FlowKSampler(io.ComfyNode):
         noise = comfy.sample.prepare_noise(samples, seed, latent.get("batch_index"))
         callback = latent_preview.prepare_callback(flow_model, steps)
         latent["samples"] = comfy.sample.sample_custom(
-            flow_model, noise, cfg, fm_sampler(sampler), sigmas, positive, negative, samples,
-            noise_mask=latent.get("noise_mask"), callback=callback,
-            disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED, seed=seed,
+            flow_model,
+            noise,
+            cfg,
+            fm_sampler(sampler),
+            sigmas,
+            positive,
+            negative,
+            samples,
+            noise_mask=latent.get("noise_mask"),
+            callback=callback,
+            disable_pbar=not comfy.utils.PROGRESS_BAR_ENABLED,
+            seed=seed,
         )
         return io.NodeOutput(latent, ui={"text": [f"{sampler}, {used}"]})
 

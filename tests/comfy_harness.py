@@ -5,6 +5,7 @@ its requirements installed in the test environment), or place this repository in
 ``<ComfyUI>/custom_nodes/``. Without it, every ComfyUI test skips with that reason.
 Models are tiny SD-architecture UNets with random weights built through ComfyUI's own classes.
 """
+
 from __future__ import annotations
 
 import pathlib
@@ -15,7 +16,9 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 from d2f_host.bootstrap import find_comfyui  # noqa: E402  (COMFYUI_PATH, or the custom_nodes folder this pack is in)
 
-SKIP_REASON = "ComfyUI not found: set COMFYUI_PATH to a ComfyUI 0.8.0 source tree (or install this pack in ComfyUI/custom_nodes)"
+SKIP_REASON = (
+    "ComfyUI not found: set COMFYUI_PATH to a ComfyUI 0.8.0 source tree (or install this pack in ComfyUI/custom_nodes)"
+)
 
 
 COMFYUI = find_comfyui()
@@ -45,11 +48,23 @@ def require_comfyui() -> None:
 
 
 TINY_UNET = {
-    "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
-    "adm_in_channels": None, "in_channels": 4, "out_channels": 4, "model_channels": 32,
-    "num_res_blocks": [1, 1], "channel_mult": [1, 2], "transformer_depth": [1, 1],
-    "transformer_depth_output": [1, 1, 1, 1], "transformer_depth_middle": 1, "context_dim": 64,
-    "use_linear_in_transformer": False, "use_temporal_resblock": False, "use_temporal_attention": False,
+    "use_checkpoint": False,
+    "image_size": 32,
+    "use_spatial_transformer": True,
+    "legacy": False,
+    "adm_in_channels": None,
+    "in_channels": 4,
+    "out_channels": 4,
+    "model_channels": 32,
+    "num_res_blocks": [1, 1],
+    "channel_mult": [1, 2],
+    "transformer_depth": [1, 1],
+    "transformer_depth_output": [1, 1, 1, 1],
+    "transformer_depth_middle": 1,
+    "context_dim": 64,
+    "use_linear_in_transformer": False,
+    "use_temporal_resblock": False,
+    "use_temporal_attention": False,
 }
 CONTEXT_DIM = 64
 
@@ -70,12 +85,11 @@ def randomize_(module, seed: int = 0, std: float = 0.05):
 
 def build_tiny_model(kind: str = "eps", seed: int = 0):
     """A ModelPatcher around a tiny SD1.x-eps ("eps") or SD2.x-v ("v") UNet with random weights."""
-    import torch
-
     import comfy.model_base
     import comfy.model_management
     import comfy.model_patcher
     import comfy.supported_models
+    import torch
 
     if kind == "eps":
         cfg = comfy.supported_models.SD15(dict(TINY_UNET))
@@ -90,19 +104,42 @@ def build_tiny_model(kind: str = "eps", seed: int = 0):
     return comfy.model_patcher.ModelPatcher(model, load_device=device, offload_device=torch.device("cpu"))
 
 
-def run_cli_in_one_and_two_processes(args: list, folder: pathlib.Path, timeout: float = 600) -> tuple[pathlib.Path, pathlib.Path]:
+def run_cli_in_one_and_two_processes(
+    args: list, folder: pathlib.Path, timeout: float = 600
+) -> tuple[pathlib.Path, pathlib.Path]:
     """``python -m training <args>`` once as one process and once under ``torchrun`` with 2 gloo
     processes, each with ``--output`` in its own subfolder of ``folder`` (asserting both succeed);
     returns the two output folders (``one``, ``two``) for the caller to compare."""
     import os
     import subprocess
 
-    env = {**os.environ, "COMFYUI_PATH": str(COMFYUI), "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
-    launchers = {"one": [sys.executable, "-m", "training"],
-                 "two": [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m", "training"]}
+    env = {
+        **os.environ,
+        "COMFYUI_PATH": str(COMFYUI),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
+    launchers = {
+        "one": [sys.executable, "-m", "training"],
+        "two": [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            "-m",
+            "training",
+        ],
+    }
     for name, launcher in launchers.items():
-        done = subprocess.run([*launcher, *map(str, args), "--output", str(folder / name)], env=env, cwd=folder,
-                              capture_output=True, text=True, timeout=timeout)
+        done = subprocess.run(
+            [*launcher, *map(str, args), "--output", str(folder / name)],
+            env=env,
+            cwd=folder,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
         assert done.returncode == 0, f"{name} process(es): {done.stderr[-3000:]}"
     return folder / "one", folder / "two"

@@ -7,6 +7,7 @@ written into the ComfyUI tree or this checkout. The browser is the system Chromi
 Playwright for Python (``executable_path``; Playwright's own browser download is never used), and
 the page may only reach the server: every other request is aborted.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,7 +19,8 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from typing import Any, Iterable, Optional
+from collections.abc import Iterable
+from typing import Any
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACK_NAME = "diff2flow"  # the folder name in custom_nodes/: the front-end serves web/ under /extensions/<it>/
@@ -26,7 +28,9 @@ CHROMIUM = pathlib.Path(os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium"))
 START_TIMEOUT_S = 120.0  # import of ComfyUI + its nodes on a slow 2-core machine takes ~15 s
 # front-end settings stored on the server before the page opens: no first-run template browser, no minimap
 PAGE_SETTINGS = {"Comfy.TutorialCompleted": True, "Comfy.Minimap.Visible": False}
-APP_READY = "() => !!(window.app && window.app.graph && window.app.canvas && window.app.extensionManager && window.LiteGraph)"
+APP_READY = (
+    "() => !!(window.app && window.app.graph && window.app.canvas && window.app.extensionManager && window.LiteGraph)"
+)
 
 
 MODEL_EXTENSIONS = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
@@ -43,7 +47,7 @@ class ServerError(RuntimeError):
     """The ComfyUI server did not start, or the pack failed to import into it (the log tail says why)."""
 
 
-def browser_missing() -> Optional[str]:
+def browser_missing() -> str | None:
     """Why the browser tests cannot run here (None when Playwright and Chromium are available)."""
     try:
         import playwright.sync_api  # noqa: F401
@@ -103,17 +107,29 @@ class ComfyServer:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = self.base / "comfyui.log"
-        self.proc: Optional[subprocess.Popen] = None
+        self.proc: subprocess.Popen | None = None
 
-    def __enter__(self) -> "ComfyServer":
+    def __enter__(self) -> ComfyServer:
         link_pack(self.base)
         env = dict(os.environ)
         # this checkout's d2f_core / training, not an installed copy (ComfyUI's own folder stays first on
         # sys.path as the script's directory, so its nodes.py still wins over this pack's nodes/)
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [env.get("PYTHONPATH")])])
-        cmd = [sys.executable, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(self.port),
-               "--base-directory", str(self.base), "--database-url", "sqlite:///:memory:",
-               "--disable-api-nodes", "--disable-auto-launch"]
+        cmd = [
+            sys.executable,
+            "main.py",
+            "--cpu",
+            "--listen",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--base-directory",
+            str(self.base),
+            "--database-url",
+            "sqlite:///:memory:",
+            "--disable-api-nodes",
+            "--disable-auto-launch",
+        ]
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, cwd=self.comfyui, env=env, stdout=self._log, stderr=subprocess.STDOUT)
         try:
@@ -164,11 +180,15 @@ class ComfyServer:
             raise self._fail("the Diff2Flow nodes are not registered in the server")
 
     # -- HTTP helpers (loopback only) ---------------------------------------------------------
-    def request(self, path: str, data: Optional[dict] = None, timeout: float = 30) -> tuple[int, dict, bytes]:
+    def request(self, path: str, data: dict | None = None, timeout: float = 30) -> tuple[int, dict, bytes]:
         """(status, headers, body) of GET ``path`` (POST of JSON ``data`` when given); errors are returned, not raised."""
         body = None if data is None else json.dumps(data).encode()
-        req = urllib.request.Request(self.url + path, data=body, method="GET" if data is None else "POST",
-                                     headers={"Content-Type": "application/json"} if data is not None else {})
+        req = urllib.request.Request(
+            self.url + path,
+            data=body,
+            method="GET" if data is None else "POST",
+            headers={"Content-Type": "application/json"} if data is not None else {},
+        )
         try:
             with _LOCAL.open(req, timeout=timeout) as r:
                 return r.status, dict(r.headers), r.read()
@@ -206,12 +226,21 @@ def loopback_only(page: Any, base_url: str) -> list[str]:
 
 def launch_chromium(playwright: Any) -> Any:
     # --no-sandbox: the tests may run as root in a container, where Chromium's sandbox refuses to start
-    return playwright.chromium.launch(executable_path=str(CHROMIUM), headless=True,
-                                      args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-proxy-server"])
+    return playwright.chromium.launch(
+        executable_path=str(CHROMIUM),
+        headless=True,
+        args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-proxy-server"],
+    )
 
 
-def open_app(browser: Any, server: ComfyServer, viewport: tuple[int, int] = (1600, 1000),
-             init_script: str = "", settings: Optional[dict] = None, timeout_s: float = 60) -> Any:
+def open_app(
+    browser: Any,
+    server: ComfyServer,
+    viewport: tuple[int, int] = (1600, 1000),
+    init_script: str = "",
+    settings: dict | None = None,
+    timeout_s: float = 60,
+) -> Any:
     """A new page with the ComfyUI front-end loaded from ``server`` and its app ready; ``settings``
     are front-end settings stored on the server first (on top of PAGE_SETTINGS)."""
     server.store_settings({**PAGE_SETTINGS, **(settings or {})})

@@ -1,11 +1,11 @@
 """Fixtures for the tests that need ComfyUI (see comfy_harness for how ComfyUI is found)."""
+
 from __future__ import annotations
 
 import asyncio
 import sys
 
 import pytest
-
 from comfy_harness import COMFYUI, COMFYUI_IMPORT_ERROR, CONTEXT_DIM, ROOT, SKIP_REASON, build_tiny_model
 
 
@@ -37,6 +37,7 @@ def pack(comfy_nodes):
         sampling_nodes = importlib.import_module(package + ".sampling_nodes")
         model_nodes = importlib.import_module(package + ".model_nodes")
         train_nodes = importlib.import_module(package + ".train_nodes")
+        train_inputs = importlib.import_module(package + ".train_inputs")
         nodes = comfy_nodes
 
     return Pack
@@ -76,7 +77,6 @@ def conditioning(comfy_nodes):
 def tiny_sd15_file(comfy_nodes, tmp_path_factory):
     """An SD1.5-shaped checkpoint file with random weights (see sd15_checkpoint), written once per session."""
     from safetensors.torch import save_file
-
     from sd15_checkpoint import CKPT_NAME, tiny_sd15_state_dict
 
     path = tmp_path_factory.mktemp("checkpoints") / CKPT_NAME
@@ -97,14 +97,17 @@ def fp32_text_encoder_module(comfy_nodes):
 
 @pytest.fixture
 def recorded_trainers(pack, monkeypatch) -> list:
-    """The ``Trainer`` objects the training node creates during the test, in order (the node's own
-    class, subclassed only to record its instances), so a test can inspect the adapters as trained."""
+    """The ``Trainer`` objects the training node creates during the test, in order (the run
+    assembly's own class, subclassed only to record its instances), so a test can inspect the
+    adapters as trained."""
+    from d2f_host import training_run
+
     trainers: list = []
 
-    class RecordingTrainer(pack.train_nodes.Trainer):
+    class RecordingTrainer(training_run.Trainer):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             trainers.append(self)
 
-    monkeypatch.setattr(pack.train_nodes, "Trainer", RecordingTrainer)
+    monkeypatch.setattr(training_run, "Trainer", RecordingTrainer)
     return trainers

@@ -30,6 +30,7 @@ synthetic conditioning of the right shapes (SDXL: context [1, 77, 2048] and pool
 [1, 1280]; SD2: context [1, 77, 1024]). Weights are fp16, uniform with std 0.02 (norm layers:
 weight 1, bias 0), from a seeded generator.
 """
+
 from __future__ import annotations
 
 import os
@@ -37,7 +38,6 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import torch
-
 from sd15_checkpoint import randomize_
 
 UNET_PREFIX = "model.diffusion_model."
@@ -45,18 +45,34 @@ SD2_V_CHECK_KEY = "output_blocks.11.1.transformer_blocks.0.norm1.bias"  # what S
 SD2_V_CHECK_STD = 0.15  # SD20.model_type: std > 0.09 means v-prediction
 
 _COMMON = {
-    "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
-    "in_channels": 4, "out_channels": 4, "model_channels": 320, "channel_mult": [1],
-    "use_linear_in_transformer": True, "transformer_depth_middle": -1,
-    "use_temporal_resblock": False, "use_temporal_attention": False,
+    "use_checkpoint": False,
+    "image_size": 32,
+    "use_spatial_transformer": True,
+    "legacy": False,
+    "in_channels": 4,
+    "out_channels": 4,
+    "model_channels": 320,
+    "channel_mult": [1],
+    "use_linear_in_transformer": True,
+    "transformer_depth_middle": -1,
+    "use_temporal_resblock": False,
+    "use_temporal_attention": False,
 }
 SDXL_TINY_UNET = {
-    **_COMMON, "context_dim": 2048, "adm_in_channels": 2816, "num_classes": "sequential",
-    "num_res_blocks": [3], "transformer_depth": [0, 2, 5], "transformer_depth_output": [0, 0, 0, 0],
+    **_COMMON,
+    "context_dim": 2048,
+    "adm_in_channels": 2816,
+    "num_classes": "sequential",
+    "num_res_blocks": [3],
+    "transformer_depth": [0, 2, 5],
+    "transformer_depth_output": [0, 0, 0, 0],
 }
 SD2_TINY_UNET = {
-    **_COMMON, "context_dim": 1024, "adm_in_channels": None,
-    "num_res_blocks": [11], "transformer_depth": [1] + [0] * 10,
+    **_COMMON,
+    "context_dim": 1024,
+    "adm_in_channels": None,
+    "num_res_blocks": [11],
+    "transformer_depth": [1] + [0] * 10,
     "transformer_depth_output": [1] + [0] * 11,  # UNetModel pops from the end: entry 0 is output block 11
 }
 
@@ -88,15 +104,55 @@ class Family:
         return self.base == "sdxl"
 
 
-FAMILIES: dict[str, Family] = {f.name: f for f in (
-    Family("sdxl_eps", "d2f_tiny_sdxl_eps.safetensors", "sdxl", "KOALA_700M", "SDXL", "eps", (), context_dim=SDXL_CONTEXT_DIM),
-    Family("sdxl_v", "d2f_tiny_sdxl_v.safetensors", "sdxl", "KOALA_700M", "SDXL", "v", ("v_pred",), context_dim=SDXL_CONTEXT_DIM),
-    Family("sdxl_v_ztsnr", "d2f_tiny_sdxl_v_ztsnr.safetensors", "sdxl", "KOALA_700M", "SDXL", "v", ("v_pred", "ztsnr"),
-           comfy_zsnr=True, context_dim=SDXL_CONTEXT_DIM),
-    Family("sd2_768_v", "d2f_tiny_sd2_768_v.safetensors", "sd2", "SD20", "BaseModel", "v", context_dim=SD2_CONTEXT_DIM),
-    Family("sd2_v_zsnr_option", "d2f_tiny_sd2_768_v.safetensors", "sd2", "SD20", "BaseModel", "v",
-           zero_terminal_snr_option=True, context_dim=SD2_CONTEXT_DIM),
-)}
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in (
+        Family(
+            "sdxl_eps",
+            "d2f_tiny_sdxl_eps.safetensors",
+            "sdxl",
+            "KOALA_700M",
+            "SDXL",
+            "eps",
+            (),
+            context_dim=SDXL_CONTEXT_DIM,
+        ),
+        Family(
+            "sdxl_v",
+            "d2f_tiny_sdxl_v.safetensors",
+            "sdxl",
+            "KOALA_700M",
+            "SDXL",
+            "v",
+            ("v_pred",),
+            context_dim=SDXL_CONTEXT_DIM,
+        ),
+        Family(
+            "sdxl_v_ztsnr",
+            "d2f_tiny_sdxl_v_ztsnr.safetensors",
+            "sdxl",
+            "KOALA_700M",
+            "SDXL",
+            "v",
+            ("v_pred", "ztsnr"),
+            comfy_zsnr=True,
+            context_dim=SDXL_CONTEXT_DIM,
+        ),
+        Family(
+            "sd2_768_v", "d2f_tiny_sd2_768_v.safetensors", "sd2", "SD20", "BaseModel", "v", context_dim=SD2_CONTEXT_DIM
+        ),
+        Family(
+            "sd2_v_zsnr_option",
+            "d2f_tiny_sd2_768_v.safetensors",
+            "sd2",
+            "SD20",
+            "BaseModel",
+            "v",
+            zero_terminal_snr_option=True,
+            context_dim=SD2_CONTEXT_DIM,
+        ),
+    )
+}
 
 
 def _unet_state_dict(base: str, seed: int) -> dict[str, torch.Tensor]:

@@ -9,6 +9,7 @@ changing a workflow:
 
     COMFYUI_PATH=/path/to/ComfyUI python tests/make_workflow_thumbnails.py [--out DIR] [names ...]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,8 +20,16 @@ import tempfile
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))
 
-from comfy_server import (ROOT, ComfyServer, browser_missing, fit_view, launch_chromium,  # noqa: E402
-                          load_workflow, open_app, write_workflow_inputs)
+from comfy_server import (
+    ROOT,
+    ComfyServer,
+    browser_missing,
+    fit_view,
+    launch_chromium,
+    load_workflow,
+    open_app,
+    write_workflow_inputs,
+)
 
 VIEWPORT = (1440, 900)  # the page the graph is drawn in (CSS pixels)
 SIZE = (640, 400)  # the thumbnail: 16:10, as the Templates browser's cards

@@ -17,17 +17,30 @@ Weights: fp16, uniform with std 0.02 (norm layers: weight 1, bias 0), from a see
 The TAESD has no normalisation layers: at std 0.02 its output is a near-constant, near-black image whatever the
 latent, so it gets std 0.035 and a mid-grey bias on its last layer, and the image then follows the latent.
 """
+
 from __future__ import annotations
 
 import torch
 
 CKPT_NAME = "d2f_tiny_sd15.safetensors"
 SD15_TINY_UNET = {
-    "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
-    "adm_in_channels": None, "in_channels": 4, "out_channels": 4, "model_channels": 320,
-    "num_res_blocks": [1], "channel_mult": [1], "transformer_depth": [1], "transformer_depth_output": [1, 1],
-    "transformer_depth_middle": 1, "context_dim": 768, "use_linear_in_transformer": False,
-    "use_temporal_resblock": False, "use_temporal_attention": False,
+    "use_checkpoint": False,
+    "image_size": 32,
+    "use_spatial_transformer": True,
+    "legacy": False,
+    "adm_in_channels": None,
+    "in_channels": 4,
+    "out_channels": 4,
+    "model_channels": 320,
+    "num_res_blocks": [1],
+    "channel_mult": [1],
+    "transformer_depth": [1],
+    "transformer_depth_output": [1, 1],
+    "transformer_depth_middle": 1,
+    "context_dim": 768,
+    "use_linear_in_transformer": False,
+    "use_temporal_resblock": False,
+    "use_temporal_attention": False,
 }
 WEIGHT_STD = 0.02
 TAESD_WEIGHT_STD = 0.035

@@ -1,9 +1,9 @@
 """Stand-ins for a checkpoint's VAE and text encoder in the depth tests: tiny, deterministic, and with
 latents that follow the image, so a depth model's image conditioning means something."""
+
 from __future__ import annotations
 
 import torch
-
 from comfy_harness import CONTEXT_DIM
 
 

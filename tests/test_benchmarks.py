@@ -2,6 +2,7 @@
 repository's folder (the scripts put the repository on sys.path themselves, so a fresh clone runs
 them without installing). The figures of a quick run mean nothing; what is checked is that the
 script runs to its report."""
+
 from __future__ import annotations
 
 import os
@@ -11,7 +12,6 @@ import subprocess
 import sys
 
 import pytest
-
 from comfy_harness import COMFYUI, COMFYUI_IMPORT_ERROR, ROOT, SKIP_REASON
 
 BENCHMARKS = ROOT / "benchmarks"
@@ -19,8 +19,15 @@ BENCHMARKS = ROOT / "benchmarks"
 # script -> (needs ComfyUI, the line(s) its report must print)
 SCRIPTS = {
     # the quick run also evaluates a checkpoint, so the training-budget curve's section is printed too
-    "depth.py": (False, ("AbsRel (lower is better) by sampler steps", "## Test denoising error by noise level",
-                         "The samples' MSE against the normalised test depth", "## By training steps")),
+    "depth.py": (
+        False,
+        (
+            "AbsRel (lower is better) by sampler steps",
+            "## Test denoising error by noise level",
+            "The samples' MSE against the normalised test depth",
+            "## By training steps",
+        ),
+    ),
     "ema.py": (False, "on - off (per seed)"),
     "exactness.py": (False, "max rel. error"),
     "paper_comparison.py": (False, "FD by sampler steps"),
@@ -56,9 +63,12 @@ def test_benchmark_quick_mode_runs(script: str, tmp_path: pathlib.Path) -> None:
 
 def _listing(folder: pathlib.Path) -> dict[str, tuple[int, int]]:
     """Every file under ``folder``: relative path -> (mtime in ns, size)."""
-    return {str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.stat().st_size) for p in folder.rglob("*") if p.is_file()}
+    return {
+        str(p.relative_to(folder)): (p.stat().st_mtime_ns, p.stat().st_size) for p in folder.rglob("*") if p.is_file()
+    }
 
 
+@pytest.mark.slow
 def test_quick_mode_without_out_writes_to_a_temporary_folder_not_the_checkout(tmp_path: pathlib.Path) -> None:
     """A --quick run checks the script: without --out its report goes to a fresh temporary folder, printed,
     and nothing in the checkout's benchmarks/results/ is added or rewritten (the depth benchmark: the quickest
@@ -70,8 +80,14 @@ def test_quick_mode_without_out_writes_to_a_temporary_folder_not_the_checkout(tm
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["TMPDIR"] = str(temp)
     try:
-        result = subprocess.run([sys.executable, str(BENCHMARKS / "depth.py"), "--quick", "--jobs", "1"], cwd=tmp_path,
-                                env=env, capture_output=True, text=True, timeout=900)
+        result = subprocess.run(
+            [sys.executable, str(BENCHMARKS / "depth.py"), "--quick", "--jobs", "1"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
     finally:
         after = _listing(results)
         for name in set(after) - set(before):  # this test never leaves the checkout dirty, even when it fails
@@ -82,12 +98,15 @@ def test_quick_mode_without_out_writes_to_a_temporary_folder_not_the_checkout(tm
     assert found, result.stdout[-2000:]
     folder = pathlib.Path(found.group(1))
     assert folder.parent == temp and folder.name.startswith("d2f_depth_quick_")
-    assert {"depth_quick.md", "depth_quick.json", "depth_quick_abs_rel_vs_steps.png"} <= {p.name for p in folder.iterdir()}
+    assert {"depth_quick.md", "depth_quick.json", "depth_quick_abs_rel_vs_steps.png"} <= {
+        p.name for p in folder.iterdir()
+    }
     assert "AbsRel (lower is better) by sampler steps" in (folder / "depth_quick.md").read_text()
 
 
 def test_report_folder_is_results_for_full_runs_and_a_fresh_temporary_one_for_quick_runs(
-        tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture) -> None:
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     import tempfile
 
@@ -104,11 +123,18 @@ def test_report_folder_is_results_for_full_runs_and_a_fresh_temporary_one_for_qu
 
 def _depth_run(method: str, adapter: str, curve: dict[int, float]) -> dict:
     """A depth benchmark run whose every metric at checkpoint ``k`` is ``curve[k]`` (AbsRel, any sampler steps)."""
+
     def metrics(value: float) -> dict:
         cell = {"abs_rel": value, "delta1": 1 - value}
         return {"single": {str(s): cell for s in (1, 2, 10)}, "ensemble": {str(s): cell for s in (1, 2, 10)}}
-    return {"method": method, "adapter": adapter, "seed": 0, "curve": {str(k): metrics(v) for k, v in curve.items()},
-            "metrics": metrics(curve[max(curve)])}
+
+    return {
+        "method": method,
+        "adapter": adapter,
+        "seed": 0,
+        "curve": {str(k): metrics(v) for k, v in curve.items()},
+        "metrics": metrics(curve[max(curve)]),
+    }
 
 
 def test_depth_report_reads_targets_and_instability_at_each_checkpoint(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -117,12 +143,15 @@ def test_depth_report_reads_targets_and_instability_at_each_checkpoint(monkeypat
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     import depth
 
-    report = {"config": {"adapters": ["full"], "sampler_steps": [1, 2, 10]}, "runs": [
-        _depth_run("diff2flow", "full", {100: 0.20, 200: 0.10}),
-        _depth_run("naive_fm", "full", {100: 0.15, 200: 0.30}),  # better early, then diverges
-        _depth_run("diffusion", "full", {100: 0.40, 200: 0.20}),
-        _depth_run("regression", "full", {100: 0.10, 200: 0.10}),
-    ]}
+    report = {
+        "config": {"adapters": ["full"], "sampler_steps": [1, 2, 10]},
+        "runs": [
+            _depth_run("diff2flow", "full", {100: 0.20, 200: 0.10}),
+            _depth_run("naive_fm", "full", {100: 0.15, 200: 0.30}),  # better early, then diverges
+            _depth_run("diffusion", "full", {100: 0.40, 200: 0.20}),
+            _depth_run("regression", "full", {100: 0.10, 200: 0.10}),
+        ],
+    }
     naive_target = "Diff2Flow AbsRel <= naive FM at every step budget"
     assert depth.checkpoints(report) == [100, 200]
     for at, met in ((100, False), (200, True), (None, True)):
@@ -161,24 +190,36 @@ def test_depth_denoising_error_is_the_data_estimate_mse_at_each_sigma(monkeypatc
     assert one[0] != one[1] and two["0.5"] == pytest.approx(sum(one) / 2, rel=1e-6)
 
 
-def test_depth_denoising_lead_names_the_noise_levels_where_diff2flow_is_below_naive_fm(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_depth_denoising_lead_names_the_noise_levels_where_diff2flow_is_below_naive_fm(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     import depth
 
     def run(method: str, seed: int, errors: tuple[float, float, float]) -> dict:
-        return {"method": method, "adapter": "full", "seed": seed,
-                "metrics": {"denoise": {s: e for s, e in zip(("0.1", "0.5", "0.9"), errors)}}}
+        return {
+            "method": method,
+            "adapter": "full",
+            "seed": seed,
+            "metrics": {"denoise": {s: e for s, e in zip(("0.1", "0.5", "0.9"), errors)}},
+        }
 
-    report = {"config": {"adapters": ["full"], "denoise_sigmas": [0.1, 0.5, 0.9]}, "runs": [
-        run("diff2flow", 0, (0.010, 0.20, 0.30)), run("diff2flow", 1, (0.012, 0.22, 0.50)),
-        run("naive_fm", 0, (0.012, 0.19, 0.35)), run("naive_fm", 1, (0.014, 0.21, 0.40)),
-    ]}
+    report = {
+        "config": {"adapters": ["full"], "denoise_sigmas": [0.1, 0.5, 0.9]},
+        "runs": [
+            run("diff2flow", 0, (0.010, 0.20, 0.30)),
+            run("diff2flow", 1, (0.012, 0.22, 0.50)),
+            run("naive_fm", 0, (0.012, 0.19, 0.35)),
+            run("naive_fm", 1, (0.014, 0.21, 0.40)),
+        ],
+    }
     # means: diff2flow 0.011 / 0.21 / 0.40 against naive FM 0.013 / 0.20 / 0.375
     assert depth.denoising_lead(report, "full") == ["0.1"]
 
 
 def test_depth_sample_mse_lead_names_the_step_budgets_where_diff2flow_samples_are_closer(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.syspath_prepend(str(BENCHMARKS))
     import depth
 
@@ -186,7 +227,12 @@ def test_depth_sample_mse_lead_names_the_step_budgets_where_diff2flow_samples_ar
         single = {str(s): {"abs_rel": 0.1, "mse": m} for s, m in zip((1, 2, 10), mse)}
         return {"method": method, "adapter": "lora16", "seed": 0, "metrics": {"single": single}}
 
-    report = {"config": {"adapters": ["lora16"], "sampler_steps": [1, 2, 10]}, "runs": [
-        run("diff2flow", (0.10, 0.15, 0.20)), run("naive_fm", (0.11, 0.14, 0.21)), run("diffusion", (0.01, 0.01, 0.01)),
-    ]}
+    report = {
+        "config": {"adapters": ["lora16"], "sampler_steps": [1, 2, 10]},
+        "runs": [
+            run("diff2flow", (0.10, 0.15, 0.20)),
+            run("naive_fm", (0.11, 0.14, 0.21)),
+            run("diffusion", (0.01, 0.01, 0.01)),
+        ],
+    }
     assert depth.sample_mse_lead(report, "lora16") == [1, 10]

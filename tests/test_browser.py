@@ -18,21 +18,28 @@ Needs ComfyUI (``COMFYUI_PATH``, see comfy_harness), Playwright for Python and a
 browser are started once per session and always stopped. About 4 minutes on 2 CPU cores, most of it
 writing the tiny checkpoint, starting ComfyUI and training 6 + 20 steps.
 """
+
 from __future__ import annotations
 
 import io
 import json
 import math
-import pathlib
 import re
 import time
 from typing import Any
 
 import pytest
-
 from comfy_harness import COMFYUI, COMFYUI_IMPORT_ERROR, ROOT, SKIP_REASON
-from comfy_server import (APP_READY, PACK_NAME, ComfyServer, browser_missing, launch_chromium, load_workflow, open_app,
-                          write_workflow_inputs)
+from comfy_server import (
+    APP_READY,
+    PACK_NAME,
+    ComfyServer,
+    browser_missing,
+    launch_chromium,
+    load_workflow,
+    open_app,
+    write_workflow_inputs,
+)
 
 if COMFYUI is None:
     pytest.skip(COMFYUI_IMPORT_ERROR or SKIP_REASON, allow_module_level=True)
@@ -152,7 +159,6 @@ BUILD_TRAINING_GRAPH = """async ([ckpt, steps]) => {
 def server(tmp_path_factory):
     """ComfyUI on a loopback port with this pack, the tiny SD1.5 checkpoint and the workflows' files."""
     from safetensors.torch import save_file
-
     from sd15_checkpoint import CKPT_NAME, tiny_sd15_state_dict
 
     base = tmp_path_factory.mktemp("comfyui_base")
@@ -239,18 +245,26 @@ def workflow_problems(wf: dict, graph: list[dict]) -> list[str]:
         values, widgets = node.get("widgets_values"), got["widgets"]
         if isinstance(values, list):
             if len(values) != len(widgets):
-                problems.append(f"{where}: the file has {len(values)} widgets_values, the front-end made {len(widgets)} "
-                                f"widgets {[w['name'] for w in widgets]}")
-            if got["saved"] is None or len(got["saved"]) != len(values) or not all(map(same_value, got["saved"], values)):
+                problems.append(
+                    f"{where}: the file has {len(values)} widgets_values, the front-end made {len(widgets)} "
+                    f"widgets {[w['name'] for w in widgets]}"
+                )
+            if (
+                got["saved"] is None
+                or len(got["saved"]) != len(values)
+                or not all(map(same_value, got["saved"], values))
+            ):
                 problems.append(f"{where}: saved back as {got['saved']}, the file has {values}")
         for w in widgets:
             why = widget_problem(w)
             if why:
                 problems.append(f"{where}: widget {w['name']!r} ({w['type']}) {why}")
     for i, a in enumerate(graph):
-        for b in graph[i + 1:]:
+        for b in graph[i + 1 :]:
             if overlap(a["box"], b["box"]):
-                problems.append(f"node {a['id']} ({a['type']}) and node {b['id']} ({b['type']}) cover each other on the canvas")
+                problems.append(
+                    f"node {a['id']} ({a['type']}) and node {b['id']} ({b['type']}) cover each other on the canvas"
+                )
     return problems
 
 
@@ -291,13 +305,19 @@ def wait_for_chart(page, node_id: int, last_step: int, timeout_s: float = 30, at
     from playwright.sync_api import TimeoutError as PlaywrightTimeout
 
     try:
-        page.wait_for_function("([id, step, atLeast]) => { window.app.canvas.setDirty(true, true); "
-                               "const last = window.app.graph?.getNodeById?.(id)?.diff2flowChart?.lastStep; "
-                               "return atLeast ? last >= step : last === step; }",
-                               arg=[node_id, last_step, at_least], timeout=timeout_s * 1000, polling=250)
+        page.wait_for_function(
+            "([id, step, atLeast]) => { window.app.canvas.setDirty(true, true); "
+            "const last = window.app.graph?.getNodeById?.(id)?.diff2flowChart?.lastStep; "
+            "return atLeast ? last >= step : last === step; }",
+            arg=[node_id, last_step, at_least],
+            timeout=timeout_s * 1000,
+            polling=250,
+        )
     except PlaywrightTimeout:
-        pytest.fail(f"the chart of node {node_id} does not reach step {last_step} within {timeout_s} s: "
-                    f"{page.evaluate(READ_CHART, node_id)}")
+        pytest.fail(
+            f"the chart of node {node_id} does not reach step {last_step} within {timeout_s} s: "
+            f"{page.evaluate(READ_CHART, node_id)}"
+        )
     return page.evaluate(READ_CHART, node_id)
 
 
@@ -305,16 +325,25 @@ def curve_pixels(page, node_id: int) -> int:
     """How many pixels of the chart's plot area on the screen have the colour of its curves (#7bd88f)."""
     from PIL import Image
 
-    clip = page.evaluate("""(id) => {
+    clip = page.evaluate(
+        """(id) => {
       const app = window.app, n = app.graph.getNodeById(id), [x, y, w, h] = n.diff2flowChart.plot;
       const r = app.canvas.canvas.getBoundingClientRect(), ds = app.canvas.ds;
       const at = (px, py) => [(n.pos[0] + px + ds.offset[0]) * ds.scale + r.left, (n.pos[1] + py + ds.offset[1]) * ds.scale + r.top];
       const [x0, y0] = at(x, y), [x1, y1] = at(x + w, y + h);
       return { x: x0, y: y0, width: x1 - x0, height: y1 - y0 };
-    }""", node_id)
-    assert clip["x"] >= 0 and clip["y"] >= 0 and clip["width"] > 20 and clip["height"] > 20, f"the chart is off the screen: {clip}"
+    }""",
+        node_id,
+    )
+    assert clip["x"] >= 0 and clip["y"] >= 0 and clip["width"] > 20 and clip["height"] > 20, (
+        f"the chart is off the screen: {clip}"
+    )
     rgb = Image.open(io.BytesIO(page.screenshot(clip=clip))).convert("RGB").tobytes()
-    return sum(1 for i in range(0, len(rgb), 3) if abs(rgb[i] - 123) < 40 and abs(rgb[i + 1] - 216) < 40 and abs(rgb[i + 2] - 143) < 40)
+    return sum(
+        1
+        for i in range(0, len(rgb), 3)
+        if abs(rgb[i] - 123) < 40 and abs(rgb[i + 1] - 216) < 40 and abs(rgb[i + 2] - 143) < 40
+    )
 
 
 def test_queued_training_updates_the_live_loss_display(page, server, tmp_path) -> None:
@@ -362,10 +391,18 @@ def test_queued_training_updates_the_live_loss_display(page, server, tmp_path) -
     assert chart["box"][2] == width, "the chart is not as wide as the node"
     assert curve_pixels(page, train["id"]) >= chart["plot"][2] / 2, "the loss curves are not on the screen"
     # resizing the node resizes the chart
-    page.evaluate("(id) => { const n = window.app.graph.getNodeById(id); n.setSize([n.size[0] + 200, n.size[1]]); window.app.canvas.setDirty(true, true); }", train["id"])
-    page.wait_for_function("([id, w]) => window.app.graph.getNodeById(id).diff2flowChart?.box[2] === w", arg=[train["id"], width + 200])
+    page.evaluate(
+        "(id) => { const n = window.app.graph.getNodeById(id); n.setSize([n.size[0] + 200, n.size[1]]); window.app.canvas.setDirty(true, true); }",
+        train["id"],
+    )
+    page.wait_for_function(
+        "([id, w]) => window.app.graph.getNodeById(id).diff2flowChart?.box[2] === w", arg=[train["id"], width + 200]
+    )
     wider = page.evaluate("(id) => window.app.graph.getNodeById(id).diff2flowChart", train["id"])
-    assert wider["plot"][2] == pytest.approx(chart["plot"][2] + 200) and wider["plot"][3] > chart["plot"][3], (chart, wider)
+    assert wider["plot"][2] == pytest.approx(chart["plot"][2] + 200) and wider["plot"][3] > chart["plot"][3], (
+        chart,
+        wider,
+    )
 
 
 HISTORY_ROUTE = "/api/diff2flow/training/history"  # nodes/progress.py HISTORY_ROUTE, as ComfyUI also serves it
@@ -374,7 +411,9 @@ RELOAD_STEPS = 20  # ~2-3 s a step on 2 busy cores: the page reloads (~10 s) whi
 
 def server_run(server, node_id: int, prompt_id: str) -> dict:
     """The server's history of the training node's run of that prompt (nodes/progress.py), {} when it has none."""
-    runs = [r for r in server.get_json(HISTORY_ROUTE)["runs"] if r["node"] == str(node_id) and r["prompt_id"] == prompt_id]
+    runs = [
+        r for r in server.get_json(HISTORY_ROUTE)["runs"] if r["node"] == str(node_id) and r["prompt_id"] == prompt_id
+    ]
     return runs[-1] if runs else {}
 
 
@@ -389,8 +428,9 @@ def test_loss_chart_comes_back_after_a_page_reload_during_and_after_the_run(page
     train = page.evaluate(BUILD_TRAINING_GRAPH, [server.ckpt_name, RELOAD_STEPS])
     page.evaluate("() => { window.__d2f.events = []; }")  # the events of an earlier test's run are not this run's
     page.evaluate("async () => { await window.app.queuePrompt(0, 1); }")
-    page.wait_for_function("() => new Set(window.__d2f.events.map((e) => e.step)).size >= 2",
-                           timeout=WAIT_TRAINING_S * 1000, polling=250)
+    page.wait_for_function(
+        "() => new Set(window.__d2f.events.map((e) => e.step)).size >= 2", timeout=WAIT_TRAINING_S * 1000, polling=250
+    )
     prompt_id = page.evaluate("() => window.__d2f.events[0].prompt_id")
     assert prompt_id, "the progress event does not name its prompt"
     reload_page(page)
@@ -399,12 +439,16 @@ def test_loss_chart_comes_back_after_a_page_reload_during_and_after_the_run(page
     # the graph came back from the front-end's saved workflow, with the training node under the same id
     assert page.evaluate("(id) => window.app.graph.getNodeById(id)?.type", train["id"]) == "D2F_TrainLoRA"
     mid = wait_for_chart(page, train["id"], at_reload["step"], at_least=True)
-    assert mid["firstStep"] == 1 and mid["points"] == mid["lastStep"], f"the steps before the reload did not come back: {mid}"
+    assert mid["firstStep"] == 1 and mid["points"] == mid["lastStep"], (
+        f"the steps before the reload did not come back: {mid}"
+    )
     deadline = time.monotonic() + WAIT_TRAINING_S
     while time.monotonic() < deadline and not server_run(server, train["id"], prompt_id).get("finished"):
         time.sleep(0.5)
     final = server_run(server, train["id"], prompt_id)
-    assert final.get("finished"), f"the run did not finish within {WAIT_TRAINING_S} s: {final}; log:\n{server.log()[-3000:]}"
+    assert final.get("finished"), (
+        f"the run did not finish within {WAIT_TRAINING_S} s: {final}; log:\n{server.log()[-3000:]}"
+    )
     # the steps after the reload: live events, or the history asked again when they stop (ComfyUI can drop a
     # reloaded page's socket, see web/diff2flow.js pollStale)
     chart = wait_for_chart(page, train["id"], RELOAD_STEPS)
@@ -427,23 +471,32 @@ def test_loss_chart_comes_back_after_a_page_reload_during_and_after_the_run(page
 
 def test_help_page_opens_in_the_front_end(page) -> None:
     node_id = "D2F_KSampler"
-    # the heading of the page as shipped (web/docs/<id>/en.md; an old-layout web/docs/<id>.md still gives the heading,
-    # so that the requests below show what the front-end got)
+    # the heading of the page as shipped (web/docs/<id>/en.md; a page in the flat layout web/docs/<id>.md gives the
+    # heading too, so that it fails on the requests below, which show what the front-end got)
     page_md = next(p for p in (DOCS / node_id / "en.md", DOCS / f"{node_id}.md") if p.is_file()).read_text()
     heading = next(line[2:].strip() for line in page_md.splitlines() if line.startswith("# "))
     wf = json.loads((ROOT / "example_workflows" / "diff2flow_text_to_image.json").read_text())
     load_workflow(page, wf, "browser-test-help")
     page.docs_responses.clear()
-    page.evaluate("""(type) => { const n = window.app.graph._nodes.find((n) => n.type === type);
-        window.app.canvas.deselectAll?.(); window.app.canvas.selectNode(n); window.app.canvas.setDirty(true, true); }""", node_id)
+    page.evaluate(
+        """(type) => { const n = window.app.graph._nodes.find((n) => n.type === type);
+        window.app.canvas.deselectAll?.(); window.app.canvas.selectNode(n); window.app.canvas.setDirty(true, true); }""",
+        node_id,
+    )
     page.locator(".selection-toolbox button:has(i[class*='lucide--info'])").click(timeout=10_000)
     help_box = page.locator(".node-help-content")
     help_box.filter(has_text=heading).wait_for(state="visible", timeout=15_000)
     text = help_box.inner_text()
-    inputs = page.evaluate("(t) => window.app.graph._nodes.find((n) => n.type === t).inputs.map((i) => i.name)", node_id)
-    widgets = page.evaluate("(t) => window.app.graph._nodes.find((n) => n.type === t).widgets.map((w) => w.name)", node_id)
+    inputs = page.evaluate(
+        "(t) => window.app.graph._nodes.find((n) => n.type === t).inputs.map((i) => i.name)", node_id
+    )
+    widgets = page.evaluate(
+        "(t) => window.app.graph._nodes.find((n) => n.type === t).widgets.map((w) => w.name)", node_id
+    )
     names = {*inputs, *widgets} - {"control_after_generate"}
-    assert names and all(name in text for name in names), f"help page lacks inputs: {sorted(n for n in names if n not in text)}"
+    assert names and all(name in text for name in names), (
+        f"help page lacks inputs: {sorted(n for n in names if n not in text)}"
+    )
     first = f"/extensions/{PACK_NAME}/docs/{node_id}/en.md"
     assert page.docs_responses and page.docs_responses[0][0].endswith(first), page.docs_responses
     assert all(status == 200 for _, status in page.docs_responses), page.docs_responses
@@ -500,7 +553,9 @@ def test_templates_browser_shows_the_thumbnails(page) -> None:
                 if attempt == 2:
                     raise
     except PlaywrightTimeout:
-        shown = page.evaluate("() => [...document.querySelectorAll('.p-dialog img')].map((i) => [i.alt, i.complete, i.naturalWidth])")
+        shown = page.evaluate(
+            "() => [...document.querySelectorAll('.p-dialog img')].map((i) => [i.alt, i.complete, i.naturalWidth])"
+        )
         pytest.fail(f"the Templates browser does not show a thumbnail for each of {names}: {shown}")
     finally:
         page.keyboard.press("Escape")

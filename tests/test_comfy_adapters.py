@@ -1,10 +1,10 @@
 """Every training algorithm against the host: ComfyUI 0.8.0's stock loaders read each saved key and give
 the trained model's outputs, and LoKr / OFT equal ComfyUI's own train modules (``comfy.weight_adapter``)."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-
 from comfy_harness import require_comfyui
 
 require_comfyui()
@@ -23,8 +23,14 @@ from training import TrainConfig  # noqa: E402
 
 LATENT = (4, 8, 8)
 # what ComfyUI logs when a LoRA file does not load completely or a patch fails to apply
-LOAD_PROBLEMS = ("lora key not loaded", "NOT LOADED", "ERROR", "Calculate Weight Failed", "SHAPE MISMATCH",
-                 "patch type not recognized")
+LOAD_PROBLEMS = (
+    "lora key not loaded",
+    "NOT LOADED",
+    "ERROR",
+    "Calculate Weight Failed",
+    "SHAPE MISMATCH",
+    "patch type not recognized",
+)
 
 
 def test_every_algorithm_is_covered() -> None:
@@ -82,12 +88,24 @@ def sd15_clip(tiny_sd15_file):
 
 @pytest.mark.parametrize("algorithm", list(ALGORITHMS))
 def test_saved_file_loads_completely_in_stock_loaders_and_gives_the_trained_outputs(
-        pack, tiny_model, comfy_nodes, loras_dir, caplog, recorded_trainers, sd15_clip, algorithm) -> None:
+    pack, tiny_model, comfy_nodes, loras_dir, caplog, recorded_trainers, sd15_clip, algorithm
+) -> None:
     base = tiny_model("eps")
-    config = TrainConfig(steps=4, batch_size=2, learning_rate=3e-2, targets="all", algorithm=algorithm, rank=4, alpha=4.0,
-                         ema_decay=0.5, seed=2)
+    config = TrainConfig(
+        steps=4,
+        batch_size=2,
+        learning_rate=3e-2,
+        targets="all",
+        algorithm=algorithm,
+        rank=4,
+        alpha=4.0,
+        ema_decay=0.5,
+        seed=2,
+    )
     latents, positive = batch()
-    _, lora, _, steps = pack.train_nodes.train_lora(base, latents, positive, None, config, output_name="run")
+    _, lora, _, steps, _ = pack.train_nodes.train_lora(
+        base, config, pack.train_inputs.TrainingInputs(latents, positive), output_name="run"
+    )
     assert steps == 4
     # the network as trained: the saved (EMA) adapters as weight wrappers, the way the engine trains them
     # (the node's MODEL output cannot serve: it is the saved file loaded by ComfyUI's own loader)
@@ -124,7 +142,9 @@ def test_saved_file_loads_completely_in_stock_loaders_and_gives_the_trained_outp
         caplog.clear()
         caplog.set_level("INFO")
         loaded = load()
-        assert len(loaded.patches) == len(by_layer), f"{loader}: {len(loaded.patches)} patches for {len(by_layer)} layers"
+        assert len(loaded.patches) == len(by_layer), (
+            f"{loader}: {len(loaded.patches)} patches for {len(by_layer)} layers"
+        )
         got = unet_output(flow(loaded), x, sigma, cond)
         problems = [line for line in caplog.text.splitlines() if any(p in line for p in LOAD_PROBLEMS)]
         assert not problems, f"{loader}: {problems[:3]}"
@@ -140,15 +160,22 @@ def test_dora_starts_at_the_input_model_even_with_a_lora_loaded_before(tiny_mode
     base = tiny_model("eps")
     unet = base.model.diffusion_model
     gen = torch.Generator().manual_seed(3)
-    earlier = {n: make_adapter("LoRA", m.weight.shape, 2, 2.0, gen) for n, m in select_target_modules(unet, "attention").items()}
+    earlier = {
+        n: make_adapter("LoRA", m.weight.shape, 2, 2.0, gen)
+        for n, m in select_target_modules(unet, "attention").items()
+    }
     with torch.no_grad():
         for a in earlier.values():
             a.up.normal_(0, 0.5, generator=gen)
     patched, _ = comfy.sd.load_lora_for_models(base, None, adapters_state_dict(earlier), 1.0, 0.0)
     x, cond, sigma = torch.randn(1, *LATENT), torch.randn(1, 77, 64), torch.tensor([0.5])
     expected = unet_output(patched, x, sigma, cond)
-    assert not torch.allclose(expected, unet_output(base, x, sigma, cond), atol=1e-3), "the earlier LoRA changed nothing"
+    assert not torch.allclose(expected, unet_output(base, x, sigma, cond), atol=1e-3), (
+        "the earlier LoRA changed nothing"
+    )
     with torch.inference_mode(False), torch.enable_grad():
         clone, _, adapters, _ = attach_adapters(patched, TrainConfig(algorithm="DoRA", targets="attention"))
     assert all(type(a) is ALGORITHMS["DoRA"] for a in adapters.values())
-    torch.testing.assert_close(unet_output(clone, x, sigma, cond), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item())
+    torch.testing.assert_close(
+        unet_output(clone, x, sigma, cond), expected, rtol=1e-5, atol=1e-5 * expected.abs().max().item()
+    )

@@ -1,5 +1,6 @@
 """The headless CLI end to end on an SD1.5-shaped random-weight checkpoint: prepare -> train -> sample,
 resume, refusals before compute, torchrun with 2 processes, and the LoRA in stock ComfyUI."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -8,7 +9,6 @@ import logging
 import pathlib
 
 import pytest
-
 from comfy_harness import require_comfyui, run_cli_in_one_and_two_processes
 
 require_comfyui()
@@ -19,8 +19,8 @@ from PIL import Image  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
-from d2f_core.lora_metadata import read_lora_metadata  # noqa: E402
 from d2f_app.cli import main  # noqa: E402
+from d2f_core.lora_metadata import read_lora_metadata  # noqa: E402
 
 TRAIN = ["--steps", "4", "--batch-size", "2", "--rank", "4", "--learning-rate", "1e-3", "--seed", "3", "--no-progress"]
 
@@ -45,31 +45,88 @@ def dataset(tmp_path_factory) -> pathlib.Path:
 @pytest.fixture(scope="module")
 def prepared(tiny_sd15_file, dataset, tmp_path_factory, fp32_text_encoder_module) -> pathlib.Path:
     cache = tmp_path_factory.mktemp("cache")
-    assert main(["prepare", "--dataset", str(dataset), "--checkpoint", str(tiny_sd15_file), "--cache", str(cache),
-                 "--resolution", "64", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "prepare",
+                "--dataset",
+                str(dataset),
+                "--checkpoint",
+                str(tiny_sd15_file),
+                "--cache",
+                str(cache),
+                "--resolution",
+                "64",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     return cache
 
 
 def test_prepare_caches_buckets_and_reports(prepared, dataset, tiny_sd15_file, capsys) -> None:
     index = json.loads((prepared / "index.json").read_text())
-    assert sorted(index["entries"]) == ["img0.png", "img2.png", "img4.png", "nested/img1.png", "nested/img3.png", "nested/img5.png"]
+    assert sorted(index["entries"]) == [
+        "img0.png",
+        "img2.png",
+        "img4.png",
+        "nested/img1.png",
+        "nested/img3.png",
+        "nested/img5.png",
+    ]
     buckets = {tuple(e["bucket"]) for e in index["entries"].values()}
     assert (64, 64) in buckets and any(w > h for w, h in buckets)
     # a second prepare reuses every entry and reports the corrupt file and the missing caption again
-    assert main(["prepare", "--dataset", str(dataset), "--checkpoint", str(tiny_sd15_file), "--cache", str(prepared),
-                 "--resolution", "64", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "prepare",
+                "--dataset",
+                str(dataset),
+                "--checkpoint",
+                str(tiny_sd15_file),
+                "--cache",
+                str(prepared),
+                "--resolution",
+                "64",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
-    assert "6 of 7 images cached" in out and "0 latents encoded, 6 reused" in out and "0 captions encoded, 6 reused" in out
+    assert (
+        "6 of 7 images cached" in out and "0 latents encoded, 6 reused" in out and "0 captions encoded, 6 reused" in out
+    )
     assert "1 unreadable images skipped" in out and "corrupt.jpg" in out
     assert "1 images have no .txt caption" in out
 
 
 def test_train_writes_lora_state_metrics_and_plot_and_resumes(prepared, tiny_sd15_file, tmp_path, capsys) -> None:
     out = tmp_path / "run"
-    base = ["train", "--cache", str(prepared), "--checkpoint", str(tiny_sd15_file), "--output", str(out), "--name", "cli"]
+    base = [
+        "train",
+        "--cache",
+        str(prepared),
+        "--checkpoint",
+        str(tiny_sd15_file),
+        "--output",
+        str(out),
+        "--name",
+        "cli",
+    ]
     assert main([*base, *TRAIN, "--save-every", "2", "--caption-dropout", "0.2"]) == 0
     names = sorted(p.name for p in out.iterdir())
-    assert names == ["cli.d2fstate", "cli.safetensors", "cli.toml", "cli_000002.safetensors", "cli_000004.safetensors", "loss.png", "metrics.jsonl"]
+    assert names == [
+        "cli.d2fstate",
+        "cli.safetensors",
+        "cli.toml",
+        "cli_000002.safetensors",
+        "cli_000004.safetensors",
+        "loss.png",
+        "metrics.jsonl",
+    ]
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [1, 2, 3, 4] and all(np.isfinite(m["loss"]) and m["it_s"] > 0 for m in lines)
     assert Image.open(out / "loss.png").size[0] > 100
@@ -78,25 +135,72 @@ def test_train_writes_lora_state_metrics_and_plot_and_resumes(prepared, tiny_sd1
     # the same run name again is refused (nothing is overwritten); --resume continues it to 6 steps
     assert main([*base, *TRAIN]) == 2
     assert "already holds a run named 'cli'" in capsys.readouterr().err
-    assert main(["train", "--config", str(out / "cli.toml"), "--resume", str(out / "cli.d2fstate"), "--steps", "6", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(out / "cli.toml"),
+                "--resume",
+                str(out / "cli.d2fstate"),
+                "--steps",
+                "6",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4, 5, 6]
     # straight 6 steps equal 4 + resume 2
     straight = tmp_path / "straight"
-    assert main(["train", "--config", str(out / "cli.toml"), "--output", str(straight), "--steps", "6", "--no-progress"]) == 0
+    assert (
+        main(["train", "--config", str(out / "cli.toml"), "--output", str(straight), "--steps", "6", "--no-progress"])
+        == 0
+    )
     with safe_open(str(out / "cli.safetensors"), "pt") as a, safe_open(str(straight / "cli.safetensors"), "pt") as b:
         assert set(a.keys()) == set(b.keys())
         for key in a.keys():
             torch.testing.assert_close(a.get_tensor(key), b.get_tensor(key), rtol=1e-5, atol=1e-6)
     # a resume with a different trajectory option is refused before any compute
-    assert main(["train", "--config", str(out / "cli.toml"), "--resume", str(out / "cli.d2fstate"), "--steps", "8",
-                 "--learning-rate", "5e-4", "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(out / "cli.toml"),
+                "--resume",
+                str(out / "cli.d2fstate"),
+                "--steps",
+                "8",
+                "--learning-rate",
+                "5e-4",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     assert "different configuration (learning_rate: saved 0.001, now 0.0005)" in capsys.readouterr().err
 
 
 def test_trained_lora_loads_in_stock_comfyui_and_samples(prepared, tiny_sd15_file, tmp_path, pack, caplog) -> None:
     out = tmp_path / "run"
-    assert main(["train", "--cache", str(prepared), "--checkpoint", str(tiny_sd15_file), "--output", str(out), *TRAIN,
-                 "--targets", "attention_ff"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--cache",
+                str(prepared),
+                "--checkpoint",
+                str(tiny_sd15_file),
+                "--output",
+                str(out),
+                *TRAIN,
+                "--targets",
+                "attention_ff",
+            ]
+        )
+        == 0
+    )
     import comfy.sd
     import comfy.utils
 
@@ -111,15 +215,39 @@ def test_trained_lora_loads_in_stock_comfyui_and_samples(prepared, tiny_sd15_fil
     from training import TrainConfig
 
     node_config = TrainConfig(steps=1, batch_size=1, rank=4, seed=3, targets="attention_ff")
-    node_lora = pack.train_nodes.train_lora(model, [{"samples": torch.zeros(1, 4, 8, 8)}], [[[torch.zeros(1, 77, 768), {}]]],
-                                            None, node_config)[1]
+    inputs = pack.train_inputs.TrainingInputs([{"samples": torch.zeros(1, 4, 8, 8)}], [[[torch.zeros(1, 77, 768), {}]]])
+    node_lora = pack.train_nodes.train_lora(model, node_config, inputs).lora
     assert {k: tuple(v.shape) for k, v in node_lora.items()} == {k: tuple(v.shape) for k, v in lora.items()}
     cli_meta = read_lora_metadata(out / "diff2flow_lora.safetensors")
     assert node_lora.metadata == dataclasses.replace(cli_meta, steps=1)
     samples = tmp_path / "samples"
-    assert main(["sample", "--checkpoint", str(tiny_sd15_file), "--lora", str(out / "diff2flow_lora.safetensors"),
-                 "--prompt", "a photo of thing 1", "--prompt", "thing 2", "--steps", "3", "--cfg", "3",
-                 "--width", "64", "--height", "64", "--output", str(samples), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--checkpoint",
+                str(tiny_sd15_file),
+                "--lora",
+                str(out / "diff2flow_lora.safetensors"),
+                "--prompt",
+                "a photo of thing 1",
+                "--prompt",
+                "thing 2",
+                "--steps",
+                "3",
+                "--cfg",
+                "3",
+                "--width",
+                "64",
+                "--height",
+                "64",
+                "--output",
+                str(samples),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     pngs = sorted(samples.glob("*.png"))
     assert len(pngs) == 2
     a, b = (np.asarray(Image.open(p)) for p in pngs)
@@ -128,31 +256,101 @@ def test_trained_lora_loads_in_stock_comfyui_and_samples(prepared, tiny_sd15_fil
 
 
 def test_bad_inputs_fail_before_compute(tiny_sd15_file, prepared, tmp_path, capsys) -> None:
-    assert main(["prepare", "--dataset", str(tmp_path / "nope"), "--checkpoint", str(tiny_sd15_file), "--cache", str(tmp_path / "c")]) == 2
+    assert (
+        main(
+            [
+                "prepare",
+                "--dataset",
+                str(tmp_path / "nope"),
+                "--checkpoint",
+                str(tiny_sd15_file),
+                "--cache",
+                str(tmp_path / "c"),
+            ]
+        )
+        == 2
+    )
     assert "dataset folder" in capsys.readouterr().err
     (tmp_path / "empty").mkdir()
-    assert main(["prepare", "--dataset", str(tmp_path / "empty"), "--checkpoint", str(tiny_sd15_file), "--cache", str(tmp_path / "c")]) == 2
+    assert (
+        main(
+            [
+                "prepare",
+                "--dataset",
+                str(tmp_path / "empty"),
+                "--checkpoint",
+                str(tiny_sd15_file),
+                "--cache",
+                str(tmp_path / "c"),
+            ]
+        )
+        == 2
+    )
     assert "holds no images" in capsys.readouterr().err
-    assert main(["train", "--cache", str(tmp_path / "nocache"), "--checkpoint", str(tiny_sd15_file), "--output", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--cache",
+                str(tmp_path / "nocache"),
+                "--checkpoint",
+                str(tiny_sd15_file),
+                "--output",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert "Run `python -m training prepare" in capsys.readouterr().err
     # a checkpoint ComfyUI cannot identify as an SD model
     from safetensors.torch import save_file
 
     save_file({"foo.weight": torch.zeros(3, 3)}, str(tmp_path / "junk.safetensors"))
-    assert main(["train", "--cache", str(prepared), "--checkpoint", str(tmp_path / "junk.safetensors"), "--output", str(tmp_path / "o2")]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--cache",
+                str(prepared),
+                "--checkpoint",
+                str(tmp_path / "junk.safetensors"),
+                "--output",
+                str(tmp_path / "o2"),
+            ]
+        )
+        == 2
+    )
     assert "could not be loaded as an SD model" in capsys.readouterr().err
-    assert main(["train", "--cache", str(prepared), "--checkpoint", str(tiny_sd15_file), "--output", str(tmp_path / "o3"), "--rank", "0"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--cache",
+                str(prepared),
+                "--checkpoint",
+                str(tiny_sd15_file),
+                "--output",
+                str(tmp_path / "o3"),
+                "--rank",
+                "0",
+            ]
+        )
+        == 2
+    )
     assert "rank must be a positive integer" in capsys.readouterr().err
     (tmp_path / "bad.toml").write_text("[train]\nlearning_rat = 1e-4\n")
     assert main(["train", "--config", str(tmp_path / "bad.toml")]) == 2
     assert "unknown keys learning_rat" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="torch.distributed with gloo is not available")
 def test_torchrun_two_processes_train_through_the_cli(prepared, tiny_sd15_file, tmp_path) -> None:
     run_cli_in_one_and_two_processes(["train", "--cache", prepared, "--checkpoint", tiny_sd15_file, *TRAIN], tmp_path)
-    with safe_open(str(tmp_path / "one" / "diff2flow_lora.safetensors"), "pt") as a, \
-            safe_open(str(tmp_path / "two" / "diff2flow_lora.safetensors"), "pt") as b:
+    with (
+        safe_open(str(tmp_path / "one" / "diff2flow_lora.safetensors"), "pt") as a,
+        safe_open(str(tmp_path / "two" / "diff2flow_lora.safetensors"), "pt") as b,
+    ):
         assert set(a.keys()) == set(b.keys())
         moved = 0
         for key in a.keys():
@@ -169,11 +367,26 @@ def test_torchrun_two_processes_train_through_the_cli(prepared, tiny_sd15_file, 
     assert len((tmp_path / "two" / "metrics.jsonl").read_text().splitlines()) == 4
 
 
-def test_train_previews_sample_the_model_and_never_change_the_training(prepared, tiny_sd15_file, tmp_path, capsys) -> None:
+@pytest.mark.slow
+def test_train_previews_sample_the_model_and_never_change_the_training(
+    prepared, tiny_sd15_file, tmp_path, capsys
+) -> None:
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a photo of thing 1\n\nthing 2\n", encoding="utf-8")
-    previews = ["--preview-every", "2", "--preview-steps", "3", "--preview-cfg", "2", "--preview-seed", "5",
-                "--preview-width", "64", "--preview-height", "64"]
+    previews = [
+        "--preview-every",
+        "2",
+        "--preview-steps",
+        "3",
+        "--preview-cfg",
+        "2",
+        "--preview-seed",
+        "5",
+        "--preview-width",
+        "64",
+        "--preview-height",
+        "64",
+    ]
     base = ["train", "--cache", str(prepared), "--checkpoint", str(tiny_sd15_file), *TRAIN]
     assert main([*base, "--output", str(tmp_path / "plain")]) == 0
     out = tmp_path / "previews"
@@ -193,9 +406,33 @@ def test_train_previews_sample_the_model_and_never_change_the_training(prepared,
     assert all(torch.equal(plain[k], with_previews[k]) for k in plain), "previews changed the training"
     # the step-0 grid is what `sample` makes of the base checkpoint with the same seed, steps, cfg and size
     samples = tmp_path / "samples"
-    assert main(["sample", "--checkpoint", str(tiny_sd15_file), "--prompt", "a photo of thing 1", "--prompt", "thing 2",
-                 "--steps", "3", "--cfg", "2", "--seed", "5", "--width", "64", "--height", "64", "--output", str(samples),
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--checkpoint",
+                str(tiny_sd15_file),
+                "--prompt",
+                "a photo of thing 1",
+                "--prompt",
+                "thing 2",
+                "--steps",
+                "3",
+                "--cfg",
+                "2",
+                "--seed",
+                "5",
+                "--width",
+                "64",
+                "--height",
+                "64",
+                "--output",
+                str(samples),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     first, second = (np.asarray(Image.open(p)).astype(int) for p in sorted(samples.glob("*.png")))
     grid = np.asarray(Image.open(out / "samples" / "step_000000.png")).astype(int)
     assert grid.shape == (64, 128, 3)  # two prompts: one row of two
@@ -205,18 +442,34 @@ def test_train_previews_sample_the_model_and_never_change_the_training(prepared,
     half = tmp_path / "half"
     assert main([*base, "--output", str(half), *previews, "--sample-prompts", str(prompts), "--steps", "3"]) == 0
     assert "sample_prompts = " in (half / "diff2flow_lora.toml").read_text()
-    assert main(["train", "--config", str(half / "diff2flow_lora.toml"), "--resume", str(half / "diff2flow_lora.d2fstate"),
-                 "--steps", "4", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(half / "diff2flow_lora.toml"),
+                "--resume",
+                str(half / "diff2flow_lora.d2fstate"),
+                "--steps",
+                "4",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert sorted(p.name for p in (half / "samples").iterdir()) == expected
     resumed = lora(half)
     assert all(torch.equal(resumed[k], with_previews[k]) for k in resumed)
     for name in expected:
-        assert np.array_equal(np.asarray(Image.open(half / "samples" / name)), np.asarray(Image.open(out / "samples" / name)))
+        assert np.array_equal(
+            np.asarray(Image.open(half / "samples" / name)), np.asarray(Image.open(out / "samples" / name))
+        )
     # previews on without prompts: refused before any compute, naming the flag
     assert main([*base, "--output", str(tmp_path / "noprompts"), "--preview-every", "2"]) == 2
     assert "--preview-every 2 needs --sample-prompts FILE" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_a_resume_at_the_last_step_writes_the_missing_final_files(prepared, tiny_sd15_file, tmp_path, capsys) -> None:
     """A run killed between its last periodic save and its final files: the state is at the last step,
     NAME.safetensors is missing, an older save was not pruned yet and temporary files are left. --resume
@@ -225,7 +478,17 @@ def test_a_resume_at_the_last_step_writes_the_missing_final_files(prepared, tiny
     import sys
 
     out = tmp_path / "run"
-    base = ["train", "--cache", str(prepared), "--checkpoint", str(tiny_sd15_file), "--output", str(out), "--name", "cut"]
+    base = [
+        "train",
+        "--cache",
+        str(prepared),
+        "--checkpoint",
+        str(tiny_sd15_file),
+        "--output",
+        str(out),
+        "--name",
+        "cut",
+    ]
     assert main([*base, *TRAIN, "--save-every", "2", "--keep-last", "1"]) == 0
     final = {k: v.clone() for k, v in load_file(out / "cut.safetensors").items()}
     (out / "cut.safetensors").unlink()
@@ -237,13 +500,34 @@ def test_a_resume_at_the_last_step_writes_the_missing_final_files(prepared, tiny
     for path in leftovers:
         path.write_bytes(b"partial")
     capsys.readouterr()
-    assert main(["train", "--config", str(out / "cut.toml"), "--resume", str(out / "cut.d2fstate"), "--no-progress"]) == 0
+    assert (
+        main(["train", "--config", str(out / "cut.toml"), "--resume", str(out / "cut.d2fstate"), "--no-progress"]) == 0
+    )
     assert "resuming cut at step 4 of 4: writing the final files" in capsys.readouterr().out
-    assert sorted(p.name for p in out.iterdir()) == ["cut.d2fstate", "cut.safetensors", "cut.toml", "cut_000004.safetensors",
-                                                     "loss.png", "metrics.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "cut.d2fstate",
+        "cut.safetensors",
+        "cut.toml",
+        "cut_000004.safetensors",
+        "loss.png",
+        "metrics.jsonl",
+    ]
     resumed = load_file(out / "cut.safetensors")
     assert resumed.keys() == final.keys() and all(torch.equal(resumed[k], final[k]) for k in final)
     # past the saved step is still refused, with the fix
-    assert main(["train", "--config", str(out / "cut.toml"), "--resume", str(out / "cut.d2fstate"), "--steps", "3",
-                 "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--config",
+                str(out / "cut.toml"),
+                "--resume",
+                str(out / "cut.d2fstate"),
+                "--steps",
+                "3",
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     assert "already at step 4, past --steps 3" in capsys.readouterr().err

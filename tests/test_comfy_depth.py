@@ -6,6 +6,7 @@ Models are tiny random-weight UNets of the SD1.5 (eps), SD2 (v) and SDXL layouts
 own classes; the behaviour tests of the estimate use a stand-in VAE (average pooling / upsampling) whose
 latent follows the image, so the depth follows the model's output.
 """
+
 from __future__ import annotations
 
 import logging
@@ -14,7 +15,6 @@ import pathlib
 import numpy as np
 import pytest
 import torch
-
 from comfy_harness import TINY_UNET, require_comfyui
 
 require_comfyui()
@@ -27,6 +27,8 @@ import comfy.samplers  # noqa: E402
 import comfy.supported_models  # noqa: E402
 import comfy.utils  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
+from sd15_checkpoint import randomize_  # noqa: E402
+from stand_ins import StandInClip, StandInVae  # noqa: E402
 
 from d2f_core import Diff2Flow, fm_sigmas, get_objective, get_sampler  # noqa: E402
 from d2f_core.colormap import apply_colormap  # noqa: E402
@@ -34,15 +36,13 @@ from d2f_core.depth import ensemble_depth  # noqa: E402
 from d2f_core.depth_settings import DepthSettings, processing_size  # noqa: E402
 from d2f_core.lora import adapters_state_dict  # noqa: E402
 from d2f_core.lora_metadata import DEPTH_NORMALIZATION, LoraMetadata  # noqa: E402
-from d2f_host.bootstrap import HostError  # noqa: E402
 from d2f_host.checkpoints import base_model_hash, recommended_sampling_of  # noqa: E402
 from d2f_host.depth import input_conv, is_image_conditioned, load_depth_model, widen_model  # noqa: E402
 from d2f_host.depth_estimate import estimate_depth  # noqa: E402
+from d2f_host.errors import HostError  # noqa: E402
 from d2f_host.marigold import diffusers_unet_config, load_marigold, load_marigold_file  # noqa: E402
 from d2f_host.model_sampling import flow_model_for, is_patched, patch_model, schedule_of  # noqa: E402
 from d2f_host.unet import attach_adapters  # noqa: E402
-from sd15_checkpoint import randomize_  # noqa: E402
-from stand_ins import StandInClip, StandInVae  # noqa: E402
 from training import TrainConfig  # noqa: E402
 
 LATENT = (4, 8, 8)
@@ -68,14 +68,22 @@ def build_tiny_sdxl(seed: int = 0):
     """A ModelPatcher around a tiny SDXL-layout UNet (ADM input 2816, linear transformers), random weights."""
     from comfy_harness import randomize_ as fill
 
-    unet = dict(TINY_UNET, model_channels=64, adm_in_channels=2816, num_classes="sequential",
-                use_linear_in_transformer=True, transformer_depth=[0, 1], transformer_depth_output=[0, 0, 1, 1])
+    unet = dict(
+        TINY_UNET,
+        model_channels=64,
+        adm_in_channels=2816,
+        num_classes="sequential",
+        use_linear_in_transformer=True,
+        transformer_depth=[0, 1],
+        transformer_depth_output=[0, 0, 1, 1],
+    )
     cfg = comfy.supported_models.SDXL(unet)
     cfg.set_inference_dtype(torch.float32, None)
     model = comfy.model_base.SDXL(cfg, model_type=comfy.model_base.ModelType.EPS, device=torch.device("cpu"))
     fill(model, seed)
-    return comfy.model_patcher.ModelPatcher(model, load_device=comfy.model_management.get_torch_device(),
-                                            offload_device=torch.device("cpu"))
+    return comfy.model_patcher.ModelPatcher(
+        model, load_device=comfy.model_management.get_torch_device(), offload_device=torch.device("cpu")
+    )
 
 
 def build(kind: str):
@@ -136,7 +144,11 @@ def test_widened_model_equals_the_base_model_on_duplicated_input(comfy_nodes, ki
     assert is_image_conditioned(widened) and not is_image_conditioned(base)
     assert input_conv(base).weight.shape[1] == 4 and input_conv(widened).weight.shape[1] == 8  # the base is untouched
     gen = torch.Generator().manual_seed(1)
-    x, sigma, context = torch.randn(1, *LATENT, generator=gen), torch.tensor([3.0]), torch.randn(1, 77, CONTEXT, generator=gen)
+    x, sigma, context = (
+        torch.randn(1, *LATENT, generator=gen),
+        torch.tensor([3.0]),
+        torch.randn(1, 77, CONTEXT, generator=gen),
+    )
     extra = {"y": torch.randn(1, 2816, generator=gen)} if kind == "sdxl" else {}
     expected = unet_output(base, x, sigma, context, **extra)
     # apply_model appends c_concat after the scaled input: the duplicate of the UNet's input is calculate_input(x)
@@ -149,6 +161,7 @@ def test_widened_model_equals_the_base_model_on_duplicated_input(comfy_nodes, ki
         widen_model(widened)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sampler", comfy.samplers.KSampler.SAMPLERS)
 def test_concat_conditioning_reaches_the_unet_through_the_patch_and_every_stock_sampler(comfy_nodes, sampler) -> None:
     """Two images, one noise: every stock sampler on the Diff2Flow-patched depth model gives two different
@@ -157,13 +170,16 @@ def test_concat_conditioning_reaches_the_unet_through_the_patch_and_every_stock_
     assert is_patched(flow) and is_image_conditioned(flow)
     gen = torch.Generator().manual_seed(0)
     noise, empty = torch.randn(1, *LATENT, generator=gen), torch.zeros(1, *LATENT)
-    (context, _), = conditioning()
+    ((context, _),) = conditioning()
     out = []
     for _ in range(2):
         positive = [[context, {"concat_latent_image": torch.randn(1, *LATENT, generator=gen)}]]
         with torch.no_grad():
-            out.append(comfy.sample.sample(flow, noise, 3, 1.0, sampler, "simple", positive, positive, empty,
-                                           disable_pbar=True, seed=0))
+            out.append(
+                comfy.sample.sample(
+                    flow, noise, 3, 1.0, sampler, "simple", positive, positive, empty, disable_pbar=True, seed=0
+                )
+            )
     assert all(torch.isfinite(o).all() for o in out)
     assert (out[0] - out[1]).abs().max() > 1e-3, f"{sampler}: the image latent did not change the result"
 
@@ -179,8 +195,21 @@ def test_concat_through_stock_instructpix2pix_conditioning(comfy_nodes) -> None:
         positive, negative, latent = result.result if hasattr(result, "result") else result
         noise = torch.randn(latent["samples"].shape, generator=torch.Generator().manual_seed(0))
         with torch.no_grad():
-            outputs.append(comfy.sample.sample(flow, noise, 2, 1.0, "euler", "simple", positive, negative,
-                                               latent["samples"], disable_pbar=True, seed=0))
+            outputs.append(
+                comfy.sample.sample(
+                    flow,
+                    noise,
+                    2,
+                    1.0,
+                    "euler",
+                    "simple",
+                    positive,
+                    negative,
+                    latent["samples"],
+                    disable_pbar=True,
+                    seed=0,
+                )
+            )
     assert (outputs[0] - outputs[1]).abs().max() > 1e-3
 
 
@@ -188,14 +217,32 @@ def test_concat_through_stock_instructpix2pix_conditioning(comfy_nodes) -> None:
 # 2. depth model files: save (adapters on a widened model) -> load with equal outputs
 
 
-def write_depth_file(path: pathlib.Path, adapters: dict, model, objective: str = "diff2flow", task: str = "depth",
-                     steps: int = 2, with_metadata: bool = True, prediction: str | None = None) -> pathlib.Path:
+def write_depth_file(
+    path: pathlib.Path,
+    adapters: dict,
+    model,
+    objective: str = "diff2flow",
+    task: str = "depth",
+    steps: int = 2,
+    with_metadata: bool = True,
+    prediction: str | None = None,
+) -> pathlib.Path:
     """A depth model file as the depth trainer writes it: ComfyUI-native adapter keys, Diff2Flow metadata."""
     _, model_prediction = schedule_of(model.get_model_object("model_sampling"))
-    metadata = LoraMetadata(objective=objective, prediction=prediction or model_prediction, zero_terminal_snr=False,
-                            rank=4, alpha=4.0, algorithm="LoRA", base_model_hash=base_model_hash(model), sampler="euler",
-                            sampling_steps=steps, sampling_cfg=1.0, task=task,
-                            normalization=DEPTH_NORMALIZATION if task == "depth" else None)
+    metadata = LoraMetadata(
+        objective=objective,
+        prediction=prediction or model_prediction,
+        zero_terminal_snr=False,
+        rank=4,
+        alpha=4.0,
+        algorithm="LoRA",
+        base_model_hash=base_model_hash(model),
+        sampler="euler",
+        sampling_steps=steps,
+        sampling_cfg=1.0,
+        task=task,
+        normalization=DEPTH_NORMALIZATION if task == "depth" else None,
+    )
     tensors = {k: v.detach().float().contiguous() for k, v in adapters_state_dict(adapters).items()}
     save_file(tensors, str(path), metadata=metadata.to_header() if with_metadata else None)
     return path
@@ -228,8 +275,12 @@ def test_depth_file_loads_back_with_equal_outputs(comfy_nodes, tmp_path, caplog,
     assert recommended_sampling_of(loaded).steps == 3
     assert is_patched(loaded) == (objective == "diff2flow")
     gen = torch.Generator().manual_seed(3)
-    x, sigma, context, image = (torch.randn(1, *LATENT, generator=gen), torch.tensor([0.5]),
-                                torch.randn(1, 77, CONTEXT, generator=gen), torch.randn(1, *LATENT, generator=gen))
+    x, sigma, context, image = (
+        torch.randn(1, *LATENT, generator=gen),
+        torch.tensor([0.5]),
+        torch.randn(1, 77, CONTEXT, generator=gen),
+        torch.randn(1, *LATENT, generator=gen),
+    )
     expected = unet_output(flow_model_for(trained, objective), x, sigma, context, c_concat=image)
     untrained = unet_output(flow_model_for(widen_model(base), objective), x, sigma, context, c_concat=image)
     assert not torch.allclose(untrained, expected, atol=1e-3), "the adapters changed nothing"
@@ -247,8 +298,19 @@ def test_depth_file_loads_back_with_equal_outputs(comfy_nodes, tmp_path, caplog,
 
     def sample(model):
         with torch.no_grad():
-            return comfy.sample.sample(model, noise, 2, 1.0, "euler", "simple", positive, positive,
-                                       torch.zeros(1, *LATENT), disable_pbar=True, seed=0)
+            return comfy.sample.sample(
+                model,
+                noise,
+                2,
+                1.0,
+                "euler",
+                "simple",
+                positive,
+                positive,
+                torch.zeros(1, *LATENT),
+                disable_pbar=True,
+                seed=0,
+            )
 
     torch.testing.assert_close(sample(loaded), sample(flow_model_for(trained, objective)), rtol=1e-4, atol=1e-4)
 
@@ -263,29 +325,44 @@ def test_depth_files_that_do_not_fit_are_refused_before_loading(comfy_nodes, tmp
     image_lora = write_depth_file(tmp_path / "image.safetensors", adapters, base, task="image")
     with pytest.raises(HostError, match="is a Diff2Flow image LoRA, not a depth model"):
         load_depth_model(base, image_lora)
-    no_conv = write_depth_file(tmp_path / "noconv.safetensors", {k: v for k, v in adapters.items() if k != "input_blocks.0.0"}, base)
+    no_conv = write_depth_file(
+        tmp_path / "noconv.safetensors", {k: v for k, v in adapters.items() if k != "input_blocks.0.0"}, base
+    )
     with pytest.raises(HostError, match="has no widened first convolution"):
         load_depth_model(base, no_conv)
     good = write_depth_file(tmp_path / "good.safetensors", adapters, base)
     with pytest.raises(HostError, match="already takes an image latent"):
         load_depth_model(widen_model(base), good)
     # another family: SD1.5 tiny (32 channels) has another first convolution
-    with pytest.raises(HostError, match=r"first convolution of shape \(64, 8, 3, 3\), but this MODEL needs \(32, 8, 3, 3\)"):
+    with pytest.raises(
+        HostError, match=r"first convolution of shape \(64, 8, 3, 3\), but this MODEL needs \(32, 8, 3, 3\)"
+    ):
         load_depth_model(build("eps"), write_depth_file(tmp_path / "eps.safetensors", adapters, base, prediction="eps"))
     # same first convolution, other cross-attention width: the LoRA factors do not fit
     from comfy_harness import randomize_ as fill
 
-    cfg = comfy.supported_models.SD20(dict(TINY_UNET, use_linear_in_transformer=True, model_channels=64, context_dim=96))
+    cfg = comfy.supported_models.SD20(
+        dict(TINY_UNET, use_linear_in_transformer=True, model_channels=64, context_dim=96)
+    )
     cfg.set_inference_dtype(torch.float32, None)
-    other = comfy.model_patcher.ModelPatcher(fill(comfy.model_base.BaseModel(cfg, model_type=comfy.model_base.ModelType.V_PREDICTION)),
-                                             load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+    other = comfy.model_patcher.ModelPatcher(
+        fill(comfy.model_base.BaseModel(cfg, model_type=comfy.model_base.ModelType.V_PREDICTION)),
+        load_device=torch.device("cpu"),
+        offload_device=torch.device("cpu"),
+    )
     with pytest.raises(HostError, match="do not fit this MODEL's layers .*attn2.to_k"):
         load_depth_model(other, good)
     # the prediction type of the metadata is checked (a v-trained depth file on an eps model of the same shape)
     eps_same_shape = comfy.model_patcher.ModelPatcher(
-        fill(comfy.model_base.BaseModel(comfy.supported_models.SD20(dict(TINY_UNET, use_linear_in_transformer=True, model_channels=64)),
-                                        model_type=comfy.model_base.ModelType.EPS)),
-        load_device=torch.device("cpu"), offload_device=torch.device("cpu"))
+        fill(
+            comfy.model_base.BaseModel(
+                comfy.supported_models.SD20(dict(TINY_UNET, use_linear_in_transformer=True, model_channels=64)),
+                model_type=comfy.model_base.ModelType.EPS,
+            )
+        ),
+        load_device=torch.device("cpu"),
+        offload_device=torch.device("cpu"),
+    )
     with pytest.raises(HostError, match="trained on a v-prediction model"):
         load_depth_model(eps_same_shape, good)
     with pytest.raises(HostError, match="does not exist"):
@@ -313,7 +390,9 @@ def depth_model(comfy_nodes):
 
 
 def run_estimate(model, imgs, steps=2, ensemble=1, resolution=0, seed=0, vae=None, **kwargs) -> torch.Tensor:
-    return estimate_depth(model, vae or StandInVae(), conditioning(), imgs, DepthSettings(steps, ensemble, resolution, seed), **kwargs)
+    return estimate_depth(
+        model, vae or StandInVae(), conditioning(), imgs, DepthSettings(steps, ensemble, resolution, seed), **kwargs
+    )
 
 
 def test_estimate_shapes_range_steps_and_batch(depth_model) -> None:
@@ -326,10 +405,14 @@ def test_estimate_shapes_range_steps_and_batch(depth_model) -> None:
     assert wrapper.calls == 3 * 2 * 2  # FM Euler at cfg 1: one evaluation per step, member and image
     # a batch is its images one by one
     for i in range(2):
-        torch.testing.assert_close(run_estimate(depth_model, imgs[i:i + 1], steps=3, ensemble=2)[0], depth[i], rtol=0, atol=1e-5)
+        torch.testing.assert_close(
+            run_estimate(depth_model, imgs[i : i + 1], steps=3, ensemble=2)[0], depth[i], rtol=0, atol=1e-5
+        )
     # the image matters, and so does the seed
     assert (depth[0] - depth[1]).abs().max() > 1e-3  # same noise: only the image latent differs
-    assert (run_estimate(depth_model, imgs[:1], seed=5) - run_estimate(depth_model, imgs[:1], seed=6)).abs().max() > 1e-3
+    assert (
+        run_estimate(depth_model, imgs[:1], seed=5) - run_estimate(depth_model, imgs[:1], seed=6)
+    ).abs().max() > 1e-3
 
 
 def test_ensemble_is_the_aligned_median_of_its_members(depth_model) -> None:
@@ -455,7 +538,9 @@ def test_depth_estimate_node_outputs_and_recommended_steps(comfy_nodes, depth_no
     assert raw.shape == (2, 40, 48) and grey.shape == color.shape == (2, 40, 48, 3)
     torch.testing.assert_close(grey, raw.unsqueeze(-1).expand(-1, -1, -1, 3))
     torch.testing.assert_close(color, apply_colormap(raw, "spectral"))
-    _, color_turbo, raw_again = node_result(estimate.execute(model, StandInClip(), StandInVae(), imgs, 2, 1, 0, 0, "turbo"))
+    _, color_turbo, raw_again = node_result(
+        estimate.execute(model, StandInClip(), StandInVae(), imgs, 2, 1, 0, 0, "turbo")
+    )
     torch.testing.assert_close(color_turbo, apply_colormap(raw_again, "turbo"))
     assert wrapper.calls == 3 * 2 + 2 * 2  # steps 2 given
     # near is red, far is blue in Marigold's spectral map
@@ -479,9 +564,13 @@ def test_depth_estimate_node_refuses_a_plain_model_and_reports_progress_and_canc
         estimate.execute(depth_model, None, vae, images(), 1, 1, 0, 0, "spectral")
     assert vae.calls == 0
     progress = []
-    comfy.utils.set_progress_bar_global_hook(lambda value, total, preview, node_id=None: progress.append((value, total)))
+    comfy.utils.set_progress_bar_global_hook(
+        lambda value, total, preview, node_id=None: progress.append((value, total))
+    )
     try:
-        node_result(estimate.execute(depth_model, StandInClip(), StandInVae(), images(2, 32, 32), 1, 2, 0, 0, "spectral"))
+        node_result(
+            estimate.execute(depth_model, StandInClip(), StandInVae(), images(2, 32, 32), 1, 2, 0, 0, "spectral")
+        )
         assert progress[-4:] == [(1, 4), (2, 4), (3, 4), (4, 4)]
         model, wrapper = counted(depth_model)
         wrapper.on_call = lambda calls: comfy.model_management.interrupt_current_processing(True)  # Cancel pressed
@@ -498,11 +587,23 @@ def test_depth_estimate_node_refuses_a_plain_model_and_reports_progress_and_canc
 
 
 MARIGOLD_UNET = {  # ComfyUI's SD20 detection needs 320 channels and a 1024-wide context; the rest is shrunk
-    "use_checkpoint": False, "image_size": 32, "use_spatial_transformer": True, "legacy": False,
-    "adm_in_channels": None, "in_channels": 8, "out_channels": 4, "model_channels": 320,
-    "num_res_blocks": [1], "channel_mult": [1], "transformer_depth": [1], "transformer_depth_output": [1, 1],
-    "transformer_depth_middle": 1, "context_dim": 1024, "use_linear_in_transformer": True,
-    "use_temporal_resblock": False, "use_temporal_attention": False,
+    "use_checkpoint": False,
+    "image_size": 32,
+    "use_spatial_transformer": True,
+    "legacy": False,
+    "adm_in_channels": None,
+    "in_channels": 8,
+    "out_channels": 4,
+    "model_channels": 320,
+    "num_res_blocks": [1],
+    "channel_mult": [1],
+    "transformer_depth": [1],
+    "transformer_depth_output": [1, 1],
+    "transformer_depth_middle": 1,
+    "context_dim": 1024,
+    "use_linear_in_transformer": True,
+    "use_temporal_resblock": False,
+    "use_temporal_attention": False,
 }
 
 
@@ -512,7 +613,9 @@ def marigold(comfy_nodes, tmp_path_factory):
     its diffusers-format file (keys renamed with ComfyUI's own unet_to_diffusers map)."""
     cfg = comfy.supported_models.SD20(dict(MARIGOLD_UNET))
     cfg.set_inference_dtype(torch.float32, None)
-    reference = comfy.model_base.BaseModel(cfg, model_type=comfy.model_base.ModelType.V_PREDICTION, device=torch.device("cpu"))
+    reference = comfy.model_base.BaseModel(
+        cfg, model_type=comfy.model_base.ModelType.V_PREDICTION, device=torch.device("cpu")
+    )
     randomize_(reference.diffusion_model, torch.Generator().manual_seed(0))
     unet = reference.diffusion_model.eval()
     names = {ldm: diffusers for diffusers, ldm in comfy.utils.unet_to_diffusers(dict(MARIGOLD_UNET)).items()}
@@ -557,14 +660,28 @@ def test_marigold_diffusers_file_samples_as_a_flow_model(marigold, comfy_nodes) 
         from d2f_host.sampling import fm_sampler
 
         with torch.no_grad():
-            got = comfy.sample.sample_custom(model, noise, 1.0, fm_sampler("euler"), sigmas, positive, positive,
-                                             torch.zeros(1, *LATENT), disable_pbar=True, seed=0)
+            got = comfy.sample.sample_custom(
+                model,
+                noise,
+                1.0,
+                fm_sampler("euler"),
+                sigmas,
+                positive,
+                positive,
+                torch.zeros(1, *LATENT),
+                disable_pbar=True,
+                seed=0,
+            )
         image_latent = model.model.process_latent_in(image_raw)
-        expected = model.model.process_latent_out(marigold_reference_sample(unet, sampling, image_latent, context, noise, steps))
+        expected = model.model.process_latent_out(
+            marigold_reference_sample(unet, sampling, image_latent, context, noise, steps)
+        )
         torch.testing.assert_close(got, expected.float(), rtol=1e-4, atol=1e-4)
     # zero terminal SNR starts the grid at sigma 1 (pure noise); off (Marigold's training) at SD2's 0.936
     assert float(model.get_model_object("model_sampling").sigma_max) < 0.94
-    assert float(load_marigold_file(diffusers, zero_terminal_snr=True).get_model_object("model_sampling").sigma_max) == pytest.approx(1.0)
+    assert float(
+        load_marigold_file(diffusers, zero_terminal_snr=True).get_model_object("model_sampling").sigma_max
+    ) == pytest.approx(1.0)
     # the same UNet with ComfyUI / LDM keys loads to the same model
     other = load_marigold_file(ldm)
     torch.testing.assert_close(input_conv(other).weight, input_conv(model).weight)
@@ -576,12 +693,26 @@ def test_marigold_config_reading_matches_comfyuis_detection_at_full_sd2_size(com
     import comfy.model_detection
     from comfy.ldm.modules.diffusionmodules.openaimodel import UNetModel
 
-    sd21 = {"use_checkpoint": False, "image_size": 32, "out_channels": 4, "use_spatial_transformer": True, "legacy": False,
-            "adm_in_channels": None, "in_channels": 8, "model_channels": 320, "num_res_blocks": [2, 2, 2, 2],
-            "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0], "channel_mult": [1, 2, 4, 4], "transformer_depth_middle": 1,
-            "use_linear_in_transformer": True, "context_dim": 1024, "num_head_channels": 64,
-            "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0], "use_temporal_attention": False,
-            "use_temporal_resblock": False}
+    sd21 = {
+        "use_checkpoint": False,
+        "image_size": 32,
+        "out_channels": 4,
+        "use_spatial_transformer": True,
+        "legacy": False,
+        "adm_in_channels": None,
+        "in_channels": 8,
+        "model_channels": 320,
+        "num_res_blocks": [2, 2, 2, 2],
+        "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+        "channel_mult": [1, 2, 4, 4],
+        "transformer_depth_middle": 1,
+        "use_linear_in_transformer": True,
+        "context_dim": 1024,
+        "num_head_channels": 64,
+        "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+        "use_temporal_attention": False,
+        "use_temporal_resblock": False,
+    }
     unet = UNetModel(**sd21, device="meta", operations=comfy.ops.disable_weight_init)
     names = {ldm: d for d, ldm in comfy.utils.unet_to_diffusers(dict(sd21)).items()}
     sd = {names[k]: v for k, v in unet.state_dict().items()}
@@ -589,8 +720,18 @@ def test_marigold_config_reading_matches_comfyuis_detection_at_full_sd2_size(com
     sd["conv_in.weight"] = torch.empty(320, 4, 3, 3, device="meta")
     theirs = comfy.model_detection.unet_config_from_diffusers_unet(sd)
     assert theirs is not None
-    for key in ("model_channels", "num_res_blocks", "channel_mult", "transformer_depth", "transformer_depth_output",
-                "transformer_depth_middle", "context_dim", "use_linear_in_transformer", "num_head_channels", "out_channels"):
+    for key in (
+        "model_channels",
+        "num_res_blocks",
+        "channel_mult",
+        "transformer_depth",
+        "transformer_depth_output",
+        "transformer_depth_middle",
+        "context_dim",
+        "use_linear_in_transformer",
+        "num_head_channels",
+        "out_channels",
+    ):
         assert ours[key] == theirs[key], key
     assert ours["in_channels"] == 8
 
@@ -607,10 +748,14 @@ def test_marigold_files_that_do_not_fit_are_refused(marigold, comfy_nodes, tmp_p
         load_marigold({"first_stage_model.decoder.conv_in.weight": torch.zeros(1)}, "vae.safetensors")
     with pytest.raises(HostError, match="class / added embeddings"):
         load_marigold(dict(sd, **{"add_embedding.linear_1.weight": torch.zeros(4, 4)}), "sdxl.safetensors")
-    incomplete = {k: v for k, v in sd.items() if k != "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"}
+    incomplete = {
+        k: v for k, v in sd.items() if k != "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.weight"
+    }
     with pytest.raises(HostError, match="weights of the SD UNet it describes are missing .*attn1.to_q"):
         load_marigold(incomplete, "incomplete.safetensors")
-    no_context = {k: v for k, v in sd.items() if k != "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"}
+    no_context = {
+        k: v for k, v in sd.items() if k != "down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k.weight"
+    }
     with pytest.raises(HostError, match="ComfyUI could not build an SD UNet from it .*KeyError"):
         load_marigold(no_context, "incomplete.safetensors")
     # a tensor that has no place in an SD UNet is skipped with a warning, as ComfyUI's diffusers loading does
@@ -645,11 +790,13 @@ def test_marigold_loader_node_reads_the_diffusion_models_folder(marigold, comfy_
 # 6. python -m training depth
 
 
-def test_headless_depth_command_writes_grey_colour_and_raw(tiny_sd15_file, fp32_text_encoder_module, tmp_path, capsys) -> None:
+def test_headless_depth_command_writes_grey_colour_and_raw(
+    tiny_sd15_file, fp32_text_encoder_module, tmp_path, capsys
+) -> None:
     from PIL import Image
 
-    from d2f_host.checkpoints import load_checkpoint
     from d2f_app.cli import main
+    from d2f_host.checkpoints import load_checkpoint
 
     base, _, _ = load_checkpoint(tiny_sd15_file, "skip")
     _, adapters = trained_depth_adapters(base)
@@ -661,11 +808,33 @@ def test_headless_depth_command_writes_grey_colour_and_raw(tiny_sd15_file, fp32_
     Image.fromarray(arr[:, ::-1].copy()).save(folder / "street.jpg")
     (folder / "notes.txt").write_text("not an image")
     out = tmp_path / "out"
-    args = ["depth", "--checkpoint", str(tiny_sd15_file), "--depth-model", str(depth_file), "--images", str(folder),
-            "--output", str(out), "--ensemble", "2", "--resolution", "64", "--colormap", "turbo", "--no-progress"]
+    args = [
+        "depth",
+        "--checkpoint",
+        str(tiny_sd15_file),
+        "--depth-model",
+        str(depth_file),
+        "--images",
+        str(folder),
+        "--output",
+        str(out),
+        "--ensemble",
+        "2",
+        "--resolution",
+        "64",
+        "--colormap",
+        "turbo",
+        "--no-progress",
+    ]
     assert main(args) == 0
     assert sorted(p.name for p in out.iterdir()) == [
-        "room_depth.npy", "room_depth.png", "room_depth_color.png", "street_depth.npy", "street_depth.png", "street_depth_color.png"]
+        "room_depth.npy",
+        "room_depth.png",
+        "room_depth_color.png",
+        "street_depth.npy",
+        "street_depth.png",
+        "street_depth_color.png",
+    ]
     raw = np.load(out / "room_depth.npy")
     assert raw.shape == (48, 64) and raw.dtype == np.float32 and raw.min() == 0.0 and raw.max() == pytest.approx(1.0)
     grey = Image.open(out / "room_depth.png")
@@ -675,8 +844,8 @@ def test_headless_depth_command_writes_grey_colour_and_raw(tiny_sd15_file, fp32_
     np.testing.assert_allclose(color, apply_colormap(torch.from_numpy(raw), "turbo").numpy(), atol=1 / 255 + 1e-6)
     assert "2 steps" in capsys.readouterr().out  # the file's recommended steps
     # the files hold what the estimate gives with these settings (steps from the file, ensemble 2, long side 64)
-    from d2f_host.depth_estimate import empty_prompt, load_depth_pipeline
     from d2f_app.depth_files import load_image
+    from d2f_host.depth_estimate import empty_prompt, load_depth_pipeline
 
     model, clip, vae, _ = load_depth_pipeline(tiny_sd15_file, depth_model=depth_file)
     image = load_image(folder / "room.png")
@@ -686,11 +855,39 @@ def test_headless_depth_command_writes_grey_colour_and_raw(tiny_sd15_file, fp32_
     np.testing.assert_allclose(raw, expected, atol=1e-5)
     assert np.abs(single - expected).max() > 1e-4  # the ensemble flag matters
     # bad inputs fail before any model is loaded
-    assert main(["depth", "--checkpoint", str(tiny_sd15_file), "--depth-model", str(depth_file), "--images",
-                 str(tmp_path / "nothing"), "--output", str(out)]) == 2
+    assert (
+        main(
+            [
+                "depth",
+                "--checkpoint",
+                str(tiny_sd15_file),
+                "--depth-model",
+                str(depth_file),
+                "--images",
+                str(tmp_path / "nothing"),
+                "--output",
+                str(out),
+            ]
+        )
+        == 2
+    )
     assert "--images" in capsys.readouterr().err
     assert main([*args[:-1], "--ensemble", "0"]) == 2
     assert "ensemble" in capsys.readouterr().err
-    assert main(["depth", "--checkpoint", str(tiny_sd15_file), "--depth-model", str(tmp_path / "missing.safetensors"),
-                 "--images", str(folder), "--output", str(out)]) == 2
+    assert (
+        main(
+            [
+                "depth",
+                "--checkpoint",
+                str(tiny_sd15_file),
+                "--depth-model",
+                str(tmp_path / "missing.safetensors"),
+                "--images",
+                str(folder),
+                "--output",
+                str(out),
+            ]
+        )
+        == 2
+    )
     assert "missing.safetensors" in capsys.readouterr().err

@@ -7,16 +7,17 @@ and, converted to the API format the frontend queues, pass ComfyUI's own
 ``execution.validate_prompt``. The checker is also run on broken copies (misspelt node id,
 wrong link type, missing widget value) to show that it catches them.
 """
+
 from __future__ import annotations
 
 import asyncio
 import copy
 import json
 import pathlib
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pytest
-
 from comfy_harness import ROOT, require_comfyui
 
 require_comfyui()
@@ -30,7 +31,13 @@ UI_ONLY_TYPES = {"Note", "MarkdownNote"}
 DATASET_FOLDER_TYPES = {"LoadImageTextDataSetFromFolder", "LoadImageDataSetFromFolder"}
 WIDGET_TYPES = {"INT", "FLOAT", "STRING", "BOOLEAN", "COMBO"}
 # options that make the frontend add one more widget after the input's own (its value is saved too)
-EXTRA_WIDGET_OPTIONS = ("control_after_generate", "image_upload", "video_upload", "animated_image_upload", "audio_upload")
+EXTRA_WIDGET_OPTIONS = (
+    "control_after_generate",
+    "image_upload",
+    "video_upload",
+    "animated_image_upload",
+    "audio_upload",
+)
 TOP_LEVEL_KEYS = {"last_node_id", "last_link_id", "nodes", "links", "groups", "config", "extra", "version"}
 NODE_KEYS = {"id", "type", "pos", "size", "flags", "order", "mode", "inputs", "outputs", "properties", "widgets_values"}
 
@@ -146,14 +153,18 @@ def check_workflow(wf: dict, registry: dict[str, type]) -> list[str]:
             if out["type"] != reg_type:
                 problems.append(f"{where}: output {slot} has type {out['type']!r}, the node declares {reg_type!r}")
             if out["name"] != info["output_name"][slot]:
-                problems.append(f"{where}: output {slot} is named {out['name']!r}, the node calls it {info['output_name'][slot]!r}")
+                problems.append(
+                    f"{where}: output {slot} is named {out['name']!r}, the node calls it {info['output_name'][slot]!r}"
+                )
         # inputs: known names with the registered types; required sockets connected
         specs = {name: (io_type, options) for name, io_type, options in input_specs(info)}
         for inp in node["inputs"]:
             if inp["name"] not in specs:
                 problems.append(f"{where}: input {inp['name']!r} is not an input of the node")
             elif inp["type"] != specs[inp["name"]][0]:
-                problems.append(f"{where}: input {inp['name']!r} has type {inp['type']!r}, the node declares {specs[inp['name']][0]!r}")
+                problems.append(
+                    f"{where}: input {inp['name']!r} has type {inp['type']!r}, the node declares {specs[inp['name']][0]!r}"
+                )
         linked = {inp["name"] for inp in node["inputs"] if inp.get("link") is not None}
         for name in info["input"].get("required", {}):
             io_type, options = specs[name]
@@ -162,7 +173,9 @@ def check_workflow(wf: dict, registry: dict[str, type]) -> list[str]:
         # widget values: one per widget input, plus control_after_generate / upload widgets
         expected = sum(widget_value_count(o, n, t) for n, t, o in input_specs(info) if is_widget(t, o))
         if len(node["widgets_values"]) != expected:
-            problems.append(f"{where}: {len(node['widgets_values'])} widgets_values, the node has {expected} widget values")
+            problems.append(
+                f"{where}: {len(node['widgets_values'])} widgets_values, the node has {expected} widget values"
+            )
 
     for lid, (_, src, src_slot, dst, dst_slot, link_type) in links.items():
         where = f"link {lid} ({src}:{src_slot} -> {dst}:{dst_slot}, {link_type})"
@@ -178,7 +191,9 @@ def check_workflow(wf: dict, registry: dict[str, type]) -> list[str]:
         if inp.get("link") != lid:
             problems.append(f"{where}: input {inp['name']!r} points at link {inp.get('link')}")
         if out["type"] != link_type or inp["type"] != link_type:
-            problems.append(f"{where}: output type {out['type']!r} / input type {inp['type']!r} differ from the link type")
+            problems.append(
+                f"{where}: output type {out['type']!r} / input type {inp['type']!r} differ from the link type"
+            )
         if src in infos:
             reg_out = [type_name(t) for t in infos[src]["output"]]
             if src_slot < len(reg_out) and reg_out[src_slot] != link_type:
@@ -222,7 +237,11 @@ def to_api(wf: dict, registry: dict[str, type]) -> dict[str, dict]:
                 inputs[name] = value
             if link is not None:  # a socket, or a widget converted to an input
                 inputs[name] = [str(links[link][1]), links[link][2]]
-        prompt[str(node["id"])] = {"class_type": node["type"], "inputs": inputs, "_meta": {"title": node.get("title", node["type"])}}
+        prompt[str(node["id"])] = {
+            "class_type": node["type"],
+            "inputs": inputs,
+            "_meta": {"title": node.get("title", node["type"])},
+        }
     return prompt
 
 
@@ -259,7 +278,11 @@ def comfy_files(comfy_nodes, tmp_path, monkeypatch):
     for d in dirs.values():
         d.mkdir()
     for folder in ("checkpoints", "loras"):
-        monkeypatch.setitem(folder_paths.folder_names_and_paths, folder, ([str(dirs[folder])], set(folder_paths.supported_pt_extensions)))
+        monkeypatch.setitem(
+            folder_paths.folder_names_and_paths,
+            folder,
+            ([str(dirs[folder])], set(folder_paths.supported_pt_extensions)),
+        )
     monkeypatch.setattr(folder_paths, "filename_list_cache", {})
     monkeypatch.setattr(folder_paths, "input_directory", str(dirs["input"]))
 
@@ -271,11 +294,15 @@ def comfy_files(comfy_nodes, tmp_path, monkeypatch):
             if isinstance(inputs.get("lora_name"), str) and inputs["lora_name"] != "None":
                 (dirs["loras"] / inputs["lora_name"]).write_bytes(b"")
             if isinstance(inputs.get("depth_name"), str) and not inputs["depth_name"].startswith("(new"):
-                (dirs["loras"] / inputs["depth_name"]).write_bytes(b"")  # Depth Model Loader: a depth file in models/loras
+                (dirs["loras"] / inputs["depth_name"]).write_bytes(
+                    b""
+                )  # Depth Model Loader: a depth file in models/loras
             if node["class_type"] == "LoadImage":
                 Image.new("RGB", (1, 1)).save(dirs["input"] / inputs["image"])
             if node["class_type"] in DATASET_FOLDER_TYPES and isinstance(inputs.get("folder"), str):
-                (dirs["input"] / inputs["folder"]).mkdir(parents=True, exist_ok=True)  # the folder combo lists input/ subfolders
+                (dirs["input"] / inputs["folder"]).mkdir(
+                    parents=True, exist_ok=True
+                )  # the folder combo lists input/ subfolders
         folder_paths.filename_list_cache.clear()
 
     return create_for
@@ -332,7 +359,12 @@ def test_text_to_image_graph(comfy_nodes) -> None:
     for name in ("positive", "negative"):
         assert source(prompt, sampler, name)["class_type"] == "CLIPTextEncode"
     assert {k: sampler["inputs"][k] for k in ("seed", "steps", "sampler", "shift", "denoise")} == {
-        "seed": 42, "steps": 20, "sampler": "euler", "shift": 1.0, "denoise": 1.0}
+        "seed": 42,
+        "steps": 20,
+        "sampler": "euler",
+        "shift": 1.0,
+        "denoise": 1.0,
+    }
     (loader,) = by_type(prompt, "D2F_CheckpointLoader")
     assert loader["inputs"]["zero_terminal_snr"] is False  # an SD1.5 (eps) checkpoint
     (decode,) = by_type(prompt, "VAEDecode")
@@ -421,7 +453,9 @@ def test_checker_and_comfyui_catch_a_consistently_wrong_connection(comfy_nodes) 
     """SAMPLER wired into SamplerCustom's sigmas, with every type in the file edited to agree:
     only the registered schema can tell, and both the checker and validate_prompt do."""
     wf = copy.deepcopy(load(WORKFLOW_DIR / "diff2flow_custom_sampler.json"))
-    fm_sampler, scheduler, sampler = (node_of(wf, t) for t in ("D2F_FMEulerSampler", "D2F_FMScheduler", "SamplerCustom"))
+    fm_sampler, scheduler, sampler = (
+        node_of(wf, t) for t in ("D2F_FMEulerSampler", "D2F_FMScheduler", "SamplerCustom")
+    )
     sigmas_input = next(i for i in sampler["inputs"] if i["name"] == "sigmas")
     link = next(link for link in wf["links"] if link[0] == sigmas_input["link"])
     scheduler["outputs"][0]["links"].remove(link[0])
@@ -483,7 +517,13 @@ def test_depth_graph(comfy_nodes) -> None:
     assert source(prompt, estimate, "clip") is checkpoint and source(prompt, estimate, "vae") is checkpoint
     assert source(prompt, estimate, "image")["class_type"] == "LoadImage"
     assert {k: estimate["inputs"][k] for k in ("steps", "ensemble_size", "processing_resolution", "colormap")} == {
-        "steps": 0, "ensemble_size": 3, "processing_resolution": 768, "colormap": "spectral"}
+        "steps": 0,
+        "ensemble_size": 3,
+        "processing_resolution": 768,
+        "colormap": "spectral",
+    }
     estimate_id = next(k for k, n in prompt.items() if n is estimate)
-    previews = sorted(n["inputs"]["images"][1] for n in by_type(prompt, "PreviewImage") if n["inputs"]["images"][0] == estimate_id)
+    previews = sorted(
+        n["inputs"]["images"][1] for n in by_type(prompt, "PreviewImage") if n["inputs"]["images"][0] == estimate_id
+    )
     assert previews == [0, 1]  # grey depth and the colour map

@@ -5,12 +5,14 @@ Families (checkpoint files with random weights, see family_checkpoints): SDXL ep
 option. For each: ComfyUI detects the file as that family; the patched model's data estimate equals
 the unpatched model's at the same noise level; stock samplers run on it with SDXL's ``y``; the
 training node trains on mixed latent sizes with caption dropout and its LoRA loads into the stock
-loader with every key. Then the two defects of issue 10: zero terminal SNR applied twice on a zsnr
-checkpoint, and SDXL caption dropout carrying another bucket's size.
+loader with every key. Then two rules that only these families can break: a zsnr checkpoint gets
+zero terminal SNR once (asking for it again rescales nothing), and SDXL caption dropout gives each
+dropped sample the size embedding of its own bucket.
 
 Time convention: FM sigma in [0, 1], 1 = noise (docs/MATH.md section 1). ComfyUI's unpatched
 models take VE sigma k; the same VP state is at FM sigma k / (1 + k), with x_FM = (1 - sigma) x_VE.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -21,7 +23,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-
 from comfy_harness import require_comfyui
 
 require_comfyui()
@@ -33,14 +34,21 @@ import comfy.model_sampling as cms  # noqa: E402
 import comfy.sd  # noqa: E402
 import comfy.utils  # noqa: E402
 import folder_paths  # noqa: E402
+from family_checkpoints import (  # noqa: E402
+    FAMILIES,
+    SD2_V_CHECK_KEY,
+    SDXL_POOLED_DIM,
+    UNET_PREFIX,
+    ZSNR_LAST_ALPHAS_CUMPROD,
+    Family,
+    family_state_dict,
+    synthetic_conditioning,
+    write_family_checkpoint,
+)
 from safetensors import safe_open  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 
 from d2f_core.lora_metadata import LoraMetadata  # noqa: E402
-from family_checkpoints import (  # noqa: E402
-    FAMILIES, SD2_V_CHECK_KEY, SDXL_POOLED_DIM, UNET_PREFIX, ZSNR_LAST_ALPHAS_CUMPROD, Family,
-    family_state_dict, synthetic_conditioning, write_family_checkpoint,
-)
 from training import TrainConfig  # noqa: E402
 
 NAMES = list(FAMILIES)
@@ -104,7 +112,9 @@ def family_model(checkpoints):
     def get(family: Family):
         write_family_checkpoint(family, checkpoints)
         if family.file_name not in loaded:
-            out = comfy.sd.load_checkpoint_guess_config(str(checkpoints / family.file_name), output_vae=False, output_clip=False)
+            out = comfy.sd.load_checkpoint_guess_config(
+                str(checkpoints / family.file_name), output_vae=False, output_clip=False
+            )
             loaded[family.file_name] = out[0]
         return family.file_name, loaded[family.file_name]
 
@@ -139,10 +149,13 @@ def recording_unet(model):
     forward = unet.forward
 
     def record(x, timesteps=None, context=None, y=None, *args, **kwargs):
-        calls.append(SimpleNamespace(
-            shape=tuple(x.shape), t=timesteps.detach().float().cpu().clone(),
-            y=None if y is None else y.detach().float().cpu().clone(),
-        ))
+        calls.append(
+            SimpleNamespace(
+                shape=tuple(x.shape),
+                t=timesteps.detach().float().cpu().clone(),
+                y=None if y is None else y.detach().float().cpu().clone(),
+            )
+        )
         return forward(x, timesteps, context, y, *args, **kwargs)
 
     unet.forward = record
@@ -175,14 +188,18 @@ def train_node_kwargs(node, model, latents: list, positive: list, negative, outp
         elif getattr(inp, "default", None) is not None:
             kwargs[inp.id] = [inp.default]
         elif not inp.optional:
-            raise AssertionError(f"D2F_TrainLoRA input {inp.id!r} has no TrainConfig field and no default: update this helper")
+            raise AssertionError(
+                f"D2F_TrainLoRA input {inp.id!r} has no TrainConfig field and no default: update this helper"
+            )
     return kwargs
 
 
 def train_node(nodes, model, latents, positive, negative, output_name: str = "family_lora", **options):
     """(MODEL, LORA_MODEL, loss map, steps) of the training node (not its fifth output, the previews)."""
     node = nodes["D2F_TrainLoRA"]
-    return tuple(node.execute(**train_node_kwargs(node, model, latents, positive, negative, output_name, **options)).args)[:4]
+    return tuple(
+        node.execute(**train_node_kwargs(node, model, latents, positive, negative, output_name, **options)).args
+    )[:4]
 
 
 def mixed_size_data(family: Family, n_per_bucket: int = 2, seed: int = 0):
@@ -217,7 +234,9 @@ def test_checkpoint_is_detected_as_its_family(comfy_nodes, family_model, name) -
     ms = model.get_model_object("model_sampling")
     assert isinstance(ms, cms.ModelSamplingDiscrete)
     assert isinstance(ms, cms.V_PREDICTION) == (family.prediction == "v") and isinstance(ms, cms.EPS)
-    expected_type = comfy.model_base.ModelType.V_PREDICTION if family.prediction == "v" else comfy.model_base.ModelType.EPS
+    expected_type = (
+        comfy.model_base.ModelType.V_PREDICTION if family.prediction == "v" else comfy.model_base.ModelType.EPS
+    )
     assert model.model.model_type == expected_type
     last = float(alphas_cumprod_of(ms)[-1])
     if family.comfy_zsnr:
@@ -238,7 +257,10 @@ def test_sd2_detection_reads_v_from_the_norm_spread() -> None:
     assert type(config).__name__ == "SD20"
     assert config.model_type(sd, UNET_PREFIX) == comfy.model_base.ModelType.V_PREDICTION
     flat = {**sd, UNET_PREFIX + SD2_V_CHECK_KEY: torch.zeros_like(sd[UNET_PREFIX + SD2_V_CHECK_KEY])}
-    assert comfy.model_detection.model_config_from_unet(flat, UNET_PREFIX).model_type(flat, UNET_PREFIX) == comfy.model_base.ModelType.EPS
+    assert (
+        comfy.model_detection.model_config_from_unet(flat, UNET_PREFIX).model_type(flat, UNET_PREFIX)
+        == comfy.model_base.ModelType.EPS
+    )
 
 
 # ---------------------------------------------------------------------- patched vs unpatched
@@ -264,7 +286,9 @@ def test_patched_denoised_equals_unpatched(comfy_nodes, family_model, name) -> N
         theirs = denoised_of(reference, (x.double() / (1 - sigma)).float(), k.float(), cond, y)
         assert torch.isfinite(ours).all() and ours.abs().max() > 0
         # float32 rounding of the two paths differs by ~1e-6 of the largest value
-        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5 * theirs.abs().max().item(), msg=lambda m: f"t={t_int}: {m}")
+        torch.testing.assert_close(
+            ours, theirs, rtol=1e-5, atol=1e-5 * theirs.abs().max().item(), msg=lambda m, t_int=t_int: f"t={t_int}: {m}"
+        )
 
 
 # ---------------------------------------------------------------------- stock samplers
@@ -279,7 +303,9 @@ def test_stock_samplers_run_on_the_patched_model_with_sdxl_y(comfy_nodes, family
     latent = {"samples": torch.zeros(LATENT)}
     for sampler, scheduler in (("euler", "normal"), ("dpmpp_2m", "karras"), ("uni_pc", "simple")):
         with recording_unet(patched) as calls:
-            (out,) = comfy_nodes["KSampler"]().sample(patched, 7, 4, 3.0, sampler, scheduler, positive, negative, latent)
+            (out,) = comfy_nodes["KSampler"]().sample(
+                patched, 7, 4, 3.0, sampler, scheduler, positive, negative, latent
+            )
         samples = out["samples"]
         assert samples.shape == LATENT and torch.isfinite(samples).all(), (sampler, scheduler)
         assert calls, "the sampler never called the UNet"
@@ -295,14 +321,28 @@ def test_stock_samplers_run_on_the_patched_model_with_sdxl_y(comfy_nodes, family
 
 # ---------------------------------------------------------------------- training
 @pytest.mark.parametrize("name", NAMES)
-def test_training_node_on_mixed_sizes_gives_a_lora_the_stock_loader_loads_whole(comfy_nodes, family_model, loras_dir, caplog, name) -> None:
+def test_training_node_on_mixed_sizes_gives_a_lora_the_stock_loader_loads_whole(
+    comfy_nodes, family_model, loras_dir, caplog, name
+) -> None:
     family = FAMILIES[name]
     file_name, base = family_model(family)
     latents, positive, negative = mixed_size_data(family)
     with recording_unet(base) as calls:
         trained, lora, losses, steps = train_node(
-            comfy_nodes, base, latents, positive, negative, steps=4, batch_size=2, learning_rate=1e-2, rank=4, alpha=4.0,
-            targets="all", caption_dropout=0.3, zero_terminal_snr=family.zero_terminal_snr_option, seed=3,
+            comfy_nodes,
+            base,
+            latents,
+            positive,
+            negative,
+            steps=4,
+            batch_size=2,
+            learning_rate=1e-2,
+            rank=4,
+            alpha=4.0,
+            targets="all",
+            caption_dropout=0.3,
+            zero_terminal_snr=family.zero_terminal_snr_option,
+            seed=3,
         )
     assert steps == 4 and len(losses["loss"]) == 4 and all(math.isfinite(v) for v in losses["loss"])
     assert {c.shape[-2:] for c in calls} == set(BUCKETS), "training did not see both latent sizes"
@@ -324,12 +364,14 @@ def test_training_node_on_mixed_sizes_gives_a_lora_the_stock_loader_loads_whole(
     plain = denoised_of(patch(comfy_nodes, base, family.zero_terminal_snr_option), x, sigma, cond, y)
     stock = denoised_of(flow, x, sigma, cond, y)
     assert not torch.allclose(plain, stock), "the LoRA changed nothing"
-    if not family.comfy_zsnr:  # on a ztsnr checkpoint: test_zsnr_lora_and_trained_model_on_a_ztsnr_checkpoint_change_nothing
+    if (
+        not family.comfy_zsnr
+    ):  # on a ztsnr checkpoint: test_zsnr_lora_and_trained_model_on_a_ztsnr_checkpoint_change_nothing
         node = denoised_of(trained, x, sigma, cond, y)
         torch.testing.assert_close(node, stock, rtol=1e-4, atol=1e-4 * stock.abs().max().item())
 
 
-# ---------------------------------------------------------------------- defect 1: zero terminal SNR twice
+# ---------------------------------------------------------------------- zero terminal SNR on a ztsnr checkpoint: once
 SIGMA_GRID = torch.tensor([0.03, 0.1, 0.3, 0.45, 0.6, 0.8, 0.9, 0.95, 0.99, 0.999])
 
 
@@ -354,8 +396,10 @@ def sampling_differences(a, b, family: Family, a_name: str, b_name: str) -> list
     dt = (t_a - t_b).abs()
     if dt.max() > 1e-3:
         i = int(dt.argmax())
-        problems.append(f"{what}: the timestep handed to the UNet differs by up to {dt.max():.3f} "
-                        f"(at sigma {SIGMA_GRID[i]:.3f}: {t_a[i]:.3f} vs {t_b[i]:.3f})")
+        problems.append(
+            f"{what}: the timestep handed to the UNet differs by up to {dt.max():.3f} "
+            f"(at sigma {SIGMA_GRID[i]:.3f}: {t_a[i]:.3f} vs {t_b[i]:.3f})"
+        )
     rel = ((den_a - den_b).abs().max() / den_b.abs().max()).item()
     if rel > 1e-5:
         problems.append(f"{what}: the denoised output differs by {rel:.1e} (relative)")
@@ -369,7 +413,7 @@ def sampling_differences(a, b, family: Family, a_name: str, b_name: str) -> list
 
 
 def test_zero_terminal_snr_option_changes_nothing_on_a_ztsnr_checkpoint(comfy_nodes, family_model) -> None:
-    """Defect 1: ComfyUI already gives a ``v_pred`` + ``ztsnr`` checkpoint a zero-SNR schedule;
+    """ComfyUI already gives a ``v_pred`` + ``ztsnr`` checkpoint a zero-SNR schedule;
     asking the patch for zero terminal SNR again must not rescale it a second time."""
     family = FAMILIES["sdxl_v_ztsnr"]
     _, model = family_model(family)
@@ -379,42 +423,76 @@ def test_zero_terminal_snr_option_changes_nothing_on_a_ztsnr_checkpoint(comfy_no
 
 
 def test_zsnr_lora_and_trained_model_on_a_ztsnr_checkpoint_change_nothing(comfy_nodes, family_model, loras_dir) -> None:
-    """Defect 1 through the loader and the training node: a LoRA whose metadata says
+    """The same through the loader and the training node: a LoRA whose metadata says
     zero_terminal_snr true, loaded with the Checkpoint Loader, and the training node's MODEL output,
     sample exactly as the stock-loaded LoRA under the plain patch."""
     family = FAMILIES["sdxl_v_ztsnr"]
     file_name, base = family_model(family)
     latents, positive, negative = mixed_size_data(family, n_per_bucket=1)
-    trained, lora, _, _ = train_node(comfy_nodes, base, latents, positive, negative, steps=2, batch_size=1,
-                                     learning_rate=1e-2, targets="attention", zero_terminal_snr=False)
+    trained, lora, _, _ = train_node(
+        comfy_nodes,
+        base,
+        latents,
+        positive,
+        negative,
+        steps=2,
+        batch_size=1,
+        learning_rate=1e-2,
+        targets="attention",
+        zero_terminal_snr=False,
+    )
     saved = save_lora(comfy_nodes, lora, "ztsnr lora")
     path = loras_dir / saved
     with safe_open(str(path), framework="pt") as f:
         meta = LoraMetadata.from_header(f.metadata())
-    # what a LoRA trained on a zsnr model with the option on records (and today's one even with it off)
-    save_file(comfy.utils.load_torch_file(str(path)), str(path), metadata=dataclasses.replace(meta, zero_terminal_snr=True).to_header())
+    # what a LoRA trained on a zsnr model records, with the option on or off (its alignment has zero terminal SNR)
+    save_file(
+        comfy.utils.load_torch_file(str(path)),
+        str(path),
+        metadata=dataclasses.replace(meta, zero_terminal_snr=True).to_header(),
+    )
     (stock,) = comfy_nodes["LoraLoaderModelOnly"]().load_lora_model_only(base, saved, 1.0)
     reference = patch(comfy_nodes, stock, False)
     loader = comfy_nodes["D2F_CheckpointLoader"]
     stock_name = "stock LoraLoaderModelOnly + patch(zero_terminal_snr=False)"
-    problems = sampling_differences(loader.execute(file_name, saved, 1.0, False)[0], reference, family,
-                                    "D2F_CheckpointLoader with a zero_terminal_snr=true LoRA", stock_name)
-    problems += sampling_differences(loader.execute(file_name, "None", 1.0, True)[0], patch(comfy_nodes, base, False), family,
-                                     "D2F_CheckpointLoader(zero_terminal_snr=True, no LoRA)", "patch(zero_terminal_snr=False)")
+    problems = sampling_differences(
+        loader.execute(file_name, saved, 1.0, False)[0],
+        reference,
+        family,
+        "D2F_CheckpointLoader with a zero_terminal_snr=true LoRA",
+        stock_name,
+    )
+    problems += sampling_differences(
+        loader.execute(file_name, "None", 1.0, True)[0],
+        patch(comfy_nodes, base, False),
+        family,
+        "D2F_CheckpointLoader(zero_terminal_snr=True, no LoRA)",
+        "patch(zero_terminal_snr=False)",
+    )
     problems += sampling_differences(trained, reference, family, "D2F_TrainLoRA's MODEL output", stock_name)
     assert not problems, "\n".join(dict.fromkeys(problems))
 
 
-# ---------------------------------------------------------------------- defect 2: SDXL dropout size
+# ---------------------------------------------------------------------- SDXL caption dropout: each sample's own size
 def test_sdxl_caption_dropout_uses_each_samples_own_size(comfy_nodes, family_model) -> None:
-    """Defect 2: a dropped sample's unconditional ``y`` must carry that sample's width / height, not
+    """A dropped sample's unconditional ``y`` must carry that sample's width / height, not
     the first latent's. Checked on what the UNet receives, for two buckets of different sizes."""
     family = FAMILIES["sdxl_eps"]
     _, base = family_model(family)
     latents, positive, negative = mixed_size_data(family)
     with recording_unet(base) as calls:
-        train_node(comfy_nodes, base, latents, positive, negative, steps=12, batch_size=2, learning_rate=1e-4,
-                   caption_dropout=0.9, seed=5)
+        train_node(
+            comfy_nodes,
+            base,
+            latents,
+            positive,
+            negative,
+            steps=12,
+            batch_size=2,
+            learning_rate=1e-4,
+            caption_dropout=0.9,
+            seed=5,
+        )
     uncond_pooled = negative[0][0][1]["pooled_output"][0]
     embed = base.model.embedder  # Timestep(256): SDXL's size embedding
 
@@ -429,12 +507,19 @@ def test_sdxl_caption_dropout_uses_each_samples_own_size(comfy_nodes, family_mod
         for row in c.y:
             is_dropped = torch.allclose(row[:SDXL_POOLED_DIM], uncond_pooled, atol=1e-6)
             dropped[hw] += is_dropped
-            got = row[SDXL_POOLED_DIM:SDXL_POOLED_DIM + 512]
+            got = row[SDXL_POOLED_DIM : SDXL_POOLED_DIM + 512]
             if not torch.allclose(got, sizes[hw], atol=1e-5):
-                seen = next((f"{h * 8}x{w * 8}" for (h, w), s in sizes.items() if torch.allclose(got, s, atol=1e-5)), "another size")
-                wrong.append(f"{'dropped' if is_dropped else 'captioned'} sample of latent {hw[0]}x{hw[1]} "
-                             f"({hw[0] * 8}x{hw[1] * 8} px) got the size of {seen}")
-    assert all(dropped.values()), f"caption dropout hit no sample of some bucket, so this test checks nothing: {dropped}"
+                seen = next(
+                    (f"{h * 8}x{w * 8}" for (h, w), s in sizes.items() if torch.allclose(got, s, atol=1e-5)),
+                    "another size",
+                )
+                wrong.append(
+                    f"{'dropped' if is_dropped else 'captioned'} sample of latent {hw[0]}x{hw[1]} "
+                    f"({hw[0] * 8}x{hw[1] * 8} px) got the size of {seen}"
+                )
+    assert all(dropped.values()), (
+        f"caption dropout hit no sample of some bucket, so this test checks nothing: {dropped}"
+    )
     assert not wrong, f"{len(wrong)} samples carried the wrong size conditioning, e.g. " + "; ".join(sorted(set(wrong)))
 
 

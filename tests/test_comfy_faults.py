@@ -23,6 +23,7 @@ temporary file may remain.
 Each test prints its figures as Markdown (``pytest -s``) for benchmarks/results/faults.md.
 ``D2F_FAULT_KILLS`` (default 10) sets the kills per command. Deselect with ``-m "not slow"``.
 """
+
 from __future__ import annotations
 
 import collections
@@ -38,10 +39,8 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Optional
 
 import pytest
-
 from comfy_harness import COMFYUI, ROOT, require_comfyui
 
 require_comfyui()
@@ -66,38 +65,82 @@ SEED = 20260601  # the kill moments
 PROCESS_TIMEOUT_S = 300.0
 NAME = "faults"
 TRAIN_STEPS, KEEP_LAST = 12, 2
-TRAIN_OPTIONS = ["--steps", str(TRAIN_STEPS), "--batch-size", "2", "--rank", "4", "--learning-rate", "1e-3", "--seed", "3",
-                 "--save-every", "1", "--keep-last", str(KEEP_LAST), "--name", NAME, "--no-progress"]
+TRAIN_OPTIONS = [
+    "--steps",
+    str(TRAIN_STEPS),
+    "--batch-size",
+    "2",
+    "--rank",
+    "4",
+    "--learning-rate",
+    "1e-3",
+    "--seed",
+    "3",
+    "--save-every",
+    "1",
+    "--keep-last",
+    str(KEEP_LAST),
+    "--name",
+    NAME,
+    "--no-progress",
+]
 PAIRS_COUNT, PAIRS_SHARD = 12, 2
-PAIRS_OPTIONS = ["--count", str(PAIRS_COUNT), "--steps", "3", "--cfg", "3", "--width", "64", "--height", "64",
-                 "--batch-size", "2", "--shard-size", str(PAIRS_SHARD), "--seed", "0", "--no-progress"]
+PAIRS_OPTIONS = [
+    "--count",
+    str(PAIRS_COUNT),
+    "--steps",
+    "3",
+    "--cfg",
+    "3",
+    "--width",
+    "64",
+    "--height",
+    "64",
+    "--batch-size",
+    "2",
+    "--shard-size",
+    str(PAIRS_SHARD),
+    "--seed",
+    "0",
+    "--no-progress",
+]
 TMP = re.compile(r"^\.(?P<file>.+)\.(?P<pid>\d+)\.tmp$")  # training.files.atomic_write's temporary names
 
 
 # ---------------------------------------------------------------------- processes
 def cli_env() -> dict:
     # one thread: the runs are bit-reproducible and leave the second core to the rest of the machine
-    return {**os.environ, "COMFYUI_PATH": str(COMFYUI), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1",
-            "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    return {
+        **os.environ,
+        "COMFYUI_PATH": str(COMFYUI),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+    }
 
 
 @dataclasses.dataclass
 class Ran:
     rc: int
-    marker_s: Optional[float]  # seconds from the start to the marker file's appearance
+    marker_s: float | None  # seconds from the start to the marker file's appearance
     exit_s: float  # seconds from the start to the exit (or the kill)
     killed: bool
     log: str
 
 
-def run_cli(args: list, marker: pathlib.Path, log: pathlib.Path, kill_after: Optional[float] = None) -> Ran:
+def run_cli(args: list, marker: pathlib.Path, log: pathlib.Path, kill_after: float | None = None) -> Ran:
     """``python -m training ARGS`` from the repository root; with ``kill_after`` SIGKILLed that many
     seconds after ``marker`` appears (unless it exits first)."""
     start = time.perf_counter()
     marker_at, killed = None, False
     with open(log, "w", encoding="utf-8") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "training", *map(str, args)], cwd=ROOT, env=cli_env(),
-                                stdout=out, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "training", *map(str, args)],
+            cwd=ROOT,
+            env=cli_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
         try:
             while proc.poll() is None:
                 now = time.perf_counter()
@@ -116,7 +159,9 @@ def run_cli(args: list, marker: pathlib.Path, log: pathlib.Path, kill_after: Opt
                     proc.wait()
                     break
                 if now - start > PROCESS_TIMEOUT_S:
-                    raise AssertionError(f"python -m training {' '.join(map(str, args))} ran over {PROCESS_TIMEOUT_S} s")
+                    raise AssertionError(
+                        f"python -m training {' '.join(map(str, args))} ran over {PROCESS_TIMEOUT_S} s"
+                    )
                 time.sleep(0.002)
         finally:
             if proc.poll() is None:  # only on a failure above: never leave the child behind
@@ -125,12 +170,24 @@ def run_cli(args: list, marker: pathlib.Path, log: pathlib.Path, kill_after: Opt
     end = time.perf_counter()
     if marker_at is None and marker.exists():
         marker_at = end
-    return Ran(proc.returncode, None if marker_at is None else marker_at - start, end - start, killed,
-               log.read_text(encoding="utf-8", errors="replace"))
+    return Ran(
+        proc.returncode,
+        None if marker_at is None else marker_at - start,
+        end - start,
+        killed,
+        log.read_text(encoding="utf-8", errors="replace"),
+    )
 
 
-def kill_at_random(rng: random.Random, span: float, args: list, out: pathlib.Path, marker: pathlib.Path,
-                   log: pathlib.Path, tries: int = 3) -> tuple[Ran, float, str]:
+def kill_at_random(
+    rng: random.Random,
+    span: float,
+    args: list,
+    out: pathlib.Path,
+    marker: pathlib.Path,
+    log: pathlib.Path,
+    tries: int = 3,
+) -> tuple[Ran, float, str]:
     """Run ``args`` and SIGKILL it at a moment drawn uniformly from the ``span`` seconds after
     ``marker`` appears; a run that exits by itself first (it ran faster than the reference) is no
     kill: its folder is cleared and a new moment drawn (up to ``tries``). Returns the run, the
@@ -195,7 +252,7 @@ def corrupt_files(folder: pathlib.Path) -> tuple[list[str], list[str]]:
                             tolerated.append(f"{name}: partial last line {line!r}")
                         else:
                             raise ValueError(f"line {i + 1} is not JSON: {line!r}") from None
-        except Exception as exc:  # noqa: BLE001 - whatever the reader raises is the corruption
+        except Exception as exc:
             problems.append(f"{name}: {type(exc).__name__}: {str(exc)[:200]}")
     return problems, tolerated
 
@@ -208,8 +265,11 @@ def tensors(path: pathlib.Path) -> tuple[dict, dict]:
 def differences(a: dict, b: dict, what: str) -> list[str]:
     if a.keys() != b.keys():
         return [f"{what}: keys differ ({sorted(set(a) ^ set(b))[:4]})"]
-    return [f"{what}: {k} differs (max |diff| {(a[k].double() - b[k].double()).abs().max().item():.3g})"
-            for k in sorted(a) if not torch.equal(a[k], b[k])][:4]
+    return [
+        f"{what}: {k} differs (max |diff| {(a[k].double() - b[k].double()).abs().max().item():.3g})"
+        for k in sorted(a)
+        if not torch.equal(a[k], b[k])
+    ][:4]
 
 
 def metrics_of(folder: pathlib.Path) -> list[dict]:
@@ -217,12 +277,14 @@ def metrics_of(folder: pathlib.Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.is_file() else []
 
 
-def state_step(path: pathlib.Path) -> Optional[int]:
+def state_step(path: pathlib.Path) -> int | None:
     return int(torch.load(path, map_location="cpu", weights_only=True)["step"]) if path.is_file() else None
 
 
 def periodic_steps(folder: pathlib.Path) -> list[int]:
-    return sorted(int(m.group(1)) for p in folder.iterdir() if (m := re.fullmatch(rf"{NAME}_(\d{{6}})\.safetensors", p.name)))
+    return sorted(
+        int(m.group(1)) for p in folder.iterdir() if (m := re.fullmatch(rf"{NAME}_(\d{{6}})\.safetensors", p.name))
+    )
 
 
 def pending(folder: pathlib.Path) -> list[str]:
@@ -252,18 +314,32 @@ def train_landing(out: pathlib.Path) -> str:
     if saved is None or saved < last:
         return f"mid-save {last}: before its state" + detail
     loss_png = out / "loss.png"
-    curve_after_state = loss_png.exists() and loss_png.stat().st_mtime_ns >= (out / f"{NAME}.d2fstate").stat().st_mtime_ns
+    curve_after_state = (
+        loss_png.exists() and loss_png.stat().st_mtime_ns >= (out / f"{NAME}.d2fstate").stat().st_mtime_ns
+    )
     if saved == TRAIN_STEPS:
-        return ("after the final state, before the final LoRA" if curve_after_state
-                else f"mid-save {saved}: after the final state, before loss.png") + detail
+        return (
+            "after the final state, before the final LoRA"
+            if curve_after_state
+            else f"mid-save {saved}: after the final state, before loss.png"
+        ) + detail
     if not curve_after_state:
         return f"mid-save {saved}: after its state (pruning / loss.png)" + detail
     return f"mid-step {saved + 1}" + detail
 
 
 def landing_kind(landing: str) -> str:
-    for kind in ("before the first save", "after the final state", "at the end", "mid-save", "mid-step",
-                 "before the first shard", "mid-shard", "after the last shard", "at the manifest"):
+    for kind in (
+        "before the first save",
+        "after the final state",
+        "at the end",
+        "mid-save",
+        "mid-step",
+        "before the first shard",
+        "mid-shard",
+        "after the last shard",
+        "at the manifest",
+    ):
         if kind in landing:
             return kind
     return landing
@@ -286,9 +362,28 @@ def cache(tiny_sd15_file, tmp_path_factory) -> pathlib.Path:
         Image.fromarray((gen.random((64, 64, 3)) * 255).astype(np.uint8)).save(data / f"img{i}.png")
         (data / f"img{i}.txt").write_text(f"a photo of thing {i}", encoding="utf-8")
     folder = tmp_path_factory.mktemp("faults_cache")
-    done = subprocess.run([sys.executable, "-m", "training", "prepare", "--dataset", str(data), "--checkpoint",
-                           str(tiny_sd15_file), "--cache", str(folder), "--resolution", "64", "--no-progress"],
-                          cwd=ROOT, env=cli_env(), capture_output=True, text=True, timeout=PROCESS_TIMEOUT_S)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "training",
+            "prepare",
+            "--dataset",
+            str(data),
+            "--checkpoint",
+            str(tiny_sd15_file),
+            "--cache",
+            str(folder),
+            "--resolution",
+            "64",
+            "--no-progress",
+        ],
+        cwd=ROOT,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=PROCESS_TIMEOUT_S,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     return folder
 
@@ -324,10 +419,14 @@ class TrainReference:
     losses: list[float]
 
     @classmethod
-    def of(cls, folder: pathlib.Path) -> "TrainReference":
-        return cls(folder, sorted(p.name for p in folder.iterdir()), *tensors(folder / f"{NAME}.safetensors"),
-                   {s: tensors(folder / f"{NAME}_{s:06d}.safetensors")[0] for s in periodic_steps(folder)},
-                   [m["loss"] for m in metrics_of(folder)])
+    def of(cls, folder: pathlib.Path) -> TrainReference:
+        return cls(
+            folder,
+            sorted(p.name for p in folder.iterdir()),
+            *tensors(folder / f"{NAME}.safetensors"),
+            {s: tensors(folder / f"{NAME}_{s:06d}.safetensors")[0] for s in periodic_steps(folder)},
+            [m["loss"] for m in metrics_of(folder)],
+        )
 
     def compare(self, out: pathlib.Path, finished: Ran) -> list[str]:
         """What differs in ``out`` after ``finished`` from the uninterrupted run (empty: nothing)."""
@@ -339,11 +438,15 @@ class TrainReference:
             if (out / f"{NAME}.safetensors").is_file():
                 lora, meta = tensors(out / f"{NAME}.safetensors")
                 wrong += differences(self.lora, lora, f"{NAME}.safetensors")
-                wrong += [] if meta == self.metadata else [f"{NAME}.safetensors metadata differs: {meta} vs {self.metadata}"]
+                wrong += (
+                    [] if meta == self.metadata else [f"{NAME}.safetensors metadata differs: {meta} vs {self.metadata}"]
+                )
             else:
                 wrong.append(f"no {NAME}.safetensors after the finish")
             if periodic_steps(out) != sorted(self.saves):
-                wrong.append(f"periodic saves {periodic_steps(out)}, expected the last {KEEP_LAST}: {sorted(self.saves)}")
+                wrong.append(
+                    f"periodic saves {periodic_steps(out)}, expected the last {KEEP_LAST}: {sorted(self.saves)}"
+                )
             else:
                 for s, expected in self.saves.items():
                     wrong += differences(expected, tensors(out / f"{NAME}_{s:06d}.safetensors")[0], f"{NAME}_{s:06d}")
@@ -370,8 +473,16 @@ def test_train_survives_sigkill_at_random_points_and_resumes_to_the_same_lora(ca
     reference = run_cli([*base, "--output", ref], ref / f"{NAME}.toml", tmp_path / "reference.log")
     assert reference.rc == 0, log_tail(reference.log, 30)
     expected = TrainReference.of(ref)
-    assert expected.files == sorted([f"{NAME}.d2fstate", f"{NAME}.safetensors", f"{NAME}.toml", "loss.png", "metrics.jsonl",
-                                     *(f"{NAME}_{s:06d}.safetensors" for s in range(TRAIN_STEPS - KEEP_LAST + 1, TRAIN_STEPS + 1))])
+    assert expected.files == sorted(
+        [
+            f"{NAME}.d2fstate",
+            f"{NAME}.safetensors",
+            f"{NAME}.toml",
+            "loss.png",
+            "metrics.jsonl",
+            *(f"{NAME}_{s:06d}.safetensors" for s in range(TRAIN_STEPS - KEEP_LAST + 1, TRAIN_STEPS + 1)),
+        ]
+    )
     check_the_checker(ref, tmp_path)
 
     span = reference.exit_s - reference.marker_s  # training, saves and exit, after ComfyUI and the checkpoint loaded
@@ -379,8 +490,9 @@ def test_train_survives_sigkill_at_random_points_and_resumes_to_the_same_lora(ca
     rows, failures, landings, failed = [], [], [], set()
     for k in range(KILLS):
         out = tmp_path / f"kill{k}"
-        killed, delay, redrawn = kill_at_random(rng, span, [*base, "--output", out], out, out / f"{NAME}.toml",
-                                                tmp_path / f"kill{k}.log")
+        killed, delay, redrawn = kill_at_random(
+            rng, span, [*base, "--output", out], out, out / f"{NAME}.toml", tmp_path / f"kill{k}.log"
+        )
         if not killed.killed:
             rows.append(f"| {k} | {redrawn} | exited by itself (rc {killed.rc}) before every kill drawn | | | |")
             failures.append(f"kill {k}: the run exited (rc {killed.rc}) before every kill drawn ({redrawn})")
@@ -401,30 +513,49 @@ def test_train_survives_sigkill_at_random_points_and_resumes_to_the_same_lora(ca
         wrong = [f"corrupt after the kill: {p}" for p in problems] + expected.compare(out, done)
         failures += [f"kill {k} at +{delay:.2f} s ({landing}): {w}" for w in wrong]
         failed |= {k} if wrong else set()
-        rows.append(f"| {k} | {redrawn} | {landing} | {', '.join(left) or '-'}"
-                    f"{' / ' + '; '.join(tolerated) if tolerated else ''} | {how} | "
-                    f"{'ok' if not wrong else 'FAILED: ' + wrong[0][:120]} |")
+        rows.append(
+            f"| {k} | {redrawn} | {landing} | {', '.join(left) or '-'}"
+            f"{' / ' + '; '.join(tolerated) if tolerated else ''} | {how} | "
+            f"{'ok' if not wrong else 'FAILED: ' + wrong[0][:120]} |"
+        )
 
     # targeted, not random: two rare kill points made by hand (dead pids in the temporary names)
     # 1. after the last step's periodic save wrote its state, before keep_last pruned, while the final LoRA was written
     final = tmp_path / "final_state"
     shutil.copytree(ref, final)
     (final / f"{NAME}.safetensors").unlink()
-    shutil.copy(ref / f"{NAME}_{TRAIN_STEPS:06d}.safetensors", final / f"{NAME}_{TRAIN_STEPS - KEEP_LAST:06d}.safetensors")
+    shutil.copy(
+        ref / f"{NAME}_{TRAIN_STEPS:06d}.safetensors", final / f"{NAME}_{TRAIN_STEPS - KEEP_LAST:06d}.safetensors"
+    )
     (final / f".{NAME}.safetensors.999999.tmp").write_bytes((ref / f"{NAME}.safetensors").read_bytes()[:1000])
     # 2. while step 1's periodic LoRA was written, before any state existed
     first = tmp_path / "first_save"
     first.mkdir()
     shutil.copy(ref / f"{NAME}.toml", first / f"{NAME}.toml")
-    (first / "metrics.jsonl").write_text((ref / "metrics.jsonl").read_text(encoding="utf-8").splitlines()[0] + "\n",
-                                         encoding="utf-8")
+    (first / "metrics.jsonl").write_text(
+        (ref / "metrics.jsonl").read_text(encoding="utf-8").splitlines()[0] + "\n", encoding="utf-8"
+    )
     (first / f".{NAME}_000001.safetensors.999998.tmp").write_bytes((ref / f"{NAME}.safetensors").read_bytes()[:1000])
     targeted = {
-        "after the final state, before pruning, final LoRA mid-write": (final, f"--resume (state at step {TRAIN_STEPS})", [
-            "train", "--config", final / f"{NAME}.toml", "--resume", final / f"{NAME}.d2fstate", "--output", final,
-            "--no-progress"]),
-        "mid-save 1: its LoRA mid-write, no state yet": (first, "--overwrite (no state)", [*base, "--output", first,
-                                                                                          "--overwrite"]),
+        "after the final state, before pruning, final LoRA mid-write": (
+            final,
+            f"--resume (state at step {TRAIN_STEPS})",
+            [
+                "train",
+                "--config",
+                final / f"{NAME}.toml",
+                "--resume",
+                final / f"{NAME}.d2fstate",
+                "--output",
+                final,
+                "--no-progress",
+            ],
+        ),
+        "mid-save 1: its LoRA mid-write, no state yet": (
+            first,
+            "--overwrite (no state)",
+            [*base, "--output", first, "--overwrite"],
+        ),
     }
     targeted_ok = 0
     for what, (out, how, finish) in targeted.items():
@@ -432,18 +563,24 @@ def test_train_survives_sigkill_at_random_points_and_resumes_to_the_same_lora(ca
         wrong = expected.compare(out, run_cli(finish, out / f"{NAME}.toml", tmp_path / f"{out.name}.log"))
         failures += [f"targeted ({what}): {w}" for w in wrong]
         targeted_ok += not wrong
-        rows.append(f"| targeted | - | {what} (files made by hand) | {', '.join(left)} | {how} | "
-                    f"{'ok' if not wrong else 'FAILED: ' + wrong[0][:120]} |")
+        rows.append(
+            f"| targeted | - | {what} (files made by hand) | {', '.join(left)} | {how} | "
+            f"{'ok' if not wrong else 'FAILED: ' + wrong[0][:120]} |"
+        )
 
     print(f"\n### train: {KILLS} SIGKILLs (seed {SEED})\n")
-    print(f"reference: {reference.exit_s:.1f} s from process start to exit; ComfyUI + checkpoint loaded (NAME.toml "
-          f"written) at {reference.marker_s:.1f} s; kills uniform over the {span:.1f} s after that\n")
+    print(
+        f"reference: {reference.exit_s:.1f} s from process start to exit; ComfyUI + checkpoint loaded (NAME.toml "
+        f"written) at {reference.marker_s:.1f} s; kills uniform over the {span:.1f} s after that\n"
+    )
     print("| kill | at +s | landed | temporary files after the kill | finished with | result |")
     print("|---|---|---|---|---|---|")
     print("\n".join(rows))
-    print(f"\nlanded: {summary(landings)}; survived (exit 0, equal to the reference tensor for tensor, the last "
-          f"{KEEP_LAST} saves kept, no *.tmp): {KILLS - len(failed)} of {KILLS}; targeted cases: "
-          f"{targeted_ok} of {len(targeted)}\n")
+    print(
+        f"\nlanded: {summary(landings)}; survived (exit 0, equal to the reference tensor for tensor, the last "
+        f"{KEEP_LAST} saves kept, no *.tmp): {KILLS - len(failed)} of {KILLS}; targeted cases: "
+        f"{targeted_ok} of {len(targeted)}\n"
+    )
     assert not failures, "\n".join(failures)
 
 
@@ -457,8 +594,11 @@ def pairs_landing(out: pathlib.Path) -> str:
         return "at the end: after pairs.toml" + detail
     if len(shards) == total:
         count = json.loads((out / "manifest.json").read_text())["count"]
-        return ("after the last shard, before the final manifest" if count < PAIRS_COUNT
-                else "at the manifest: after the final manifest, before pairs.toml") + detail
+        return (
+            "after the last shard, before the final manifest"
+            if count < PAIRS_COUNT
+            else "at the manifest: after the final manifest, before pairs.toml"
+        ) + detail
     if not shards and not any(w.startswith("pairs-") for w in writing):
         return "before the first shard: mid-shard 1" + detail
     return f"mid-shard {len(shards) + 1} of {total}" + detail
@@ -483,13 +623,16 @@ def test_pairs_survive_sigkill_at_random_points_and_rerun_to_the_same_pairs(tiny
     (copy / "manifest.json").write_text((copy / "manifest.json").read_text()[:-5])
     assert {p.split(":")[0] for p in corrupt_files(copy)[0]} == {shard.name, "manifest.json"}
 
-    span = reference.exit_s - reference.marker_s  # sampling and shard writes, after ComfyUI, the checkpoint and the prompts
+    span = (
+        reference.exit_s - reference.marker_s
+    )  # sampling and shard writes, after ComfyUI, the checkpoint and the prompts
     rng = random.Random(SEED + 1)
     rows, failures, landings, failed = [], [], [], set()
     for k in range(KILLS):
         out = tmp_path / f"kill{k}"
-        killed, delay, redrawn = kill_at_random(rng, span, [*base, "--output", out], out, out / "manifest.json",
-                                                tmp_path / f"kill{k}.log")
+        killed, delay, redrawn = kill_at_random(
+            rng, span, [*base, "--output", out], out, out / "manifest.json", tmp_path / f"kill{k}.log"
+        )
         if not killed.killed:
             rows.append(f"| {k} | {redrawn} | exited by itself (rc {killed.rc}) before every kill drawn | | |")
             failures.append(f"kill {k}: the run exited (rc {killed.rc}) before every kill drawn ({redrawn})")
@@ -513,8 +656,11 @@ def test_pairs_survive_sigkill_at_random_points_and_rerun_to_the_same_pairs(tiny
             manifest = json.loads((out / "manifest.json").read_text())
             if (manifest["count"], manifest["settings"]) != (ref_manifest["count"], ref_manifest["settings"]):
                 wrong.append(f"manifest count / settings differ: {manifest['count']}")
-            wrong += differences(load_file(str(ref / "conds.safetensors")), load_file(str(out / "conds.safetensors")),
-                                 "conds.safetensors")
+            wrong += differences(
+                load_file(str(ref / "conds.safetensors")),
+                load_file(str(out / "conds.safetensors")),
+                "conds.safetensors",
+            )
             names = sorted(p.name for p in out.iterdir() if not p.name.endswith(".tmp"))
             if names != ref_files:
                 wrong.append(f"files {names} differ from the reference's {ref_files}")
@@ -523,8 +669,10 @@ def test_pairs_survive_sigkill_at_random_points_and_rerun_to_the_same_pairs(tiny
             wrong.append(f"temporary files left after the rerun: {still}")
         failures += [f"kill {k} at +{delay:.2f} s ({landing}): {w}" for w in wrong]
         failed |= {k} if wrong else set()
-        rows.append(f"| {k} | {redrawn} | {landing}; {shards_after_kill} shards kept | {', '.join(left) or '-'} | "
-                    f"{'ok' if not wrong else 'FAILED: ' + wrong[0][:120]} |")
+        rows.append(
+            f"| {k} | {redrawn} | {landing}; {shards_after_kill} shards kept | {', '.join(left) or '-'} | "
+            f"{'ok' if not wrong else 'FAILED: ' + wrong[0][:120]} |"
+        )
 
     # targeted, not random (dead pids in the temporary names): the files of a kill while the manifest was
     # rewritten, the last shard not written yet, and of an earlier kill while pairs.toml was written
@@ -534,7 +682,9 @@ def test_pairs_survive_sigkill_at_random_points_and_rerun_to_the_same_pairs(tiny
     last.unlink()
     (out / "pairs.toml").unlink()
     (out / ".manifest.json.999997.tmp").write_text((ref / "manifest.json").read_text()[:50], encoding="utf-8")
-    (out / ".pairs.toml.999996.tmp").write_text((ref / "pairs.toml").read_text()[:50], encoding="utf-8")  # an earlier kill's
+    (out / ".pairs.toml.999996.tmp").write_text(
+        (ref / "pairs.toml").read_text()[:50], encoding="utf-8"
+    )  # an earlier kill's
     done = run_cli([*base, "--output", out], out / "manifest.json", tmp_path / "manifest_write.log")
     wrong = [f"rerun exit code {done.rc}: {log_tail(done.log, 3)}"] if done.rc else []
     if not done.rc and not torch.equal(load_pairs(out).latents, expected.latents):
@@ -542,25 +692,44 @@ def test_pairs_survive_sigkill_at_random_points_and_rerun_to_the_same_pairs(tiny
     if temporary_files(out):
         wrong.append(f"temporary files left after the rerun: {temporary_files(out)}")
     failures += [f"targeted (kills while manifest.json / pairs.toml were written): {w}" for w in wrong]
-    rows.append(f"| targeted | - | mid-write of manifest.json (and earlier of pairs.toml), the last shard missing (files made "
-                f"by hand) | .manifest.json.999997.tmp, .pairs.toml.999996.tmp | {'ok' if not wrong else 'FAILED: ' + wrong[0][:120]} |")
+    rows.append(
+        f"| targeted | - | mid-write of manifest.json (and earlier of pairs.toml), the last shard missing (files made "
+        f"by hand) | .manifest.json.999997.tmp, .pairs.toml.999996.tmp | {'ok' if not wrong else 'FAILED: ' + wrong[0][:120]} |"
+    )
 
     print(f"\n### pairs: {KILLS} SIGKILLs (seed {SEED + 1})\n")
-    print(f"reference: {reference.exit_s:.1f} s from process start to exit; ComfyUI, checkpoint and prompts ready "
-          f"(manifest.json written) at {reference.marker_s:.1f} s; kills uniform over the {span:.1f} s after that\n")
+    print(
+        f"reference: {reference.exit_s:.1f} s from process start to exit; ComfyUI, checkpoint and prompts ready "
+        f"(manifest.json written) at {reference.marker_s:.1f} s; kills uniform over the {span:.1f} s after that\n"
+    )
     print("| kill | at +s | landed | temporary files after the kill | result |")
     print("|---|---|---|---|---|")
     print("\n".join(rows))
-    print(f"\nlanded: {summary(landings)}; survived (rerun exit 0, pairs identical to the reference, no *.tmp): "
-          f"{KILLS - len(failed)} of {KILLS}; targeted case: {'ok' if not wrong else 'FAILED'}\n")
+    print(
+        f"\nlanded: {summary(landings)}; survived (rerun exit 0, pairs identical to the reference, no *.tmp): "
+        f"{KILLS - len(failed)} of {KILLS}; targeted case: {'ok' if not wrong else 'FAILED'}\n"
+    )
     assert not failures, "\n".join(failures)
 
 
 # ---------------------------------------------------------------------- (b) soak
 SOAK_RUNS = 10
-SOAK_OPTIONS = dict(steps=6, batch_size=2, rank=4, learning_rate=1e-3, targets="attention", seed=3, save_every=2,
-                    keep_last=2, preview_every=3, preview_width=64, preview_height=64, preview_steps=2, preview_cfg=2.0,
-                    preview_seed=5)
+SOAK_OPTIONS = dict(
+    steps=6,
+    batch_size=2,
+    rank=4,
+    learning_rate=1e-3,
+    targets="attention",
+    seed=3,
+    save_every=2,
+    keep_last=2,
+    preview_every=3,
+    preview_width=64,
+    preview_height=64,
+    preview_steps=2,
+    preview_cfg=2.0,
+    preview_seed=5,
+)
 
 
 def resident_bytes() -> int:
@@ -572,8 +741,9 @@ def resident_bytes() -> int:
         return int(pathlib.Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def test_ten_node_trainings_in_one_process_level_off_memory_and_leave_no_temporary_files(comfy_nodes, tiny_sd15_file,
-                                                                                      loras_dir) -> None:
+def test_ten_node_trainings_in_one_process_level_off_memory_and_leave_no_temporary_files(
+    comfy_nodes, tiny_sd15_file, loras_dir
+) -> None:
     import comfy.sd
 
     model, _, vae = comfy.sd.load_checkpoint_guess_config(str(tiny_sd15_file), output_clip=False)[:3]
@@ -601,18 +771,28 @@ def soak(node, model, vae, latents: dict, cond, options: dict, loras_dir: pathli
     before = resident_bytes()
     for i in range(SOAK_RUNS):
         start = time.perf_counter()
-        result = node.execute(model=[model], latents=[latents], positive=[cond(1), cond(2), cond(3), cond(4)],
-                              negative=[[[torch.zeros(1, 77, 768), {}]]], vae=[vae],
-                              preview_prompts=[cond(100), cond(101)], output_name=[f"soak{i:02d}"], resume_from=["None"],
-                              **options).args
+        result = node.execute(
+            model=[model],
+            latents=[latents],
+            positive=[cond(1), cond(2), cond(3), cond(4)],
+            negative=[[[torch.zeros(1, 77, 768), {}]]],
+            vae=[vae],
+            preview_prompts=[cond(100), cond(101)],
+            output_name=[f"soak{i:02d}"],
+            resume_from=["None"],
+            **options,
+        ).args
         seconds.append(time.perf_counter() - start)
         assert result[3] == SOAK_OPTIONS["steps"] and result[4].shape == (3, 64, 128, 3)  # previews at steps 0, 3, 6
         del result
         gc.collect()
         rss.append(resident_bytes())
         loaded.append(len(comfy.model_management.current_loaded_models))
-        assert sorted(p.name for p in loras_dir.glob(f"soak{i:02d}*")) == \
-            [f"soak{i:02d}.d2fstate", f"soak{i:02d}_000004.safetensors", f"soak{i:02d}_000006.safetensors"]
+        assert sorted(p.name for p in loras_dir.glob(f"soak{i:02d}*")) == [
+            f"soak{i:02d}.d2fstate",
+            f"soak{i:02d}_000004.safetensors",
+            f"soak{i:02d}_000006.safetensors",
+        ]
     growth = (rss[-1] - rss[1]) / rss[1]
     mib = [r / 2**20 for r in rss]
     print(f"\n### soak: {SOAK_RUNS} runs of Train Diff2Flow LoRA in one process\n")
@@ -623,4 +803,6 @@ def soak(node, model, vae, latents: dict, cond, options: dict, loras_dir: pathli
         print(f"| {i + 1} | {m:.1f} | {m - (mib[i - 1] if i else before / 2**20):+.1f} | {s:.1f} | {n} |")
     print(f"\ngrowth from after run 2 to after run {SOAK_RUNS}: {100 * growth:+.2f} % ({mib[-1] - mib[1]:+.1f} MiB)\n")
     assert not temporary_files(loras_dir), temporary_files(loras_dir)
-    assert growth < 0.05, f"resident memory grew {100 * growth:.1f} % from run 2 to run {SOAK_RUNS}: {[round(m) for m in mib]} MiB"
+    assert growth < 0.05, (
+        f"resident memory grew {100 * growth:.1f} % from run 2 to run {SOAK_RUNS}: {[round(m) for m in mib]} MiB"
+    )

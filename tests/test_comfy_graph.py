@@ -5,6 +5,7 @@ D2F_CheckpointLoader -> CLIPTextEncode (+/-) -> EmptyLatentImage / LoadImage+VAE
 
 The checkpoint (written once per session) comes from ``sd15_checkpoint.tiny_sd15_state_dict``.
 """
+
 from __future__ import annotations
 
 import ast
@@ -14,7 +15,6 @@ import re
 import uuid
 
 import pytest
-
 from comfy_harness import require_comfyui
 
 require_comfyui()
@@ -22,10 +22,11 @@ require_comfyui()
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
-
 from sd15_checkpoint import CKPT_NAME, CLIP_UNLOADABLE  # noqa: E402
 
 IMAGE_SIZE = 64
+
+
 @pytest.fixture(scope="session")
 def tiny_sd15_checkpoint(tiny_sd15_file):
     """CKPT_NAME in a temporary folder registered as a ComfyUI "checkpoints" folder (for the session)."""
@@ -113,21 +114,40 @@ def cached_nodes(result: dict) -> set[str]:
     return {n for event, data in result["messages"] if event == "execution_cached" for n in data["nodes"]}
 
 
-def graph(ckpt_name: str, seed: int = 0, sampler: str = "euler", denoise: float = 1.0, image: str | None = None) -> dict:
+def graph(
+    ckpt_name: str, seed: int = 0, sampler: str = "euler", denoise: float = 1.0, image: str | None = None
+) -> dict:
     """API-format prompt; text-to-image from an empty latent, or image-to-image from `image` (input folder)."""
     prompt = {
-        "1": {"class_type": "D2F_CheckpointLoader",
-              "inputs": {"ckpt_name": ckpt_name, "lora_name": "None", "lora_strength": 1.0, "zero_terminal_snr": False}},
+        "1": {
+            "class_type": "D2F_CheckpointLoader",
+            "inputs": {"ckpt_name": ckpt_name, "lora_name": "None", "lora_strength": 1.0, "zero_terminal_snr": False},
+        },
         "2": {"class_type": "CLIPTextEncode", "inputs": {"text": "a photo of a red fox in the snow", "clip": ["1", 1]}},
         "3": {"class_type": "CLIPTextEncode", "inputs": {"text": "blurry, low quality", "clip": ["1", 1]}},
-        "5": {"class_type": "D2F_KSampler",
-              "inputs": {"model": ["1", 0], "seed": seed, "steps": 3, "cfg": 5.0, "sampler": sampler, "shift": 1.0,
-                         "positive": ["2", 0], "negative": ["3", 0], "latent_image": ["4", 0], "denoise": denoise}},
+        "5": {
+            "class_type": "D2F_KSampler",
+            "inputs": {
+                "model": ["1", 0],
+                "seed": seed,
+                "steps": 3,
+                "cfg": 5.0,
+                "sampler": sampler,
+                "shift": 1.0,
+                "positive": ["2", 0],
+                "negative": ["3", 0],
+                "latent_image": ["4", 0],
+                "denoise": denoise,
+            },
+        },
         "6": {"class_type": "VAEDecode", "inputs": {"samples": ["5", 0], "vae": ["1", 2]}},
         "7": {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": "d2f_test"}},
     }
     if image is None:
-        prompt["4"] = {"class_type": "EmptyLatentImage", "inputs": {"width": IMAGE_SIZE, "height": IMAGE_SIZE, "batch_size": 1}}
+        prompt["4"] = {
+            "class_type": "EmptyLatentImage",
+            "inputs": {"width": IMAGE_SIZE, "height": IMAGE_SIZE, "batch_size": 1},
+        }
     else:
         prompt["8"] = {"class_type": "LoadImage", "inputs": {"image": image}}
         prompt["4"] = {"class_type": "VAEEncode", "inputs": {"pixels": ["8", 0], "vae": ["1", 2]}}
@@ -150,7 +170,8 @@ def saved_image(result: dict, output_dir) -> np.ndarray:
 
 # ComfyUI's log lines about keys a checkpoint lacks or has in excess (comfy.model_base, comfy.sd)
 KEY_REPORT = re.compile(
-    r"^(unet missing|unet unexpected|clip missing|clip unexpected|Missing VAE keys|Leftover VAE keys):? (\[.*\]):?$", re.S
+    r"^(unet missing|unet unexpected|clip missing|clip unexpected|Missing VAE keys|Leftover VAE keys):? (\[.*\]):?$",
+    re.S,
 )
 
 
@@ -225,10 +246,13 @@ def write_lora(checkpoint: str, folder, name: str, metadata) -> None:
     """A small random LoRA on two attention layers of the checkpoint's UNet (with metadata)."""
     import comfy.sd
     import folder_paths
+
     from d2f_core.lora import adapters_state_dict, make_adapter, select_target_modules
     from training.files import save_lora
 
-    model = comfy.sd.load_checkpoint_guess_config(folder_paths.get_full_path_or_raise("checkpoints", checkpoint), output_vae=False, output_clip=False)[0]
+    model = comfy.sd.load_checkpoint_guess_config(
+        folder_paths.get_full_path_or_raise("checkpoints", checkpoint), output_vae=False, output_clip=False
+    )[0]
     modules = dict(list(select_target_modules(model.model.diffusion_model, "attention").items())[:2])
     gen = torch.Generator().manual_seed(0)
     adapters = {n: make_adapter("LoRA", m.weight.shape, 2, 2.0, gen) for n, m in modules.items()}
@@ -237,11 +261,18 @@ def write_lora(checkpoint: str, folder, name: str, metadata) -> None:
     save_lora(folder / name, adapters_state_dict(adapters), metadata)
 
 
-def test_loader_configures_the_patch_from_lora_metadata(pack, tiny_sd15_checkpoint, loras_folder, fp32_text_encoder) -> None:
+def test_loader_configures_the_patch_from_lora_metadata(
+    pack, tiny_sd15_checkpoint, loras_folder, fp32_text_encoder
+) -> None:
     from d2f_core.lora_metadata import LoraMetadata
 
     loader = pack.nodes["D2F_CheckpointLoader"]
-    write_lora(tiny_sd15_checkpoint, loras_folder, "d2f.safetensors", LoraMetadata("diff2flow", "eps", False, rank=2, alpha=2.0))
+    write_lora(
+        tiny_sd15_checkpoint,
+        loras_folder,
+        "d2f.safetensors",
+        LoraMetadata("diff2flow", "eps", False, rank=2, alpha=2.0),
+    )
     write_lora(tiny_sd15_checkpoint, loras_folder, "naive.safetensors", LoraMetadata("naive_fm", "eps", False))
     write_lora(tiny_sd15_checkpoint, loras_folder, "vpred.safetensors", LoraMetadata("diff2flow", "v", True))
     write_lora(tiny_sd15_checkpoint, loras_folder, "plain.safetensors", None)
@@ -253,7 +284,10 @@ def test_loader_configures_the_patch_from_lora_metadata(pack, tiny_sd15_checkpoi
     naive = loader.execute(tiny_sd15_checkpoint, "naive.safetensors", 1.0, False).result[0]
     ms = naive.get_model_object("model_sampling")
     assert not pack.model_sampling.is_patched(naive)  # naive FM: x_sigma in, T * sigma, output = velocity
-    assert float(ms.timestep(torch.tensor(0.5))) == pytest.approx(500.0) and ms.calculate_input(0.5, torch.ones(1)).item() == 1.0
+    assert (
+        float(ms.timestep(torch.tensor(0.5))) == pytest.approx(500.0)
+        and ms.calculate_input(0.5, torch.ones(1)).item() == 1.0
+    )
 
     with pytest.raises(ValueError, match="trained on a v-prediction model, but checkpoint .* predicts eps"):
         loader.execute(tiny_sd15_checkpoint, "vpred.safetensors", 1.0, False)

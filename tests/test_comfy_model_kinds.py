@@ -25,11 +25,11 @@ Sampling nodes get plain text conditioning for every kind: for an image-conditio
 ``concat_cond`` then takes the image latent from the latent being sampled (``latent_image``), which is the
 stock convention for image-conditioned models. Convention: FM sigma in [0, 1], sigma = 1 is noise.
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
-
 from comfy_harness import CONTEXT_DIM, build_tiny_model, require_comfyui
 from stand_ins import StandInClip, StandInVae
 
@@ -40,8 +40,8 @@ import comfy.sd  # noqa: E402
 import folder_paths  # noqa: E402
 
 from d2f_core.lora import adapters_state_dict, make_adapter, select_target_modules  # noqa: E402
-from d2f_host.bootstrap import HostError  # noqa: E402
 from d2f_host.depth import input_conv, is_image_conditioned, widen_model  # noqa: E402
+from d2f_host.errors import HostError  # noqa: E402
 from d2f_host.model_sampling import flow_sigma_max, is_flow_model, is_patched, patch_model  # noqa: E402
 from training.pairs import load_pairs  # noqa: E402
 
@@ -60,13 +60,17 @@ ZSNR_DROPPED = "refused: converted with zero terminal SNR"
 #
 #                           plain_eps    plain_v      lora         zsnr         depth          patched  patched_zsnr patched_depth
 EXPECTED: dict[str, dict[str, str]] = {
-    "D2F_ModelPatch":       dict(zip(KINDS, [WORKS,       WORKS,       WORKS,       WORKS,       WORKS,         WORKS,   WORKS,       WORKS])),
-    "D2F_FMScheduler":      dict(zip(KINDS, [NOT_PATCHED, NOT_PATCHED, NOT_PATCHED, NOT_PATCHED, NOT_PATCHED,   WORKS,   WORKS,       WORKS])),
-    "D2F_KSampler":         dict(zip(KINDS, [WORKS,       WORKS,       WORKS,       WORKS,       WORKS,         WORKS,   WORKS,       WORKS])),
-    "D2F_TrainLoRA":        dict(zip(KINDS, [WORKS,       WORKS,       WORKS,       WORKS,       DEPTH_TRAIN,   WORKS,   ZSNR_DROPPED, DEPTH_TRAIN])),
-    "D2F_ReflowPairs":      dict(zip(KINDS, [WORKS,       WORKS,       WORKS,       WORKS,       DEPTH_TEACHER, WORKS,   WORKS,       DEPTH_TEACHER])),
-    "D2F_DepthModelLoader": dict(zip(KINDS, [WORKS,       WORKS,       WORKS,       WORKS,       WIDENED_TWICE, WORKS,   WORKS,       WIDENED_TWICE])),
-    "D2F_DepthEstimate":    dict(zip(KINDS, [NOT_DEPTH,   NOT_DEPTH,   NOT_DEPTH,   NOT_DEPTH,   WORKS,         NOT_DEPTH, NOT_DEPTH,   WORKS])),
+    "D2F_ModelPatch": dict(zip(KINDS, [WORKS, WORKS, WORKS, WORKS, WORKS, WORKS, WORKS, WORKS])),
+    "D2F_FMScheduler": dict(
+        zip(KINDS, [NOT_PATCHED, NOT_PATCHED, NOT_PATCHED, NOT_PATCHED, NOT_PATCHED, WORKS, WORKS, WORKS])
+    ),
+    "D2F_KSampler": dict(zip(KINDS, [WORKS, WORKS, WORKS, WORKS, WORKS, WORKS, WORKS, WORKS])),
+    "D2F_TrainLoRA": dict(zip(KINDS, [WORKS, WORKS, WORKS, WORKS, DEPTH_TRAIN, WORKS, ZSNR_DROPPED, DEPTH_TRAIN])),
+    "D2F_ReflowPairs": dict(zip(KINDS, [WORKS, WORKS, WORKS, WORKS, DEPTH_TEACHER, WORKS, WORKS, DEPTH_TEACHER])),
+    "D2F_DepthModelLoader": dict(zip(KINDS, [WORKS, WORKS, WORKS, WORKS, WIDENED_TWICE, WORKS, WORKS, WIDENED_TWICE])),
+    "D2F_DepthEstimate": dict(
+        zip(KINDS, [NOT_DEPTH, NOT_DEPTH, NOT_DEPTH, NOT_DEPTH, WORKS, NOT_DEPTH, NOT_DEPTH, WORKS])
+    ),
 }
 # Why: D2F_ModelPatch converts any eps / v diffusion model, image-conditioned or not (the depth estimate patches
 # depth models itself), and an already patched one again (patching twice = once). D2F_FMScheduler's model input is
@@ -166,12 +170,11 @@ def fm_chain(nodes, flow) -> None:
     (sampler,) = result(nodes["D2F_FMEulerSampler"].execute("euler"))
     (noise,) = result(nodes["RandomNoise"].execute(0))
     (guider,) = result(nodes["CFGGuider"].execute(flow, cond(1), cond(2), 2.0))
-    out, denoised = result(nodes["SamplerCustomAdvanced"].execute(noise, guider, sampler, sigmas,
-                                                                  {"samples": torch.zeros(LATENT)}))
+    out, denoised = result(
+        nodes["SamplerCustomAdvanced"].execute(noise, guider, sampler, sigmas, {"samples": torch.zeros(LATENT)})
+    )
     check_latent(out["samples"])
     check_latent(denoised["samples"])
-
-
 
 
 def smooth_images(batch: int = 1, size: int = 64, seed: int = 0) -> torch.Tensor:
@@ -190,7 +193,9 @@ def run_model_patch(nodes, model, env) -> None:
     assert is_image_conditioned(patched) == is_image_conditioned(model)
     if env["kind"] == "zsnr":  # stock zsnr (alphas_cumprod[-1] = 4.9e-8) is respected: sigma_max just under 1
         assert 0.9997 < flow_sigma_max(patched) < 1.0
-    if env["kind"] == "patched_zsnr":  # patched again with zero_terminal_snr off: rebuilt without (patch_model's docstring)
+    if (
+        env["kind"] == "patched_zsnr"
+    ):  # patched again with zero_terminal_snr off: rebuilt without (patch_model's docstring)
         assert flow_sigma_max(patched) == pytest.approx(0.93596, abs=1e-5)
     fm_chain(nodes, patched)
 
@@ -200,9 +205,20 @@ def run_fm_scheduler(nodes, model, env) -> None:
 
 
 def run_ksampler(nodes, model, env) -> None:
-    (latent,) = result(nodes["D2F_KSampler"].execute(
-        model=model, seed=0, steps=2, cfg=2.0, sampler="euler", shift=1.0, positive=cond(1), negative=cond(2),
-        latent_image={"samples": torch.zeros(LATENT)}, denoise=1.0))
+    (latent,) = result(
+        nodes["D2F_KSampler"].execute(
+            model=model,
+            seed=0,
+            steps=2,
+            cfg=2.0,
+            sampler="euler",
+            shift=1.0,
+            positive=cond(1),
+            negative=cond(2),
+            latent_image={"samples": torch.zeros(LATENT)},
+            denoise=1.0,
+        )
+    )
     check_latent(latent["samples"])
 
 
@@ -210,8 +226,16 @@ def run_train_lora(nodes, model, env) -> None:
     node = nodes["D2F_TrainLoRA"]
     args = {i.id: [i.default] for i in node.define_schema().inputs if getattr(i, "default", None) is not None}
     gen = torch.Generator().manual_seed(0)
-    args.update(model=[model], latents=[{"samples": torch.randn(2, 4, 8, 8, generator=gen)}], positive=[cond(3)],
-                steps=[2], batch_size=[2], rank=[2], alpha=[2.0], output_name=[f"kinds_{env['kind']}"])
+    args.update(
+        model=[model],
+        latents=[{"samples": torch.randn(2, 4, 8, 8, generator=gen)}],
+        positive=[cond(3)],
+        steps=[2],
+        batch_size=[2],
+        rank=[2],
+        alpha=[2.0],
+        output_name=[f"kinds_{env['kind']}"],
+    )
     trained, lora, losses, steps, previews = result(node.execute(**args))
     assert steps == 2 and len(losses["loss"]) == 2
     assert all(torch.isfinite(torch.as_tensor(loss)).all() for loss in losses["loss"])
@@ -222,14 +246,26 @@ def run_train_lora(nodes, model, env) -> None:
     # zero_terminal_snr widget is refused, not dropped in silence
     assert flow_sigma_max(trained) == pytest.approx(top_of_schedule(model), abs=1e-6), (
         f"the trained MODEL starts at sigma {flow_sigma_max(trained):.4f}, the input model at {top_of_schedule(model):.4f}: "
-        "the input's zero terminal SNR was dropped")
+        "the input's zero terminal SNR was dropped"
+    )
     assert lora.metadata.zero_terminal_snr == (top_of_schedule(model) > 0.99)
     assert previews.ndim == 4 and previews.shape[-1] == 3
 
 
 def run_reflow_pairs(nodes, model, env) -> None:
-    out = nodes["D2F_ReflowPairs"].execute(model=model, positive=cond(4, batch=2), count=2, width=64, height=64, steps=2,
-                                           cfg=1.0, sampler="euler", seed=3, batch_size=2, folder=f"kinds_{env['kind']}")
+    out = nodes["D2F_ReflowPairs"].execute(
+        model=model,
+        positive=cond(4, batch=2),
+        count=2,
+        width=64,
+        height=64,
+        steps=2,
+        cfg=1.0,
+        sampler="euler",
+        seed=3,
+        batch_size=2,
+        folder=f"kinds_{env['kind']}",
+    )
     (folder,) = result(out)
     pairs = load_pairs(folder)
     assert tuple(pairs.latents.shape) == (2, *LATENT[1:]) and torch.isfinite(pairs.latents).all()
@@ -242,19 +278,25 @@ def run_depth_model_loader(nodes, model, env) -> None:
     (depth,) = result(nodes["D2F_DepthModelLoader"].execute(model, new, 1.0))
     assert is_image_conditioned(depth) and not is_image_conditioned(model)
     assert input_conv(depth).weight.shape[1] == 2 * LATENT[1] and input_conv(model).weight.shape[1] == LATENT[1]
-    assert is_patched(depth) == is_patched(model) and top_of_schedule(depth) == pytest.approx(top_of_schedule(model), abs=1e-6)
+    assert is_patched(depth) == is_patched(model) and top_of_schedule(depth) == pytest.approx(
+        top_of_schedule(model), abs=1e-6
+    )
     # it samples with an image latent through the concat conditioning
-    positive = [[cond(5)[0][0], {"concat_latent_image": torch.randn(LATENT, generator=torch.Generator().manual_seed(6))}]]
+    positive = [
+        [cond(5)[0][0], {"concat_latent_image": torch.randn(LATENT, generator=torch.Generator().manual_seed(6))}]
+    ]
     noise = torch.randn(LATENT, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
-        out = comfy.sample.sample(depth, noise, 2, 1.0, "euler", "simple", positive, positive, torch.zeros(LATENT),
-                                  disable_pbar=True, seed=0)
+        out = comfy.sample.sample(
+            depth, noise, 2, 1.0, "euler", "simple", positive, positive, torch.zeros(LATENT), disable_pbar=True, seed=0
+        )
     check_latent(out)
 
 
 def run_depth_estimate(nodes, model, env) -> None:
-    grey, color, raw = result(nodes["D2F_DepthEstimate"].execute(model, StandInClip(), StandInVae(), smooth_images(),
-                                                                 2, 1, 0, 0, "grey"))
+    grey, color, raw = result(
+        nodes["D2F_DepthEstimate"].execute(model, StandInClip(), StandInVae(), smooth_images(), 2, 1, 0, 0, "grey")
+    )
     assert tuple(raw.shape) == (1, 64, 64) and tuple(grey.shape) == tuple(color.shape) == (1, 64, 64, 3)
     for out in (grey, color, raw):
         assert torch.isfinite(out).all() and float(out.min()) >= 0.0 and float(out.max()) <= 1.0
@@ -308,11 +350,14 @@ def test_node_with_model_kind(comfy_nodes, loras_dir, output_dir, node, kind) ->
         if expected == WORKS:
             pytest.fail(f"{node} with a {kind} model should work but was refused: {type(exc).__name__}: {message}")
         wanted = expected.removeprefix("refused: ")
-        assert wanted in message, (f"{node} with a {kind} model: refused, but the message lacks {wanted!r}: "
-                                   f"{type(exc).__name__}: {message}")
+        assert wanted in message, (
+            f"{node} with a {kind} model: refused, but the message lacks {wanted!r}: {type(exc).__name__}: {message}"
+        )
     except Exception as exc:  # a raw torch error, KeyError, AttributeError ...: a defect
-        pytest.fail(f"{node} with a {kind} model (expected {expected}) raised a raw {type(exc).__module__}."
-                    f"{type(exc).__name__}: {str(exc)[:400]}")
+        pytest.fail(
+            f"{node} with a {kind} model (expected {expected}) raised a raw {type(exc).__module__}."
+            f"{type(exc).__name__}: {str(exc)[:400]}"
+        )
     else:
         assert expected == WORKS, f"{node} with a {kind} model should be {expected}, but it ran"
     # the input MODEL is never changed

@@ -1,9 +1,9 @@
 """The Diff2Flow model patch on tiny SD1.x-eps and SD2.x-v models in a real ComfyUI 0.8.0."""
+
 from __future__ import annotations
 
 import pytest
 import torch
-
 from comfy_harness import require_comfyui
 
 require_comfyui()
@@ -34,7 +34,9 @@ def denoised_of(model, x: torch.Tensor, sigma: torch.Tensor, cond) -> torch.Tens
 def sample(model, sampler, sigmas, cond, uncond, seed: int = 0, cfg: float = 1.0) -> torch.Tensor:
     latent = torch.zeros(LATENT)
     noise = comfy.sample.prepare_noise(latent, seed)
-    return comfy.sample.sample_custom(model, noise, cfg, sampler, sigmas, cond, uncond, latent, disable_pbar=True, seed=seed)
+    return comfy.sample.sample_custom(
+        model, noise, cfg, sampler, sigmas, cond, uncond, latent, disable_pbar=True, seed=seed
+    )
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -83,6 +85,7 @@ def test_stock_euler_is_d2f_core_fm_euler(pack, tiny_model, conditioning, kind) 
     torch.testing.assert_close(ours, core, rtol=1e-5, atol=1e-5 * scale)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 def test_every_stock_sampler_and_scheduler_runs(pack, tiny_model, conditioning, kind) -> None:
     model = pack.model_sampling.patch_model(tiny_model(kind))
@@ -173,7 +176,10 @@ def test_earlier_comfyui_zsnr_patch_is_respected(pack, tiny_model, comfy_nodes) 
     "patch,match",
     [
         (lambda nodes, m: nodes["ModelSamplingSD3"]().patch(m, 3.0)[0], "already a flow model"),
-        (lambda nodes, m: nodes["ModelSamplingContinuousEDM"]().patch(m, "eps", 0.002, 120.0)[0], "EDM / continuous-time models"),
+        (
+            lambda nodes, m: nodes["ModelSamplingContinuousEDM"]().patch(m, "eps", 0.002, 120.0)[0],
+            "EDM / continuous-time models",
+        ),
         (lambda nodes, m: nodes["ModelSamplingDiscrete"]().patch(m, "x0", False)[0], "x0 / LCM"),
         (lambda nodes, m: nodes["ModelSamplingDiscrete"]().patch(m, "lcm", False)[0], "x0 / LCM"),
     ],
@@ -201,14 +207,26 @@ def test_model_patch_node_and_ksampler_node(comfy_nodes, tiny_model, conditionin
     patched = comfy_nodes["D2F_ModelPatch"].execute(model, False)[0]
     assert patched is not model
     latent = {"samples": torch.zeros(LATENT)}
-    args = dict(seed=3, steps=4, cfg=4.0, sampler="euler", shift=2.0, positive=conditioning(1), negative=conditioning(2), latent_image=latent, denoise=1.0)
+    args = dict(
+        seed=3,
+        steps=4,
+        cfg=4.0,
+        sampler="euler",
+        shift=2.0,
+        positive=conditioning(1),
+        negative=conditioning(2),
+        latent_image=latent,
+        denoise=1.0,
+    )
     out_unpatched_input = comfy_nodes["D2F_KSampler"].execute(model=model, **args)[0]["samples"]
     out_patched_input = comfy_nodes["D2F_KSampler"].execute(model=patched, **args)[0]["samples"]
     assert torch.isfinite(out_unpatched_input).all() and out_unpatched_input.shape == LATENT
     assert torch.equal(out_unpatched_input, out_patched_input)  # patches only when needed
     heun = comfy_nodes["D2F_KSampler"].execute(model=model, **{**args, "sampler": "heun"})[0]["samples"]
     assert torch.isfinite(heun).all() and not torch.equal(heun, out_patched_input)
-    img2img = comfy_nodes["D2F_KSampler"].execute(model=model, **{**args, "latent_image": {"samples": out_patched_input}, "denoise": 0.5})[0]["samples"]
+    img2img = comfy_nodes["D2F_KSampler"].execute(
+        model=model, **{**args, "latent_image": {"samples": out_patched_input}, "denoise": 0.5}
+    )[0]["samples"]
     assert torch.isfinite(img2img).all()
 
 
@@ -219,7 +237,9 @@ def test_fm_sampler_node_runs_the_chosen_sampler(pack, tiny_model, conditioning,
     sigmas = d2f_core.fm_sigmas(3, model.get_model_object("model_sampling").d2f.sigma_max).float()
     node = comfy_nodes["D2F_FMEulerSampler"]
     by_node = {name: sample(model, node.execute(sampler=name)[0], sigmas, cond, cond) for name in d2f_core.SAMPLERS}
-    direct = {name: sample(model, pack.sampling_nodes.fm_sampler(name), sigmas, cond, cond) for name in d2f_core.SAMPLERS}
+    direct = {
+        name: sample(model, pack.sampling_nodes.fm_sampler(name), sigmas, cond, cond) for name in d2f_core.SAMPLERS
+    }
     for name in d2f_core.SAMPLERS:
         torch.testing.assert_close(by_node[name], direct[name], rtol=0, atol=0)
     assert not torch.allclose(by_node["heun"], by_node["euler"])

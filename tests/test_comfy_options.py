@@ -8,15 +8,15 @@ The node is V3 with ``is_input_list=True``: every input arrives as a list. :func
 builds its inputs from one dict of TrainConfig-named options (the node's inputs are generated
 from TrainConfig, so the names are the same).
 """
+
 from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Optional
+from typing import Any
 
 import pytest
 import torch
-
 from comfy_harness import require_comfyui
 
 require_comfyui()
@@ -24,6 +24,7 @@ require_comfyui()
 
 from d2f_core.lora import factorization  # noqa: E402
 from d2f_core.lora_metadata import LoraMetadata  # noqa: E402
+from d2f_host import training_run  # noqa: E402
 from training import TrainConfig  # noqa: E402
 
 LATENT = (4, 8, 8)
@@ -35,8 +36,16 @@ def schema_ids(comfy_nodes) -> list[str]:
     return [i.id for i in comfy_nodes[NODE].define_schema().inputs]
 
 
-def node_kwargs(comfy_nodes, model, latents: list, positive: list, negative: Optional[list] = None,
-                options: Optional[dict] = None, output_name: str = "options_test", resume_from: str = "None") -> tuple[dict, list[str]]:
+def node_kwargs(
+    comfy_nodes,
+    model,
+    latents: list,
+    positive: list,
+    negative: list | None = None,
+    options: dict | None = None,
+    output_name: str = "options_test",
+    resume_from: str = "None",
+) -> tuple[dict, list[str]]:
     """The node's keyword arguments (every value a list, as ComfyUI passes input lists) for
     ``options`` named as TrainConfig fields (the rest at TrainConfig's defaults), and the
     options the node has no input for."""
@@ -84,7 +93,7 @@ class Spy:
         self.trainers: list = []
         self.calls: list[dict] = []
         spy = self
-        base_trainer, base_network = pack.train_nodes.Trainer, pack.train_nodes.unet_network
+        base_trainer, base_network = training_run.Trainer, training_run.unet_network
 
         class SpyTrainer(base_trainer):
             def __init__(self, *args, **kwargs) -> None:
@@ -97,23 +106,30 @@ class Spy:
             inner = base_network(unet)
 
             def call(x, t, context, y=None):
-                spy.calls.append({
-                    "t": t.detach().cpu().clone(), "context": context.detach().cpu().clone(),
-                    "autocast": torch.is_autocast_enabled(x.device.type), "autocast_dtype": torch.get_autocast_dtype(x.device.type),
-                })
+                spy.calls.append(
+                    {
+                        "t": t.detach().cpu().clone(),
+                        "context": context.detach().cpu().clone(),
+                        "autocast": torch.is_autocast_enabled(x.device.type),
+                        "autocast_dtype": torch.get_autocast_dtype(x.device.type),
+                    }
+                )
                 return inner(x, t, context, y)
 
             return call
 
-        monkeypatch.setattr(pack.train_nodes, "Trainer", SpyTrainer)
-        monkeypatch.setattr(pack.train_nodes, "unet_network", network)
+        monkeypatch.setattr(training_run, "Trainer", SpyTrainer)
+        monkeypatch.setattr(training_run, "unet_network", network)
 
 
 def module_names(lora: dict) -> set[str]:
     """The adapted layers (module paths inside the UNet) of a ComfyUI-native LoRA dict."""
     out = set()
     for key in lora:
-        m = re.match(r"diffusion_model\.(.+)\.(lora_up\.weight|lora_down\.weight|alpha|hada_w[12]_[ab]|lokr_w[12]|oft_blocks|dora_scale)$", key)
+        m = re.match(
+            r"diffusion_model\.(.+)\.(lora_up\.weight|lora_down\.weight|alpha|hada_w[12]_[ab]|lokr_w[12]|oft_blocks|dora_scale)$",
+            key,
+        )
         assert m, f"unexpected LoRA key {key}"
         out.add(m.group(1))
     return out
@@ -121,13 +137,40 @@ def module_names(lora: dict) -> set[str]:
 
 # ---------------------------------------------------------------------- every input reaches the trainer
 NON_DEFAULT = dict(
-    objective="naive_fm", steps=2, batch_size=2, grad_accumulation=2, learning_rate=2e-3, lr_schedule="cosine",
-    warmup_steps=1, optimizer="SGD", weight_decay=0.05, rank=3, alpha=1.5, algorithm="LoHa", targets="attention_ff",
-    timestep_sampling="logit_normal", logit_mean=0.5, logit_std=0.7, shift=2.0, zero_terminal_snr=True, dtype="bf16",
-    gradient_checkpointing=True, seed=9, caption_dropout=0.2, save_every=0, ema_decay=0.9, ema_warmup=False, keep_last=2,
+    objective="naive_fm",
+    steps=2,
+    batch_size=2,
+    grad_accumulation=2,
+    learning_rate=2e-3,
+    lr_schedule="cosine",
+    warmup_steps=1,
+    optimizer="SGD",
+    weight_decay=0.05,
+    rank=3,
+    alpha=1.5,
+    algorithm="LoHa",
+    targets="attention_ff",
+    timestep_sampling="logit_normal",
+    logit_mean=0.5,
+    logit_std=0.7,
+    shift=2.0,
+    zero_terminal_snr=True,
+    dtype="bf16",
+    gradient_checkpointing=True,
+    seed=9,
+    caption_dropout=0.2,
+    save_every=0,
+    ema_decay=0.9,
+    ema_warmup=False,
+    keep_last=2,
     save_raw=True,
     # previews on need the vae and preview_prompts inputs: tests/test_comfy_previews.py runs them
-    preview_every=0, preview_seed=7, preview_steps=3, preview_cfg=2.5, preview_width=128, preview_height=192,
+    preview_every=0,
+    preview_seed=7,
+    preview_steps=3,
+    preview_cfg=2.5,
+    preview_width=128,
+    preview_height=192,
 )
 
 
@@ -135,7 +178,9 @@ def test_every_option_reaches_the_trainer(pack, comfy_nodes, tiny_model, monkeyp
     """Every TrainConfig field given to the node, each away from its default, is the trainer's
     config; rank, alpha, algorithm and targets shape its adapters; zero_terminal_snr its alignment."""
     assert set(NON_DEFAULT) == {f.name for f in dataclasses.fields(TrainConfig)}, "keep NON_DEFAULT complete"
-    assert all(NON_DEFAULT[k] != v for k, v in TrainConfig().to_dict().items() if k not in ("save_every", "preview_every"))
+    assert all(
+        NON_DEFAULT[k] != v for k, v in TrainConfig().to_dict().items() if k not in ("save_every", "preview_every")
+    )
     spy = Spy(pack, monkeypatch, stop=True)
     latents, positive, negative = batch(4)
     model = tiny_model("v")
@@ -152,7 +197,9 @@ def test_every_option_reaches_the_trainer(pack, comfy_nodes, tiny_model, monkeyp
     assert set(trainer.adapters) == expected_targets(model.model.diffusion_model, "attention_ff"), "targets"
     assert trainer.d2f.zero_terminal_snr and trainer.d2f.sigma_max == 1.0
     if missing:
-        pytest.xfail(f"the node has no input for the training options {missing}: they always take TrainConfig's defaults")
+        pytest.xfail(
+            f"the node has no input for the training options {missing}: they always take TrainConfig's defaults"
+        )
 
 
 # ---------------------------------------------------------------------- targets, rank, alpha, algorithm
@@ -162,24 +209,37 @@ def expected_targets(unet: torch.nn.Module, targets: str) -> set[str]:
         attention = re.search(r"(^|\.)attn[12]\.(to_q|to_k|to_v|to_out\.0)$", name) is not None
         ff = name.endswith(("ff.net.0.proj", "ff.net.2"))
         layer = isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)) and getattr(module, "weight", None) is not None
-        if targets == "attention" and attention or targets == "attention_ff" and (attention or ff) or targets == "all" and layer:
+        if (
+            targets == "attention"
+            and attention
+            or targets == "attention_ff"
+            and (attention or ff)
+            or targets == "all"
+            and layer
+        ):
             names.add(name)
     return names
 
 
-@pytest.mark.parametrize("targets,algorithm,rank,alpha", [
-    ("attention", "LoRA", 3, 1.5),
-    ("attention_ff", "LoHa", 2, 4.0),
-    ("all", "LoRA", 5, 5.0),
-    ("all", "LoKr", 4, 1.0),
-    ("attention_ff", "OFT", 4, 2.0),
-    ("all", "DoRA", 3, 3.0),
-])
+@pytest.mark.parametrize(
+    "targets,algorithm,rank,alpha",
+    [
+        ("attention", "LoRA", 3, 1.5),
+        ("attention_ff", "LoHa", 2, 4.0),
+        ("all", "LoRA", 5, 5.0),
+        ("all", "LoKr", 4, 1.0),
+        ("attention_ff", "OFT", 4, 2.0),
+        ("all", "DoRA", 3, 3.0),
+    ],
+)
 def test_targets_rank_alpha_algorithm_shape_the_lora(comfy_nodes, tiny_model, targets, algorithm, rank, alpha) -> None:
     model = tiny_model("eps")
     unet = model.model.diffusion_model
-    _, lora, _, steps = run_node(comfy_nodes, model, dict(steps=2, batch_size=2, targets=targets, algorithm=algorithm, rank=rank,
-                                                          alpha=alpha, learning_rate=1e-2))
+    _, lora, _, steps = run_node(
+        comfy_nodes,
+        model,
+        dict(steps=2, batch_size=2, targets=targets, algorithm=algorithm, rank=rank, alpha=alpha, learning_rate=1e-2),
+    )
     assert steps == 2
     names = module_names(lora)
     assert names == expected_targets(unet, targets)
@@ -220,7 +280,7 @@ def test_gradient_checkpointing_recomputes_every_block_layer(pack, comfy_nodes, 
     options = dict(steps=2, batch_size=1, learning_rate=1e-2, targets="all", seed=2)
     state = {"checkpoints": 0, "saved": 0}
     checkpoint = torch.utils.checkpoint.checkpoint
-    base_network = pack.train_nodes.unet_network
+    base_network = training_run.unet_network
 
     def counting_checkpoint(*args, **kwargs):
         state["checkpoints"] += 1
@@ -240,7 +300,7 @@ def test_gradient_checkpointing_recomputes_every_block_layer(pack, comfy_nodes, 
         return call
 
     monkeypatch.setattr(torch.utils.checkpoint, "checkpoint", counting_checkpoint)
-    monkeypatch.setattr(pack.train_nodes, "unet_network", measured_network)
+    monkeypatch.setattr(training_run, "unet_network", measured_network)
     results = {}
     for enabled in (False, True):
         state.update(checkpoints=0, saved=0)
@@ -252,7 +312,9 @@ def test_gradient_checkpointing_recomputes_every_block_layer(pack, comfy_nodes, 
     (plain, off), (ckpt, on) = results[False], results[True]
     assert off["checkpoints"] == 0
     assert on["checkpoints"] >= 2 * layers, f"{on['checkpoints']} checkpointed calls for {layers} layers x 2 steps"
-    assert on["saved"] < 0.5 * off["saved"], f"saved activations {on['saved']} B with checkpointing vs {off['saved']} B without"
+    assert on["saved"] < 0.5 * off["saved"], (
+        f"saved activations {on['saved']} B with checkpointing vs {off['saved']} B without"
+    )
     for key in plain:
         torch.testing.assert_close(ckpt[key], plain[key], rtol=1e-5, atol=1e-6)
     assert all("forward" not in layer.__dict__ for b in unet.output_blocks for layer in b.children())  # unwrapped after
@@ -265,7 +327,9 @@ def test_dtype_runs_the_unet_under_autocast(pack, comfy_nodes, tiny_model, monke
     _, lora, losses, _ = run_node(comfy_nodes, tiny_model("eps"), dict(steps=2, batch_size=2, dtype=dtype))
     assert len(spy.calls) == 2
     for call in spy.calls:
-        assert call["autocast"] == (expected is not None), f"dtype={dtype}: the UNet ran with autocast enabled={call['autocast']}"
+        assert call["autocast"] == (expected is not None), (
+            f"dtype={dtype}: the UNet ran with autocast enabled={call['autocast']}"
+        )
         if expected is not None:
             assert call["autocast_dtype"] == expected
     assert all(v.dtype == torch.float32 for v in lora.values())  # the LoRA is saved in fp32
@@ -279,9 +343,15 @@ def test_caption_dropout_feeds_the_negative(pack, comfy_nodes, tiny_model, monke
     spy = Spy(pack, monkeypatch)
     model = tiny_model("eps")
     seed, size = 3, 8
-    run_node(comfy_nodes, model, dict(steps=1, batch_size=size, caption_dropout=p, seed=seed, learning_rate=1e-6), n=size, negative=negative)
+    run_node(
+        comfy_nodes,
+        model,
+        dict(steps=1, batch_size=size, caption_dropout=p, seed=seed, learning_rate=1e-6),
+        n=size,
+        negative=negative,
+    )
     latents, positive, neg = batch(size)
-    data = pack.train_nodes.build_training_data(model, latents, positive, neg if negative else None)
+    data = pack.train_inputs.build_training_data(model, latents, positive, neg if negative else None)
     gen = torch.Generator().manual_seed(seed)
     indices = data.draw_indices(size, gen)
     dropped = (torch.rand(size, generator=gen) < p) & negative
@@ -290,12 +360,16 @@ def test_caption_dropout_feeds_the_negative(pack, comfy_nodes, tiny_model, monke
     (call,) = spy.calls
     for j, i in enumerate(indices):
         expected = torch.zeros(77, 64) if dropped[j] else positive[i][0][0][0]
-        torch.testing.assert_close(call["context"][j], expected, rtol=0, atol=0, msg=f"sample {j} (dropped={bool(dropped[j])})")
+        torch.testing.assert_close(
+            call["context"][j], expected, rtol=0, atol=0, msg=f"sample {j} (dropped={bool(dropped[j])})"
+        )
 
 
 # ---------------------------------------------------------------------- zero terminal SNR, save_every, seed
 @pytest.mark.parametrize("zsnr", [False, True])
-def test_zero_terminal_snr_sets_the_training_alignment_and_output(pack, comfy_nodes, tiny_model, monkeypatch, zsnr) -> None:
+def test_zero_terminal_snr_sets_the_training_alignment_and_output(
+    pack, comfy_nodes, tiny_model, monkeypatch, zsnr
+) -> None:
     spy = Spy(pack, monkeypatch)
     out_model, lora, _, _ = run_node(comfy_nodes, tiny_model("v"), dict(steps=1, batch_size=2, zero_terminal_snr=zsnr))
     (trainer,) = spy.trainers

@@ -1,12 +1,12 @@
 """Train Diff2Flow LoRA's previews (``preview_*`` options, ``vae`` / ``preview_prompts`` inputs, the
 ``previews`` IMAGE output and the progress preview on the node) in a real ComfyUI 0.8.0, on the
 SD1.5-shaped random-weight checkpoint (its TAESD decodes)."""
+
 from __future__ import annotations
 
 import numpy as np
 import pytest
 import torch
-
 from comfy_harness import require_comfyui
 
 require_comfyui()
@@ -33,12 +33,18 @@ def conditioning(seed: int) -> list:
     return [[torch.randn(1, 77, 768, generator=torch.Generator().manual_seed(seed)), {}]]
 
 
-def node_inputs(comfy_nodes, model, vae, options: dict, prompts: int = 2, negative: bool = True,
-                output_name: str = "previews") -> dict:
+def node_inputs(
+    comfy_nodes, model, vae, options: dict, prompts: int = 2, negative: bool = True, output_name: str = "previews"
+) -> dict:
     """The node's keyword arguments (input lists, as ComfyUI passes them) for TrainConfig-named options."""
     gen = torch.Generator().manual_seed(0)
-    kwargs = {"model": [model], "latents": [{"samples": torch.randn(2, 4, 8, 8, generator=gen) * 3}],
-              "positive": [conditioning(1), conditioning(2)], "output_name": [output_name], "resume_from": ["None"]}
+    kwargs = {
+        "model": [model],
+        "latents": [{"samples": torch.randn(2, 4, 8, 8, generator=gen) * 3}],
+        "positive": [conditioning(1), conditioning(2)],
+        "output_name": [output_name],
+        "resume_from": ["None"],
+    }
     if negative:
         kwargs["negative"] = [[[torch.zeros(1, 77, 768), {}]]]
     if vae is not None:
@@ -68,8 +74,9 @@ def reference_image(model, vae, cond: torch.Tensor, uncond: torch.Tensor, seed: 
     return vae.decode(model.model.process_latent_out(latent.cpu().float()))[0].float().clamp(0, 1)
 
 
-def test_previews_are_samples_shown_on_the_node_and_output_without_changing_training(comfy_nodes, sd15, loras_dir,
-                                                                                        monkeypatch) -> None:
+def test_previews_are_samples_shown_on_the_node_and_output_without_changing_training(
+    comfy_nodes, sd15, loras_dir, monkeypatch
+) -> None:
     model, vae = sd15
     shown = []
 
@@ -86,7 +93,9 @@ def test_previews_are_samples_shown_on_the_node_and_output_without_changing_trai
     for (_, _, (kind, image, size)), grid in zip(shown, grids):
         assert kind == "JPEG" and image.size == (128, 64) and isinstance(size, int)
         assert abs(float(np.asarray(image, dtype=np.float32).mean()) / 255 - grid.mean()) < 0.02
-    assert plain.keys() == lora.keys() and all(torch.equal(plain[k], lora[k]) for k in plain), "previews changed training"
+    assert plain.keys() == lora.keys() and all(torch.equal(plain[k], lora[k]) for k in plain), (
+        "previews changed training"
+    )
     # step 0 is an ordinary sample of the base model with the same seed (prompt i: seed + i)
     for i in range(2):
         expected = reference_image(model, vae, conditioning(100 + i)[0][0], torch.zeros(1, 77, 768), 5 + i)
@@ -100,7 +109,9 @@ def test_ema_previews_show_the_ema_weights_and_keep_the_raw_ones(comfy_nodes, sd
     model, vae = sd15
     options = {**BASE, **PREVIEWS, "preview_every": 4}
     _, raw, _, _, plain = run(comfy_nodes, model, vae, options, output_name="plain")
-    _, ema, _, _, averaged = run(comfy_nodes, model, vae, {**options, "ema_decay": 0.9, "save_raw": True}, output_name="ema")
+    _, ema, _, _, averaged = run(
+        comfy_nodes, model, vae, {**options, "ema_decay": 0.9, "save_raw": True}, output_name="ema"
+    )
     assert torch.equal(plain[0], averaged[0])  # step 0: the EMA is the initial weights
     assert not torch.equal(plain[1], averaged[1]), "the step-4 preview ignores the EMA weights"
     raw_file = load_file(loras_dir / "ema_raw.safetensors")  # written after the last preview: the restored weights

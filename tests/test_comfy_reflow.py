@@ -5,6 +5,7 @@ the training on them, the LoRA in stock loaders, and sampling at the LoRA's reco
 Which steps and cfg the KSampler used is read off the UNet calls: one call per step (ComfyUI batches
 the positive and negative rows of CFG into one call), two rows per call when cfg != 1, one at cfg 1.
 """
+
 from __future__ import annotations
 
 import logging
@@ -13,18 +14,17 @@ from dataclasses import dataclass
 
 import pytest
 import torch
-
 from comfy_harness import CONTEXT_DIM, require_comfyui
 
 require_comfyui()
 
 import comfy.sd  # noqa: E402
 import folder_paths  # noqa: E402
+from family_checkpoints import UNET_PREFIX, synthetic_conditioning, write_family_checkpoint  # noqa: E402
+from sd15_checkpoint import SD15_TINY_UNET, randomize_  # noqa: E402
 
 from d2f_core.lora import adapters_state_dict, make_adapter, select_target_modules  # noqa: E402
 from d2f_core.lora_metadata import LoraMetadata, read_lora_metadata  # noqa: E402
-from family_checkpoints import UNET_PREFIX, synthetic_conditioning, write_family_checkpoint  # noqa: E402
-from sd15_checkpoint import SD15_TINY_UNET, randomize_  # noqa: E402
 from training.files import save_lora  # noqa: E402
 from training.pairs import load_pairs  # noqa: E402
 
@@ -61,8 +61,19 @@ def prompts(n: int, seed: int = 0):
 
 
 def make_pairs(comfy_nodes, model, count: int, **overrides):
-    args = dict(model=model, positive=prompts(2), count=count, width=64, height=64, steps=2, cfg=1.0, sampler="euler",
-                seed=3, batch_size=2, folder="tiny")
+    args = dict(
+        model=model,
+        positive=prompts(2),
+        count=count,
+        width=64,
+        height=64,
+        steps=2,
+        cfg=1.0,
+        sampler="euler",
+        seed=3,
+        batch_size=2,
+        folder="tiny",
+    )
     args.update(overrides)
     return comfy_nodes["D2F_ReflowPairs"].execute(**args)[0]
 
@@ -83,13 +94,40 @@ def test_pairs_node_writes_deterministic_appendable_pairs(comfy_nodes, tiny_mode
         make_pairs(comfy_nodes, model, 6, seed=4)
 
 
+def test_pairs_node_runs_pairs_config_options(comfy_nodes, tiny_model, io_dirs) -> None:
+    """The options after folder (shift, shard_size) reach the pairs like the CLI's flags; without them (an
+    API prompt written before they existed) the node uses PairsConfig's defaults; the node refuses what
+    PairsConfig refuses, before any compute."""
+    from training.config import PairsConfig
+    from training.pairs import pair_shards
+
+    model = tiny_model("eps")
+    plain = make_pairs(comfy_nodes, model, 4, folder="plain")  # no shift, no shard_size
+    assert load_pairs(plain).settings["shift"] == PairsConfig().shift
+    assert [(a, b) for a, b, _ in pair_shards(plain)] == [(0, 4)]  # one shard of the default size (256)
+    shifted = make_pairs(comfy_nodes, model, 4, folder="shifted", shift=3.0, shard_size=2)
+    assert load_pairs(shifted).settings["shift"] == 3.0
+    assert [(a, b) for a, b, _ in pair_shards(shifted)] == [(0, 2), (2, 4)]
+    assert not torch.equal(load_pairs(shifted).latents, load_pairs(plain).latents)
+    with pytest.raises(ValueError, match="shard_size 3 must be a multiple of batch_size 2"):
+        make_pairs(comfy_nodes, model, 4, folder="bad", shard_size=3)
+    with pytest.raises(ValueError, match="width must be a multiple of 8"):
+        make_pairs(comfy_nodes, model, 4, folder="bad", width=68)
+    assert not (io_dirs / "output" / "diff2flow_pairs" / "bad").exists()
+
+
 def test_reflow_without_pairs_is_refused_before_training(comfy_nodes, tiny_model, io_dirs) -> None:
     node = comfy_nodes["D2F_TrainLoRA"]
     spec = {i.id: i for i in node.define_schema().inputs}
     args = {name: [getattr(i, "default", None)] for name, i in spec.items() if getattr(i, "default", None) is not None}
     gen = torch.Generator().manual_seed(0)
-    args.update(model=[tiny_model("eps")], latents=[{"samples": torch.randn(2, 4, 8, 8, generator=gen)}],
-                positive=[prompts(1)], objective=["reflow"], steps=[2])
+    args.update(
+        model=[tiny_model("eps")],
+        latents=[{"samples": torch.randn(2, 4, 8, 8, generator=gen)}],
+        positive=[prompts(1)],
+        objective=["reflow"],
+        steps=[2],
+    )
     with pytest.raises(ValueError, match="pairs"):
         node.execute(**args)
 
@@ -112,10 +150,13 @@ class Case:
         return [[torch.randn(1, 77, self.context_dim, generator=gen), {}]]
 
 
-CASES = {c.name: c for c in (
-    Case("sd15", SD15_UNET_ONLY, 768, False),
-    Case("sdxl", "d2f_tiny_sdxl_eps.safetensors", 2048, True),
-)}
+CASES = {
+    c.name: c
+    for c in (
+        Case("sd15", SD15_UNET_ONLY, 768, False),
+        Case("sdxl", "d2f_tiny_sdxl_eps.safetensors", 2048, True),
+    )
+}
 
 
 def write_sd15_unet_only(path: pathlib.Path) -> None:
@@ -127,7 +168,9 @@ def write_sd15_unet_only(path: pathlib.Path) -> None:
 
     config = comfy.supported_models.SD15(dict(SD15_TINY_UNET))
     config.set_inference_dtype(torch.float16, None)
-    unet = randomize_(comfy.model_base.BaseModel(config, device=torch.device("cpu")).diffusion_model, torch.Generator().manual_seed(0))
+    unet = randomize_(
+        comfy.model_base.BaseModel(config, device=torch.device("cpu")).diffusion_model, torch.Generator().manual_seed(0)
+    )
     save_file({UNET_PREFIX + k: v.to(torch.float16).contiguous() for k, v in unet.state_dict().items()}, str(path))
 
 
@@ -146,7 +189,9 @@ def checkpoints(comfy_nodes, tmp_path_factory):
                 write_sd15_unet_only(folder / case.file_name)
             else:
                 write_family_checkpoint("sdxl_eps", folder)
-            model = comfy.sd.load_checkpoint_guess_config(str(folder / case.file_name), output_vae=False, output_clip=False)[0]
+            model = comfy.sd.load_checkpoint_guess_config(
+                str(folder / case.file_name), output_vae=False, output_clip=False
+            )[0]
             loaded[case.name] = model
         return case.file_name, loaded[case.name]
 
@@ -177,8 +222,17 @@ def ksample(comfy_nodes, model, case: Case, steps: int, cfg: float, steps_cfg_fr
 
     counted.set_model_unet_function_wrapper(wrapper)
     out = comfy_nodes["D2F_KSampler"].execute(
-        model=counted, seed=1, steps=steps, cfg=cfg, sampler="euler", shift=1.0, positive=case.cond(1),
-        negative=case.cond(2), latent_image={"samples": torch.zeros(1, 4, 8, 8)}, denoise=1.0, start="sigma_max",
+        model=counted,
+        seed=1,
+        steps=steps,
+        cfg=cfg,
+        sampler="euler",
+        shift=1.0,
+        positive=case.cond(1),
+        negative=case.cond(2),
+        latent_image={"samples": torch.zeros(1, 4, 8, 8)},
+        denoise=1.0,
+        start="sigma_max",
         steps_cfg_from=steps_cfg_from,
     )
     return out.args[0]["samples"], calls, out.ui["text"][0]
@@ -199,14 +253,19 @@ def test_loader_and_ksampler_use_the_loras_recommended_steps_and_cfg(comfy_nodes
     KSampler's steps_cfg_from is 'widgets'; models without such a LoRA use the widgets."""
     case = CASES["sdxl"]
     file_name, base = checkpoints(case)
-    write_lora(base, io_dirs / "loras" / "recommends.safetensors",
-               LoraMetadata("reflow", "eps", False, rank=2, alpha=2.0, sampling_steps=3, sampling_cfg=2.5, teacher_cfg=5.0))
+    write_lora(
+        base,
+        io_dirs / "loras" / "recommends.safetensors",
+        LoraMetadata("reflow", "eps", False, rank=2, alpha=2.0, sampling_steps=3, sampling_cfg=2.5, teacher_cfg=5.0),
+    )
     write_lora(base, io_dirs / "loras" / "plain.safetensors", None)
     loader = comfy_nodes["D2F_CheckpointLoader"]
     model = loader.execute(file_name, "recommends.safetensors", 1.0, False).args[0]
 
     by_lora, calls, text = ksample(comfy_nodes, model, case, steps=5, cfg=7.0)
-    assert (calls.steps, calls.uncond_rows) == (3, 3), f"sampled {calls.steps} steps with {calls.uncond_rows} negative rows: {text}"
+    assert (calls.steps, calls.uncond_rows) == (3, 3), (
+        f"sampled {calls.steps} steps with {calls.uncond_rows} negative rows: {text}"
+    )
     assert "3 steps, cfg 2.5" in text and "recommends.safetensors" in text, text
     same, _, _ = ksample(comfy_nodes, model, case, steps=3, cfg=2.5, steps_cfg_from="widgets")
     torch.testing.assert_close(by_lora, same, rtol=0, atol=0)  # the recorded cfg, not only "some guidance"
@@ -232,17 +291,42 @@ def test_reflow_chain_from_pairs_to_few_step_sampling(comfy_nodes, checkpoints, 
     (and so does the training node's own MODEL output)."""
     case = CASES[case]
     file_name, base = checkpoints(case)
-    folder = comfy_nodes["D2F_ReflowPairs"].execute(
-        model=base, positive=case.cond(1) + case.cond(2), negative=case.cond(3), count=2, width=64, height=64, steps=2,
-        cfg=2.0, sampler="euler", seed=3, batch_size=2, folder=f"tiny_{case.name}").args[0]
+    folder = (
+        comfy_nodes["D2F_ReflowPairs"]
+        .execute(
+            model=base,
+            positive=case.cond(1) + case.cond(2),
+            negative=case.cond(3),
+            count=2,
+            width=64,
+            height=64,
+            steps=2,
+            cfg=2.0,
+            sampler="euler",
+            seed=3,
+            batch_size=2,
+            folder=f"tiny_{case.name}",
+        )
+        .args[0]
+    )
     pairs = load_pairs(folder)
-    assert pairs.latents.shape == (2, 4, 8, 8) and torch.isfinite(pairs.latents).all() and pairs.prompt.tolist() == [0, 1]
+    assert (
+        pairs.latents.shape == (2, 4, 8, 8) and torch.isfinite(pairs.latents).all() and pairs.prompt.tolist() == [0, 1]
+    )
 
     node = comfy_nodes["D2F_TrainLoRA"]
     spec = {i.id: i for i in node.define_schema().inputs}
     args = {name: [getattr(i, "default", None)] for name, i in spec.items() if getattr(i, "default", None) is not None}
-    args.update(model=[base], pairs=[folder], objective=["reflow"], steps=[3], rank=[2], alpha=[2.0], batch_size=[2],
-                output_name=[f"reflowed_{case.name}"])
+    args.update(
+        model=[base],
+        pairs=[folder],
+        objective=["reflow"],
+        steps=[3],
+        rank=[2],
+        alpha=[2.0],
+        batch_size=[2],
+        output_name=[f"reflowed_{case.name}"],
+    )
     trained, lora, losses, steps, previews = node.execute(**args).args
     assert previews.shape == (1, 1, 1, 3)  # previews off: the 1x1 placeholder
     assert steps == 3 and len(losses["loss"]) == 3 and all(torch.isfinite(torch.tensor(losses["loss"])))
@@ -270,12 +354,22 @@ def test_pairs_with_latents_positive_or_an_unused_negative_are_refused(comfy_nod
     node = comfy_nodes["D2F_TrainLoRA"]
     spec = {i.id: i for i in node.define_schema().inputs}
     base = {name: [getattr(i, "default", None)] for name, i in spec.items() if getattr(i, "default", None) is not None}
-    base.update(model=[model], pairs=[folder], objective=["reflow"], steps=[1], rank=[2], batch_size=[2],
-                output_name=["refused"])
+    base.update(
+        model=[model],
+        pairs=[folder],
+        objective=["reflow"],
+        steps=[1],
+        rank=[2],
+        batch_size=[2],
+        output_name=["refused"],
+    )
     latents = [{"samples": torch.randn(2, 4, 8, 8)}]
-    for extra, named in (({"latents": latents}, "pairs and latents"), ({"positive": [prompts(1)]}, "pairs and positive"),
-                         ({"latents": latents, "positive": [prompts(1)]}, "pairs and latents / positive"),
-                         ({"negative": [prompts(1)]}, "negative is connected")):
+    for extra, named in (
+        ({"latents": latents}, "pairs and latents"),
+        ({"positive": [prompts(1)]}, "pairs and positive"),
+        ({"latents": latents, "positive": [prompts(1)]}, "pairs and latents / positive"),
+        ({"negative": [prompts(1)]}, "negative is connected"),
+    ):
         with pytest.raises(ValueError, match=named):
             node.execute(**base, **extra)
     assert not any((io_dirs / "loras").iterdir())  # refused before anything was written

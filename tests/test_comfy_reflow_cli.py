@@ -2,6 +2,7 @@
 ``pairs`` -> ``train --pairs --objective reflow`` -> ``sample`` with the LoRA's recommended settings,
 the LoRA in stock ComfyUI with no missing keys, appending pairs, k-times reflow (a reflow LoRA as
 the teacher) and a checkpoint that cannot be converted."""
+
 from __future__ import annotations
 
 import json
@@ -9,7 +10,6 @@ import logging
 import pathlib
 
 import pytest
-
 from comfy_harness import require_comfyui, run_cli_in_one_and_two_processes
 
 require_comfyui()
@@ -18,8 +18,8 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from d2f_core.lora_metadata import read_lora_metadata  # noqa: E402
 from d2f_app.cli import main  # noqa: E402
+from d2f_core.lora_metadata import read_lora_metadata  # noqa: E402
 from training.pairs import load_pairs, pair_shards  # noqa: E402
 
 SIZE = ["--width", "64", "--height", "64"]
@@ -35,8 +35,32 @@ def prompts(tmp_path_factory) -> pathlib.Path:
 @pytest.fixture(scope="module")
 def pairs_folder(tiny_sd15_file, prompts, tmp_path_factory, fp32_text_encoder_module) -> pathlib.Path:
     out = tmp_path_factory.mktemp("reflow") / "pairs"
-    assert main(["pairs", "--checkpoint", str(tiny_sd15_file), "--prompts", str(prompts), "--count", "4", "--steps", "3",
-                 "--cfg", "3", *SIZE, "--batch-size", "2", "--shard-size", "2", "--output", str(out), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "pairs",
+                "--checkpoint",
+                str(tiny_sd15_file),
+                "--prompts",
+                str(prompts),
+                "--count",
+                "4",
+                "--steps",
+                "3",
+                "--cfg",
+                "3",
+                *SIZE,
+                "--batch-size",
+                "2",
+                "--shard-size",
+                "2",
+                "--output",
+                str(out),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -67,16 +91,47 @@ def test_a_larger_count_appends_and_keeps_the_finished_pairs(pairs_folder, tiny_
     assert "other settings (cfg: folder 3.0, now 4.0)" in capsys.readouterr().err
 
 
-def test_reflow_trains_on_the_pairs_and_samples_with_the_loras_defaults(pairs_folder, tiny_sd15_file, tmp_path, caplog,
-                                                                       capsys) -> None:
+def test_reflow_trains_on_the_pairs_and_samples_with_the_loras_defaults(
+    pairs_folder, tiny_sd15_file, tmp_path, caplog, capsys
+) -> None:
     run = tmp_path / "run"
-    assert main(["train", "--pairs", str(pairs_folder), "--checkpoint", str(tiny_sd15_file), "--output", str(run),
-                 "--objective", "reflow", "--steps", "3", "--batch-size", "2", "--rank", "4", "--learning-rate", "1e-3",
-                 "--targets", "attention_ff", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--pairs",
+                str(pairs_folder),
+                "--checkpoint",
+                str(tiny_sd15_file),
+                "--output",
+                str(run),
+                "--objective",
+                "reflow",
+                "--steps",
+                "3",
+                "--batch-size",
+                "2",
+                "--rank",
+                "4",
+                "--learning-rate",
+                "1e-3",
+                "--targets",
+                "attention_ff",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     lora_path = run / "diff2flow_lora.safetensors"
     meta = read_lora_metadata(lora_path)
-    assert (meta.objective, meta.steps, meta.sampler, meta.sampling_steps, meta.sampling_cfg, meta.teacher_cfg) == \
-        ("reflow", 3, "euler", 2, 1.0, 3.0)
+    assert (meta.objective, meta.steps, meta.sampler, meta.sampling_steps, meta.sampling_cfg, meta.teacher_cfg) == (
+        "reflow",
+        3,
+        "euler",
+        2,
+        1.0,
+        3.0,
+    )
     assert 'pairs = "' in (run / "diff2flow_lora.toml").read_text()
 
     import comfy.sd
@@ -91,22 +146,81 @@ def test_reflow_trains_on_the_pairs_and_samples_with_the_loras_defaults(pairs_fo
 
     samples = tmp_path / "samples"
     capsys.readouterr()
-    assert main(["sample", "--checkpoint", str(tiny_sd15_file), "--lora", str(lora_path), "--prompt", "a photo of a cat",
-                 *SIZE, "--output", str(samples), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--checkpoint",
+                str(tiny_sd15_file),
+                "--lora",
+                str(lora_path),
+                "--prompt",
+                "a photo of a cat",
+                *SIZE,
+                "--output",
+                str(samples),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert "sampling with FM euler, 2 steps, cfg 1 (reflow LoRA defaults)" in capsys.readouterr().out
     (png,) = samples.glob("*.png")
     assert "steps 2, cfg 1.0" in Image.open(png).text["parameters"]
     # a flag still wins over the metadata
-    assert main(["sample", "--checkpoint", str(tiny_sd15_file), "--lora", str(lora_path), "--prompt", "a photo of a cat",
-                 *SIZE, "--steps", "3", "--output", str(tmp_path / "s3"), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--checkpoint",
+                str(tiny_sd15_file),
+                "--lora",
+                str(lora_path),
+                "--prompt",
+                "a photo of a cat",
+                *SIZE,
+                "--steps",
+                "3",
+                "--output",
+                str(tmp_path / "s3"),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     (png,) = (tmp_path / "s3").glob("*.png")
     assert "steps 3, cfg 1.0" in Image.open(png).text["parameters"]
 
     # k-times reflow: the reflow LoRA is the next teacher; the manifest names it
     again = tmp_path / "pairs2"
-    assert main(["pairs", "--checkpoint", str(tiny_sd15_file), "--lora", str(lora_path), "--prompts", str(_prompts(tmp_path)),
-                 "--count", "2", "--steps", "2", "--cfg", "1", *SIZE, "--batch-size", "2", "--shard-size", "2",
-                 "--output", str(again), "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "pairs",
+                "--checkpoint",
+                str(tiny_sd15_file),
+                "--lora",
+                str(lora_path),
+                "--prompts",
+                str(_prompts(tmp_path)),
+                "--count",
+                "2",
+                "--steps",
+                "2",
+                "--cfg",
+                "1",
+                *SIZE,
+                "--batch-size",
+                "2",
+                "--shard-size",
+                "2",
+                "--output",
+                str(again),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     teacher = json.loads((again / "manifest.json").read_text())["settings"]["teacher"]
     assert teacher["objective"] == "reflow" and teacher["lora_strength"] == 1.0 and len(teacher["lora_sha256"]) == 16
 
@@ -119,18 +233,55 @@ def _prompts(folder: pathlib.Path) -> pathlib.Path:
 
 def test_a_checkpoint_that_is_no_sd_model_is_refused(tmp_path, prompts, capsys) -> None:
     save_file({"foo.weight": torch.zeros(3, 3)}, str(tmp_path / "junk.safetensors"))
-    assert main(["pairs", "--checkpoint", str(tmp_path / "junk.safetensors"), "--prompts", str(prompts), "--count", "2",
-                 *SIZE, "--output", str(tmp_path / "p"), "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                "pairs",
+                "--checkpoint",
+                str(tmp_path / "junk.safetensors"),
+                "--prompts",
+                str(prompts),
+                "--count",
+                "2",
+                *SIZE,
+                "--output",
+                str(tmp_path / "p"),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     assert "could not be loaded as an SD model" in capsys.readouterr().err
     assert not (tmp_path / "p").exists()  # nothing was written
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not torch.distributed.is_gloo_available(), reason="torch.distributed with gloo is not available")
 def test_torchrun_two_processes_generate_the_same_pairs_as_one(tiny_sd15_file, prompts, tmp_path) -> None:
     """`torchrun ... -m training pairs` splits the shards between the ranks; every pair is bit-identical to
     the one-process run's (per-index noise; each rank runs the same batch shapes)."""
-    run_cli_in_one_and_two_processes(["pairs", "--checkpoint", tiny_sd15_file, "--prompts", prompts, "--count", "4", "--steps",
-                                      "2", "--cfg", "2", *SIZE, "--batch-size", "2", "--shard-size", "2", "--no-progress"], tmp_path)
+    run_cli_in_one_and_two_processes(
+        [
+            "pairs",
+            "--checkpoint",
+            tiny_sd15_file,
+            "--prompts",
+            prompts,
+            "--count",
+            "4",
+            "--steps",
+            "2",
+            "--cfg",
+            "2",
+            *SIZE,
+            "--batch-size",
+            "2",
+            "--shard-size",
+            "2",
+            "--no-progress",
+        ],
+        tmp_path,
+    )
     shards_one, shards_two = pair_shards(tmp_path / "one"), pair_shards(tmp_path / "two")
     assert [(a, b) for a, b, _ in shards_two] == [(a, b) for a, b, _ in shards_one] == [(0, 2), (2, 4)]
     for (_, _, p1), (_, _, p2) in zip(shards_one, shards_two):
@@ -148,12 +299,38 @@ def test_a_depth_model_as_the_lora_is_refused(command, tiny_sd15_file, prompts, 
     """An image-to-depth file as --lora (it needs an image latent) is refused with the depth command named."""
     from d2f_core.lora_metadata import DEPTH_NORMALIZATION, LoraMetadata
 
-    metadata = LoraMetadata(objective="diff2flow", prediction="eps", zero_terminal_snr=False, rank=4, alpha=4.0,
-                            algorithm="LoRA", base_model_hash="0", sampler="euler", sampling_steps=2, sampling_cfg=1.0,
-                            task="depth", normalization=DEPTH_NORMALIZATION)
+    metadata = LoraMetadata(
+        objective="diff2flow",
+        prediction="eps",
+        zero_terminal_snr=False,
+        rank=4,
+        alpha=4.0,
+        algorithm="LoRA",
+        base_model_hash="0",
+        sampler="euler",
+        sampling_steps=2,
+        sampling_cfg=1.0,
+        task="depth",
+        normalization=DEPTH_NORMALIZATION,
+    )
     depth_file = tmp_path / "depth.safetensors"
     save_file({"x": torch.zeros(1)}, str(depth_file), metadata=metadata.to_header())
     args = ["--prompts", str(prompts), "--count", "2"] if command == "pairs" else ["--prompt", "a cat", "--steps", "1"]
-    assert main([command, "--checkpoint", str(tiny_sd15_file), "--lora", str(depth_file), *args, *SIZE,
-                 "--output", str(tmp_path / "out"), "--no-progress"]) == 2
+    assert (
+        main(
+            [
+                command,
+                "--checkpoint",
+                str(tiny_sd15_file),
+                "--lora",
+                str(depth_file),
+                *args,
+                *SIZE,
+                "--output",
+                str(tmp_path / "out"),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
     assert "is an image-to-depth model" in capsys.readouterr().err

@@ -6,11 +6,11 @@ prediction at its noisiest level k_max on the same UNet input, and the velocity 
 ``(x - x0_hat) / sigma``. Checked through ``model_sampling``'s separate calls, through
 ``apply_model`` and through ``comfy.sample.sample_custom`` with SIGMAS that start at 1.
 """
+
 from __future__ import annotations
 
 import pytest
 import torch
-
 from comfy_harness import require_comfyui
 
 require_comfyui()
@@ -100,8 +100,17 @@ def run(model, sigmas: torch.Tensor, noise: torch.Tensor, cond) -> tuple[torch.T
         seen.append({"step": step, "denoised": denoised.clone(), "x": x.clone()})
 
     out = comfy.sample.sample_custom(
-        model, noise, 1.0, comfy.samplers.sampler_object("euler"), sigmas.float(), cond, cond, torch.zeros(LATENT),
-        callback=callback, disable_pbar=True, seed=0,
+        model,
+        noise,
+        1.0,
+        comfy.samplers.sampler_object("euler"),
+        sigmas.float(),
+        cond,
+        cond,
+        torch.zeros(LATENT),
+        callback=callback,
+        disable_pbar=True,
+        seed=0,
     )
     return out, seen
 

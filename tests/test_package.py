@@ -1,10 +1,12 @@
 """Packaging rules that hold without ComfyUI: guarded registration, registry metadata, and a
 requirements.txt that never replaces the user's torch."""
+
 from __future__ import annotations
 
 import pathlib
 import subprocess
 import sys
+
 import tomllib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -51,8 +53,11 @@ def test_every_declared_dependency_is_imported() -> None:
 
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
     import_names = {"pillow": "PIL"}
-    sources = "\n".join(p.read_text(encoding="utf-8") for layer in ("d2f_core", "training", "d2f_host", "nodes", "demo")
-                        for p in (ROOT / layer).rglob("*.py"))
+    sources = "\n".join(
+        p.read_text(encoding="utf-8")
+        for layer in ("d2f_core", "training", "d2f_host", "d2f_app", "nodes", "demo")
+        for p in (ROOT / layer).rglob("*.py")
+    )
     unused = []
     for dep in project["dependencies"]:
         name = re.split(r"[<>=~!; ]", dep, maxsplit=1)[0].lower()
@@ -60,3 +65,19 @@ def test_every_declared_dependency_is_imported() -> None:
         if not re.search(rf"^\s*(import|from)\s+{re.escape(module)}\b", sources, flags=re.M):
             unused.append(name)
     assert unused == []
+
+
+def test_every_layer_but_the_nodes_is_installed() -> None:
+    """``pip install`` ships each top-level package (the console script runs d2f_app.cli); nodes/ stays
+    out: a top-level "nodes" would shadow ComfyUI's own nodes.py."""
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = {p.parent.name for p in ROOT.glob("*/__init__.py")} - {"nodes"}
+    assert {name + "*" for name in packages} == set(include)
+
+
+def test_ci_lints_with_the_ruff_of_the_lint_extra() -> None:
+    """.ci/run installs ruff by itself (the extra would pull torch): the same pin as pyproject's lint extra."""
+    (pin,) = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["lint"]
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert f'pip install "{pin}"' in ci and "ruff check ." in ci
+    assert ci.index("ruff check .") < ci.index("python -m pytest")

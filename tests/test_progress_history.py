@@ -5,6 +5,7 @@ The module is loaded from its file (it imports nothing from ComfyUI at the top),
 run without ComfyUI; the route test needs aiohttp (a ComfyUI requirement) and the report test
 ComfyUI's ``comfy_execution`` (its executing-node context), each skipped with the reason otherwise.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -17,7 +18,6 @@ import sys
 import types
 
 import pytest
-
 from comfy_harness import COMFYUI, ROOT
 
 
@@ -157,16 +157,24 @@ def test_no_route_without_a_server() -> None:
     assert module.register_routes(None) is False
 
 
-@pytest.mark.skipif(COMFYUI is None, reason="ComfyUI not found (COMFYUI_PATH): report_progress reads its executing-node context")
+@pytest.mark.skipif(
+    COMFYUI is None, reason="ComfyUI not found (COMFYUI_PATH): report_progress reads its executing-node context"
+)
 def test_report_progress_records_under_the_executing_node_and_prompt(monkeypatch) -> None:
     from comfy_execution.utils import CurrentNodeContext
 
     module = load_progress()
     sent, bar = [], []
-    queue = types.SimpleNamespace(get_current_queue_volatile=lambda: (
-        [(0, "pr1", {}, {"extra_pnginfo": {"workflow": {"id": "wf-1"}}}, [], {})], []))
+    queue = types.SimpleNamespace(
+        get_current_queue_volatile=lambda: (
+            [(0, "pr1", {}, {"extra_pnginfo": {"workflow": {"id": "wf-1"}}}, [], {})],
+            [],
+        )
+    )
     instance = types.SimpleNamespace(send_sync=lambda event, data: sent.append((event, data)), prompt_queue=queue)
-    monkeypatch.setitem(sys.modules, "server", types.SimpleNamespace(PromptServer=types.SimpleNamespace(instance=instance)))
+    monkeypatch.setitem(
+        sys.modules, "server", types.SimpleNamespace(PromptServer=types.SimpleNamespace(instance=instance))
+    )
     pbar = types.SimpleNamespace(update_absolute=lambda value, total: bar.append((value, total)))
     with CurrentNodeContext("pr1", "12"):
         for step, loss in ((1, 0.5), (2, 0.25)):

@@ -5,6 +5,7 @@ used) and the help pages in web/docs.
 The Python sources are read with ``ast``, never imported (they need ComfyUI). The JavaScript
 tests need ``node`` and are skipped with that reason without it.
 """
+
 from __future__ import annotations
 
 import ast
@@ -24,22 +25,42 @@ SAMPLING_EXTENSION = WEB / "diff2flow_sampling.js"
 DOCS = WEB / "docs"
 PROGRESS = ROOT / "nodes" / "progress.py"  # PROGRESS_EVENT and HISTORY_ROUTE, what report_progress sends
 NODE = shutil.which("node")
-needs_node = pytest.mark.skipif(NODE is None, reason="node (Node.js) is not on PATH: cannot parse or run web/diff2flow.js")
+needs_node = pytest.mark.skipif(
+    NODE is None, reason="node (Node.js) is not on PATH: cannot parse or run web/diff2flow.js"
+)
 
 # events the ComfyUI frontend itself emits; anything else the extension listens to is ours
 FRONTEND_EVENTS = {
-    "status", "executing", "executed", "progress", "progress_state", "execution_start", "execution_success",
-    "execution_error", "execution_interrupted", "execution_cached", "b_preview", "graphChanged", "promptQueued",
-    "logs", "notification", "reconnecting", "reconnected",
+    "status",
+    "executing",
+    "executed",
+    "progress",
+    "progress_state",
+    "execution_start",
+    "execution_success",
+    "execution_error",
+    "execution_interrupted",
+    "execution_cached",
+    "b_preview",
+    "graphChanged",
+    "promptQueued",
+    "logs",
+    "notification",
+    "reconnecting",
+    "reconnected",
 }
 
 
 def module_constant(path: pathlib.Path, name: str) -> str:
     """The string a module-level ``NAME = "..."`` assigns, read with ast."""
     for node in ast.parse(path.read_text()).body:
-        targets = node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        targets = (
+            node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        )
         if any(isinstance(t, ast.Name) and t.id == name for t in targets):
-            assert isinstance(node.value, ast.Constant) and isinstance(node.value.value, str), f"{name} is not a string literal"
+            assert isinstance(node.value, ast.Constant) and isinstance(node.value.value, str), (
+                f"{name} is not a string literal"
+            )
             return node.value.value
     raise AssertionError(f"{path.name} defines no {name}")
 
@@ -53,11 +74,19 @@ def registered_nodes() -> dict[str, list[str]]:
                 continue
             kw = {k.arg: k.value for k in call.keywords}
             node_id = kw.get("node_id")
-            if not (isinstance(node_id, ast.Constant) and isinstance(node_id.value, str) and node_id.value.startswith("D2F_")):
+            if not (
+                isinstance(node_id, ast.Constant)
+                and isinstance(node_id.value, str)
+                and node_id.value.startswith("D2F_")
+            ):
                 continue
             inputs = kw.get("inputs")
             elements = inputs.elts if isinstance(inputs, (ast.List, ast.Tuple)) else []
-            names = [e.args[0].value for e in elements if isinstance(e, ast.Call) and e.args and isinstance(e.args[0], ast.Constant)]
+            names = [
+                e.args[0].value
+                for e in elements
+                if isinstance(e, ast.Call) and e.args and isinstance(e.args[0], ast.Constant)
+            ]
             assert node_id.value not in found, f"node id {node_id.value} registered twice"
             found[node_id.value] = names
     return found
@@ -80,8 +109,9 @@ def js_listened_events(source: str) -> set[str]:
 @needs_node
 def test_extension_parses_as_an_es_module() -> None:
     for path in (EXTENSION, CHART):
-        result = subprocess.run([NODE, "--input-type=module", "--check"], input=path.read_text(),
-                                capture_output=True, text=True, timeout=60)
+        result = subprocess.run(
+            [NODE, "--input-type=module", "--check"], input=path.read_text(), capture_output=True, text=True, timeout=60
+        )
         assert result.returncode == 0, f"{path.name}: {result.stderr}"
 
 
@@ -91,7 +121,9 @@ def test_extension_listens_to_the_progress_event_the_training_node_sends() -> No
     own = js_listened_events(source) - FRONTEND_EVENTS
     assert own == {event}, f"web/diff2flow.js listens to {sorted(own)}, nodes/train_nodes.py sends {event!r}"
     assert 'from "../../scripts/app.js"' in source and 'from "../../scripts/api.js"' in source
-    assert f'"{module_constant(PROGRESS, "HISTORY_ROUTE")}"' in source, "the page asks another route than the server serves"
+    assert f'"{module_constant(PROGRESS, "HISTORY_ROUTE")}"' in source, (
+        "the page asks another route than the server serves"
+    )
     assert "scripts/" not in CHART.read_text(), "loss_chart.js draws only: it imports nothing from the front-end"
 
 
@@ -172,7 +204,9 @@ def test_extension_draws_progress_on_the_training_node_against_a_mocked_frontend
     shutil.copy(EXTENSION, ext_dir / "diff2flow.js")
     shutil.copy(CHART, ext_dir / "loss_chart.js")
     (tmp_path / "driver.mjs").write_text(f"const EVENT = {json.dumps(event)};\n" + DRIVER)
-    result = subprocess.run([NODE, str(tmp_path / "driver.mjs")], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    result = subprocess.run(
+        [NODE, str(tmp_path / "driver.mjs")], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["name"] == "diff2flow.training"
@@ -225,8 +259,13 @@ console.log(JSON.stringify({ name: ext.name, before, afterEmpty, texts, ownHandl
 
 @needs_node
 def test_sampling_extension_parses_as_an_es_module() -> None:
-    result = subprocess.run([NODE, "--input-type=module", "--check"], input=SAMPLING_EXTENSION.read_text(),
-                            capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [NODE, "--input-type=module", "--check"],
+        input=SAMPLING_EXTENSION.read_text(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -239,7 +278,9 @@ def test_sampling_extension_shows_the_steps_and_cfg_the_ksampler_used(tmp_path) 
     ext_dir.mkdir(parents=True)
     shutil.copy(SAMPLING_EXTENSION, ext_dir / "diff2flow_sampling.js")
     (tmp_path / "driver.mjs").write_text(f"const USED = {json.dumps(used)};\n" + SAMPLING_DRIVER)
-    result = subprocess.run([NODE, str(tmp_path / "driver.mjs")], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    result = subprocess.run(
+        [NODE, str(tmp_path / "driver.mjs")], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["name"] == "diff2flow.sampling"
@@ -289,7 +330,9 @@ def test_help_pages_describe_every_input() -> None:
         page = help_page(node_id)
         if page.is_file():
             text = page.read_text()
-            undocumented.update({f"{node_id}.{name}": str(page.relative_to(DOCS)) for name in inputs if f"`{name}`" not in text})
+            undocumented.update(
+                {f"{node_id}.{name}": str(page.relative_to(DOCS)) for name in inputs if f"`{name}`" not in text}
+            )
     assert not undocumented, f"inputs not mentioned (as `name`) in their help page: {sorted(undocumented)}"
 
 
@@ -319,7 +362,9 @@ console.log(JSON.stringify({ points: run.points.length, stride: run.stride, firs
 def test_chart_downsamples_to_its_width_and_keeps_spikes(tmp_path) -> None:
     shutil.copy(CHART, tmp_path / "loss_chart.js")
     (tmp_path / "driver.mjs").write_text(CHART_DRIVER)
-    result = subprocess.run([NODE, str(tmp_path / "driver.mjs")], capture_output=True, text=True, timeout=60, cwd=tmp_path)
+    result = subprocess.run(
+        [NODE, str(tmp_path / "driver.mjs")], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr
     out = json.loads(result.stdout.strip().splitlines()[-1])
     assert out["points"] <= 256 and out["stride"] > 1 and (out["first"], out["last"]) == (1, 3000), out

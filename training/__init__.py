@@ -10,6 +10,7 @@
 It never imports ComfyUI: the caller hands it a network ``net(x_in, timestep, **cond)`` whose
 trainable weights are :mod:`d2f_core.lora` adapters.
 """
+
 from .config import TrainConfig
 from .data import TrainingData
 from .engine import Trainer, TrainingError, TrainResult

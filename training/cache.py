@@ -10,9 +10,8 @@ A folder of image + depth pairs (training/depth_dataset.py) makes a depth cache:
 ``latent`` is the VAE latent of its normalised depth map (the target), ``concat`` the VAE latent of
 its image (the condition), both raw (before the model's latent scaling), and no text: every sample is
 trained on the empty prompt, ``uncond.safetensors``. Its index has format ``/2`` and the setting
-``task = "depth"``; an older toolkit refuses it rather than train an image model on depth latents. An
-image cache keeps format ``/1``, so caches of either kind are read by older and newer toolkits alike
-as far as they understand them.
+``task = "depth"``: a toolkit that reads only ``/1`` refuses it rather than train an image model on
+depth latents. An image cache has format ``/1``, so every toolkit that reads ``/1`` reads it.
 
 ``prepare_cache`` re-encodes only what changed: an entry whose image file (size, mtime), bucket and
 image-encoder settings are unchanged keeps its latent; one whose caption and text-encoder settings
@@ -22,6 +21,7 @@ the previous cache usable. Unreadable images are reported and skipped, never fat
 
 The encoders are a protocol (:class:`Encoder`), so this module does not depend on ComfyUI.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -31,8 +31,9 @@ import os
 import pathlib
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Protocol
+from typing import Protocol
 
 import torch
 from safetensors import safe_open
@@ -85,15 +86,24 @@ class PrepareSummary:
 
     def report(self) -> str:
         if self.depth:
-            first = (f"{self.cached} of {self.images} image + depth pairs cached in {self.seconds:.1f} s (a depth model's "
-                     f"data: empty prompt): {self.encoded_latents} pairs encoded, {self.reused_latents} reused")
+            first = (
+                f"{self.cached} of {self.images} image + depth pairs cached in {self.seconds:.1f} s (a depth model's "
+                f"data: empty prompt): {self.encoded_latents} pairs encoded, {self.reused_latents} reused"
+            )
         else:
-            first = (f"{self.cached} of {self.images} images cached in {self.seconds:.1f} s: "
-                     f"{self.encoded_latents} latents encoded, {self.reused_latents} reused; "
-                     f"{self.encoded_captions} captions encoded, {self.reused_captions} reused")
-        lines = [first, "buckets (width x height: images): " + ", ".join(f"{k}: {v}" for k, v in sorted(self.buckets.items()))]
+            first = (
+                f"{self.cached} of {self.images} images cached in {self.seconds:.1f} s: "
+                f"{self.encoded_latents} latents encoded, {self.reused_latents} reused; "
+                f"{self.encoded_captions} captions encoded, {self.reused_captions} reused"
+            )
+        lines = [
+            first,
+            "buckets (width x height: images): " + ", ".join(f"{k}: {v}" for k, v in sorted(self.buckets.items())),
+        ]
         if self.missing_captions:
-            lines.append(f"{len(self.missing_captions)} images have no .txt caption and were trained with an empty caption")
+            lines.append(
+                f"{len(self.missing_captions)} images have no .txt caption and were trained with an empty caption"
+            )
         if self.skipped:
             lines.append(f"{len(self.skipped)} unreadable {'pairs' if self.depth else 'images'} skipped:")
             lines += [f"  {path}: {reason}" for path, reason in self.skipped]
@@ -104,14 +114,16 @@ def entry_key(relative: str) -> str:
     return hashlib.sha1(relative.encode("utf-8")).hexdigest()[:20]
 
 
-def read_index(cache_dir: str | os.PathLike) -> Optional[dict]:
+def read_index(cache_dir: str | os.PathLike) -> dict | None:
     path = pathlib.Path(cache_dir) / INDEX
     if not path.is_file():
         return None
     index = json.loads(path.read_text(encoding="utf-8"))
     if index.get("format") not in READABLE_FORMATS:
-        raise DatasetError(f"{path} is not a Diff2Flow latent cache this toolkit reads (format {index.get('format')!r}; "
-                           f"it reads {', '.join(READABLE_FORMATS)}): run `prepare` into an empty folder, or update the toolkit")
+        raise DatasetError(
+            f"{path} is not a Diff2Flow latent cache this toolkit reads (format {index.get('format')!r}; "
+            f"it reads {', '.join(READABLE_FORMATS)}): run `prepare` into an empty folder, or update the toolkit"
+        )
     return index
 
 
@@ -132,7 +144,7 @@ class _ShardReader:
     def conds(self, shard: str, key: str) -> dict[str, torch.Tensor]:
         """The conditioning tensors of one entry, by name (``context``, ``pooled_output``)."""
         prefix = f"{key}/cond."
-        return {n[len(prefix):]: self.get(shard, n) for n in self._open(shard).keys() if n.startswith(prefix)}
+        return {n[len(prefix) :]: self.get(shard, n) for n in self._open(shard).keys() if n.startswith(prefix)}
 
 
 class _ShardWriter:
@@ -178,27 +190,44 @@ class CachePlan:
     buckets: list[tuple[int, int]]
 
 
-def plan_cache(cache_dir: str | os.PathLike, encoder: Encoder, resolution: int, max_aspect: float,
-               extra_settings: Optional[dict] = None) -> CachePlan:
+def plan_cache(
+    cache_dir: str | os.PathLike,
+    encoder: Encoder,
+    resolution: int,
+    max_aspect: float,
+    extra_settings: dict | None = None,
+) -> CachePlan:
     """Read the previous index of ``cache_dir`` (if any) and compare its settings with this run's."""
     folder = pathlib.Path(cache_dir)
     folder.mkdir(parents=True, exist_ok=True)
     old = read_index(folder) or {"entries": {}, "settings": {}}
     settings = {
-        "resolution": resolution, "max_aspect": max_aspect,
-        "image_encoder": encoder.image_fingerprint(), "text_encoder": encoder.text_fingerprint(),
+        "resolution": resolution,
+        "max_aspect": max_aspect,
+        "image_encoder": encoder.image_fingerprint(),
+        "text_encoder": encoder.text_fingerprint(),
         **(extra_settings or {}),
     }
     # "task" ("depth" for image + depth pairs; absent for images): another kind of data re-encodes every entry
-    same_images = all(old["settings"].get(k) == settings.get(k) for k in ("resolution", "max_aspect", "image_encoder", "task"))
+    same_images = all(
+        old["settings"].get(k) == settings.get(k) for k in ("resolution", "max_aspect", "image_encoder", "task")
+    )
     # a depth cache holds no caption embeddings: images prepared over one encode their captions afresh
-    same_text = old["settings"].get("text_encoder") == settings["text_encoder"] and old["settings"].get("task") == settings.get("task")
+    same_text = old["settings"].get("text_encoder") == settings["text_encoder"] and old["settings"].get(
+        "task"
+    ) == settings.get("task")
     return CachePlan(folder, old, settings, same_images, same_text, bucket_resolutions(resolution, max_aspect))
 
 
-def encode_entries(plan: CachePlan, records: list[ImageRecord], encoder: Encoder, writer: "_ShardWriter",
-                   summary: PrepareSummary, batch_size: int = 4,
-                   progress: Optional[Callable[[int, int], None]] = None) -> dict[str, dict]:
+def encode_entries(
+    plan: CachePlan,
+    records: list[ImageRecord],
+    encoder: Encoder,
+    writer: _ShardWriter,
+    summary: PrepareSummary,
+    batch_size: int = 4,
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, dict]:
     """Index entries of ``records``, reusing the plan's valid encodings and encoding the rest in
     batches of one bucket; the tensors go to ``writer``. Unreadable images (and, for depth pairs,
     unreadable or flat depth maps) are counted and skipped."""
@@ -206,7 +235,7 @@ def encode_entries(plan: CachePlan, records: list[ImageRecord], encoder: Encoder
     entries: dict[str, dict] = {}
     depth = plan.settings.get("task") == "depth"
 
-    def encode_batch(batch: list[tuple[ImageRecord, Optional[tuple], dict]]) -> None:
+    def encode_batch(batch: list[tuple[ImageRecord, tuple | None, dict]]) -> None:
         pixels = [p for _, p, _ in batch if p is not None]
         if depth:  # the depth map's latent is the target, the image's the condition ("concat")
             latents = iter(encoder.encode_images(torch.stack([d for _, d in pixels])).float()) if pixels else iter(())
@@ -217,7 +246,9 @@ def encode_entries(plan: CachePlan, records: list[ImageRecord], encoder: Encoder
         texts = iter(encoder.encode_text(captions)) if captions else iter(())
         for record, pix, entry in batch:
             if depth:
-                latent, concat = (next(latents), next(concats)) if pix is not None else (entry.pop("latent"), entry.pop("concat"))
+                latent, concat = (
+                    (next(latents), next(concats)) if pix is not None else (entry.pop("latent"), entry.pop("concat"))
+                )
                 tensors = {"latent": latent, "concat": concat}
             else:
                 latent = next(latents) if pix is not None else entry.pop("latent")
@@ -232,11 +263,18 @@ def encode_entries(plan: CachePlan, records: list[ImageRecord], encoder: Encoder
         prev = plan.old["entries"].get(record.relative)
         stat = record.path.stat()
         entry = {"key": key, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "caption": record.caption}
-        image_unchanged = plan.same_images and prev is not None and prev["size"] == stat.st_size and prev["mtime_ns"] == stat.st_mtime_ns
+        image_unchanged = (
+            plan.same_images
+            and prev is not None
+            and prev["size"] == stat.st_size
+            and prev["mtime_ns"] == stat.st_mtime_ns
+        )
         if depth:
             depth_stat = record.depth.stat()
             entry.update(depth=record.depth.name, depth_size=depth_stat.st_size, depth_mtime_ns=depth_stat.st_mtime_ns)
-            image_unchanged = image_unchanged and all(prev.get(k) == entry[k] for k in ("depth", "depth_size", "depth_mtime_ns"))
+            image_unchanged = image_unchanged and all(
+                prev.get(k) == entry[k] for k in ("depth", "depth_size", "depth_mtime_ns")
+            )
         pixels = None
         if image_unchanged:
             entry["bucket"] = prev["bucket"]
@@ -289,8 +327,15 @@ def write_index(plan: CachePlan, entries: dict[str, dict], encoder: Encoder, liv
         uncond = {k: v.contiguous() for k, v in encoder.encode_text([""])[0].items()}
         atomic_write(folder / UNCOND, lambda tmp: save_file(uncond, tmp))
     depth = plan.settings.get("task") == "depth"
-    index = {"format": DEPTH_FORMAT if depth else FORMAT, "settings": plan.settings, "entries": entries, "created": time.time()}
-    atomic_write(folder / INDEX, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(index, indent=1), encoding="utf-8"))
+    index = {
+        "format": DEPTH_FORMAT if depth else FORMAT,
+        "settings": plan.settings,
+        "entries": entries,
+        "created": time.time(),
+    }
+    atomic_write(
+        folder / INDEX, lambda tmp: pathlib.Path(tmp).write_text(json.dumps(index, indent=1), encoding="utf-8")
+    )
     live = set(live_shards)
     for stale in folder.glob("shard-*.safetensors"):
         if stale.name not in live:
@@ -305,8 +350,8 @@ def prepare_cache(
     max_aspect: float = 2.0,
     batch_size: int = 4,
     shard_size: int = 256,
-    progress: Optional[Callable[[int, int], None]] = None,
-    extra_settings: Optional[dict] = None,
+    progress: Callable[[int, int], None] | None = None,
+    extra_settings: dict | None = None,
 ) -> PrepareSummary:
     """Encode ``records`` into the cache at ``cache_dir`` (reusing what did not change): plan,
     encode, write the index. Records with depth maps (:func:`training.depth_dataset.pair_depth_maps`:
@@ -314,13 +359,19 @@ def prepare_cache(
     start = time.perf_counter()
     depth = any(r.depth is not None for r in records)
     if depth and not all(r.depth is not None for r in records):
-        raise DatasetError("some records have a depth map and some do not: pair them with training.depth_dataset.pair_depth_maps")
-    plan = plan_cache(cache_dir, encoder, resolution, max_aspect, {**(extra_settings or {}), **({"task": "depth"} if depth else {})})
+        raise DatasetError(
+            "some records have a depth map and some do not: pair them with training.depth_dataset.pair_depth_maps"
+        )
+    plan = plan_cache(
+        cache_dir, encoder, resolution, max_aspect, {**(extra_settings or {}), **({"task": "depth"} if depth else {})}
+    )
     writer = _ShardWriter(plan.folder, shard_size)
     summary = PrepareSummary(images=len(records), depth=depth)
     entries = encode_entries(plan, records, encoder, writer, summary, batch_size, progress)
     if not entries:
-        raise DatasetError(f"none of the {len(records)} images could be read ({summary.skipped[0][1]} ...): nothing was cached")
+        raise DatasetError(
+            f"none of the {len(records)} images could be read ({summary.skipped[0][1]} ...): nothing was cached"
+        )
     write_index(plan, entries, encoder, writer.written)
     summary.seconds = time.perf_counter() - start
     return summary
@@ -339,7 +390,7 @@ class CachedDataset:
     sources: list[str]
     settings: dict
     uncond: dict[str, torch.Tensor]
-    concats: Optional[list[torch.Tensor]] = None
+    concats: list[torch.Tensor] | None = None
 
     @property
     def task(self) -> str:
@@ -352,21 +403,27 @@ def load_cache(cache_dir: str | os.PathLike) -> CachedDataset:
     index = read_index(folder)
     if index is None:
         hint = "it does not exist" if not folder.exists() else f"it has no {INDEX}"
-        raise DatasetError(f"latent cache {folder}: {hint}. Run `python -m training prepare --dataset DIR --checkpoint CKPT --cache {folder}` first")
+        raise DatasetError(
+            f"latent cache {folder}: {hint}. Run `python -m training prepare --dataset DIR --checkpoint CKPT --cache {folder}` first"
+        )
     reader = _ShardReader(folder)
     if not (folder / UNCOND).is_file():
         raise DatasetError(f"latent cache {folder} is incomplete ({UNCOND} is missing): run `prepare` again")
     data = CachedDataset([], [], [], [], index["settings"], load_file(str(folder / UNCOND)))
     depth = data.task == "depth"
     if depth != (index["format"] == DEPTH_FORMAT):
-        raise DatasetError(f"latent cache {folder}: its index says format {index['format']} but task "
-                           f"{index['settings'].get('task', 'image')}: run `prepare` into an empty folder")
+        raise DatasetError(
+            f"latent cache {folder}: its index says format {index['format']} but task "
+            f"{index['settings'].get('task', 'image')}: run `prepare` into an empty folder"
+        )
     if depth:
         data.concats = []
     for relative, entry in sorted(index["entries"].items()):
         shard = folder / entry["shard"]
         if not shard.is_file():
-            raise DatasetError(f"latent cache {folder} is incomplete ({entry['shard']} is missing): run `prepare` again")
+            raise DatasetError(
+                f"latent cache {folder} is incomplete ({entry['shard']} is missing): run `prepare` again"
+            )
         key = entry["key"]
         data.latents.append(reader.get(entry["shard"], f"{key}/latent"))
         if depth:

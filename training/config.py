@@ -5,10 +5,12 @@ Every field carries its own help text, choices, range and UI step (``dataclasses
 metadata, read through :func:`option_specs`); the Train Diff2Flow LoRA node builds its inputs and
 ``python -m training train`` / ``pairs`` their flags from them, so an option is declared once, here.
 """
+
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
-from typing import Any, Optional, Sequence
+from typing import Any
 
 from d2f_core import OBJECTIVES, SAMPLERS, TIMESTEP_SAMPLERS
 from d2f_core.lora import ALGORITHMS, TARGETS
@@ -20,18 +22,50 @@ DTYPES = ("bf16", "fp16", "fp32")
 
 # options that change the trajectory of a run: a resume must match them exactly
 TRAJECTORY_FIELDS = (
-    "objective", "batch_size", "grad_accumulation", "learning_rate", "lr_schedule", "warmup_steps",
-    "optimizer", "weight_decay", "rank", "alpha", "algorithm", "targets", "timestep_sampling",
-    "logit_mean", "logit_std", "shift", "zero_terminal_snr", "dtype", "seed", "caption_dropout", "steps",
+    "objective",
+    "batch_size",
+    "grad_accumulation",
+    "learning_rate",
+    "lr_schedule",
+    "warmup_steps",
+    "optimizer",
+    "weight_decay",
+    "rank",
+    "alpha",
+    "algorithm",
+    "targets",
+    "timestep_sampling",
+    "logit_mean",
+    "logit_std",
+    "shift",
+    "zero_terminal_snr",
+    "dtype",
+    "seed",
+    "caption_dropout",
+    "steps",
     # not the raw weights' trajectory, but the EMA's: a resumed average must continue the same average
-    "ema_decay", "ema_warmup",
+    "ema_decay",
+    "ema_warmup",
 )
 
 
-def option(default: Any, help: str, *, choices: Optional[Sequence[str]] = None, min: Optional[float] = None,
-           max: Optional[float] = None, step: Optional[float] = None) -> Any:
+def option(
+    default: Any,
+    help: str,
+    *,
+    choices: Sequence[str] | None = None,
+    min: float | None = None,
+    max: float | None = None,
+    step: float | None = None,
+) -> Any:
     """A TrainConfig field with the metadata the node inputs and CLI flags are generated from."""
-    meta = {"help": help, "choices": tuple(choices) if choices is not None else None, "min": min, "max": max, "step": step}
+    meta = {
+        "help": help,
+        "choices": tuple(choices) if choices is not None else None,
+        "min": min,
+        "max": max,
+        "step": step,
+    }
     return field(default=default, metadata=meta)
 
 
@@ -43,72 +77,167 @@ class OptionSpec:
     type: type
     default: Any
     help: str
-    choices: Optional[tuple[str, ...]]
-    min: Optional[float]
-    max: Optional[float]
-    step: Optional[float]
+    choices: tuple[str, ...] | None
+    min: float | None
+    max: float | None
+    step: float | None
 
 
 @dataclass
 class TrainConfig:
     """Every option of a Diff2Flow LoRA training run (docs/MATH.md section 6 for the objectives)."""
 
-    objective: str = option("diff2flow", "; ".join(f"{o.name}: {o.description}" for o in OBJECTIVES.values()),
-                            choices=tuple(OBJECTIVES))
+    objective: str = option(
+        "diff2flow", "; ".join(f"{o.name}: {o.description}" for o in OBJECTIVES.values()), choices=tuple(OBJECTIVES)
+    )
     steps: int = option(500, "Optimizer steps in total (a resumed run continues to this many).", min=1, max=1_000_000)
-    batch_size: int = option(1, "Latents per micro-batch: the global batch, split evenly over torchrun processes.", min=1, max=256)
-    grad_accumulation: int = option(1, "Micro-batches per optimizer step (effective batch = batch_size x this).", min=1, max=1024)
+    batch_size: int = option(
+        1, "Latents per micro-batch: the global batch, split evenly over torchrun processes.", min=1, max=256
+    )
+    grad_accumulation: int = option(
+        1, "Micro-batches per optimizer step (effective batch = batch_size x this).", min=1, max=1024
+    )
     learning_rate: float = option(1e-4, "Peak learning rate.", min=1e-7, max=1.0, step=1e-6)
-    lr_schedule: str = option("constant", "Decay after warmup: constant, cosine to 0, or linear to 0.", choices=LR_SCHEDULES)
+    lr_schedule: str = option(
+        "constant", "Decay after warmup: constant, cosine to 0, or linear to 0.", choices=LR_SCHEDULES
+    )
     warmup_steps: int = option(0, "Linear warmup steps.", min=0, max=1_000_000)
-    optimizer: str = option("AdamW", "; ".join(f"{o.name}: {o.description}" for o in OPTIMIZERS.values()) +
-                            ". A choice whose package is missing is hidden (the node) or refused with the install "
-                            "command (the CLI).", choices=tuple(OPTIMIZERS))
+    optimizer: str = option(
+        "AdamW",
+        "; ".join(f"{o.name}: {o.description}" for o in OPTIMIZERS.values())
+        + ". A choice whose package is missing is hidden (the node) or refused with the install "
+        "command (the CLI).",
+        choices=tuple(OPTIMIZERS),
+    )
     weight_decay: float = option(0.01, "Weight decay (every optimizer but Adam).", min=0.0, max=1.0, step=0.001)
-    rank: int = option(8, "Adapter rank (LoKr: the factor the weight's sides are split around; OFT: the block "
-                       "size it is chosen around, as ComfyUI's trainer).", min=1, max=512)
-    alpha: float = option(8.0, "Adapter alpha: LoRA / LoHa / DoRA updates are scaled by alpha / rank; OFT: the bound "
-                          "on the rotation's norm; LoKr: unused.", min=0.01, max=1024.0, step=0.01)
-    algorithm: str = option("LoRA", "; ".join(f"{name}: {cls.description}" for name, cls in ALGORITHMS.items()) +
-                            ". Every one saves a file stock LoraLoader loads.", choices=tuple(ALGORITHMS))
-    targets: str = option("attention", "attention: q/k/v/out projections; attention_ff: plus feed-forward; all: every "
-                          "linear and convolution.", choices=tuple(TARGETS))
-    timestep_sampling: str = option("uniform", "How training sigmas are drawn: uniform, logit_normal (SD3) or shift "
-                                    "(more high-noise steps).", choices=TIMESTEP_SAMPLERS)
+    rank: int = option(
+        8,
+        "Adapter rank (LoKr: the factor the weight's sides are split around; OFT: the block "
+        "size it is chosen around, as ComfyUI's trainer).",
+        min=1,
+        max=512,
+    )
+    alpha: float = option(
+        8.0,
+        "Adapter alpha: LoRA / LoHa / DoRA updates are scaled by alpha / rank; OFT: the bound "
+        "on the rotation's norm; LoKr: unused.",
+        min=0.01,
+        max=1024.0,
+        step=0.01,
+    )
+    algorithm: str = option(
+        "LoRA",
+        "; ".join(f"{name}: {cls.description}" for name, cls in ALGORITHMS.items())
+        + ". Every one saves a file stock LoraLoader loads.",
+        choices=tuple(ALGORITHMS),
+    )
+    targets: str = option(
+        "attention",
+        "attention: q/k/v/out projections; attention_ff: plus feed-forward; all: every linear and convolution.",
+        choices=tuple(TARGETS),
+    )
+    timestep_sampling: str = option(
+        "uniform",
+        "How training sigmas are drawn: "
+        + "; ".join(f"{name}: {description}" for name, description in TIMESTEP_SAMPLERS.items())
+        + ".",
+        choices=tuple(TIMESTEP_SAMPLERS),
+    )
     logit_mean: float = option(0.0, "Mean of logit_normal timestep sampling.", min=-10.0, max=10.0, step=0.01)
-    logit_std: float = option(1.0, "Standard deviation of logit_normal timestep sampling.", min=0.01, max=10.0, step=0.01)
-    shift: float = option(3.0, "Shift of the shift timestep sampling (> 1: more high-noise steps).", min=0.01, max=100.0, step=0.01)
-    zero_terminal_snr: bool = option(False, "Train with zero terminal SNR so the model learns pure noise (v-prediction "
-                                     "only; a model whose schedule already has it is not rescaled again).")
-    dtype: str = option("fp32", "Autocast dtype: bf16 (recommended on GPUs), fp16 with loss scaling, or fp32. Adapter "
-                        "weights stay fp32.", choices=DTYPES)
-    gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass: much less memory, about "
-                                          "30 % slower.")
-    seed: int = option(0, "Seed of adapter initialisation, batches, noise and timesteps (fixed: a resumed run must "
-                       "use the same).", min=0, max=0xFFFFFFFFFFFFFFFF)
-    caption_dropout: float = option(0.0, "Probability of training a sample on the empty / negative caption instead "
-                                    "of its own (keeps classifier-free guidance working).", min=0.0, max=0.99, step=0.01)
-    ema_decay: float = option(0.0, "Keep an exponential moving average (EMA) of the adapter weights with this decay "
-                              "(0: off; 0.999 as the reference Diff2Flow configs). With EMA on, every saved LoRA and the "
-                              "LoRA / MODEL outputs are the EMA weights.", min=0.0, max=0.99999, step=0.0001)
-    ema_warmup: bool = option(True, "Ramp the EMA decay up over the first steps: optimizer step t averages with "
-                              "min(ema_decay, (1 + t) / (10 + t)) (LDM's LitEma), so the average does not cling to the "
-                              "initial weights; off: ema_decay from step 1.")
-    save_every: int = option(0, "Save the LoRA and the training state every N steps (0: only at the end).",
-                             min=0, max=1_000_000)
-    keep_last: int = option(0, "Keep only the last N periodic saves of this run, deleting older ones after each save "
-                            "(0: keep all). The save the training state belongs to is never deleted.", min=0, max=1_000_000)
-    save_raw: bool = option(False, "With EMA on, also save the raw (non-averaged) weights next to every LoRA as "
-                            "<name>_raw.safetensors / <name>_<step>_raw.safetensors.")
-    preview_every: int = option(0, "Sample preview images with the model as it is (adapters applied; the EMA weights "
-                                "when EMA is on) at step 0 and every N steps (0: no previews). Previews use their own "
-                                "random generator: they never change the training.", min=0, max=1_000_000)
-    preview_seed: int = option(0, "Seed of the previews' noise: prompt i starts from the noise of seed + i (as "
-                               "`python -m training sample`).", min=0, max=0xFFFFFFFFFFFFFFFF)
-    preview_steps: int = option(0, "Sampler steps of a preview (0: the objective's recommended steps: 20; reflow 2).",
-                                min=0, max=1000)
-    preview_cfg: float = option(0.0, "Classifier-free guidance of a preview (0: the objective's recommended cfg: 5; "
-                                "reflow 1).", min=0.0, max=100.0, step=0.1)
+    logit_std: float = option(
+        1.0, "Standard deviation of logit_normal timestep sampling.", min=0.01, max=10.0, step=0.01
+    )
+    shift: float = option(
+        3.0, "Shift of the shift timestep sampling (> 1: more high-noise steps).", min=0.01, max=100.0, step=0.01
+    )
+    zero_terminal_snr: bool = option(
+        False,
+        "Train with zero terminal SNR so the model learns pure noise (v-prediction "
+        "only; a model whose schedule already has it is not rescaled again).",
+    )
+    dtype: str = option(
+        "fp32",
+        "Autocast dtype: bf16 (recommended on GPUs), fp16 with loss scaling, or fp32. Adapter weights stay fp32.",
+        choices=DTYPES,
+    )
+    gradient_checkpointing: bool = option(
+        False, "Recompute activations in the backward pass: much less memory, about 30 % slower."
+    )
+    seed: int = option(
+        0,
+        "Seed of adapter initialisation, batches, noise and timesteps (fixed: a resumed run must use the same).",
+        min=0,
+        max=0xFFFFFFFFFFFFFFFF,
+    )
+    caption_dropout: float = option(
+        0.0,
+        "Probability of training a sample on the empty / negative caption instead "
+        "of its own (keeps classifier-free guidance working).",
+        min=0.0,
+        max=0.99,
+        step=0.01,
+    )
+    ema_decay: float = option(
+        0.0,
+        "Keep an exponential moving average (EMA) of the adapter weights with this decay "
+        "(0: off; 0.999 as the reference Diff2Flow configs). With EMA on, every saved LoRA and the "
+        "LoRA / MODEL outputs are the EMA weights.",
+        min=0.0,
+        max=0.99999,
+        step=0.0001,
+    )
+    ema_warmup: bool = option(
+        True,
+        "Ramp the EMA decay up over the first steps: optimizer step t averages with "
+        "min(ema_decay, (1 + t) / (10 + t)) (LDM's LitEma), so the average does not cling to the "
+        "initial weights; off: ema_decay from step 1.",
+    )
+    save_every: int = option(
+        0, "Save the LoRA and the training state every N steps (0: only at the end).", min=0, max=1_000_000
+    )
+    keep_last: int = option(
+        0,
+        "Keep only the last N periodic saves of this run, deleting older ones after each save "
+        "(0: keep all). The save the training state belongs to is never deleted.",
+        min=0,
+        max=1_000_000,
+    )
+    save_raw: bool = option(
+        False,
+        "With EMA on, also save the raw (non-averaged) weights next to every LoRA as "
+        "<name>_raw.safetensors / <name>_<step>_raw.safetensors.",
+    )
+    preview_every: int = option(
+        0,
+        "Sample preview images with the model as it is (adapters applied; the EMA weights "
+        "when EMA is on) at step 0 and every N steps (0: no previews). Previews use their own "
+        "random generator: they never change the training.",
+        min=0,
+        max=1_000_000,
+    )
+    preview_seed: int = option(
+        0,
+        "Seed of the previews' noise: prompt i starts from the noise of seed + i (as `python -m training sample`).",
+        min=0,
+        max=0xFFFFFFFFFFFFFFFF,
+    )
+    preview_steps: int = option(
+        0,
+        "Sampler steps of a preview (0: the objective's recommended steps: "
+        + ", ".join(f"{name} {o.steps}" for name, o in OBJECTIVES.items())
+        + ").",
+        min=0,
+        max=1000,
+    )
+    preview_cfg: float = option(
+        0.0,
+        "Classifier-free guidance of a preview (0: the objective's recommended cfg: "
+        + ", ".join(f"{name} {o.cfg:g}" for name, o in OBJECTIVES.items())
+        + ").",
+        min=0.0,
+        max=100.0,
+        step=0.1,
+    )
     preview_width: int = option(512, "Preview width in pixels (a multiple of 8).", min=64, max=8192, step=8)
     preview_height: int = option(512, "Preview height in pixels (a multiple of 8).", min=64, max=8192, step=8)
 
@@ -125,7 +254,15 @@ class TrainConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        for name in ("warmup_steps", "save_every", "keep_last", "seed", "preview_every", "preview_seed", "preview_steps"):
+        for name in (
+            "warmup_steps",
+            "save_every",
+            "keep_last",
+            "seed",
+            "preview_every",
+            "preview_seed",
+            "preview_steps",
+        ):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
         if not self.learning_rate > 0:
@@ -149,22 +286,31 @@ class TrainConfig:
         if not self.shift > 0:
             raise ValueError(f"shift must be > 0, got {self.shift}")
         if OPTIMIZERS[self.optimizer].schedule_free and self.lr_schedule != "constant":
-            raise ValueError(f"optimizer {self.optimizer} replaces the learning-rate schedule: set lr_schedule constant "
-                             f"(warmup_steps still apply), or choose another optimizer for lr_schedule {self.lr_schedule}")
+            raise ValueError(
+                f"optimizer {self.optimizer} replaces the learning-rate schedule: set lr_schedule constant "
+                f"(warmup_steps still apply), or choose another optimizer for lr_schedule {self.lr_schedule}"
+            )
 
     def timestep_options(self) -> dict[str, Any]:
         """The keyword arguments of ``d2f_core.Objective.draw`` that select the timestep sampling."""
-        return {"timestep_sampling": self.timestep_sampling, "logit_mean": self.logit_mean,
-                "logit_std": self.logit_std, "shift": self.shift}
+        return {
+            "timestep_sampling": self.timestep_sampling,
+            "logit_mean": self.logit_mean,
+            "logit_std": self.logit_std,
+            "shift": self.shift,
+        }
 
-    def differences(self, other: "TrainConfig") -> dict[str, tuple]:
+    def differences(self, other: TrainConfig) -> dict[str, tuple]:
         ignored = {"steps"}
         if self.ema_decay == other.ema_decay == 0:
             ignored.add("ema_warmup")  # no EMA on either side: its warmup changes nothing
-        return {k: (getattr(other, k), getattr(self, k)) for k in TRAJECTORY_FIELDS
-                if k not in ignored and getattr(self, k) != getattr(other, k)}
+        return {
+            k: (getattr(other, k), getattr(self, k))
+            for k in TRAJECTORY_FIELDS
+            if k not in ignored and getattr(self, k) != getattr(other, k)
+        }
 
-    def resume_mismatch(self, saved: "TrainConfig") -> str:
+    def resume_mismatch(self, saved: TrainConfig) -> str:
         """What differs from the options a training state was ``saved`` under ("" if it can continue)."""
         return ", ".join(f"{k}: saved {a!r}, now {b!r}" for k, (a, b) in self.differences(saved).items())
 
@@ -172,7 +318,7 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "TrainConfig":
+    def from_dict(cls, data: dict) -> TrainConfig:
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
@@ -192,28 +338,74 @@ def available_choices(spec: OptionSpec) -> tuple[str, ...]:
 @dataclass
 class PairsConfig:
     """Every option of reflow pair generation (training/pairs.py) but the files: the teacher's ODE
-    solve, the per-index seed, the size and how the work is batched and sharded."""
+    solve, the per-index seed, the size and how the work is batched and sharded.
 
-    count: int = option(1000, "Pairs the folder should hold: a rerun with a larger count generates only the missing "
-                        "ones.", min=1, max=100_000_000)
-    steps: int = option(32, "Teacher ODE steps per pair (measured on the demo model: the 8 / 16 / 32 / 64-step end "
-                        "points lie 6.0 / 3.1 / 1.4 / 0.5 % (RMS) from the 128-step ones).", min=1, max=1000)
-    cfg: float = option(5.0, "Classifier-free guidance of the teacher (the student samples at cfg 1: the guidance "
-                        "is built into its pairs).", min=0.0, max=100.0, step=0.1)
-    sampler: str = option("euler", "; ".join(f"{s.name}: {s.description}" for s in SAMPLERS.values()), choices=tuple(SAMPLERS))
-    shift: float = option(1.0, "SD3-style time shift of the teacher's FM sigma grid (1 = uniform).", min=0.01, max=100.0, step=0.01)
-    seed: int = option(0, "Seed of the noise: pair i's noise comes from (seed, i) alone.", min=0, max=0xFFFFFFFFFFFFFFFF)
+    The Diff2Flow Reflow Pairs node's widgets are these fields in this order (saved workflows store
+    widget values by position): add a field at the end, never in between.
+    """
+
+    # 1000, not a quicker 256: the pairs are the student's whole training set, and a run stopped early
+    # loses nothing (Cancel / Ctrl-C keep every finished shard; a rerun appends the rest)
+    count: int = option(
+        1000,
+        "Pairs the folder should hold: a rerun with a larger count generates only the missing ones.",
+        min=1,
+        max=100_000_000,
+    )
     width: int = option(512, "Image width in pixels (a multiple of 8).", min=64, max=8192, step=8)
     height: int = option(512, "Image height in pixels (a multiple of 8).", min=64, max=8192, step=8)
-    batch_size: int = option(8, "Pairs per network batch (a resume or append must use the same: it decides the "
-                             "last bits of every pair).", min=1, max=4096)
-    shard_size: int = option(256, "Pairs per shard file, a multiple of batch_size: what an interruption can lose, and "
-                             "the unit of work of a torchrun process.", min=1, max=1_000_000)
-    lora_strength: float = option(1.0, "Strength of the teacher's LoRA (k-times reflow: the previous reflow LoRA).",
-                                  min=-10.0, max=10.0, step=0.01)
+    steps: int = option(
+        32,
+        "Teacher ODE steps per pair (measured on the demo model: the 8 / 16 / 32 / 64-step end "
+        "points lie 6.0 / 3.1 / 1.4 / 0.5 % (RMS) from the 128-step ones).",
+        min=1,
+        max=1000,
+    )
+    # from 0: guidance below 1 (0 = the unconditional teacher) is a valid teacher, as on every KSampler
+    cfg: float = option(
+        5.0,
+        "Classifier-free guidance of the teacher (the student samples at cfg 1: the guidance is built into its pairs).",
+        min=0.0,
+        max=100.0,
+        step=0.1,
+    )
+    sampler: str = option(
+        "euler", "; ".join(f"{s.name}: {s.description}" for s in SAMPLERS.values()), choices=tuple(SAMPLERS)
+    )
+    seed: int = option(
+        0, "Seed of the noise: pair i's noise comes from (seed, i) alone.", min=0, max=0xFFFFFFFFFFFFFFFF
+    )
+    # 8 rather than a lighter 4: a fuller GPU batch, and folders made with 8 keep appending with the default (the
+    # pairs depend on it); lower it for SDXL on a small GPU (cfg != 1 doubles the UNet batch)
+    batch_size: int = option(
+        8,
+        "Pairs per network batch (a resume or append must use the same: it decides the last bits of every pair).",
+        min=1,
+        max=4096,
+    )
+    shift: float = option(
+        1.0, "SD3-style time shift of the teacher's FM sigma grid (1 = uniform).", min=0.01, max=100.0, step=0.01
+    )
+    shard_size: int = option(
+        256,
+        "Pairs per shard file, a multiple of batch_size: what an interruption can lose, and "
+        "the unit of work of a torchrun process.",
+        min=1,
+        max=1_000_000,
+    )
+    lora_strength: float = option(
+        1.0,
+        "Strength of the teacher's LoRA (k-times reflow: the previous reflow LoRA).",
+        min=-10.0,
+        max=10.0,
+        step=0.01,
+    )
     negative: str = option("", "Negative prompt of the guidance (the empty prompt by default).")
-    zero_terminal_snr: bool = option(False, "Sample the teacher with zero terminal SNR (v-prediction only; a teacher "
-                                     "LoRA trained with it turns it on by itself).")
+    zero_terminal_snr: bool = option(
+        False,
+        "Sample the teacher with zero terminal SNR (v-prediction only; a teacher "
+        "LoRA trained with it turns it on by itself).",
+    )
 
     def __post_init__(self) -> None:
         check_ranges(self)
@@ -250,6 +442,16 @@ def option_specs(cls: type = TrainConfig) -> list[OptionSpec]:
     for f in fields(cls):
         default = f.default if f.default is not MISSING else None
         meta = f.metadata
-        specs.append(OptionSpec(f.name, type(default), default, meta.get("help", f.name), meta.get("choices"),
-                                meta.get("min"), meta.get("max"), meta.get("step")))
+        specs.append(
+            OptionSpec(
+                f.name,
+                type(default),
+                default,
+                meta.get("help", f.name),
+                meta.get("choices"),
+                meta.get("min"),
+                meta.get("max"),
+                meta.get("step"),
+            )
+        )
     return specs

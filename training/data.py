@@ -1,9 +1,9 @@
 """Training data: latents with per-sample conditioning (and per-sample tensors such as reflow's
 paired noise), and deterministic batch drawing."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 
@@ -30,8 +30,8 @@ class TrainingData:
 
     latents: list[torch.Tensor]
     conds: list[Cond]
-    uncond: Optional[Cond | list[Cond]] = None
-    extras: Optional[list[dict[str, torch.Tensor]]] = None
+    uncond: Cond | list[Cond] | None = None
+    extras: list[dict[str, torch.Tensor]] | None = None
     buckets: list[list[int]] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -48,22 +48,30 @@ class TrainingData:
             if lat.ndim != 3:
                 raise ValueError(f"latent {i} has shape {tuple(lat.shape)}; expected [channels, height, width]")
         if isinstance(self.uncond, list) and len(self.uncond) != len(self.latents):
-            raise ValueError(f"{len(self.latents)} latents but {len(self.uncond)} unconditional conditionings: give one for "
-                             "all latents or exactly one per latent")
+            raise ValueError(
+                f"{len(self.latents)} latents but {len(self.uncond)} unconditional conditionings: give one for "
+                "all latents or exactly one per latent"
+            )
         if self.extras is not None:
             if len(self.extras) != len(self.latents):
-                raise ValueError(f"{len(self.latents)} latents but {len(self.extras)} per-sample extras: give one per latent")
+                raise ValueError(
+                    f"{len(self.latents)} latents but {len(self.extras)} per-sample extras: give one per latent"
+                )
             keys = set(self.extras[0])
             for i, (lat, extra) in enumerate(zip(self.latents, self.extras)):
                 if set(extra) != keys:
                     raise ValueError(f"sample {i} carries {sorted(extra)} but sample 0 carries {sorted(keys)}")
                 if "noise" in extra and tuple(extra["noise"].shape) != tuple(lat.shape):
-                    raise ValueError(f"sample {i}: paired noise of shape {tuple(extra['noise'].shape)} does not match "
-                                     f"its latent {tuple(lat.shape)}")
+                    raise ValueError(
+                        f"sample {i}: paired noise of shape {tuple(extra['noise'].shape)} does not match "
+                        f"its latent {tuple(lat.shape)}"
+                    )
                 concat = extra.get("concat")
                 if concat is not None and (concat.ndim != 3 or tuple(concat.shape[1:]) != tuple(lat.shape[1:])):
-                    raise ValueError(f"sample {i}: its image latent (concat) of shape {tuple(concat.shape)} does not match "
-                                     f"the size of its latent {tuple(lat.shape)}: encode each image and its target at one size")
+                    raise ValueError(
+                        f"sample {i}: its image latent (concat) of shape {tuple(concat.shape)} does not match "
+                        f"the size of its latent {tuple(lat.shape)}: encode each image and its target at one size"
+                    )
         groups: dict[tuple, list[int]] = {}
         for i, (lat, cond) in enumerate(zip(self.latents, self.conds)):
             groups.setdefault(_signature(lat, cond), []).append(i)
@@ -83,7 +91,7 @@ class TrainingData:
             pick = torch.randint(len(bucket), (batch_size,), generator=generator)
         return [bucket[int(i)] for i in pick]
 
-    def batch(self, indices: list[int], dropout: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Cond]:
+    def batch(self, indices: list[int], dropout: torch.Tensor | None = None) -> tuple[torch.Tensor, Cond]:
         """``(x0, cond)`` of the samples, stacked; where ``dropout[j]`` is true, sample j gets ``uncond``."""
         x0 = torch.stack([self.latents[i] for i in indices])
         conds = []

@@ -5,13 +5,14 @@ folders are scanned too. A missing caption is an empty caption (counted, so the 
 Images go to the bucket whose aspect ratio is nearest (in log ratio), are resized to cover it and
 centre-cropped; every bucket holds about ``resolution**2`` pixels, both sides multiples of 64.
 """
+
 from __future__ import annotations
 
 import math
 import os
 import pathlib
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -35,7 +36,7 @@ class ImageRecord:
     relative: str  # path inside the dataset folder, with "/" separators: the cache key
     caption: str
     has_caption: bool
-    depth: Optional[pathlib.Path] = None  # its depth map (name.depth.png / .npy) in a folder of depth pairs
+    depth: pathlib.Path | None = None  # its depth map (name.depth.png / .npy) in a folder of depth pairs
 
     @property
     def size(self) -> int:
@@ -57,12 +58,18 @@ def scan_folder(folder: str | os.PathLike) -> list[ImageRecord]:
     are not images: :func:`training.depth_dataset.scan_depth_pairs` pairs them)."""
     root = pathlib.Path(folder)
     if not root.exists():
-        raise DatasetError(f"dataset folder {root} does not exist: pass the folder that holds your images (and their .txt captions)")
+        raise DatasetError(
+            f"dataset folder {root} does not exist: pass the folder that holds your images (and their .txt captions)"
+        )
     if not root.is_dir():
         raise DatasetError(f"dataset {root} is a file, not a folder: pass the folder that holds your images")
     records = []
     for path in sorted(root.rglob("*")):
-        if path.suffix.lower() not in IMAGE_EXTENSIONS or not path.is_file() or any(p.startswith(".") for p in path.relative_to(root).parts):
+        if (
+            path.suffix.lower() not in IMAGE_EXTENSIONS
+            or not path.is_file()
+            or any(p.startswith(".") for p in path.relative_to(root).parts)
+        ):
             continue
         if is_depth_file(path):
             continue
@@ -124,8 +131,9 @@ def read_rgb(path: str | os.PathLike) -> Any:
     return im
 
 
-def load_image(path: str | os.PathLike, bucket: tuple[int, int] | None = None,
-               buckets: list[tuple[int, int]] | None = None) -> tuple[torch.Tensor, tuple[int, int]]:
+def load_image(
+    path: str | os.PathLike, bucket: tuple[int, int] | None = None, buckets: list[tuple[int, int]] | None = None
+) -> tuple[torch.Tensor, tuple[int, int]]:
     """The image as [H, W, 3] float in [0, 1] (ComfyUI's IMAGE layout), resized to cover its bucket
     and centre-cropped to it; returns (pixels, bucket). Raises UnreadableImage for broken files."""
     import numpy as np
@@ -142,7 +150,9 @@ def load_image(path: str | os.PathLike, bucket: tuple[int, int] | None = None,
     return pixels, bucket
 
 
-def cover_and_crop(width: int, height: int, bucket: tuple[int, int]) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
+def cover_and_crop(
+    width: int, height: int, bucket: tuple[int, int]
+) -> tuple[tuple[int, int], tuple[int, int, int, int]]:
     """How an image of ``width`` x ``height`` goes to ``bucket``: the (width, height) it is resized to
     (covering the bucket, aspect kept) and the centred crop box (left, top, right, bottom) after it. A
     depth map goes through the same two steps as its image, so the pair stays aligned pixel for pixel."""

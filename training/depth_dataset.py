@@ -16,31 +16,50 @@ A depth map follows its image to the image's bucket through the same resize and 
 pixels do not bleed into known ones. Checks that need only file headers (a missing or ambiguous depth
 file, mismatched sizes, an unsupported format) run before anything is encoded.
 """
+
 from __future__ import annotations
 
 import os
 import pathlib
-from typing import Optional
 
 import torch
 
 from d2f_core.depth import depth_as_image, normalize_depth
 
-from .dataset import DEPTH_EXTENSIONS, DEPTH_MARK, DatasetError, ImageRecord, UnreadableImage, cover_and_crop, is_depth_file
+from .dataset import (
+    DEPTH_EXTENSIONS,
+    DEPTH_MARK,
+    DatasetError,
+    ImageRecord,
+    UnreadableImage,
+    cover_and_crop,
+    is_depth_file,
+)
 
-__all__ = ["depth_files_in", "depth_file_for", "depth_size", "image_size", "pair_depth_maps", "read_depth",
-           "load_depth", "depth_pixels"]
+__all__ = [
+    "depth_files_in",
+    "depth_file_for",
+    "depth_size",
+    "image_size",
+    "pair_depth_maps",
+    "read_depth",
+    "load_depth",
+    "depth_pixels",
+]
 
 LISTED = 10  # images named in an error before "..."
 
 
 def depth_files_in(root: pathlib.Path) -> list[pathlib.Path]:
     """The depth maps under ``root`` (hidden folders skipped, as for images)."""
-    return [p for p in sorted(root.rglob("*")) if is_depth_file(p) and p.is_file()
-            and not any(part.startswith(".") for part in p.relative_to(root).parts)]
+    return [
+        p
+        for p in sorted(root.rglob("*"))
+        if is_depth_file(p) and p.is_file() and not any(part.startswith(".") for part in p.relative_to(root).parts)
+    ]
 
 
-def depth_file_for(image: pathlib.Path) -> Optional[pathlib.Path]:
+def depth_file_for(image: pathlib.Path) -> pathlib.Path | None:
     """``image``'s depth map (``<stem>.depth.png`` or ``.npy`` beside it), ``None`` when it has none; both
     present is refused (which one is meant?)."""
     found = [image.with_name(image.stem + DEPTH_MARK + ext) for ext in DEPTH_EXTENSIONS]
@@ -67,8 +86,10 @@ def image_size(path: pathlib.Path) -> tuple[int, int]:
 
 
 def _png_mode_error(path: pathlib.Path, mode: str) -> DatasetError:
-    return DatasetError(f"depth map {path} is a PNG of mode {mode}: save depth as a grayscale PNG (8 or 16 bit) or as "
-                        f"{path.name[: -len('.png')]}.npy (a float array [H, W])")
+    return DatasetError(
+        f"depth map {path} is a PNG of mode {mode}: save depth as a grayscale PNG (8 or 16 bit) or as "
+        f"{path.name[: -len('.png')]}.npy (a float array [H, W])"
+    )
 
 
 def depth_size(path: pathlib.Path) -> tuple[int, int]:
@@ -128,25 +149,34 @@ def pair_depth_maps(root: pathlib.Path, records: list[ImageRecord]) -> list[Imag
             size = None  # a broken image is reported and skipped by prepare, as in any dataset
         depth_wh = depth_size(depth)
         if size is not None and depth_wh != size:
-            mismatched.append(f"{record.relative} is {size[0]}x{size[1]} but {depth.name} is {depth_wh[0]}x{depth_wh[1]}")
+            mismatched.append(
+                f"{record.relative} is {size[0]}x{size[1]} but {depth.name} is {depth_wh[0]}x{depth_wh[1]}"
+            )
         paired.append(ImageRecord(record.path, record.relative, "", False, depth))
     if missing:
         raise DatasetError(
             f"{root} holds depth maps (e.g. {depth_files[0].relative_to(root).as_posix()}), so it is read as image + "
             f"depth pairs, but {len(missing)} images have no depth map: {', '.join(missing[:LISTED])}"
-            + (" ..." if len(missing) > LISTED else "") + f". Add <name>{DEPTH_MARK}.png (8/16-bit grayscale) or "
+            + (" ..." if len(missing) > LISTED else "")
+            + f". Add <name>{DEPTH_MARK}.png (8/16-bit grayscale) or "
             f"<name>{DEPTH_MARK}.npy (float) beside each, or move those images out"
         )
     if mismatched:
-        raise DatasetError(f"{len(mismatched)} depth maps differ in size from their image (a depth map must be "
-                           f"aligned with its image pixel for pixel): " + "; ".join(mismatched[:LISTED])
-                           + (" ..." if len(mismatched) > LISTED else ""))
+        raise DatasetError(
+            f"{len(mismatched)} depth maps differ in size from their image (a depth map must be "
+            f"aligned with its image pixel for pixel): "
+            + "; ".join(mismatched[:LISTED])
+            + (" ..." if len(mismatched) > LISTED else "")
+        )
     used = {r.depth for r in paired}
     orphans = [p.relative_to(root).as_posix() for p in depth_files if p not in used]
     if orphans:
-        raise DatasetError(f"{len(orphans)} depth maps have no image beside them: {', '.join(orphans[:LISTED])}"
-                           + (" ..." if len(orphans) > LISTED else "") + " (photo.depth.png pairs with photo.png / "
-                           ".jpg / ...): add the image or remove the depth map")
+        raise DatasetError(
+            f"{len(orphans)} depth maps have no image beside them: {', '.join(orphans[:LISTED])}"
+            + (" ..." if len(orphans) > LISTED else "")
+            + " (photo.depth.png pairs with photo.png / "
+            ".jpg / ...): add the image or remove the depth map"
+        )
     return paired
 
 
@@ -177,9 +207,13 @@ def read_depth(path: str | os.PathLike) -> torch.Tensor:
     if mode in ("RGB", "RGBA", "LA"):
         colour = array[..., :3] if mode != "LA" else array[..., :1]
         # a grayscale map saved as RGB is depth; a colour-mapped visualisation is not (its colours have no order)
-        if mode != "LA" and not (np.array_equal(colour[..., 0], colour[..., 1]) and np.array_equal(colour[..., 0], colour[..., 2])):
-            raise DatasetError(f"depth map {path} is in colour (a visualisation?): save depth itself as a grayscale PNG "
-                               "(8 or 16 bit) or a float .npy")
+        if mode != "LA" and not (
+            np.array_equal(colour[..., 0], colour[..., 1]) and np.array_equal(colour[..., 0], colour[..., 2])
+        ):
+            raise DatasetError(
+                f"depth map {path} is in colour (a visualisation?): save depth itself as a grayscale PNG "
+                "(8 or 16 bit) or a float .npy"
+            )
         array = colour[..., 0]
     elif mode not in ("L", "I", "I;16", "I;16B", "I;16L", "F"):
         raise _png_mode_error(path, mode)
@@ -192,8 +226,9 @@ def _resize_masked(depth: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     known = torch.isfinite(depth)
     filled = torch.where(known, depth, torch.zeros_like(depth))
     stack = torch.stack([filled * known, known.float()])[None].double()
-    out = torch.nn.functional.interpolate(stack, size=(size[1], size[0]), mode="bilinear", align_corners=False,
-                                          antialias=True)[0]
+    out = torch.nn.functional.interpolate(
+        stack, size=(size[1], size[0]), mode="bilinear", align_corners=False, antialias=True
+    )[0]
     value, weight = out[0], out[1]
     return torch.where(weight > 0.5, value / weight.clamp_min(1e-12), torch.full_like(value, float("nan"))).float()
 

@@ -10,6 +10,7 @@ With ``ema_decay`` > 0 the trainer also keeps an exponential moving average of t
 (:class:`AdapterEMA`, updated after every optimizer step, part of the training state); the saved
 LoRA is then the average (:meth:`Trainer.saved_adapters`).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -17,8 +18,9 @@ import logging
 import math
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Optional
+from typing import Any
 
 import torch
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -119,8 +121,17 @@ class Trainer:
             losses are averaged across processes, so N processes give the 1-process result.
     """
 
-    def __init__(self, network: Network, adapters: dict[str, WeightAdapter], d2f: Diff2Flow, config: TrainConfig,
-                 data: TrainingData, device: torch.device | str = "cpu", rank: int = 0, world_size: int = 1) -> None:
+    def __init__(
+        self,
+        network: Network,
+        adapters: dict[str, WeightAdapter],
+        d2f: Diff2Flow,
+        config: TrainConfig,
+        data: TrainingData,
+        device: torch.device | str = "cpu",
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} does not fit world_size {world_size}")
         if config.batch_size % world_size:
@@ -149,8 +160,10 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_lambda(config))
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=config.dtype == "fp16")
         if config.dtype == "fp16" and self.device.type == "cpu":
-            log.warning("dtype fp16 on the CPU is emulated and several times slower than fp32 (measured 4-5x): "
-                        "train in fp32 (or bf16) on the CPU; fp16 pays off on GPUs")
+            log.warning(
+                "dtype fp16 on the CPU is emulated and several times slower than fp32 (measured 4-5x): "
+                "train in fp32 (or bf16) on the CPU; fp16 pays off on GPUs"
+            )
         self.generator = torch.Generator().manual_seed(config.seed)
         self.ema = AdapterEMA(adapters, config.ema_decay, config.ema_warmup) if config.ema_decay > 0 else None
         self.step = 0
@@ -229,13 +242,15 @@ class Trainer:
             "step": self.step,
             "losses": list(self.losses),
             "config": self.config.to_dict(),
-            "adapters": {name: {k: v.detach().cpu() for k, v in a.state_dict().items()} for name, a in self.adapters.items()},
+            "adapters": {
+                name: {k: v.detach().cpu() for k, v in a.state_dict().items()} for name, a in self.adapters.items()
+            },
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "generator": self.generator.get_state(),
         }
-        if self.ema is not None:  # without EMA the state is exactly what it was before EMA existed
+        if self.ema is not None:  # only with EMA: no "ema" marks an EMA-off run (load_state_dict refuses it under EMA)
             state["ema"] = self.ema.state_dict()
         return state
 
@@ -244,7 +259,9 @@ class Trainer:
         saved = TrainConfig.from_dict(state["config"])
         listed = self.config.resume_mismatch(saved)
         if listed:
-            raise TrainingError(f"the resume state comes from a different configuration ({listed}); use the saved settings or start a new run")
+            raise TrainingError(
+                f"the resume state comes from a different configuration ({listed}); use the saved settings or start a new run"
+            )
         if set(state["adapters"]) != set(self.adapters):
             raise TrainingError("the resume state's adapters do not match this model's target layers")
         if self.ema is not None and "ema" not in state:
@@ -280,7 +297,9 @@ class Trainer:
         # caption dropout never drops it (the image is the condition, not the caption)
         cond.update(extras)
         noise, times = self.objective.draw(x0, self.d2f, gen, paired, **cfg.timestep_options())
-        shard = slice(self.rank * cfg.batch_size // self.world_size, (self.rank + 1) * cfg.batch_size // self.world_size)
+        shard = slice(
+            self.rank * cfg.batch_size // self.world_size, (self.rank + 1) * cfg.batch_size // self.world_size
+        )
         x0, noise, times = (t[shard].to(self.device) for t in (x0, noise, times))
         x0 = x0.float()
         cond = {k: v[shard].to(self.device) for k, v in cond.items()}
@@ -341,8 +360,11 @@ class Trainer:
             if skipped:
                 # fp16 loss scaling skipped this optimizer step (inf / NaN gradients): the step still
                 # counts for the LR schedule, so torch's "scheduler before optimizer" warning is moot
-                log.info("fp16 loss scaling skipped step %d (non-finite gradients); scale now %g", self.step + 1,
-                         self.scaler.get_scale())
+                log.info(
+                    "fp16 loss scaling skipped step %d (non-finite gradients); scale now %g",
+                    self.step + 1,
+                    self.scaler.get_scale(),
+                )
                 warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before")
             self.scheduler.step()
         self.step += 1
@@ -351,10 +373,10 @@ class Trainer:
 
     def run(
         self,
-        on_step: Optional[Callable[[int, float, float], None]] = None,
-        check_cancel: Optional[Callable[[], None]] = None,
-        save: Optional[Callable[["Trainer"], None]] = None,
-        preview: Optional[Callable[["Trainer"], Any]] = None,
+        on_step: Callable[[int, float, float], None] | None = None,
+        check_cancel: Callable[[], None] | None = None,
+        save: Callable[[Trainer], None] | None = None,
+        preview: Callable[[Trainer], Any] | None = None,
     ) -> TrainResult:
         """Train until ``config.steps``. ``on_step(step, loss, lr)`` reports progress,
         ``check_cancel()`` raises to stop (before each step), ``save(trainer)`` is called every

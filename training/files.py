@@ -23,6 +23,7 @@ With EMA on (``ema_decay`` > 0) every LoRA of a run holds the EMA weights
 :func:`write_periodic_save` are the one place the node and the CLI write a run's LoRA files, and
 :func:`prune_periodic_saves` the one place ``keep_last`` deletes old ones.
 """
+
 from __future__ import annotations
 
 import errno
@@ -31,8 +32,9 @@ import logging
 import os
 import pathlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import save_file
@@ -43,9 +45,20 @@ if TYPE_CHECKING:
     from .engine import Trainer
 
 __all__ = [
-    "STATE_SUFFIX", "RunFiles", "OutputExists", "atomic_write", "ensure_writable_folder", "save_lora",
-    "save_training_state", "load_training_state", "sanitize_filename", "file_sha256", "save_run_lora",
-    "write_periodic_save", "prune_periodic_saves", "remove_stale_temporaries",
+    "STATE_SUFFIX",
+    "RunFiles",
+    "OutputExists",
+    "atomic_write",
+    "ensure_writable_folder",
+    "save_lora",
+    "save_training_state",
+    "load_training_state",
+    "sanitize_filename",
+    "file_sha256",
+    "save_run_lora",
+    "write_periodic_save",
+    "prune_periodic_saves",
+    "remove_stale_temporaries",
 ]
 log = logging.getLogger("diff2flow")
 
@@ -125,8 +138,12 @@ def ensure_writable_folder(folder: str | os.PathLike) -> pathlib.Path:
     return folder
 
 
-def save_lora(path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: LoraMetadata | None = None,
-              extra_metadata: dict[str, str] | None = None) -> pathlib.Path:
+def save_lora(
+    path: str | os.PathLike,
+    tensors: dict[str, torch.Tensor],
+    metadata: LoraMetadata | None = None,
+    extra_metadata: dict[str, str] | None = None,
+) -> pathlib.Path:
     """Write LoRA tensors (ComfyUI-native keys) as safetensors with Diff2Flow metadata."""
     header = dict(extra_metadata or {})
     if metadata is not None:
@@ -142,7 +159,9 @@ def save_training_state(path: str | os.PathLike, state: dict[str, Any]) -> pathl
 def load_training_state(path: str | os.PathLike) -> dict[str, Any]:
     path = pathlib.Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"training state {path} does not exist: point resume at a .d2fstate file written by a periodic save")
+        raise FileNotFoundError(
+            f"training state {path} does not exist: point resume at a .d2fstate file written by a periodic save"
+        )
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
@@ -171,7 +190,7 @@ class RunFiles:
     name: str
 
     @classmethod
-    def named(cls, folder: str | os.PathLike, name: str) -> "RunFiles":
+    def named(cls, folder: str | os.PathLike, name: str) -> RunFiles:
         """The run files for a user-given run name (sanitised: no folders, no odd characters)."""
         return cls(pathlib.Path(folder), sanitize_filename(name)[: -len(".safetensors")])
 
@@ -209,7 +228,7 @@ class RunFiles:
                 saves.setdefault(step, []).append(path)
         return saves
 
-    def state_step(self) -> Optional[int]:
+    def state_step(self) -> int | None:
         """The step of this run's training state on disk (``None`` when there is none)."""
         if not self.state.is_file():
             return None
@@ -252,7 +271,8 @@ class RunFiles:
         """Delete the temporary files a killed run of this name left (:func:`remove_stale_temporaries`),
         its preview grids' included."""
         return remove_stale_temporaries(self.folder, self.owns) + remove_stale_temporaries(
-            self.samples, lambda name: re.fullmatch(r"step_\d{6,}\.png", name) is not None)
+            self.samples, lambda name: re.fullmatch(r"step_\d{6,}\.png", name) is not None
+        )
 
     def check_new_run(self, resuming: bool, overwrite: bool) -> None:
         """Refuse to overwrite another run's files (unless resuming it, or asked to)."""
@@ -269,12 +289,15 @@ class RunFiles:
         try:
             ensure_writable_folder(self.folder)
         except OSError as exc:
-            raise OSError(exc.errno, f"output folder {self.folder} is not writable ({exc.strerror}): choose another --output") from exc
+            raise OSError(
+                exc.errno, f"output folder {self.folder} is not writable ({exc.strerror}): choose another --output"
+            ) from exc
 
 
 # ---------------------------------------------------------------------- a run's saves (node and CLI)
-def save_run_lora(files: RunFiles, trainer: "Trainer", metadata: LoraMetadata, step: Optional[int] = None,
-                  raw: bool = False) -> Optional[pathlib.Path]:
+def save_run_lora(
+    files: RunFiles, trainer: Trainer, metadata: LoraMetadata, step: int | None = None, raw: bool = False
+) -> pathlib.Path | None:
     """Write one LoRA file of a save: the saved weights (the EMA's when EMA is on) or, with ``raw``,
     the raw weights (only when ``trainer.saves_raw``: ``None`` otherwise), under the periodic name
     of ``step`` or, with ``step`` None, the final name."""
@@ -285,17 +308,19 @@ def save_run_lora(files: RunFiles, trainer: "Trainer", metadata: LoraMetadata, s
     else:
         path = files.raw_lora_at(step) if raw else files.lora_at(step)
     header = None
-    if trainer.ema is not None:  # without EMA the header is what it was before EMA existed
+    if trainer.ema is not None:  # only with EMA: a file without these keys holds the trained weights
         header = {PREFIX + "weights": "raw" if raw else "ema", PREFIX + "ema_decay": str(trainer.config.ema_decay)}
     return save_lora(path, trainer.lora_state_dict(raw=raw), metadata, header)
 
 
-def write_periodic_save(files: RunFiles, trainer: "Trainer", metadata: LoraMetadata) -> list[pathlib.Path]:
+def write_periodic_save(files: RunFiles, trainer: Trainer, metadata: LoraMetadata) -> list[pathlib.Path]:
     """A periodic save at ``trainer.step`` (also the save made on interrupt): the LoRA, the raw LoRA
     when asked, the training state, then :func:`prune_periodic_saves` with ``keep_last``."""
-    written = [save_run_lora(files, trainer, metadata, trainer.step),
-               save_run_lora(files, trainer, metadata, trainer.step, raw=True),
-               save_training_state(files.state, trainer.state_dict())]
+    written = [
+        save_run_lora(files, trainer, metadata, trainer.step),
+        save_run_lora(files, trainer, metadata, trainer.step, raw=True),
+        save_training_state(files.state, trainer.state_dict()),
+    ]
     prune_periodic_saves(files, trainer.config.keep_last, trainer.step)
     return [p for p in written if p is not None]
 
@@ -317,7 +342,7 @@ def prune_periodic_saves(files: RunFiles, keep_last: int, step: int) -> list[pat
         return []
     try:
         protected = files.state_step()
-    except Exception as exc:  # noqa: BLE001 - an unreadable state: delete nothing rather than guess
+    except Exception as exc:
         log.warning("keep_last: could not read the step of %s (%s); no periodic save was deleted", files.state, exc)
         return []
     deleted = []

@@ -2,11 +2,12 @@
 needs. Each one comes from torch or a maintained package, never written here; a choice whose package is
 missing is hidden from the node and refused by the CLI with the install command (:func:`build_optimizer`).
 """
+
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Optional
 
 import torch
 
@@ -24,13 +25,13 @@ class Optimizer:
     name: str
     description: str
     build: Callable[[Params, float, float], torch.optim.Optimizer]
-    module: Optional[str] = None
-    package: Optional[str] = None
+    module: str | None = None
+    package: str | None = None
     # schedule-free: the optimizer keeps two weight sequences and switches between them with its train() /
     # eval(); the evaluation weights are the ones to save, sample and average (training.engine.Trainer)
     schedule_free: bool = False
 
-    def missing(self) -> Optional[str]:
+    def missing(self) -> str | None:
         """Why this installation cannot run it (``None`` when it can)."""
         if self.module is None:
             return None
@@ -71,24 +72,59 @@ def _adamw_schedule_free(params: Params, lr: float, weight_decay: float) -> torc
     return AdamWScheduleFree(params, lr=lr, weight_decay=weight_decay)
 
 
-OPTIMIZERS: dict[str, Optimizer] = {o.name: o for o in (
-    Optimizer("AdamW", "Adam with decoupled weight decay (torch)",
-              lambda p, lr, wd: torch.optim.AdamW(p, lr=lr, weight_decay=wd)),
-    Optimizer("Adam", "Adam without weight decay (torch)", lambda p, lr, wd: torch.optim.Adam(p, lr=lr)),
-    Optimizer("SGD", "SGD with momentum 0.9 (torch)",
-              lambda p, lr, wd: torch.optim.SGD(p, lr=lr, momentum=0.9, weight_decay=wd)),
-    Optimizer("AdamW8bit", "AdamW with 8-bit states (bitsandbytes): less optimizer memory", _bnb_adamw8bit,
-              "bitsandbytes", "bitsandbytes"),
-    Optimizer("Adafactor", "Adafactor (torch): factored second moments, little optimizer memory", _adafactor,
-              "torch.optim:Adafactor", "torch>=2.5"),
-    Optimizer("Lion", "Lion (lion-pytorch): sign updates, one state; use a 3-10x smaller learning rate than AdamW",
-              _lion, "lion_pytorch", "lion-pytorch"),
-    Optimizer("Prodigy", "Prodigy (prodigyopt): estimates the step size itself; set learning_rate 1 (its default)",
-              _prodigy, "prodigyopt", "prodigyopt"),
-    Optimizer("AdamWScheduleFree", "schedule-free AdamW (schedulefree): no decay schedule needed (lr_schedule "
-              "constant; warmup_steps still apply); saves, previews and EMA use its evaluation weights",
-              _adamw_schedule_free, "schedulefree", "schedulefree", schedule_free=True),
-)}
+OPTIMIZERS: dict[str, Optimizer] = {
+    o.name: o
+    for o in (
+        Optimizer(
+            "AdamW",
+            "Adam with decoupled weight decay (torch)",
+            lambda p, lr, wd: torch.optim.AdamW(p, lr=lr, weight_decay=wd),
+        ),
+        Optimizer("Adam", "Adam without weight decay (torch)", lambda p, lr, wd: torch.optim.Adam(p, lr=lr)),
+        Optimizer(
+            "SGD",
+            "SGD with momentum 0.9 (torch)",
+            lambda p, lr, wd: torch.optim.SGD(p, lr=lr, momentum=0.9, weight_decay=wd),
+        ),
+        Optimizer(
+            "AdamW8bit",
+            "AdamW with 8-bit states (bitsandbytes): less optimizer memory",
+            _bnb_adamw8bit,
+            "bitsandbytes",
+            "bitsandbytes",
+        ),
+        Optimizer(
+            "Adafactor",
+            "Adafactor (torch): factored second moments, little optimizer memory",
+            _adafactor,
+            "torch.optim:Adafactor",
+            "torch>=2.5",
+        ),
+        Optimizer(
+            "Lion",
+            "Lion (lion-pytorch): sign updates, one state; use a 3-10x smaller learning rate than AdamW",
+            _lion,
+            "lion_pytorch",
+            "lion-pytorch",
+        ),
+        Optimizer(
+            "Prodigy",
+            "Prodigy (prodigyopt): estimates the step size itself; set learning_rate 1 (its default)",
+            _prodigy,
+            "prodigyopt",
+            "prodigyopt",
+        ),
+        Optimizer(
+            "AdamWScheduleFree",
+            "schedule-free AdamW (schedulefree): no decay schedule needed (lr_schedule "
+            "constant; warmup_steps still apply); saves, previews and EMA use its evaluation weights",
+            _adamw_schedule_free,
+            "schedulefree",
+            "schedulefree",
+            schedule_free=True,
+        ),
+    )
+}
 
 
 def available_optimizers() -> tuple[str, ...]:

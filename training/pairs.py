@@ -24,6 +24,7 @@ appends); each shard is written atomically when finished, so an interrupted run,
 disk keeps every finished shard. Several processes (torchrun) take disjoint shards; rank 0 writes
 the manifest. This module does not import ComfyUI: the teacher is a velocity function.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -34,8 +35,9 @@ import os
 import pathlib
 import re
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -47,8 +49,17 @@ from .data import TrainingData
 from .files import atomic_write, ensure_writable_folder, remove_stale_temporaries
 
 __all__ = [
-    "FORMAT", "PairSettings", "PairProgress", "PairsSummary", "PairsError", "Pairs", "pair_seed", "pair_noise",
-    "generate_pairs", "load_pairs", "pair_shards",
+    "FORMAT",
+    "PairSettings",
+    "PairProgress",
+    "PairsSummary",
+    "PairsError",
+    "Pairs",
+    "pair_seed",
+    "pair_noise",
+    "generate_pairs",
+    "load_pairs",
+    "pair_shards",
 ]
 
 FORMAT = "diff2flow-reflow-pairs/1"
@@ -136,8 +147,10 @@ class PairsSummary:
 
     def report(self) -> str:
         rate = self.generated / self.seconds if self.seconds > 0 else 0.0
-        return (f"{self.count} pairs in {self.folder}: {self.generated} generated in {self.seconds:.1f} s "
-                f"({rate:.2f} pairs/s), {self.reused} already there")
+        return (
+            f"{self.count} pairs in {self.folder}: {self.generated} generated in {self.seconds:.1f} s "
+            f"({rate:.2f} pairs/s), {self.reused} already there"
+        )
 
 
 # ------------------------------------------------------------------------------ per-index randomness
@@ -169,7 +182,7 @@ def _covered(shards: list[tuple[int, int, pathlib.Path]]) -> set[int]:
     return {i for start, stop, _ in shards for i in range(start, stop)}
 
 
-def _read_manifest(folder: pathlib.Path) -> Optional[dict]:
+def _read_manifest(folder: pathlib.Path) -> dict | None:
     path = folder / MANIFEST
     if not path.is_file():
         return None
@@ -178,8 +191,10 @@ def _read_manifest(folder: pathlib.Path) -> Optional[dict]:
     except ValueError as exc:
         raise PairsError(f"{path} is not valid JSON ({exc}): generate into an empty folder") from exc
     if manifest.get("format") != FORMAT:
-        raise PairsError(f"{folder} is not a Diff2Flow pairs folder ({path.name} has format {manifest.get('format')!r}): "
-                         "generate into an empty folder")
+        raise PairsError(
+            f"{folder} is not a Diff2Flow pairs folder ({path.name} has format {manifest.get('format')!r}): "
+            "generate into an empty folder"
+        )
     return manifest
 
 
@@ -188,14 +203,14 @@ def _write_manifest(folder: pathlib.Path, manifest: dict) -> None:
     atomic_write(folder / MANIFEST, lambda tmp: pathlib.Path(tmp).write_text(text, encoding="utf-8"))
 
 
-def _flat_conds(conds: Sequence[Cond], uncond: Optional[Cond]) -> dict[str, torch.Tensor]:
+def _flat_conds(conds: Sequence[Cond], uncond: Cond | None) -> dict[str, torch.Tensor]:
     flat = {f"{i}/{k}": v.detach().cpu().contiguous() for i, c in enumerate(conds) for k, v in c.items()}
     if uncond is not None:
         flat.update({f"uncond/{k}": v.detach().cpu().contiguous() for k, v in uncond.items()})
     return flat
 
 
-def _split_conds(flat: dict[str, torch.Tensor], prompts: int) -> tuple[list[Cond], Optional[Cond]]:
+def _split_conds(flat: dict[str, torch.Tensor], prompts: int) -> tuple[list[Cond], Cond | None]:
     conds: list[Cond] = [{} for _ in range(prompts)]
     uncond: Cond = {}
     for key, value in flat.items():
@@ -212,13 +227,18 @@ def _check_same_conds(folder: pathlib.Path, flat: dict[str, torch.Tensor]) -> No
     stored = load_file(str(folder / CONDS))
     same = stored.keys() == flat.keys() and all(
         stored[k].shape == flat[k].shape and torch.allclose(stored[k].float(), flat[k].float(), rtol=1e-3, atol=1e-4)
-        for k in flat)
+        for k in flat
+    )
     if not same:
-        raise PairsError(f"{folder} holds pairs generated from other prompts (or another negative prompt / text "
-                         "encoder): use the same prompts to resume or append, or generate into a new folder")
+        raise PairsError(
+            f"{folder} holds pairs generated from other prompts (or another negative prompt / text "
+            "encoder): use the same prompts to resume or append, or generate into a new folder"
+        )
 
 
-def _check_folder(folder: pathlib.Path, settings: PairSettings, flat: dict[str, torch.Tensor], labels: list[str]) -> int:
+def _check_folder(
+    folder: pathlib.Path, settings: PairSettings, flat: dict[str, torch.Tensor], labels: list[str]
+) -> int:
     """Check that ``folder`` may receive these pairs; returns the count its manifest records (0 if new)."""
     manifest = _read_manifest(folder) if folder.is_dir() else None
     if manifest is None:
@@ -229,13 +249,17 @@ def _check_folder(folder: pathlib.Path, settings: PairSettings, flat: dict[str, 
     mine = settings.to_dict()
     differs = [f"{k}: folder {saved.get(k)!r}, now {mine[k]!r}" for k in mine if saved.get(k) != mine[k]]
     if differs:
-        raise PairsError(f"{folder} holds pairs generated with other settings ({'; '.join(differs)}): use the same "
-                         "settings to resume or append, or generate into a new folder")
+        raise PairsError(
+            f"{folder} holds pairs generated with other settings ({'; '.join(differs)}): use the same "
+            "settings to resume or append, or generate into a new folder"
+        )
     if not (folder / CONDS).is_file():
         raise PairsError(f"{folder} is incomplete ({CONDS} is missing): generate into a new folder")
     if labels and manifest.get("labels") and manifest["labels"] != labels:
-        raise PairsError(f"{folder} holds pairs of other prompts ({len(manifest['labels'])} prompts, the first "
-                         f"{manifest['labels'][0]!r}): use the same prompts to resume or append, or generate into a new folder")
+        raise PairsError(
+            f"{folder} holds pairs of other prompts ({len(manifest['labels'])} prompts, the first "
+            f"{manifest['labels'][0]!r}): use the same prompts to resume or append, or generate into a new folder"
+        )
     _check_same_conds(folder, flat)
     return int(manifest.get("count", 0))
 
@@ -267,8 +291,9 @@ def _match_tokens(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch
     return a.repeat(1, common // a.shape[1], 1), b.repeat(1, common // b.shape[1], 1)
 
 
-def _batch_conds(conds: Sequence[Cond], uncond: Optional[Cond], prompt_ids: list[int],
-                 device: torch.device) -> tuple[Cond, Optional[Cond]]:
+def _batch_conds(
+    conds: Sequence[Cond], uncond: Cond | None, prompt_ids: list[int], device: torch.device
+) -> tuple[Cond, Cond | None]:
     cond = {k: torch.cat([conds[p][k] for p in prompt_ids]).to(device) for k in conds[prompt_ids[0]]}
     if uncond is None:
         return cond, None
@@ -279,8 +304,14 @@ def _batch_conds(conds: Sequence[Cond], uncond: Optional[Cond], prompt_ids: list
 
 
 @torch.no_grad()
-def _generate_block(velocity: VelocityFn, conds: Sequence[Cond], uncond: Optional[Cond], settings: PairSettings,
-                    block: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _generate_block(
+    velocity: VelocityFn,
+    conds: Sequence[Cond],
+    uncond: Cond | None,
+    settings: PairSettings,
+    block: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(indices, noise, x0)`` of the aligned batch block ``block`` (all ``batch_size`` indices).
 
     Prompts whose conditionings differ in shape (a long prompt) are sampled as separate groups, in
@@ -309,17 +340,17 @@ def generate_pairs(
     folder: str | os.PathLike,
     count: int,
     settings: PairSettings,
-    uncond: Optional[Cond] = None,
+    uncond: Cond | None = None,
     *,
     shard_size: int = 256,
     device: torch.device | str = "cpu",
     rank: int = 0,
     world_size: int = 1,
     barrier: Callable[[], None] = lambda: None,
-    progress: Optional[Callable[[PairProgress], None]] = None,
-    check_cancel: Optional[Callable[[], None]] = None,
-    labels: Optional[Sequence[str]] = None,
-    sources: Optional[dict[str, Any]] = None,
+    progress: Callable[[PairProgress], None] | None = None,
+    check_cancel: Callable[[], None] | None = None,
+    labels: Sequence[str] | None = None,
+    sources: dict[str, Any] | None = None,
 ) -> PairsSummary:
     """Generate the pairs ``0 .. count - 1`` that ``folder`` does not hold yet.
 
@@ -349,7 +380,9 @@ def generate_pairs(
     if settings.cfg != 1.0 and uncond is None:
         raise PairsError(f"cfg {settings.cfg} needs the negative (unconditional) conditioning: pass uncond, or cfg 1")
     if not isinstance(shard_size, int) or shard_size < 1 or shard_size % settings.batch_size:
-        raise PairsError(f"shard_size must be a positive multiple of batch_size {settings.batch_size}, got {shard_size!r}")
+        raise PairsError(
+            f"shard_size must be a positive multiple of batch_size {settings.batch_size}, got {shard_size!r}"
+        )
     if labels is not None and len(labels) != len(conds):
         raise PairsError(f"{len(labels)} prompt texts for {len(conds)} conditionings: give one per conditioning")
     folder = pathlib.Path(folder)
@@ -357,8 +390,13 @@ def generate_pairs(
     labels = list(labels or [])
     flat = _flat_conds(conds, uncond)
     previous = _check_folder(folder, settings, flat, labels)
-    manifest = {"format": FORMAT, "settings": settings.to_dict(), "prompts": len(conds), "labels": labels,
-                "sources": sources or {}}
+    manifest = {
+        "format": FORMAT,
+        "settings": settings.to_dict(),
+        "prompts": len(conds),
+        "labels": labels,
+        "sources": sources or {},
+    }
     if rank == 0:
         ensure_writable_folder(folder)
         remove_stale_temporaries(folder, lambda name: name in (MANIFEST, CONDS) or _SHARD.match(name) is not None)
@@ -391,15 +429,22 @@ def generate_pairs(
             if progress is not None:
                 progress(PairProgress(done, total, time.perf_counter() - start_time, x0[keep]))
         index = torch.cat(indices)
-        tensors = {"noise": torch.cat(noise).contiguous(), "latent": torch.cat(latents).contiguous(), "index": index,
-                   "prompt": index % len(conds)}
+        tensors = {
+            "noise": torch.cat(noise).contiguous(),
+            "latent": torch.cat(latents).contiguous(),
+            "index": index,
+            "prompt": index % len(conds),
+        }
         path = folder / f"pairs-{start:09d}-{stop:09d}.safetensors"
         try:
-            atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+            atomic_write(path, lambda tmp, tensors=tensors: save_file(tensors, tmp, metadata={"format": FORMAT}))
         except OSError as exc:
             kept = len(_covered(pair_shards(folder)))
-            raise OSError(exc.errno, f"{exc.strerror or exc}. The {kept} pairs of the finished shards in {folder} are kept: "
-                                     "free space and run the same command again to generate the rest") from exc
+            raise OSError(
+                exc.errno,
+                f"{exc.strerror or exc}. The {kept} pairs of the finished shards in {folder} are kept: "
+                "free space and run the same command again to generate the rest",
+            ) from exc
     seconds = time.perf_counter() - start_time
     barrier()  # every shard of this run is written
     held = len(_covered(pair_shards(folder)))
@@ -420,13 +465,13 @@ class Pairs:
     noise: torch.Tensor
     latents: torch.Tensor
     conds: list[Cond]
-    uncond: Optional[Cond]
+    uncond: Cond | None
 
     @property
     def settings(self) -> dict[str, Any]:
         return self.manifest["settings"]
 
-    def line_noise(self, sigma_max: Optional[float] = None) -> torch.Tensor:
+    def line_noise(self, sigma_max: float | None = None) -> torch.Tensor:
         """The noise end of each pair's straight line for a model that starts sampling at ``sigma_max``
         (default: the teacher's own, as the pairs were run): the FM line ``(1 - sigma) x0 + sigma * n``
         through that start ``sigma_max * z`` and through ``x0`` at 0 (docs/MATH.md section 12,
@@ -454,8 +499,10 @@ def load_pairs(folder: str | os.PathLike) -> Pairs:
     manifest = _read_manifest(folder) if folder.is_dir() else None
     if manifest is None:
         hint = "it does not exist" if not folder.exists() else f"it has no {MANIFEST}"
-        raise PairsError(f"pairs folder {folder}: {hint}. Generate pairs first: python -m training pairs --checkpoint CKPT "
-                         f"--prompts PROMPTS.txt --count N --output {folder}")
+        raise PairsError(
+            f"pairs folder {folder}: {hint}. Generate pairs first: python -m training pairs --checkpoint CKPT "
+            f"--prompts PROMPTS.txt --count N --output {folder}"
+        )
     shards = pair_shards(folder)
     if not shards:
         raise PairsError(f"pairs folder {folder} holds no finished shard: run the pairs command again to generate them")
@@ -468,6 +515,8 @@ def load_pairs(folder: str | os.PathLike) -> Pairs:
     order = torch.argsort(data["index"])
     data = {name: value[order] for name, value in data.items()}
     if (data["index"][1:] == data["index"][:-1]).any():
-        raise PairsError(f"pairs folder {folder} holds an index twice (overlapping shards): remove the extra shard files")
+        raise PairsError(
+            f"pairs folder {folder} holds an index twice (overlapping shards): remove the extra shard files"
+        )
     conds, uncond = _split_conds(load_file(str(folder / CONDS)), int(manifest["prompts"]))
     return Pairs(manifest, data["index"], data["prompt"], data["noise"], data["latent"], conds, uncond)

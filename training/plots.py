@@ -1,8 +1,9 @@
 """Loss-curve PNGs (matplotlib, headless Agg backend), written atomically."""
+
 from __future__ import annotations
 
 import os
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 from .files import atomic_write
 

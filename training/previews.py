@@ -17,13 +17,15 @@ therefore trains the same adapter weights, bit for bit, as one without.
 This module never imports ComfyUI: the caller hands it the prompts as UNet keyword arguments and a
 ``decode(latent) -> images`` function ([B, H, W, 3] in [0, 1], ComfyUI's IMAGE layout).
 """
+
 from __future__ import annotations
 
 import contextlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -32,7 +34,16 @@ from d2f_core import Objective, cfg_velocity, get_objective, get_sampler
 if TYPE_CHECKING:
     from .engine import Trainer
 
-__all__ = ["PreviewSettings", "Preview", "Previewer", "sample_latent", "image_grid", "preview_noise", "no_preview_image", "save_grid_png"]
+__all__ = [
+    "PreviewSettings",
+    "Preview",
+    "Previewer",
+    "sample_latent",
+    "image_grid",
+    "preview_noise",
+    "no_preview_image",
+    "save_grid_png",
+]
 
 Cond = dict[str, torch.Tensor]
 Decode = Callable[[torch.Tensor], torch.Tensor]
@@ -56,14 +67,23 @@ class PreviewSettings:
     objective: Objective
 
     @classmethod
-    def from_config(cls, config: Any) -> "PreviewSettings":
+    def from_config(cls, config: Any) -> PreviewSettings:
         objective = get_objective(config.objective)
-        return cls(config.preview_every, config.preview_seed, config.preview_steps or objective.steps,
-                   config.preview_cfg or objective.cfg, config.preview_width, config.preview_height, objective)
+        return cls(
+            config.preview_every,
+            config.preview_seed,
+            config.preview_steps or objective.steps,
+            config.preview_cfg or objective.cfg,
+            config.preview_width,
+            config.preview_height,
+            objective,
+        )
 
     def describe(self) -> str:
-        return (f"{self.objective.sampling_label} ({self.objective.sampler}), {self.steps} steps, cfg {self.cfg:g}, "
-                f"seed {self.seed}, {self.width}x{self.height}")
+        return (
+            f"{self.objective.sampling_label} ({self.objective.sampler}), {self.steps} steps, cfg {self.cfg:g}, "
+            f"seed {self.seed}, {self.width}x{self.height}"
+        )
 
 
 def preview_noise(seed: int, latent_shape: tuple[int, ...]) -> torch.Tensor:
@@ -72,8 +92,15 @@ def preview_noise(seed: int, latent_shape: tuple[int, ...]) -> torch.Tensor:
     return torch.randn((1, *latent_shape), generator=torch.Generator().manual_seed(seed))
 
 
-def sample_latent(velocity: Callable[..., torch.Tensor], cond: Cond, uncond: Optional[Cond], cfg: float,
-                  sampler: str, sigmas: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+def sample_latent(
+    velocity: Callable[..., torch.Tensor],
+    cond: Cond,
+    uncond: Cond | None,
+    cfg: float,
+    sampler: str,
+    sigmas: torch.Tensor,
+    noise: torch.Tensor,
+) -> torch.Tensor:
     """One text-to-image sample: ``sampler`` from ``x = sigmas[0] * noise`` along ``sigmas`` with
     classifier-free guidance ``cfg`` (``uncond`` may be ``None`` only at cfg 1). ``velocity(x,
     sigma, cond)`` is an FM velocity function (docs/MATH.md section 1); ``noise`` is on the
@@ -118,24 +145,26 @@ class Previewer:
 
     settings: PreviewSettings
     prompts: list[Cond]
-    uncond: Optional[Cond]
+    uncond: Cond | None
     decode: Decode
     latent_channels: int
-    on_preview: Optional[Callable[[Preview], None]] = None
+    on_preview: Callable[[Preview], None] | None = None
     previews: list[Preview] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.prompts:
             raise ValueError("previews need at least one prompt")
         if self.settings.cfg != 1.0 and self.uncond is None:
-            raise ValueError(f"preview cfg {self.settings.cfg:g} needs a negative (unconditional) prompt: give one, "
-                             "or set preview_cfg 1")
+            raise ValueError(
+                f"preview cfg {self.settings.cfg:g} needs a negative (unconditional) prompt: give one, "
+                "or set preview_cfg 1"
+            )
 
     @property
     def latent_shape(self) -> tuple[int, int, int]:
         return (self.latent_channels, self.settings.height // 8, self.settings.width // 8)
 
-    def sample(self, trainer: "Trainer") -> torch.Tensor:
+    def sample(self, trainer: Trainer) -> torch.Tensor:
         """The latents [B, C, h, w] of every prompt, sampled with ``trainer``'s network as it is now
         (EMA weights when EMA is on), on the CPU in float32."""
         s = self.settings
@@ -152,7 +181,7 @@ class Previewer:
                 latents.append(latent.float().cpu())
         return torch.cat(latents)
 
-    def __call__(self, trainer: "Trainer") -> Preview:
+    def __call__(self, trainer: Trainer) -> Preview:
         start = time.perf_counter()
         # the global RNG is restored whatever the network does with it (dropout, a custom layer):
         # the training's own draws all come from trainer.generator, which previews never touch

@@ -45,7 +45,8 @@ function onProgress(event) {
     }
     if (num(data.step) === null || run.step === null || data.step > run.step) appendStep(run, data);
   } else {
-    // an event without its node (an older server): the executing training node, else every training node
+    // an event without its node (report_progress outside ComfyUI's executing-node context): the executing
+    // training node, else every training node
     const byId = executingId != null && app.graph?.getNodeById?.(executingId);
     for (const node of isTrainNode(byId) ? [byId] : graphNodes().filter(isTrainNode)) {
       const key = String(node.id);

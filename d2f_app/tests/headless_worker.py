@@ -4,6 +4,7 @@
     python training/tests/headless_worker.py OUT_DIR [--steps N] [--resume] [--sleep S] [--save-every K] [--concat]
     python -m torch.distributed.run --nproc_per_node 2 training/tests/headless_worker.py OUT_DIR ...
 """
+
 from __future__ import annotations
 
 import argparse
@@ -12,11 +13,11 @@ import time
 
 import torch
 
+from d2f_app import distributed
+from d2f_app.headless import run_headless
 from d2f_core.lora_metadata import LoraMetadata
 from training import TrainConfig
-from d2f_app import distributed
 from training.files import RunFiles, load_training_state
-from d2f_app.headless import run_headless
 from training.tests.helpers import make_run
 
 
@@ -27,13 +28,23 @@ def main() -> None:
     parser.add_argument("--resume", action="store_true")
     parser.add_argument("--sleep", type=float, default=0.0, help="seconds added to every forward (a slow model)")
     parser.add_argument("--save-every", type=int, default=0)
-    parser.add_argument("--concat", action="store_true", help="an image-conditioned model (each sample carries a concat latent)")
+    parser.add_argument(
+        "--concat", action="store_true", help="an image-conditioned model (each sample carries a concat latent)"
+    )
     args = parser.parse_args()
     world = distributed.world_from_env()
     distributed.init(world)
     torch.set_num_threads(1)
-    config = TrainConfig(steps=args.steps, batch_size=4, grad_accumulation=2, learning_rate=3e-3, lr_schedule="cosine",
-                         caption_dropout=0.25, seed=21, save_every=args.save_every)
+    config = TrainConfig(
+        steps=args.steps,
+        batch_size=4,
+        grad_accumulation=2,
+        learning_rate=3e-3,
+        lr_schedule="cosine",
+        caption_dropout=0.25,
+        seed=21,
+        save_every=args.save_every,
+    )
     trainer, net, _ = make_run(config, "v", n=6, concat=args.concat)
     trainer.rank, trainer.world_size = world.rank, world.world_size
     if args.sleep:
@@ -47,8 +58,14 @@ def main() -> None:
     files = RunFiles(pathlib.Path(args.out), "tiny")
     if args.resume:
         trainer.load_state_dict(load_training_state(files.state))
-    code = run_headless(trainer, files, lambda step: LoraMetadata("diff2flow", "v", False, steps=step), world,
-                        resume_hint=f"headless_worker.py {args.out} --resume", progress=False)
+    code = run_headless(
+        trainer,
+        files,
+        lambda step: LoraMetadata("diff2flow", "v", False, steps=step),
+        world,
+        resume_hint=f"headless_worker.py {args.out} --resume",
+        progress=False,
+    )
     distributed.barrier(world)
     distributed.finish(world, code)
 

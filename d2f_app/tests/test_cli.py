@@ -1,4 +1,5 @@
 """The CLI's options and refusals that need no ComfyUI (the end-to-end runs are in tests/test_comfy_cli.py)."""
+
 from __future__ import annotations
 
 import argparse
@@ -9,8 +10,10 @@ import sys
 
 import pytest
 
+from d2f_app import train as train_command
+from d2f_app.cli import build_parser, main
+from d2f_app.options import make_config, read_toml, write_toml
 from training import TrainConfig
-from d2f_app.cli import build_parser, main, make_config, read_toml, write_toml
 from training.files import save_training_state
 from training.tests.helpers import make_run
 
@@ -23,15 +26,37 @@ def test_every_training_option_is_a_flag_and_a_toml_key(tmp_path) -> None:
     train = next(a for a in parser._subparsers._group_actions[0].choices.items() if a[0] == "train")[1]
     known = {s for action in train._actions for s in action.option_strings}
     assert set(flags) <= known
-    args = parser.parse_args(["train", "--steps", "7", "--no-zero-terminal-snr", "--dtype", "bf16", "--learning-rate", "2e-4"])
+    args = parser.parse_args(
+        ["train", "--steps", "7", "--no-zero-terminal-snr", "--dtype", "bf16", "--learning-rate", "2e-4"]
+    )
     given = {k: v for k, v in vars(args).items() if k in {f.name for f in dataclasses.fields(TrainConfig)}}
-    assert given == {"steps": 7, "zero_terminal_snr": False, "dtype": "bf16", "learning_rate": 2e-4}  # defaults are not "given"
+    assert given == {
+        "steps": 7,
+        "zero_terminal_snr": False,
+        "dtype": "bf16",
+        "learning_rate": 2e-4,
+    }  # defaults are not "given"
     # TOML < flags, and the file the CLI writes reads back to the same options
-    write_toml(tmp_path / "run.toml", {"cache": "/c", "checkpoint": "/m.safetensors", "output": "/o", "name": "x",
-                                       **TrainConfig(steps=9, objective="naive_fm", caption_dropout=0.1).to_dict()})
-    values = read_toml(tmp_path / "run.toml")
-    config = make_config(values, given)
-    assert (config.steps, config.objective, config.dtype, config.caption_dropout, config.learning_rate) == (7, "naive_fm", "bf16", 0.1, 2e-4)
+    write_toml(
+        tmp_path / "run.toml",
+        {
+            "cache": "/c",
+            "checkpoint": "/m.safetensors",
+            "output": "/o",
+            "name": "x",
+            **TrainConfig(steps=9, objective="naive_fm", caption_dropout=0.1).to_dict(),
+        },
+        "train",
+    )
+    values = read_toml(tmp_path / "run.toml", TrainConfig, train_command.RUN_KEYS, "train")
+    config = make_config(values, given, TrainConfig, "training")
+    assert (config.steps, config.objective, config.dtype, config.caption_dropout, config.learning_rate) == (
+        7,
+        "naive_fm",
+        "bf16",
+        0.1,
+        2e-4,
+    )
 
 
 def test_bad_options_and_files_are_named(tmp_path, capsys) -> None:
@@ -43,13 +68,43 @@ def test_bad_options_and_files_are_named(tmp_path, capsys) -> None:
     assert "is not valid TOML" in capsys.readouterr().err
     assert main(["train", "--cache", str(tmp_path)]) == 2
     assert "train needs --checkpoint, --output" in capsys.readouterr().err
-    assert main(["train", "--cache", str(tmp_path / "none"), "--checkpoint", "m.safetensors", "--output", str(tmp_path / "o"),
-                 "--caption-dropout", "1.5"]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--cache",
+                str(tmp_path / "none"),
+                "--checkpoint",
+                "m.safetensors",
+                "--output",
+                str(tmp_path / "o"),
+                "--caption-dropout",
+                "1.5",
+            ]
+        )
+        == 2
+    )
     assert "caption_dropout must lie in [0, 1)" in capsys.readouterr().err
     # a missing cache is reported before the checkpoint is ever loaded
-    assert main(["train", "--cache", str(tmp_path / "none"), "--checkpoint", "m.safetensors", "--output", str(tmp_path / "o")]) == 2
+    assert (
+        main(
+            [
+                "train",
+                "--cache",
+                str(tmp_path / "none"),
+                "--checkpoint",
+                "m.safetensors",
+                "--output",
+                str(tmp_path / "o"),
+            ]
+        )
+        == 2
+    )
     assert "Run `python -m training prepare" in capsys.readouterr().err
-    assert main(["prepare", "--dataset", str(tmp_path / "missing"), "--checkpoint", "m", "--cache", str(tmp_path / "c")]) == 2
+    assert (
+        main(["prepare", "--dataset", str(tmp_path / "missing"), "--checkpoint", "m", "--cache", str(tmp_path / "c")])
+        == 2
+    )
     assert "dataset folder" in capsys.readouterr().err
     assert main(["sample", "--checkpoint", "m", "--output", str(tmp_path / "s")]) == 2
     assert "at least one --prompt" in capsys.readouterr().err
@@ -71,7 +126,7 @@ def test_resume_from_other_options_is_refused_before_any_compute(tmp_path, capsy
     assert "does not exist" in capsys.readouterr().err
 
 
-def subcommand_parsers() -> dict[str, "argparse.ArgumentParser"]:
+def subcommand_parsers() -> dict[str, argparse.ArgumentParser]:
     parser = build_parser()
     return {"": parser, **parser._subparsers._group_actions[0].choices}
 
@@ -81,14 +136,22 @@ def test_help_of_every_subcommand_shows_every_flag_help(command: str) -> None:
     """``--help`` of the top level and of every subcommand exits 0 and prints each flag's help text
     as written (generated ones included: a literal % in a config field's help must survive argparse's
     %-formatting, and no argparse internals may leak into the text)."""
-    result = subprocess.run([sys.executable, "-m", "training", *([command] if command else []), "--help"],
-                            capture_output=True, text=True, cwd=ROOT, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "training", *([command] if command else []), "--help"],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
     assert result.returncode == 0, result.stderr
     printed = "".join(result.stdout.split())  # argparse re-wraps the text
     assert "option_strings" not in printed
     actions = subcommand_parsers()[command]._actions
-    actions = [a for a in actions + [c for a in actions for c in getattr(a, "_choices_actions", [])]  # subcommands' help
-               if a.help and a.help != argparse.SUPPRESS]
+    actions = [
+        a
+        for a in actions + [c for a in actions for c in getattr(a, "_choices_actions", [])]  # subcommands' help
+        if a.help and a.help != argparse.SUPPRESS
+    ]
     assert len(actions) > 1
     for action in actions:
         expected = action.help.replace("%%", "%")
@@ -96,7 +159,9 @@ def test_help_of_every_subcommand_shows_every_flag_help(command: str) -> None:
 
 
 def test_module_entry_point_runs() -> None:
-    result = subprocess.run([sys.executable, "-m", "training", "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "training", "--help"], capture_output=True, text=True, cwd=ROOT, timeout=120
+    )
     assert result.returncode == 0 and "prepare" in result.stdout and "sample" in result.stdout
 
 
@@ -107,21 +172,40 @@ def test_non_positive_counts_are_refused(name, capsys) -> None:
 
 
 def test_every_pairs_option_is_a_flag_and_a_toml_key(tmp_path) -> None:
-    from d2f_app.cli import PAIRS_RUN_KEYS, _pairs_values
+    from d2f_app.pairs import RUN_KEYS, pairs_values
     from training.config import PairsConfig
 
     parser = build_parser()
     pairs = parser._subparsers._group_actions[0].choices["pairs"]
     known = {s for action in pairs._actions for s in action.option_strings}
-    assert {f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(PairsConfig)} | {"--checkpoint", "--prompts", "--output"} <= known
-    write_toml(tmp_path / "pairs.toml", {"checkpoint": "/m.safetensors", "prompts": "/p.txt", "output": "/o",
-                                         **PairsConfig(count=64, steps=16, cfg=3.0, batch_size=4, shard_size=16).to_dict()},
-               table="pairs")
+    assert {f"--{f.name.replace('_', '-')}" for f in dataclasses.fields(PairsConfig)} | {
+        "--checkpoint",
+        "--prompts",
+        "--output",
+    } <= known
+    write_toml(
+        tmp_path / "pairs.toml",
+        {
+            "checkpoint": "/m.safetensors",
+            "prompts": "/p.txt",
+            "output": "/o",
+            **PairsConfig(count=64, steps=16, cfg=3.0, batch_size=4, shard_size=16).to_dict(),
+        },
+        "pairs",
+    )
     args = parser.parse_args(["pairs", "--config", str(tmp_path / "pairs.toml"), "--steps", "8", "--zero-terminal-snr"])
-    run, config = _pairs_values(args)  # TOML < flags
-    assert run == {"checkpoint": "/m.safetensors", "lora": None, "prompts": "/p.txt", "output": "/o"} and set(run) == set(PAIRS_RUN_KEYS)
-    assert (config.count, config.steps, config.cfg, config.batch_size, config.shard_size, config.zero_terminal_snr) == \
-        (64, 8, 3.0, 4, 16, True)
+    run, config = pairs_values(args)  # TOML < flags
+    assert run == {"checkpoint": "/m.safetensors", "lora": None, "prompts": "/p.txt", "output": "/o"} and set(
+        run
+    ) == set(RUN_KEYS)
+    assert (config.count, config.steps, config.cfg, config.batch_size, config.shard_size, config.zero_terminal_snr) == (
+        64,
+        8,
+        3.0,
+        4,
+        16,
+        True,
+    )
 
 
 def test_pairs_and_reflow_refusals_come_before_any_model_is_loaded(tmp_path, capsys) -> None:
@@ -130,17 +214,39 @@ def test_pairs_and_reflow_refusals_come_before_any_model_is_loaded(tmp_path, cap
     base = ["pairs", "--checkpoint", str(tmp_path / "m.safetensors"), "--output", str(tmp_path / "out")]
     cases = [
         (["pairs", "--output", "o"], "pairs needs --checkpoint, --prompts (as flags or keys of --config)"),
-        ([*base, "--prompts", str(tmp_path / "none.txt")], "--prompts " + str(tmp_path / "none.txt") + " does not exist"),
+        (
+            [*base, "--prompts", str(tmp_path / "none.txt")],
+            "--prompts " + str(tmp_path / "none.txt") + " does not exist",
+        ),
         ([*base, "--prompts", str(tmp_path / "empty.txt")], "holds no prompt (only empty lines)"),
-        ([*base, "--prompts", str(tmp_path / "prompts.txt")], "--checkpoint " + str(tmp_path / "m.safetensors") + " does not exist"),
-        ([*base, "--prompts", str(tmp_path / "prompts.txt"), "--count", "0"], "invalid pairs option: count must lie in [1, "),
-        ([*base, "--prompts", str(tmp_path / "prompts.txt"), "--width", "100"], "width must be a multiple of 8, got 100"),
-        ([*base, "--prompts", str(tmp_path / "prompts.txt"), "--shard-size", "12"], "shard_size 12 must be a multiple of batch_size 8"),
-        (["train", "--cache", "c", "--checkpoint", "m", "--output", "o", "--objective", "reflow"],
-         "objective reflow trains on (noise, image) pairs: pass --pairs DIR"),
-        (["train", "--cache", "c", "--pairs", "p", "--checkpoint", "m", "--output", "o"], "--cache (a latent cache) or --pairs"),
-        (["train", "--pairs", str(tmp_path / "nope"), "--checkpoint", "m", "--output", "o", "--objective", "reflow"],
-         "it does not exist. Generate pairs first: python -m training pairs"),
+        (
+            [*base, "--prompts", str(tmp_path / "prompts.txt")],
+            "--checkpoint " + str(tmp_path / "m.safetensors") + " does not exist",
+        ),
+        (
+            [*base, "--prompts", str(tmp_path / "prompts.txt"), "--count", "0"],
+            "invalid pairs option: count must lie in [1, ",
+        ),
+        (
+            [*base, "--prompts", str(tmp_path / "prompts.txt"), "--width", "100"],
+            "width must be a multiple of 8, got 100",
+        ),
+        (
+            [*base, "--prompts", str(tmp_path / "prompts.txt"), "--shard-size", "12"],
+            "shard_size 12 must be a multiple of batch_size 8",
+        ),
+        (
+            ["train", "--cache", "c", "--checkpoint", "m", "--output", "o", "--objective", "reflow"],
+            "objective reflow trains on (noise, image) pairs: pass --pairs DIR",
+        ),
+        (
+            ["train", "--cache", "c", "--pairs", "p", "--checkpoint", "m", "--output", "o"],
+            "--cache (a latent cache) or --pairs",
+        ),
+        (
+            ["train", "--pairs", str(tmp_path / "nope"), "--checkpoint", "m", "--output", "o", "--objective", "reflow"],
+            "it does not exist. Generate pairs first: python -m training pairs",
+        ),
     ]
     for argv, message in cases:
         assert main(argv) == 2, argv
@@ -148,3 +254,15 @@ def test_pairs_and_reflow_refusals_come_before_any_model_is_loaded(tmp_path, cap
     (tmp_path / "bad.toml").write_text("[pairs]\ncounts = 3\n")
     assert main(["pairs", "--config", str(tmp_path / "bad.toml")]) == 2
     assert "unknown keys counts" in capsys.readouterr().err
+
+
+def test_the_cli_refuses_a_missing_optimizer_before_any_compute(monkeypatch, capsys) -> None:
+    from training import optimizers
+
+    monkeypatch.setitem(
+        optimizers.OPTIMIZERS,
+        "Lion",
+        optimizers.Optimizer("Lion", "absent", lambda p, lr, wd: None, "no_such_module_d2f", "lion-pytorch"),
+    )
+    assert main(["train", "--cache", "c", "--checkpoint", "m", "--output", "o", "--optimizer", "Lion"]) == 2
+    assert "--optimizer Lion: optimizer Lion needs lion-pytorch: pip install 'lion-pytorch'" in capsys.readouterr().err

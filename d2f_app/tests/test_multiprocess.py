@@ -1,6 +1,7 @@
 """Headless runs in real processes: torchrun with 2 CPU processes (gloo) trains the same LoRA as 1
 process (same global batch); SIGTERM saves a resumable state, and the resumed run ends where an
 uninterrupted one does; every process of a torchrun job stops at the same step."""
+
 from __future__ import annotations
 
 import json
@@ -15,16 +16,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-ROOT = pathlib.Path(__file__).resolve().parents[2]
-WORKER = ROOT / "d2f_app" / "tests" / "headless_worker.py"
-TORCHRUN = ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-needs_gloo = pytest.mark.skipif(
-    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(), reason="torch.distributed with gloo is not available"
-)
+from training.tests.torchrun import TORCHRUN, env, needs_gloo
 
-
-def env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "1"}
+pytestmark = pytest.mark.slow  # 4 multi-process runs: 37 s on 2 cores (test_pairs.py keeps one fast)
+WORKER = pathlib.Path(__file__).with_name("headless_worker.py")
 
 
 def run(args: list[str], cwd: pathlib.Path, expect: int = 0) -> subprocess.CompletedProcess:
@@ -50,7 +45,9 @@ def metric_steps(folder: pathlib.Path) -> list[int]:
     return [json.loads(line)["step"] for line in path.read_text().splitlines() if line.strip()]
 
 
-def interrupt_when(proc: subprocess.Popen, folder: pathlib.Path, steps: int, sig: int = signal.SIGTERM) -> tuple[str, str]:
+def interrupt_when(
+    proc: subprocess.Popen, folder: pathlib.Path, steps: int, sig: int = signal.SIGTERM
+) -> tuple[str, str]:
     deadline = time.time() + 120
     while len(metric_steps(folder)) < steps:
         assert proc.poll() is None, proc.communicate()
@@ -67,13 +64,24 @@ def test_two_processes_equal_one(tmp_path) -> None:
     assert_same_lora(tmp_path / "one" / "tiny.safetensors", tmp_path / "two" / "tiny.safetensors")
     # only rank 0 wrote files, and every step was logged once
     assert metric_steps(tmp_path / "two") == list(range(1, 11))
-    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == ["loss.png", "metrics.jsonl", "tiny.d2fstate", "tiny.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [
+        "loss.png",
+        "metrics.jsonl",
+        "tiny.d2fstate",
+        "tiny.safetensors",
+    ]
 
 
 def test_sigterm_saves_a_state_that_resumes_exactly(tmp_path) -> None:
     run([str(WORKER), "straight", "--steps", "30"], tmp_path)
-    proc = subprocess.Popen([sys.executable, str(WORKER), "cut", "--steps", "30", "--sleep", "0.03"], cwd=tmp_path, env=env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(WORKER), "cut", "--steps", "30", "--sleep", "0.03"],
+        cwd=tmp_path,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     _, err = interrupt_when(proc, tmp_path / "cut", 4)
     assert proc.returncode == 143, err
     assert "interrupted at step" in err and "resume with: headless_worker.py cut --resume" in err
@@ -83,13 +91,22 @@ def test_sigterm_saves_a_state_that_resumes_exactly(tmp_path) -> None:
     assert metric_steps(tmp_path / "cut") == list(range(1, stopped + 1))
     run([str(WORKER), "cut", "--steps", "30", "--resume"], tmp_path)
     assert metric_steps(tmp_path / "cut") == list(range(1, 31))
-    assert_same_lora(tmp_path / "straight" / "tiny.safetensors", tmp_path / "cut" / "tiny.safetensors", rtol=1e-6, atol=1e-7)
+    assert_same_lora(
+        tmp_path / "straight" / "tiny.safetensors", tmp_path / "cut" / "tiny.safetensors", rtol=1e-6, atol=1e-7
+    )
 
 
 @needs_gloo
 def test_torchrun_processes_stop_together_on_sigterm(tmp_path) -> None:
-    proc = subprocess.Popen([sys.executable, *TORCHRUN, str(WORKER), "ddp", "--steps", "200", "--sleep", "0.03"], cwd=tmp_path,
-                            env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, *TORCHRUN, str(WORKER), "ddp", "--steps", "200", "--sleep", "0.03"],
+        cwd=tmp_path,
+        env=env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     # SIGTERM to the whole job, as a cluster scheduler does
     deadline = time.time() + 120
     while len(metric_steps(tmp_path / "ddp")) < 3:
@@ -102,3 +119,11 @@ def test_torchrun_processes_stop_together_on_sigterm(tmp_path) -> None:
     assert 3 <= state["step"] < 200, err
     assert "interrupted at step" in err
     assert metric_steps(tmp_path / "ddp") == list(range(1, state["step"] + 1))
+
+
+@needs_gloo
+def test_two_processes_equal_one_with_image_latents(tmp_path) -> None:
+    run([str(WORKER), "one", "--concat"], tmp_path)
+    run([*TORCHRUN, str(WORKER), "two", "--concat"], tmp_path)
+    assert_same_lora(tmp_path / "one" / "tiny.safetensors", tmp_path / "two" / "tiny.safetensors")
+    assert metric_steps(tmp_path / "two") == list(range(1, 11))

@@ -1,4 +1,5 @@
 """Shared fixtures for the d2f_core tests (CPU always; CUDA where a GPU is present)."""
+
 from __future__ import annotations
 
 import pytest
@@ -16,4 +17,3 @@ DEVICES = [
 @pytest.fixture(params=DEVICES)
 def device(request) -> torch.device:
     return torch.device(request.param)
-

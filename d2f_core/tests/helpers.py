@@ -1,5 +1,6 @@
 """Shared cases for the d2f_core tests: the model types every check covers and the exactly
 optimal Gaussian-mixture network (docs/MATH.md section 7)."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """A tiny conditional denoiser for objective and sampler tests (random weights, any T)."""
+
 from __future__ import annotations
 
 import math

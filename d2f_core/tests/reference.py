@@ -1,6 +1,7 @@
 """Independent re-implementations used as test oracles (written from docs/MATH.md and ComfyUI's
 documented behaviour, not from d2f_core): ComfyUI's log-sigma interpolation, its EPS and
 V_PREDICTION denoisers, and a DDIM step in VP coordinates."""
+
 from __future__ import annotations
 
 import torch
@@ -35,7 +36,9 @@ def comfy_denoised(prediction: str, out: torch.Tensor, x_ve: torch.Tensor, k: to
     return x_ve / (k**2 + 1) - out * k / (k**2 + 1) ** 0.5
 
 
-def ddim_step(prediction: str, out: torch.Tensor, x_tau: torch.Tensor, ac: torch.Tensor, ac_next: torch.Tensor) -> torch.Tensor:
+def ddim_step(
+    prediction: str, out: torch.Tensor, x_tau: torch.Tensor, ac: torch.Tensor, ac_next: torch.Tensor
+) -> torch.Tensor:
     """One deterministic DDIM (eta = 0) step in VP coordinates from alpha-bar ``ac`` to ``ac_next``."""
     shape = (-1,) + (1,) * (x_tau.ndim - 1)
     a, s = ac.sqrt().reshape(shape), (1 - ac).sqrt().reshape(shape)

@@ -1,5 +1,6 @@
 """Depth colour maps (d2f_core.colormap): the table's ends, linear interpolation between its entries, and
 agreement with matplotlib's own colour maps where matplotlib is installed (it is not a dependency)."""
+
 from __future__ import annotations
 
 import importlib.util
@@ -38,9 +39,12 @@ def test_unknown_colormap_is_refused() -> None:
         apply_colormap(torch.zeros(2), "jet")
 
 
-@pytest.mark.skipif(importlib.util.find_spec("matplotlib") is None, reason="matplotlib not installed (only used to check the tables)")
-@pytest.mark.parametrize("name,theirs,tolerance", [("spectral", "Spectral", 0.01), ("turbo", "turbo", 0.025),
-                                                    ("viridis", "viridis", 0.025)])
+@pytest.mark.skipif(
+    importlib.util.find_spec("matplotlib") is None, reason="matplotlib not installed (only used to check the tables)"
+)
+@pytest.mark.parametrize(
+    "name,theirs,tolerance", [("spectral", "Spectral", 0.01), ("turbo", "turbo", 0.025), ("viridis", "viridis", 0.025)]
+)
 def test_tables_match_matplotlib(name, theirs, tolerance) -> None:
     """Spectral is exact up to matplotlib's 256-entry quantisation; the sampled tables within 0.025 (6 / 255)."""
     from matplotlib import colormaps
@@ -53,11 +57,14 @@ def test_tables_match_matplotlib(name, theirs, tolerance) -> None:
 def test_depth_settings_ranges_and_processing_size() -> None:
     DepthSettings(0, 1, 0, 0).validate()
     DepthSettings(50, 10, 64, 3).validate()
-    for settings, message in [(DepthSettings(steps=51), "steps must be 0"), (DepthSettings(steps=-1), "steps must be 0"),
-                              (DepthSettings(ensemble_size=0), "ensemble_size must be 1-10"),
-                              (DepthSettings(ensemble_size=11), "ensemble_size must be 1-10"),
-                              (DepthSettings(resolution=63), "processing_resolution must be 0"),
-                              (DepthSettings(seed=-1), "seed must be >= 0")]:
+    for settings, message in [
+        (DepthSettings(steps=51), "steps must be 0"),
+        (DepthSettings(steps=-1), "steps must be 0"),
+        (DepthSettings(ensemble_size=0), "ensemble_size must be 1-10"),
+        (DepthSettings(ensemble_size=11), "ensemble_size must be 1-10"),
+        (DepthSettings(resolution=63), "processing_resolution must be 0"),
+        (DepthSettings(seed=-1), "seed must be >= 0"),
+    ]:
         with pytest.raises(ValueError, match=message):
             settings.validate()
     assert processing_size(768, 1024, 768) == (576, 768)

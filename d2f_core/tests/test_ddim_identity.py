@@ -1,12 +1,12 @@
 """Zero-shot identity: an FM Euler step of the converted model from sigma to sigma' is one DDIM
 (eta = 0) step between the mapped timesteps, for ANY network (docs/MATH.md section 4)."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
 import d2f_core
-
 from d2f_core.tests.helpers import CASES, make_d2f
 from d2f_core.tests.nets import TinyDenoiser
 from d2f_core.tests.reference import ddim_step, oracle_sigma_fm

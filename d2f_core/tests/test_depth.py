@@ -1,5 +1,6 @@
 """Image-to-depth maths (docs/MATH.md section 13): normalisation, the widened first convolution,
 affine fits, the ensemble and the metrics, each against a case with a known answer."""
+
 from __future__ import annotations
 
 import pytest
@@ -7,7 +8,6 @@ import torch
 
 import d2f_core
 from d2f_core import depth as D
-
 from d2f_core.tests.helpers import make_d2f
 from d2f_core.tests.nets import TinyDenoiser
 from d2f_core.tests.test_objectives import oracle_timestep
@@ -30,8 +30,12 @@ def test_normalize_depth_maps_the_quantiles_to_minus_one_and_one_and_is_affine_i
     assert out.min() == -1 and out.max() == 1 and (out == 1).sum() == 2  # the top 2 % clipped to 1
     # scale and offset of the scene do not matter, per image
     maps = scene()
-    torch.testing.assert_close(D.normalize_depth(maps * torch.tensor([3.0, 0.2]).view(2, 1, 1, 1) + 7), D.normalize_depth(maps),
-                               atol=1e-5, rtol=0)
+    torch.testing.assert_close(
+        D.normalize_depth(maps * torch.tensor([3.0, 0.2]).view(2, 1, 1, 1) + 7),
+        D.normalize_depth(maps),
+        atol=1e-5,
+        rtol=0,
+    )
 
 
 def test_normalize_depth_ignores_invalid_pixels_and_rejects_flat_maps() -> None:
@@ -43,7 +47,9 @@ def test_normalize_depth_ignores_invalid_pixels_and_rejects_flat_maps() -> None:
     corrupted[..., 1, 0] = float("nan")
     mask_nan = mask.clone()
     mask_nan[..., 1, 0] = False
-    torch.testing.assert_close(D.normalize_depth(corrupted, mask)[mask_nan], D.normalize_depth(maps, mask_nan)[mask_nan])
+    torch.testing.assert_close(
+        D.normalize_depth(corrupted, mask)[mask_nan], D.normalize_depth(maps, mask_nan)[mask_nan]
+    )
     assert D.normalize_depth(corrupted, mask)[~mask].eq(0).all()
     flat = torch.ones(2, 8, 8)
     flat[0] = torch.rand(8, 8)
@@ -75,7 +81,9 @@ def test_widened_first_conv_equals_the_base_on_duplicated_input() -> None:
 
 def test_fit_affine_recovers_a_known_scale_and_shift_over_the_valid_pixels() -> None:
     maps = scene().double()
-    target = maps * torch.tensor([2.5, -0.4], dtype=torch.float64).view(2, 1, 1, 1) + torch.tensor([1.0, 3.0], dtype=torch.float64).view(2, 1, 1, 1)
+    target = maps * torch.tensor([2.5, -0.4], dtype=torch.float64).view(2, 1, 1, 1) + torch.tensor(
+        [1.0, 3.0], dtype=torch.float64
+    ).view(2, 1, 1, 1)
     mask = torch.ones_like(maps, dtype=torch.bool)
     mask[:, :, :2] = False
     target[:, :, :2] = 1e3  # outside the mask
@@ -90,7 +98,9 @@ def test_ensemble_recovers_the_map_from_members_that_are_affine_images_of_it() -
     members = torch.stack([a * maps + b for a, b in transforms])
     out = D.ensemble_depth(members)
     flat = maps.flatten(1)
-    expected = (maps - flat.min(1).values.view(-1, 1, 1, 1)) / (flat.max(1).values - flat.min(1).values).view(-1, 1, 1, 1)
+    expected = (maps - flat.min(1).values.view(-1, 1, 1, 1)) / (flat.max(1).values - flat.min(1).values).view(
+        -1, 1, 1, 1
+    )
     torch.testing.assert_close(out.double(), expected, atol=1e-6, rtol=0)
 
 

@@ -1,11 +1,11 @@
 """docs/MATH.md section 5: finite everywhere a model type allows a sigma, clear errors elsewhere."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
 import d2f_core
-
 from d2f_core.tests.helpers import CASES, make_d2f
 
 
@@ -44,8 +44,9 @@ def test_v_prediction_at_pure_noise_is_exact_formula() -> None:
 
 @pytest.mark.parametrize("method", ["velocity", "denoised"])
 def test_eps_at_sigma_one_is_the_table_end_formula(method: str) -> None:
-    """eps at sigma = 1 (an error before the table-end rule, docs/MATH.md section 10): n(1) = 1, so the
-    network saw x itself at timestep T-1 and x0_hat = (x - s_T e) / a_T, v = x - x0_hat."""
+    """eps at sigma = 1 (where the closed form (e - x) / (1 - sigma) divides by 0; the table-end rule of
+    docs/MATH.md section 10 applies instead): n(1) = 1, so the network saw x itself at timestep T-1
+    and x0_hat = (x - s_T e) / a_T, v = x - x0_hat."""
     d2f = make_d2f("eps", False)
     x, e = torch.randn(2, 2, 3, dtype=torch.float64)
     a_t, s_t = d2f.alphas_cumprod[-1].sqrt(), (1 - d2f.alphas_cumprod[-1]).sqrt()

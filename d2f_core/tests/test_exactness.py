@@ -1,13 +1,12 @@
 """Exactness: with the exactly optimal Gaussian-mixture denoiser, the converted velocity is the
 exact FM velocity (docs/MATH.md sections 4 and 7), and the data estimate is the unpatched one."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
 import d2f_core
-from d2f_core import GaussianMixture
-
 from d2f_core.tests.helpers import CASES, exactness_error, make_d2f, mixture, optimal_network
 from d2f_core.tests.reference import comfy_denoised, fm_to_ve
 

@@ -1,4 +1,5 @@
 """Weight adapters: the delta formulas ComfyUI's loader uses, native keys, attach and round trip."""
+
 from __future__ import annotations
 
 import pytest
@@ -7,8 +8,8 @@ import torch
 from d2f_core.lora import (
     ALGORITHMS,
     adapters_state_dict,
-    factorization,
     attach_parametrizations,
+    factorization,
     load_adapters_state_dict,
     make_adapter,
     select_target_modules,
@@ -67,8 +68,14 @@ def comfy_full_delta(tensors: dict, key: str, shape) -> torch.Tensor:
     return tensors[f"{key}.diff"].reshape(shape)
 
 
-REFERENCES = {"LoRA": additive(comfy_lora_delta), "LoHa": additive(comfy_loha_delta), "LoKr": additive(comfy_lokr_delta),
-              "OFT": comfy_oft_weight, "DoRA": comfy_dora_weight, "Full": additive(comfy_full_delta)}
+REFERENCES = {
+    "LoRA": additive(comfy_lora_delta),
+    "LoHa": additive(comfy_loha_delta),
+    "LoKr": additive(comfy_lokr_delta),
+    "OFT": comfy_oft_weight,
+    "DoRA": comfy_dora_weight,
+    "Full": additive(comfy_full_delta),
+}
 
 
 def test_every_algorithm_has_a_reference() -> None:
@@ -194,7 +201,10 @@ def test_state_dict_round_trip_and_parametrization(algorithm) -> None:
     assert not torch.allclose(model[0](x), before)
     tensors = adapters_state_dict(adapters)
     assert set(tensors) == {f"diffusion_model.{n}.{t}" for n in ("0", "2") for t in NATIVE_KEYS[algorithm]}
-    fresh = {n: make_adapter(algorithm, m.weight.shape, 2, 2.0, weight=torch.randn(m.weight.shape)) for n, m in modules.items()}
+    fresh = {
+        n: make_adapter(algorithm, m.weight.shape, 2, 2.0, weight=torch.randn(m.weight.shape))
+        for n, m in modules.items()
+    }
     load_adapters_state_dict(fresh, tensors)
     for n, m in modules.items():
         base = m.parametrizations.weight.original

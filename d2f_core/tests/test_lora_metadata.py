@@ -1,4 +1,5 @@
 """LoRA metadata round trip and its errors."""
+
 from __future__ import annotations
 
 import pytest
@@ -37,44 +38,61 @@ def test_bad_metadata_raises(change: dict, match: str) -> None:
 
 
 def test_recommended_sampling_is_recorded_and_read_back() -> None:
-    meta = LoraMetadata("reflow", "eps", False, rank=16, sampler="euler", sampling_steps=2, sampling_cfg=1.0, teacher_cfg=5.0)
+    meta = LoraMetadata(
+        "reflow", "eps", False, rank=16, sampler="euler", sampling_steps=2, sampling_cfg=1.0, teacher_cfg=5.0
+    )
     back = LoraMetadata.from_header(meta.to_header())
     assert back == meta and back.sampling_defaults() == ("euler", 2, 1.0) and back.teacher_cfg == 5.0
 
 
-def test_files_without_the_sampling_fields_still_parse_and_sample_by_their_objective() -> None:
-    """A header as the toolkit wrote it before the sampling fields existed (format version 1)."""
-    old = {"diff2flow.objective": "diff2flow", "diff2flow.prediction": "eps", "diff2flow.zero_terminal_snr": "false",
-           "diff2flow.schedule": "scaled_linear", "diff2flow.rank": "8", "diff2flow.alpha": "8.0",
-           "diff2flow.algorithm": "LoRA", "diff2flow.steps": "500", "diff2flow.base_model_hash": "abc",
-           "diff2flow.format_version": "1"}
-    meta = LoraMetadata.from_header(old)
+def test_files_without_the_sampling_fields_parse_and_sample_by_their_objective() -> None:
+    """A format-version-1 header with only the required fields and the training record: the sampling
+    fields are optional."""
+    minimal = {
+        "diff2flow.objective": "diff2flow",
+        "diff2flow.prediction": "eps",
+        "diff2flow.zero_terminal_snr": "false",
+        "diff2flow.schedule": "scaled_linear",
+        "diff2flow.rank": "8",
+        "diff2flow.alpha": "8.0",
+        "diff2flow.algorithm": "LoRA",
+        "diff2flow.steps": "500",
+        "diff2flow.base_model_hash": "abc",
+        "diff2flow.format_version": "1",
+    }
+    meta = LoraMetadata.from_header(minimal)
     assert meta.sampling_steps is None and meta.teacher_cfg is None
     registry = d2f_core.get_objective("diff2flow")
     assert meta.sampling_defaults() == (registry.sampler, registry.steps, registry.cfg)
-    reflow = LoraMetadata.from_header({**old, "diff2flow.objective": "reflow"})
+    reflow = LoraMetadata.from_header({**minimal, "diff2flow.objective": "reflow"})
     assert reflow.sampling_defaults() == ("euler", 2, 1.0)  # the registry's reflow entry
-    # keys of a newer minor version are ignored (an older toolkit reading a newer file does the same)
-    assert LoraMetadata.from_header({**old, "diff2flow.something_new": "1"}) == meta
+    # keys this version does not know are ignored: a file of the same format version with more fields parses
+    assert LoraMetadata.from_header({**minimal, "diff2flow.something_new": "1"}) == meta
 
 
-@pytest.mark.parametrize("change,match", [({"diff2flow.sampling_steps": "two"}, "sampling_steps = 'two'"),
-                                          ({"diff2flow.sampling_steps": "0"}, "sampling_steps must be >= 1"),
-                                          ({"diff2flow.teacher_cfg": "high"}, "teacher_cfg = 'high'")])
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"diff2flow.sampling_steps": "two"}, "sampling_steps = 'two'"),
+        ({"diff2flow.sampling_steps": "0"}, "sampling_steps must be >= 1"),
+        ({"diff2flow.teacher_cfg": "high"}, "teacher_cfg = 'high'"),
+    ],
+)
 def test_bad_sampling_fields_are_named(change: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         LoraMetadata.from_header({**LoraMetadata("reflow", "eps", False).to_header(), **change})
 
 
-def test_depth_task_round_trips_and_older_files_are_image_models() -> None:
+def test_depth_task_round_trips_and_files_without_a_task_are_image_models() -> None:
     from d2f_core.lora_metadata import DEPTH_NORMALIZATION
 
-    meta = LoraMetadata("diff2flow", "v", False, algorithm="Full", task="depth", normalization=DEPTH_NORMALIZATION,
-                        sampling_steps=2)
+    meta = LoraMetadata(
+        "diff2flow", "v", False, algorithm="Full", task="depth", normalization=DEPTH_NORMALIZATION, sampling_steps=2
+    )
     header = meta.to_header()
     assert header["diff2flow.task"] == "depth" and header["diff2flow.normalization"] == DEPTH_NORMALIZATION
     assert LoraMetadata.from_header(header) == meta
-    older = {k: v for k, v in header.items() if k not in ("diff2flow.task", "diff2flow.normalization")}
-    assert LoraMetadata.from_header(older).task == "image"
+    without_task = {k: v for k, v in header.items() if k not in ("diff2flow.task", "diff2flow.normalization")}
+    assert LoraMetadata.from_header(without_task).task == "image"
     with pytest.raises(ValueError, match="task 'segmentation' is unknown"):
         LoraMetadata.from_header({**header, "diff2flow.task": "segmentation"})

@@ -1,4 +1,5 @@
 """d2f_core is pure PyTorch: no module in it may import ComfyUI."""
+
 from __future__ import annotations
 
 import ast
@@ -8,7 +9,17 @@ import sys
 
 import d2f_core
 
-COMFY_MODULES = {"comfy", "comfy_api", "comfy_extras", "comfy_execution", "nodes", "folder_paths", "server", "execution", "latent_preview"}
+COMFY_MODULES = {
+    "comfy",
+    "comfy_api",
+    "comfy_extras",
+    "comfy_execution",
+    "nodes",
+    "folder_paths",
+    "server",
+    "execution",
+    "latent_preview",
+}
 PACKAGE = pathlib.Path(d2f_core.__file__).parent
 
 

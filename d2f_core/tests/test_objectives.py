@@ -1,4 +1,5 @@
 """Training objectives (docs/MATH.md section 6): finite losses and gradients, optimality, weights."""
+
 from __future__ import annotations
 
 import math
@@ -8,15 +9,16 @@ import torch
 
 import d2f_core
 from d2f_core import GaussianMixture
-
 from d2f_core.tests.helpers import CASES, make_d2f, mixture, optimal_network
-from d2f_core.tests.reference import oracle_sigma_fm
 from d2f_core.tests.nets import TinyDenoiser
+from d2f_core.tests.reference import oracle_sigma_fm
 
 
 @pytest.mark.parametrize("objective", d2f_core.OBJECTIVES)
 @pytest.mark.parametrize("prediction,zsnr", CASES)
-def test_objectives_give_finite_loss_and_gradients(objective: str, prediction: str, zsnr: bool, device: torch.device) -> None:
+def test_objectives_give_finite_loss_and_gradients(
+    objective: str, prediction: str, zsnr: bool, device: torch.device
+) -> None:
     torch.manual_seed(0)
     d2f = make_d2f(prediction, zsnr)
     net = TinyDenoiser(channels=4).to(device)
@@ -25,7 +27,9 @@ def test_objectives_give_finite_loss_and_gradients(objective: str, prediction: s
     gen = torch.Generator(device=device).manual_seed(0)
     paired = torch.randn(x0.shape, device=device) if d2f_core.get_objective(objective).paired_noise else None
     for sampling in d2f_core.TIMESTEP_SAMPLERS:
-        out = d2f_core.objective_loss(objective, net, d2f, x0, cond, noise=paired, timestep_sampling=sampling, generator=gen)
+        out = d2f_core.objective_loss(
+            objective, net, d2f, x0, cond, noise=paired, timestep_sampling=sampling, generator=gen
+        )
         net.zero_grad()
         out.loss.backward()
         assert torch.isfinite(out.loss) and out.loss > 0 and out.per_sample.shape == (6,)
@@ -84,11 +88,13 @@ def test_optimal_denoiser_is_the_irreducible_minimum(prediction: str, zsnr: bool
     base = d2f_core.diff2flow_loss(optimal, d2f, x0, noise, sigma).loss.item()
     for delta in (-0.05, 0.05):
         for perturb in (
-            lambda out: out * (1 + delta),
-            lambda out: out + delta,
-            lambda out: out + delta * field,
+            lambda out, delta=delta: out * (1 + delta),
+            lambda out, delta=delta: out + delta,
+            lambda out, delta=delta: out + delta * field,
         ):
-            loss = d2f_core.diff2flow_loss(lambda x, t: perturb(optimal(x, t)), d2f, x0, noise, sigma).loss.item()
+            loss = d2f_core.diff2flow_loss(
+                lambda x, t, perturb=perturb: perturb(optimal(x, t)), d2f, x0, noise, sigma
+            ).loss.item()
             assert loss > base, (delta, loss, base)
 
 
@@ -231,5 +237,7 @@ def test_reflow_refuses_data_without_pairs() -> None:
     d2f = make_d2f("v", False)
     with pytest.raises(ValueError, match="objective 'reflow' trains on \\(noise, image\\) pairs.*pairs folder"):
         d2f_core.objective_loss("reflow", TinyDenoiser(channels=2), d2f, torch.zeros(2, 2, 4, 4))
-    with pytest.raises(ValueError, match="paired noise of shape \\(2, 2, 4, 4\\) does not match the latents \\(2, 2, 4, 2\\)"):
+    with pytest.raises(
+        ValueError, match="paired noise of shape \\(2, 2, 4, 4\\) does not match the latents \\(2, 2, 4, 2\\)"
+    ):
         d2f_core.get_objective("reflow").draw(torch.zeros(2, 2, 4, 2), d2f, None, torch.zeros(2, 2, 4, 4))

@@ -1,4 +1,5 @@
 """FM sigma grids, Euler / Heun samplers and classifier-free guidance."""
+
 from __future__ import annotations
 
 import pytest
@@ -6,10 +7,9 @@ import torch
 
 import d2f_core
 from d2f_core import GaussianMixture
-
+from d2f_core.metrics import sliced_wasserstein
 from d2f_core.tests.helpers import make_d2f
 from d2f_core.tests.nets import TinyDenoiser
-from d2f_core.metrics import sliced_wasserstein
 
 
 def test_uniform_grid() -> None:
@@ -31,7 +31,9 @@ def test_shift_matches_sd3_formula_and_inverse() -> None:
     u = torch.linspace(0, 1, 11, dtype=torch.float64)
     torch.testing.assert_close(d2f_core.time_shift(u, 3.0), 3 * u / (1 + 2 * u))
     torch.testing.assert_close(d2f_core.inverse_time_shift(d2f_core.time_shift(u, 3.0), 3.0), u)
-    torch.testing.assert_close(d2f_core.fm_sigmas(10, shift=3.0), d2f_core.time_shift(torch.linspace(1, 0, 11, dtype=torch.float64), 3.0))
+    torch.testing.assert_close(
+        d2f_core.fm_sigmas(10, shift=3.0), d2f_core.time_shift(torch.linspace(1, 0, 11, dtype=torch.float64), 3.0)
+    )
     with pytest.raises(ValueError, match="shift must be > 0"):
         d2f_core.fm_sigmas(4, shift=0)
 
@@ -43,7 +45,10 @@ def test_denoise_grid_equals_comfyui_cut_of_longer_grid() -> None:
     torch.testing.assert_close(cut, full[10:])
 
 
-@pytest.mark.parametrize("kwargs,match", [({"steps": 0}, "steps"), ({"steps": 4, "denoise": 0}, "denoise"), ({"steps": 4, "sigma_max": 1.2}, "sigma_max")])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [({"steps": 0}, "steps"), ({"steps": 4, "denoise": 0}, "denoise"), ({"steps": 4, "sigma_max": 1.2}, "sigma_max")],
+)
 def test_grid_rejects_bad_input(kwargs: dict, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         d2f_core.fm_sigmas(**kwargs)
@@ -154,6 +159,7 @@ def test_sampler_runs_on_device_in_low_precision(device: torch.device) -> None:
     for dtype in (torch.float32, torch.bfloat16):
         out = d2f_core.sample_heun(
             d2f_core.cfg_velocity(d2f.velocity_fn(net), cond, torch.zeros_like(cond), 3.0),
-            x.to(dtype), d2f_core.fm_sigmas(4, d2f.sigma_max),
+            x.to(dtype),
+            d2f_core.fm_sigmas(4, d2f.sigma_max),
         )
         assert out.dtype == dtype and out.device.type == device.type and torch.isfinite(out).all()

@@ -1,4 +1,5 @@
 """Schedules: SD's scaled-linear table, DDPM linear, cosine, and zero-terminal-SNR rescaling."""
+
 from __future__ import annotations
 
 import math

@@ -1,11 +1,11 @@
 """The time map: timestep(sigma) inverts ComfyUI's log-sigma interpolation exactly."""
+
 from __future__ import annotations
 
 import pytest
 import torch
 
 import d2f_core
-
 from d2f_core.tests.helpers import CASES, make_d2f
 from d2f_core.tests.reference import comfy_sigma, fm_to_ve
 
@@ -110,7 +110,9 @@ def test_time_map_output_dtypes_and_shapes(device: torch.device) -> None:
     assert t64.dtype == torch.float64 and t64.ndim == 0
     assert d2f.timestep(0.5).ndim == 0
     ref = d2f.timestep(torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64))
-    torch.testing.assert_close(d2f.timestep(torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64, device=device)).cpu(), ref)
+    torch.testing.assert_close(
+        d2f.timestep(torch.tensor([0.1, 0.5, 0.9], dtype=torch.float64, device=device)).cpu(), ref
+    )
 
 
 def test_for_model_does_not_rescale_a_schedule_that_already_has_zero_terminal_snr() -> None:
@@ -121,6 +123,8 @@ def test_for_model_does_not_rescale_a_schedule_that_already_has_zero_terminal_sn
     on, off = d2f_core.Diff2Flow.for_model(comfy_zsnr, "v", True), d2f_core.Diff2Flow.for_model(comfy_zsnr, "v", False)
     assert torch.equal(on.alphas_cumprod, off.alphas_cumprod) and torch.equal(on.alphas_cumprod, comfy_zsnr)
     rescaled = d2f_core.Diff2Flow.for_model(d2f_core.scaled_linear(), "v", True)
-    assert rescaled.sigma_max == 1.0 and torch.equal(rescaled.alphas_cumprod, d2f_core.rescale_zero_terminal_snr(d2f_core.scaled_linear()))
+    assert rescaled.sigma_max == 1.0 and torch.equal(
+        rescaled.alphas_cumprod, d2f_core.rescale_zero_terminal_snr(d2f_core.scaled_linear())
+    )
     with pytest.raises(ValueError, match="only valid for v-prediction"):
         d2f_core.Diff2Flow.for_model(d2f_core.scaled_linear(), "eps", True)

@@ -5,6 +5,7 @@ the table end's coefficients; with the exactly optimal Gaussian-mixture network 
 ``x0_hat`` the posterior mean of the table's last level at that input, computed here
 independently from ``alphas_cumprod[-1]`` and d2f_core.GaussianMixture.
 """
+
 from __future__ import annotations
 
 import os
@@ -169,7 +170,9 @@ def test_start_noise_changes_only_the_first_sigma(steps: int, shift: float) -> N
 
 def test_start_noise_is_a_no_op_where_there_is_no_gap() -> None:
     for kwargs in ({"sigma_max": 1.0}, {"sigma_max": 0.93596, "denoise": 0.6}, {"sigma_max": 1.0, "shift": 3.0}):
-        torch.testing.assert_close(d2f_core.fm_sigmas(8, start="noise", **kwargs), d2f_core.fm_sigmas(8, **kwargs), rtol=0, atol=1e-15)
+        torch.testing.assert_close(
+            d2f_core.fm_sigmas(8, start="noise", **kwargs), d2f_core.fm_sigmas(8, **kwargs), rtol=0, atol=1e-15
+        )
 
 
 def test_unknown_start_rule_raises() -> None:
@@ -203,7 +206,9 @@ def test_start_noise_changes_only_the_first_step(prediction: str) -> None:
     torch.testing.assert_close(seen_noise[1]["x"], after_noise, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(seen_max[1]["x"], after_max, rtol=1e-12, atol=1e-12)
     # from there on both are the same sampler on the same grid
-    torch.testing.assert_close(d2f_core.sample_euler(velocity, after_noise, g_max[1:]), out_noise, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        d2f_core.sample_euler(velocity, after_noise, g_max[1:]), out_noise, rtol=1e-12, atol=1e-12
+    )
 
 
 # ---------------------------------------------------------------------- the benchmark
@@ -211,7 +216,12 @@ def test_start_rule_benchmark_quick_prints_the_table() -> None:
     """`python benchmarks/start_rule.py --quick` from the repository root, without PYTHONPATH."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run(
-        [sys.executable, "benchmarks/start_rule.py", "--quick"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+        [sys.executable, "benchmarks/start_rule.py", "--quick"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr
     rows = re.findall(r"^\| (eps|v) \| (\d+) \| (.+) \|$", proc.stdout, flags=re.M)

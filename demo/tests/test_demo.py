@@ -1,4 +1,5 @@
 """End-to-end and unit tests of the embedded demo (CPU, well under 2 minutes in all)."""
+
 from __future__ import annotations
 
 import json
@@ -42,7 +43,10 @@ def test_demo_end_to_end_reduced(tmp_path) -> None:
             assert math.isfinite(value) and value >= 0
     assert math.isfinite(result["floor_fd"]) and len(result) > 5
     # the markdown carries the measured numbers, as printed in the table
-    assert f"| Fréchet distance | {result['before']['fd']:.3f} | {result['after']['fd']:.3f} | {result['floor_fd']:.3f} |" in markdown
+    assert (
+        f"| Fréchet distance | {result['before']['fd']:.3f} | {result['after']['fd']:.3f} | {result['floor_fd']:.3f} |"
+        in markdown
+    )
     assert f"{result['after']['fm_val_loss']:.4f}" in markdown
     assert len(re.findall(r"\d+\.\d+", markdown)) >= 8
 
@@ -73,8 +77,12 @@ def test_shipped_weights_sample_the_right_digits(prediction: str) -> None:
     d2f = d2f_core.Diff2Flow(d2f_core.scaled_linear(), prediction)
     labels = torch.arange(7).repeat_interleave(6)
     samples = pipeline.sample(
-        d2f.velocity_fn(unet), pipeline.contexts(encoder, labels), pipeline.contexts(encoder, [NULL_CLASS]),
-        pipeline.fixed_noise(len(labels), seed=3), d2f_core.fm_sigmas(8, sigma_max=d2f.sigma_max), cfg_scale=2.0,
+        d2f.velocity_fn(unet),
+        pipeline.contexts(encoder, labels),
+        pipeline.contexts(encoder, [NULL_CLASS]),
+        pipeline.fixed_noise(len(labels), seed=3),
+        d2f_core.fm_sigmas(8, sigma_max=d2f.sigma_max),
+        cfg_scale=2.0,
     )
     assert torch.isfinite(samples).all()
     predicted, _ = predict(classifier, samples)
@@ -114,7 +122,12 @@ def test_ddim_trailing_grid_maps_to_trailing_timesteps() -> None:
     d2f = d2f_core.Diff2Flow(d2f_core.scaled_linear(), "v")
     sigmas = d2f_core.ddim_trailing_sigmas(d2f, 4)
     assert sigmas[-1] == 0 and sigmas[0] == pytest.approx(d2f.sigma_max)
-    torch.testing.assert_close(d2f.timestep(sigmas[:-1]).double(), torch.tensor([999.0, 749.0, 499.0, 249.0], dtype=torch.float64), atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        d2f.timestep(sigmas[:-1]).double(),
+        torch.tensor([999.0, 749.0, 499.0, 249.0], dtype=torch.float64),
+        atol=1e-6,
+        rtol=0,
+    )
 
 
 def test_pretraining_is_deterministic(tmp_path) -> None:

@@ -3,6 +3,7 @@
 The end-to-end test in test_demo.py checks the outputs are well formed; these fail when the
 fine-tuning or the pretraining stops changing the model, or when a demo flag is ignored.
 """
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """The procedural depth scenes: deterministic per index, exact z-buffer depth, images in range."""
+
 from __future__ import annotations
 
 import pytest

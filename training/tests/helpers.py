@@ -1,4 +1,5 @@
 """A tiny pure-PyTorch denoiser with LoRA adapters for the engine tests (no ComfyUI)."""
+
 from __future__ import annotations
 
 import torch
@@ -6,7 +7,6 @@ import torch
 import d2f_core
 from d2f_core.lora import attach_parametrizations, make_adapter, select_target_modules
 from d2f_core.tests.nets import TinyDenoiser
-
 from training import TrainConfig, Trainer, TrainingData
 
 
@@ -43,7 +43,10 @@ def adapted_net(config: TrainConfig, model_seed: int = 0, concat: bool = False) 
     net.requires_grad_(False)
     modules = select_target_modules(net, "all")
     gen = torch.Generator().manual_seed(123)
-    adapters = {name: make_adapter(config.algorithm, m.weight.shape, config.rank, config.alpha, gen, weight=m.weight) for name, m in modules.items()}
+    adapters = {
+        name: make_adapter(config.algorithm, m.weight.shape, config.rank, config.alpha, gen, weight=m.weight)
+        for name, m in modules.items()
+    }
     attach_parametrizations(modules, adapters)
     return net, adapters
 
@@ -56,8 +59,11 @@ def make_run(config: TrainConfig, prediction: str = "eps", n: int = 4, model_see
     latents = [torch.randn(4, 8, 8, generator=data_gen) for _ in range(n)]
     conds = [{"context": torch.randn(1, 3, 4, generator=data_gen)} for _ in range(n)]
     # objectives that train on (noise, image) pairs get a fixed noise per latent, as a pairs folder holds
-    extras = [{"noise": torch.randn(4, 8, 8, generator=data_gen)} for _ in range(n)] \
-        if d2f_core.get_objective(config.objective).paired_noise else None
+    extras = (
+        [{"noise": torch.randn(4, 8, 8, generator=data_gen)} for _ in range(n)]
+        if d2f_core.get_objective(config.objective).paired_noise
+        else None
+    )
     if concat:
         images = [torch.randn(4, 8, 8, generator=torch.Generator().manual_seed(100 + i)) for i in range(n)]
         extras = [{**(e or {}), "concat": c} for e, c in zip(extras or [None] * n, images)]

@@ -3,6 +3,7 @@ generates pairs as one of several torchrun processes:
 
     python -m torch.distributed.run --standalone --nproc_per_node 2 pairs_teacher.py OUT COUNT SHARD_SIZE
 """
+
 from __future__ import annotations
 
 import pathlib
@@ -13,9 +14,9 @@ import torch
 if __name__ == "__main__":  # run as a script by torchrun: the repository root on sys.path
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
-import d2f_core  # noqa: E402
-from training.pairs import PairSettings, generate_pairs  # noqa: E402
-from training.tests.helpers import CondNet  # noqa: E402
+import d2f_core
+from training.pairs import PairSettings, generate_pairs
+from training.tests.helpers import CondNet
 
 SHAPE = (4, 8, 8)
 
@@ -37,7 +38,9 @@ def negative() -> dict[str, torch.Tensor]:
 
 
 def settings(d2f: d2f_core.Diff2Flow, **changes) -> PairSettings:
-    values = dict(shape=SHAPE, sigma_max=d2f.sigma_max, steps=4, cfg=2.5, seed=7, batch_size=4, teacher={"name": "tiny"})
+    values = dict(
+        shape=SHAPE, sigma_max=d2f.sigma_max, steps=4, cfg=2.5, seed=7, batch_size=4, teacher={"name": "tiny"}
+    )
     return PairSettings(**{**values, **changes})
 
 
@@ -49,8 +52,18 @@ def main() -> None:
     world = distributed.world_from_env()
     distributed.init(world)
     velocity, d2f = teacher()
-    summary = generate_pairs(velocity, prompts(), out, count, settings(d2f), negative(), shard_size=shard_size,
-                             rank=world.rank, world_size=world.world_size, barrier=lambda: distributed.barrier(world))
+    summary = generate_pairs(
+        velocity,
+        prompts(),
+        out,
+        count,
+        settings(d2f),
+        negative(),
+        shard_size=shard_size,
+        rank=world.rank,
+        world_size=world.world_size,
+        barrier=lambda: distributed.barrier(world),
+    )
     print(f"rank {world.rank}: generated {summary.generated}, folder holds {summary.count}", flush=True)
     distributed.finish(world, 0)
 

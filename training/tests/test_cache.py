@@ -1,4 +1,5 @@
 """The dataset folder -> latent cache path of `prepare`, with counting stand-in encoders (no ComfyUI)."""
+
 from __future__ import annotations
 
 import os
@@ -75,7 +76,7 @@ def test_prepare_caches_buckets_and_counts_corrupt_and_uncaptioned_images(datase
     assert "1 unreadable images skipped" in summary.report() and "broken.png" in summary.report()
     data = load_cache(tmp_path / "cache")
     assert data.sources == ["a.png", "b.jpg", "nested/c.png", "nested/d.png"]
-    shapes = {s: tuple(l.shape) for s, l in zip(data.sources, data.latents)}
+    shapes = {s: tuple(lat.shape) for s, lat in zip(data.sources, data.latents)}
     # 64x64 -> 8x8 latent; the 2:1 image goes to a wide bucket, the 1:2 one to a tall bucket
     assert shapes["a.png"] == (4, 8, 8)
     assert shapes["b.jpg"][2] > shapes["b.jpg"][1] and shapes["nested/d.png"][1] > shapes["nested/d.png"][2]

@@ -1,6 +1,7 @@
 """Image + depth pairs -> depth cache (training/depth_dataset.py, training/cache.py), with counting stand-in
 encoders (no ComfyUI): which files pair, what a depth file holds, how a depth map follows its image to its
 bucket, what is refused (before anything is encoded) and what the cache stores."""
+
 from __future__ import annotations
 
 import json
@@ -53,11 +54,16 @@ def test_pairs_are_found_and_depth_files_read_as_stored(pairs) -> None:
     records = pair_depth_maps(pairs, scan_folder(pairs))
     # depth maps are not images of their own; every image has its depth map; captions are not used
     assert [(r.relative, r.depth.name) for r in records] == [
-        ("a.png", "a.depth.png"), ("b.jpg", "b.depth.npy"), ("nested/c.png", "c.depth.png")]
+        ("a.png", "a.depth.png"),
+        ("b.jpg", "b.depth.npy"),
+        ("nested/c.png", "c.depth.png"),
+    ]
     assert all(r.caption == "" for r in records)
     yy, xx = np.mgrid[0:64, 0:64]
     sixteen = read_depth(pairs / "a.depth.png")
-    assert sixteen.dtype == torch.float32 and torch.equal(sixteen, torch.from_numpy((1000 + 800 * xx + 3 * yy).astype(np.float32)))
+    assert sixteen.dtype == torch.float32 and torch.equal(
+        sixteen, torch.from_numpy((1000 + 800 * xx + 3 * yy).astype(np.float32))
+    )
     npy = read_depth(pairs / "b.depth.npy")
     assert npy.shape == (64, 96) and torch.isnan(npy[:8, :8]).all() and npy[8:, 8:].isfinite().all()
     assert read_depth(pairs / "nested" / "c.depth.png")[5, 10] == 30.0
@@ -114,7 +120,9 @@ def test_bad_pairs_are_refused_before_anything_is_encoded(tmp_path) -> None:
     depth16(root / "a.depth.png", np.arange(64 * 64).reshape(64, 64))
     smooth_image(root / "b.png", (64, 64))
     smooth_image(root / "sub" / "c.png", (64, 64))
-    with pytest.raises(DatasetError, match=r"read as image \+ depth pairs, but 2 images have no depth map: b.png, sub/c.png"):
+    with pytest.raises(
+        DatasetError, match=r"read as image \+ depth pairs, but 2 images have no depth map: b.png, sub/c.png"
+    ):
         pair_depth_maps(root, scan_folder(root))
     depth16(root / "b.depth.png", np.arange(32 * 64).reshape(32, 64))
     np.save(root / "sub" / "c.depth.npy", np.ones((64, 64), np.float32))
@@ -174,7 +182,9 @@ def test_depth_cache_round_trip(pairs, tmp_path) -> None:
 
 def test_flat_depth_maps_are_skipped_and_named(pairs, tmp_path) -> None:
     depth16(pairs / "a.depth.png", np.full((64, 64), 1234))
-    summary = prepare_cache(pair_depth_maps(pairs, scan_folder(pairs)), tmp_path / "cache", CountingEncoder(), resolution=64)
+    summary = prepare_cache(
+        pair_depth_maps(pairs, scan_folder(pairs)), tmp_path / "cache", CountingEncoder(), resolution=64
+    )
     assert summary.cached == 2 and [s[0] for s in summary.skipped] == ["a.png"]
     assert "depth map a.depth.png is constant" in summary.report() and "1 unreadable pairs skipped" in summary.report()
 

@@ -2,6 +2,7 @@
 network beside the noisy input, the loss is the registry's with it, caption dropout never drops it,
 resume is exact and two torchrun processes train what one does (tiny pure-PyTorch model, no ComfyUI).
 Convention (docs/MATH.md section 1): FM sigma in [0, 1], sigma = 1 is noise."""
+
 from __future__ import annotations
 
 import pytest
@@ -10,7 +11,6 @@ import torch
 import d2f_core
 from training import TrainConfig, Trainer, TrainingData
 from training.tests.helpers import make_run, straight_and_resumed
-from training.tests.test_multiprocess import TORCHRUN, WORKER, assert_same_lora, metric_steps, needs_gloo, run
 
 
 @pytest.mark.parametrize("objective", [n for n, o in d2f_core.OBJECTIVES.items() if not o.paired_noise])
@@ -24,9 +24,12 @@ def test_loss_is_the_objectives_with_the_image_latent(objective: str) -> None:
     indices = trainer.data.draw_indices(2, gen)
     x0, cond = trainer.data.batch(indices)
     concat = trainer.data.batch_extras(indices)["concat"]
-    reference = d2f_core.objective_loss(objective, net, trainer.d2f, x0, generator=_copy(gen), concat=concat, **cond).loss.item()
-    other = d2f_core.objective_loss(objective, net, trainer.d2f, x0, generator=_copy(gen), concat=torch.zeros_like(concat),
-                                    **cond).loss.item()
+    reference = d2f_core.objective_loss(
+        objective, net, trainer.d2f, x0, generator=_copy(gen), concat=concat, **cond
+    ).loss.item()
+    other = d2f_core.objective_loss(
+        objective, net, trainer.d2f, x0, generator=_copy(gen), concat=torch.zeros_like(concat), **cond
+    ).loss.item()
     assert trainer.train_step() == pytest.approx(reference, rel=1e-6)
     assert abs(other - reference) > 1e-4 * abs(reference)
 
@@ -74,7 +77,9 @@ def test_resume_equals_straight_run_with_image_latents(tmp_path, monkeypatch) ->
 
 def test_image_latents_of_another_size_are_refused() -> None:
     latents = [torch.zeros(4, 8, 8)]
-    with pytest.raises(ValueError, match="sample 0: its image latent \\(concat\\) of shape \\(4, 8, 6\\) does not match"):
+    with pytest.raises(
+        ValueError, match="sample 0: its image latent \\(concat\\) of shape \\(4, 8, 6\\) does not match"
+    ):
         TrainingData(latents, [{"context": torch.zeros(1, 3, 4)}], extras=[{"concat": torch.zeros(4, 8, 6)}])
 
 
@@ -84,11 +89,3 @@ def test_a_network_without_concat_fails_on_image_conditioned_data() -> None:
     plain, _, _ = make_run(TrainConfig(steps=1, batch_size=2))
     with pytest.raises(TypeError, match="concat"):
         Trainer(plain.network, plain.adapters, trainer.d2f, trainer.config, trainer.data).train_step()
-
-
-@needs_gloo
-def test_two_processes_equal_one_with_image_latents(tmp_path) -> None:
-    run([str(WORKER), "one", "--concat"], tmp_path)
-    run([*TORCHRUN, str(WORKER), "two", "--concat"], tmp_path)
-    assert_same_lora(tmp_path / "one" / "tiny.safetensors", tmp_path / "two" / "tiny.safetensors")
-    assert metric_steps(tmp_path / "two") == list(range(1, 11))

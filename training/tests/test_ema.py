@@ -1,18 +1,12 @@
 """EMA of the adapter weights (``ema_decay``, ``ema_warmup``, ``save_raw``) on the tiny pure-PyTorch model."""
-from __future__ import annotations
 
-import pathlib
+from __future__ import annotations
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import load_file
 
 from d2f_core.lora import ALGORITHMS, adapters_state_dict
-from d2f_core.lora_metadata import LoraMetadata
 from training import TrainConfig, TrainingError
-from training.files import RunFiles
-from d2f_app.headless import run_headless
 from training.tests.helpers import assert_equal, make_run, params, straight_and_resumed
 
 BASE = dict(batch_size=2, learning_rate=1e-2, seed=3)
@@ -40,8 +34,9 @@ def test_ema_update_rule_equals_hand_computation_over_3_steps(warmup: bool) -> N
     assert trainer.ema.decay_at(1) == (pytest.approx(2 / 11) if warmup else decay)
 
 
-def test_ema_off_leaves_training_exactly_as_before() -> None:
-    """ema_decay 0 (the default) changes nothing; and EMA on never touches the trained weights."""
+def test_ema_off_makes_the_ema_options_inert_and_ema_on_never_changes_the_trained_weights() -> None:
+    """With ema_decay 0 (the default) ema_warmup and save_raw change nothing: the losses, the weights, the
+    training state and the LoRA are the default config's. EMA on trains the same raw weights bit for bit."""
     plain, _, raw_plain = make_run(TrainConfig(steps=5, **BASE))
     off, _, raw_off = make_run(TrainConfig(steps=5, ema_decay=0.0, ema_warmup=False, save_raw=True, **BASE))
     on, _, raw_on = make_run(TrainConfig(steps=5, ema_decay=0.95, **BASE))
@@ -93,39 +88,3 @@ def test_resume_refuses_another_ema_setting() -> None:
 def test_bad_ema_decay_is_named(value: float, match: str) -> None:
     with pytest.raises(ValueError, match=match):
         TrainConfig(ema_decay=value)
-
-
-def headless(tmp_path: pathlib.Path, **options) -> tuple:
-    trainer, _, adapters = make_run(TrainConfig(**{**BASE, **options}))
-    files = RunFiles(tmp_path, "tiny")
-    code = run_headless(trainer, files, lambda step: LoraMetadata("diff2flow", "eps", False, steps=step), progress=False)
-    assert code == 0
-    return trainer, files, adapters
-
-
-@pytest.mark.parametrize("save_raw", [True, False])
-def test_saved_lora_is_the_ema_one(tmp_path, save_raw: bool) -> None:
-    trainer, files, adapters = headless(tmp_path, steps=4, save_every=2, ema_decay=0.9, save_raw=save_raw)
-    ema, raw = adapters_state_dict(trainer.ema.adapters), adapters_state_dict(adapters)
-    assert any(not torch.equal(ema[k], raw[k]) for k in ema)
-    assert_equal(load_file(files.lora), ema)  # the final LoRA
-    assert_equal(load_file(files.lora_at(4)), ema)  # the last periodic save
-    with safe_open(str(files.lora), framework="pt") as f:
-        assert f.metadata()["diff2flow.weights"] == "ema" and f.metadata()["diff2flow.ema_decay"] == "0.9"
-    raw_files = [files.raw_lora, files.raw_lora_at(2), files.raw_lora_at(4)]
-    assert [p.is_file() for p in raw_files] == [save_raw] * 3
-    if save_raw:
-        assert_equal(load_file(files.raw_lora), raw)
-        with safe_open(str(files.raw_lora), framework="pt") as f:
-            assert f.metadata()["diff2flow.weights"] == "raw"
-    # each periodic save holds the EMA of its own step
-    assert not torch.equal(load_file(files.lora_at(2))[next(iter(ema))], ema[next(iter(ema))])
-
-
-def test_without_ema_the_files_are_as_before(tmp_path) -> None:
-    trainer, files, adapters = headless(tmp_path, steps=2, save_every=1, save_raw=True)
-    assert_equal(load_file(files.lora), adapters_state_dict(adapters))
-    with safe_open(str(files.lora), framework="pt") as f:
-        assert not any(k.startswith("diff2flow.weights") or k.startswith("diff2flow.ema") for k in f.metadata())
-    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == ["tiny.safetensors", "tiny_000001.safetensors",
-                                                                      "tiny_000002.safetensors"]

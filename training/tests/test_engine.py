@@ -1,4 +1,5 @@
 """The training engine on a tiny pure-PyTorch model: objectives, resume, errors, schedules."""
+
 from __future__ import annotations
 
 import math
@@ -24,10 +25,15 @@ def test_each_objective_overfits_a_fixed_batch(objective: str, prediction: str) 
         paired = trainer.data.batch_extras(list(range(4))).get("noise")  # reflow's pairs (None for the others)
         gen = torch.Generator().manual_seed(99)
         with torch.no_grad():
-            return sum(
-                d2f_core.objective_loss(objective, net, trainer.d2f, x0, noise=paired, generator=gen, **cond).loss.item()
-                for _ in range(16)
-            ) / 16
+            return (
+                sum(
+                    d2f_core.objective_loss(
+                        objective, net, trainer.d2f, x0, noise=paired, generator=gen, **cond
+                    ).loss.item()
+                    for _ in range(16)
+                )
+                / 16
+            )
 
     before = fixed_loss()
     losses = trainer.run().losses
@@ -48,7 +54,9 @@ def test_loss_equals_d2f_core_objective() -> None:
 
 
 @pytest.mark.parametrize("algorithm", list(ALGORITHMS))
-@pytest.mark.parametrize("extra", [{}, {"grad_accumulation": 2, "lr_schedule": "cosine", "warmup_steps": 2, "caption_dropout": 0.3}])
+@pytest.mark.parametrize(
+    "extra", [{}, {"grad_accumulation": 2, "lr_schedule": "cosine", "warmup_steps": 2, "caption_dropout": 0.3}]
+)
 def test_resume_equals_straight_run(tmp_path, algorithm: str, extra: dict) -> None:
     config = TrainConfig(steps=8, batch_size=2, learning_rate=1e-3, algorithm=algorithm, seed=3, **extra)
     straight, resumed = straight_and_resumed(config, tmp_path, at=4)
@@ -154,7 +162,9 @@ def test_reflow_is_refused_without_paired_noise_and_others_ignore_it() -> None:
     with pytest.raises(ValueError, match="objective 'reflow' trains on \\(noise, image\\) pairs.*pairs folder"):
         Trainer(net, adapters, trainer.d2f, TrainConfig(objective="reflow", steps=1), plain)
     # diff2flow on data that carries pairs draws its own noise: the same loss with or without the pairs
-    paired = TrainingData(plain.latents, plain.conds, plain.uncond, extras=[{"noise": torch.ones_like(x)} for x in plain.latents])
+    paired = TrainingData(
+        plain.latents, plain.conds, plain.uncond, extras=[{"noise": torch.ones_like(x)} for x in plain.latents]
+    )
     config = TrainConfig(steps=1, batch_size=2, seed=5)
     with_pairs = Trainer(net, adapters, trainer.d2f, config, paired).train_step()
     trainer, net, adapters = make_run(config)

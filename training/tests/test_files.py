@@ -1,4 +1,5 @@
 """Atomic LoRA / state files and file-name sanitising."""
+
 from __future__ import annotations
 
 import errno
@@ -76,10 +77,20 @@ def make_folder(tmp_path, state_step=8):
     an earlier run of that name), its other files, other runs' saves and unrelated files."""
     run = files.RunFiles(tmp_path, "run")
     ours = [run.lora_at(s) for s in (2, 4, 6, 8, 10)] + [run.raw_lora_at(4), run.raw_lora_at(8)]
-    others = [run.lora, run.raw_lora, run.config, tmp_path / "run_2_000002.safetensors", tmp_path / "other_000004.safetensors",
-              tmp_path / "run_00002.safetensors", tmp_path / "run_0000004.safetensors", tmp_path / "run_000004.ckpt",
-              tmp_path / "run_000004.safetensors.bak", tmp_path / "xrun_000004.safetensors", tmp_path / "run_000004_ema.safetensors",
-              tmp_path / "notes.txt"]
+    others = [
+        run.lora,
+        run.raw_lora,
+        run.config,
+        tmp_path / "run_2_000002.safetensors",
+        tmp_path / "other_000004.safetensors",
+        tmp_path / "run_00002.safetensors",
+        tmp_path / "run_0000004.safetensors",
+        tmp_path / "run_000004.ckpt",
+        tmp_path / "run_000004.safetensors.bak",
+        tmp_path / "xrun_000004.safetensors",
+        tmp_path / "run_000004_ema.safetensors",
+        tmp_path / "notes.txt",
+    ]
     for p in ours + others:
         p.write_bytes(b"x")
     (tmp_path / "run_000001.safetensors").mkdir()  # a folder of that name is no save
@@ -122,23 +133,6 @@ def test_unreadable_state_deletes_nothing(tmp_path) -> None:
     assert files.prune_periodic_saves(run, 1, step=8) == [] and names(tmp_path) == before
 
 
-@pytest.mark.parametrize("keep_last,kept", [(2, [4, 5]), (0, [1, 2, 3, 4, 5])])
-def test_headless_run_keeps_the_last_periodic_saves(tmp_path, keep_last: int, kept: list[int]) -> None:
-    from training import TrainConfig
-    from d2f_app.headless import run_headless
-    from training.tests.helpers import make_run
-
-    trainer, _, _ = make_run(TrainConfig(steps=5, save_every=1, keep_last=keep_last, ema_decay=0.9, save_raw=True))
-    run = files.RunFiles(tmp_path, "tiny")
-    (tmp_path / "tiny_2_000001.safetensors").write_bytes(b"x")  # another run's save
-    assert run_headless(trainer, run, lambda step: LoraMetadata("diff2flow", "eps", False, steps=step), progress=False) == 0
-    saves = run.periodic_saves()
-    assert sorted(saves) == kept
-    assert all(sorted(p.name for p in saves[s]) == [run.lora_at(s).name, run.raw_lora_at(s).name] for s in kept)
-    assert run.lora.is_file() and run.raw_lora.is_file() and (tmp_path / "tiny_2_000001.safetensors").is_file()
-    assert run.state_step() == 5
-
-
 def dead_pid() -> int:
     """The PID of a process that has exited (a killed run's)."""
     import subprocess
@@ -152,11 +146,22 @@ def dead_pid() -> int:
 def test_stale_temporaries_of_the_run_are_removed_and_others_kept(tmp_path) -> None:
     run = files.RunFiles(tmp_path, "tiny")
     gone = dead_pid()
-    stale = [f".tiny.d2fstate.{gone}.tmp", f".tiny_000004.safetensors.{gone}.tmp", f".tiny_000004_raw.safetensors.{gone}.tmp",
-             f".loss.png.{gone}.tmp", f".metrics.jsonl.{gone}.tmp", f".tiny.safetensors.{gone}.tmp", f".tiny.toml.{gone}.tmp"]
-    kept = [f".tiny.d2fstate.1.tmp",  # a live process (init) may be writing it
-            f".other.d2fstate.{gone}.tmp", f".tiny_2.safetensors.{gone}.tmp",  # another run's
-            "tiny.safetensors", f".notes.txt.{gone}.tmp"]
+    stale = [
+        f".tiny.d2fstate.{gone}.tmp",
+        f".tiny_000004.safetensors.{gone}.tmp",
+        f".tiny_000004_raw.safetensors.{gone}.tmp",
+        f".loss.png.{gone}.tmp",
+        f".metrics.jsonl.{gone}.tmp",
+        f".tiny.safetensors.{gone}.tmp",
+        f".tiny.toml.{gone}.tmp",
+    ]
+    kept = [
+        ".tiny.d2fstate.1.tmp",  # a live process (init) may be writing it
+        f".other.d2fstate.{gone}.tmp",
+        f".tiny_2.safetensors.{gone}.tmp",  # another run's
+        "tiny.safetensors",
+        f".notes.txt.{gone}.tmp",
+    ]
     for name in stale + kept:
         (tmp_path / name).write_bytes(b"x")
     (tmp_path / "samples").mkdir()
@@ -165,29 +170,3 @@ def test_stale_temporaries_of_the_run_are_removed_and_others_kept(tmp_path) -> N
     assert sorted(p.name for p in removed) == sorted(stale + [f".step_000002.png.{gone}.tmp"])
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + ["samples"])
     assert not any((tmp_path / "samples").iterdir())
-
-
-def test_a_state_at_the_last_step_resumes_to_the_missing_final_files(tmp_path) -> None:
-    """A run killed after its last periodic save (the state at the final step) but before its final files
-    and its pruning: resuming trains nothing, writes the final LoRA equal to a straight run's and prunes."""
-    from training import TrainConfig
-    from d2f_app.headless import run_headless
-    from training.tests.helpers import make_run
-
-    config = TrainConfig(steps=3, save_every=1, keep_last=1)
-    meta = lambda step: LoraMetadata("diff2flow", "eps", False, steps=step)  # noqa: E731
-    straight, _, _ = make_run(config)
-    assert run_headless(straight, files.RunFiles(tmp_path / "straight", "tiny"), meta, progress=False) == 0
-    run = files.RunFiles(tmp_path / "killed", "tiny")
-    trainer, _, _ = make_run(config)
-    assert run_headless(trainer, run, meta, progress=False) == 0
-    run.lora.unlink()  # as if killed before the final files: the LoRA missing, the older save not pruned yet
-    run.lora_at(3).replace(run.lora_at(2))
-    files.save_lora(run.lora_at(3), trainer.lora_state_dict(), meta(3))
-    resumed, _, _ = make_run(config)
-    resumed.load_state_dict(files.load_training_state(run.state))
-    assert resumed.step == 3
-    assert run_headless(resumed, run, meta, progress=False) == 0
-    assert sorted(run.periodic_saves()) == [3]
-    with safe_open(str(run.lora), "pt") as a, safe_open(str(tmp_path / "straight" / "tiny.safetensors"), "pt") as b:
-        assert set(a.keys()) == set(b.keys()) and all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())

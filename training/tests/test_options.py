@@ -6,11 +6,11 @@ option prescribes. Time convention (MATH.md section 1): FM sigma in [0, 1], sigm
 the naive-FM objective hands the network ``timestep = T * sigma``, so the recorded timesteps
 give the drawn sigmas exactly.
 """
+
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import pytest
 import torch
@@ -33,7 +33,7 @@ class Call:
     context: torch.Tensor
     autocast: bool
     autocast_dtype: torch.dtype
-    inner_dtype: Optional[torch.dtype]
+    inner_dtype: torch.dtype | None
 
 
 class Recorder:
@@ -49,10 +49,16 @@ class Recorder:
     def __call__(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         self._inner.clear()
         out = self.net(x, t, context=context)
-        self.calls.append(Call(
-            x.detach().clone(), t.detach().clone(), context.detach().clone(), torch.is_autocast_enabled("cpu"),
-            torch.get_autocast_dtype("cpu"), self._inner[0] if self._inner else None,
-        ))
+        self.calls.append(
+            Call(
+                x.detach().clone(),
+                t.detach().clone(),
+                context.detach().clone(),
+                torch.is_autocast_enabled("cpu"),
+                torch.get_autocast_dtype("cpu"),
+                self._inner[0] if self._inner else None,
+            )
+        )
         if out.requires_grad:
             out.register_hook(lambda g: self.output_grads.append(g.detach().clone()))
         return out
@@ -72,7 +78,9 @@ class Run:
     d2f: d2f_core.Diff2Flow
 
 
-def build(config: TrainConfig, prediction: str = "eps", zero_terminal_snr: Optional[bool] = None, uncond: bool = True) -> Run:
+def build(
+    config: TrainConfig, prediction: str = "eps", zero_terminal_snr: bool | None = None, uncond: bool = True
+) -> Run:
     """A tiny CondNet with ``config``'s adapters on every layer, 4 fixed 8x8 latents with distinct
     captions (the uncond is all zeros, so a dropped caption is recognisable)."""
     net, adapters = adapted_net(config)
@@ -116,7 +124,9 @@ def expected_factors(schedule: str, steps: int, warmup: int) -> list[float]:
             out.append((k + 1) / (warmup + 1))
             continue
         progress = (k - warmup) / (steps - warmup)
-        out.append({"constant": 1.0, "cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress}[schedule])
+        out.append(
+            {"constant": 1.0, "cosine": 0.5 * (1 + math.cos(math.pi * progress)), "linear": 1 - progress}[schedule]
+        )
     return out
 
 
@@ -125,8 +135,19 @@ def test_lr_schedule_sets_the_step_size_of_every_update(schedule: str, warmup: i
     """SGD (momentum 0.9, no weight decay): every update is exactly lr_k * momentum buffer, with
     lr_k the schedule's value; the reported LR after k steps is the schedule's value for step k."""
     steps, base = 6, 0.05
-    run = build(TrainConfig(steps=steps, lr_schedule=schedule, warmup_steps=warmup, optimizer="SGD", learning_rate=base,
-                            weight_decay=0.0, batch_size=2, rank=2, alpha=2))
+    run = build(
+        TrainConfig(
+            steps=steps,
+            lr_schedule=schedule,
+            warmup_steps=warmup,
+            optimizer="SGD",
+            learning_rate=base,
+            weight_decay=0.0,
+            batch_size=2,
+            rank=2,
+            alpha=2,
+        )
+    )
     factors = expected_factors(schedule, steps, warmup)
     reported: list[float] = []
     buffers = None
@@ -136,8 +157,13 @@ def test_lr_schedule_sets_the_step_size_of_every_update(schedule: str, warmup: i
         grads = [p.grad.detach().clone() for p in params_of(run)]
         buffers = grads if buffers is None else [0.9 * b + g for b, g in zip(buffers, grads)]
         for p0, p, buf in zip(before, params_of(run), buffers):
-            torch.testing.assert_close(p.detach(), p0 - base * factors[k] * buf, rtol=0, atol=1e-7,
-                                       msg=lambda m: f"step {k + 1}: the update is not lr * {factors[k]:.4f} * buffer ({m})")
+            torch.testing.assert_close(
+                p.detach(),
+                p0 - base * factors[k] * buf,
+                rtol=0,
+                atol=1e-7,
+                msg=lambda m, k=k: f"step {k + 1}: the update is not lr * {factors[k]:.4f} * buffer ({m})",
+            )
         reported.append(run.trainer.scheduler.get_last_lr()[0])
     assert sum(g.abs().sum() for g in grads) > 0, "no gradient reached the adapters: the check above is empty"
     # after k steps the LR is the schedule's value for the (k+1)-th update
@@ -240,14 +266,16 @@ SKIPPED_STEP_WARNING = "ignore:Detected call of `lr_scheduler.step\\(\\)` before
 
 @pytest.mark.filterwarnings(SKIPPED_STEP_WARNING)
 @pytest.mark.parametrize("dtype,expected", [("fp32", None), ("bf16", torch.bfloat16), ("fp16", torch.float16)])
-def test_dtype_runs_the_network_under_autocast(dtype: str, expected: Optional[torch.dtype]) -> None:
+def test_dtype_runs_the_network_under_autocast(dtype: str, expected: torch.dtype | None) -> None:
     run = build(TrainConfig(steps=2, batch_size=2, dtype=dtype))
     run.trainer.run()
     for call in run.recorder.calls:
         assert call.autocast == (expected is not None), f"dtype={dtype}: autocast enabled={call.autocast}"
         if expected is not None:
             assert call.autocast_dtype == expected
-        assert call.inner_dtype == (expected or torch.float32), f"dtype={dtype}: the convolutions ran in {call.inner_dtype}"
+        assert call.inner_dtype == (expected or torch.float32), (
+            f"dtype={dtype}: the convolutions ran in {call.inner_dtype}"
+        )
     assert all(p.dtype == torch.float32 for p in params_of(run))  # adapter weights stay fp32
 
 
@@ -265,14 +293,18 @@ def test_fp16_scales_the_loss_and_unscales_the_update() -> None:
         ref.trainer.train_step()
         run.trainer.train_step()
         g32, g16 = ref.recorder.output_grads[k], run.recorder.output_grads[k]
-        assert (g16.norm() / g32.norm()).item() == pytest.approx(scale, rel=0.02), f"step {k + 1}: the loss is not scaled by {scale}"
+        assert (g16.norm() / g32.norm()).item() == pytest.approx(scale, rel=0.02), (
+            f"step {k + 1}: the loss is not scaled by {scale}"
+        )
         update = [p.detach() - p0 for p, p0 in zip(params_of(run), start)]
         if all(u.abs().max() == 0 for u in update):  # overflow: skipped, scale halved
             scale /= 2
             assert run.trainer.scaler.get_scale() == scale
             continue
         for u, p in zip(update, params_of(ref)):
-            torch.testing.assert_close(u, -0.05 * p.grad, rtol=0, atol=0.02 * 0.05 * max(p.grad.abs().max().item(), 1e-6))
+            torch.testing.assert_close(
+                u, -0.05 * p.grad, rtol=0, atol=0.02 * 0.05 * max(p.grad.abs().max().item(), 1e-6)
+            )
         break
     else:
         pytest.fail("no fp16 step was applied in 6 steps")
@@ -282,12 +314,15 @@ def test_fp16_scales_the_loss_and_unscales_the_update() -> None:
 SIGMA_DRAW = dict(steps=1, batch_size=512, objective="naive_fm", learning_rate=1e-9, seed=6)
 
 
-@pytest.mark.parametrize("method,extra", [
-    ("uniform", {}),
-    ("logit_normal", {"logit_mean": 0.8, "logit_std": 0.5}),
-    ("shift", {"shift": 3.0}),
-    ("shift", {"shift": 0.4}),
-])
+@pytest.mark.parametrize(
+    "method,extra",
+    [
+        ("uniform", {}),
+        ("logit_normal", {"logit_mean": 0.8, "logit_std": 0.5}),
+        ("shift", {"shift": 3.0}),
+        ("shift", {"shift": 0.4}),
+    ],
+)
 def test_timestep_sampling_draws_the_configured_sigmas(method: str, extra: dict) -> None:
     """The sigmas the network sees are the draws d2f_core.sample_training_sigmas makes for the
     method and its parameters (noise first, then sigma, from the seeded generator)."""
@@ -297,8 +332,15 @@ def test_timestep_sampling_draws_the_configured_sigmas(method: str, extra: dict)
     gen = torch.Generator().manual_seed(config.seed)
     x0, _ = run.data.batch(run.data.draw_indices(config.batch_size, gen))
     torch.randn(x0.shape, generator=gen)
-    sigma = d2f_core.sample_training_sigmas(config.batch_size, method, run.d2f.sigma_max, logit_mean=config.logit_mean,
-                                            logit_std=config.logit_std, shift=config.shift, generator=gen)
+    sigma = d2f_core.sample_training_sigmas(
+        config.batch_size,
+        method,
+        run.d2f.sigma_max,
+        logit_mean=config.logit_mean,
+        logit_std=config.logit_std,
+        shift=config.shift,
+        generator=gen,
+    )
     torch.testing.assert_close(run.recorder.calls[0].t, run.d2f.num_timesteps * sigma, rtol=0, atol=0)
 
 
@@ -306,12 +348,18 @@ def uniform_cdf(u: torch.Tensor) -> torch.Tensor:
     return u
 
 
-@pytest.mark.parametrize("method,extra,cdf", [
-    ("uniform", {}, uniform_cdf),
-    ("logit_normal", {"logit_mean": 0.8, "logit_std": 0.5},
-     lambda u: torch.special.ndtr((torch.logit(u) - 0.8) / 0.5)),
-    ("shift", {"shift": 3.0}, lambda u: inverse_time_shift(u, 3.0)),
-])
+@pytest.mark.parametrize(
+    "method,extra,cdf",
+    [
+        ("uniform", {}, uniform_cdf),
+        (
+            "logit_normal",
+            {"logit_mean": 0.8, "logit_std": 0.5},
+            lambda u: torch.special.ndtr((torch.logit(u) - 0.8) / 0.5),
+        ),
+        ("shift", {"shift": 3.0}, lambda u: inverse_time_shift(u, 3.0)),
+    ],
+)
 def test_timestep_sampling_distribution(method: str, extra: dict, cdf) -> None:
     """The drawn sigmas / sigma_max follow the method's distribution (Kolmogorov-Smirnov at the
     1 % level for 512 draws), and the non-uniform methods are clearly not uniform."""
@@ -342,7 +390,9 @@ def test_zero_terminal_snr_trains_up_to_pure_noise() -> None:
 
 
 def test_zero_terminal_snr_config_needs_the_rescaled_alignment() -> None:
-    with pytest.raises(ValueError, match="zero_terminal_snr is set but the alignment's schedule has no zero terminal SNR"):
+    with pytest.raises(
+        ValueError, match="zero_terminal_snr is set but the alignment's schedule has no zero terminal SNR"
+    ):
         build(TrainConfig(steps=1, zero_terminal_snr=True), prediction="v", zero_terminal_snr=False)
 
 
@@ -363,7 +413,9 @@ def test_rank_and_alpha_set_adapter_shapes_and_delta_scale(rank: int, alpha: flo
     """LoRA factors are [out, rank] and [rank, fan_in]; after training, the network's weight is the
     base weight plus (alpha / rank) * up @ down."""
     run = build(TrainConfig(steps=3, batch_size=2, rank=rank, alpha=alpha, learning_rate=1e-2))
-    base = {n: m.parametrizations.weight.original.detach().clone() for n, m in select_target_modules(run.net, "all").items()}
+    base = {
+        n: m.parametrizations.weight.original.detach().clone() for n, m in select_target_modules(run.net, "all").items()
+    }
     run.trainer.run()
     for name, module in select_target_modules(run.net, "all").items():
         adapter = run.adapters[name]
@@ -380,14 +432,20 @@ def test_loha_trains_hadamard_factors() -> None:
     rank, alpha = 3, 6.0
     run = build(TrainConfig(steps=3, batch_size=2, algorithm="LoHa", rank=rank, alpha=alpha, learning_rate=1e-2))
     start = {n: {k: v.detach().clone() for k, v in a.named_parameters()} for n, a in run.adapters.items()}
-    base = {n: m.parametrizations.weight.original.detach().clone() for n, m in select_target_modules(run.net, "all").items()}
+    base = {
+        n: m.parametrizations.weight.original.detach().clone() for n, m in select_target_modules(run.net, "all").items()
+    }
     run.trainer.run()
     for name, module in select_target_modules(run.net, "all").items():
         a = run.adapters[name]
         out, fan_in = module.weight.shape[0], math.prod(module.weight.shape[1:])
         assert isinstance(a, LoHaAdapter), f"{name}: algorithm=LoHa gave a {type(a).__name__}"
         assert [tuple(a.w1_a.shape), tuple(a.w1_b.shape), tuple(a.w2_a.shape), tuple(a.w2_b.shape)] == [
-            (out, rank), (rank, fan_in), (out, rank), (rank, fan_in)]
+            (out, rank),
+            (rank, fan_in),
+            (out, rank),
+            (rank, fan_in),
+        ]
         expected = base[name] + (alpha / rank) * ((a.w1_a @ a.w1_b) * (a.w2_a @ a.w2_b)).reshape(module.weight.shape)
         torch.testing.assert_close(module.weight.detach(), expected.detach(), rtol=1e-6, atol=1e-7)
         for k, v in a.named_parameters():  # every factor trains (w2_a starts at 0, the others from step 2)
@@ -401,7 +459,9 @@ def test_each_algorithm_starts_at_the_base_and_trains_its_own_adapter(algorithm:
     run = build(TrainConfig(steps=3, batch_size=2, algorithm=algorithm, rank=2, alpha=2.0, learning_rate=1e-2))
     modules = select_target_modules(run.net, "all")
     for name, module in modules.items():  # training starts exactly at the base model
-        assert type(run.adapters[name]) is ALGORITHMS[algorithm], f"{name}: algorithm={algorithm} gave a {type(run.adapters[name]).__name__}"
+        assert type(run.adapters[name]) is ALGORITHMS[algorithm], (
+            f"{name}: algorithm={algorithm} gave a {type(run.adapters[name]).__name__}"
+        )
         assert torch.equal(module.weight, module.parametrizations.weight.original), f"{name} does not start at the base"
     start = {n: {k: v.detach().clone() for k, v in a.named_parameters()} for n, a in run.adapters.items()}
     run.trainer.run()
@@ -431,13 +491,22 @@ class Block(torch.nn.Module):
         self.norm = torch.nn.LayerNorm(4)
 
 
-@pytest.mark.parametrize("targets,expected", [
-    ("attention", {f"b.{a}.{p}" for a in ("attn1", "attn2") for p in ("to_q", "to_k", "to_v", "to_out.0")}),
-    ("attention_ff", {f"b.{a}.{p}" for a in ("attn1", "attn2") for p in ("to_q", "to_k", "to_v", "to_out.0")}
-     | {"b.ff.net.0.proj", "b.ff.net.2"}),
-    ("all", {f"b.{a}.{p}" for a in ("attn1", "attn2") for p in ("to_q", "to_k", "to_v", "to_out.0")}
-     | {"b.ff.net.0.proj", "b.ff.net.2", "b.proj_in"}),
-])
+@pytest.mark.parametrize(
+    "targets,expected",
+    [
+        ("attention", {f"b.{a}.{p}" for a in ("attn1", "attn2") for p in ("to_q", "to_k", "to_v", "to_out.0")}),
+        (
+            "attention_ff",
+            {f"b.{a}.{p}" for a in ("attn1", "attn2") for p in ("to_q", "to_k", "to_v", "to_out.0")}
+            | {"b.ff.net.0.proj", "b.ff.net.2"},
+        ),
+        (
+            "all",
+            {f"b.{a}.{p}" for a in ("attn1", "attn2") for p in ("to_q", "to_k", "to_v", "to_out.0")}
+            | {"b.ff.net.0.proj", "b.ff.net.2", "b.proj_in"},
+        ),
+    ],
+)
 def test_targets_select_the_named_layers(targets: str, expected: set) -> None:
     model = torch.nn.Module()
     model.b = Block()

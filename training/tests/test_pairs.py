@@ -1,6 +1,7 @@
 """Reflow pair generation (training/pairs.py) on a small random-weight teacher: per-index
 determinism across shard layouts, batches and processes, append and resume, refusals, and the
 pairs as reflow training data."""
+
 from __future__ import annotations
 
 import errno
@@ -17,14 +18,16 @@ from training import TrainConfig, Trainer
 from training.pairs import PairsError, generate_pairs, load_pairs, pair_noise, pair_shards
 from training.tests.helpers import CondNet
 from training.tests.pairs_teacher import SHAPE, negative, prompts, settings, teacher
-from training.tests.test_multiprocess import TORCHRUN, env, needs_gloo
+from training.tests.torchrun import TORCHRUN, env, needs_gloo
 
 WORKER = pathlib.Path(__file__).with_name("pairs_teacher.py")
 
 
 def generate(folder: pathlib.Path, count: int, shard_size: int = 8, **kwargs):
     velocity, d2f = teacher()
-    return generate_pairs(velocity, prompts(), folder, count, settings(d2f), negative(), shard_size=shard_size, **kwargs)
+    return generate_pairs(
+        velocity, prompts(), folder, count, settings(d2f), negative(), shard_size=shard_size, **kwargs
+    )
 
 
 def assert_same_pairs(a: pathlib.Path, b: pathlib.Path, count: int) -> None:
@@ -93,8 +96,10 @@ def test_an_interrupted_run_keeps_its_finished_shards_and_resumes(reference, tmp
     from training.tests.test_files import dead_pid
 
     gone = dead_pid()
-    leftovers = [folder / f".{name}.{gone}.tmp" for name in ("manifest.json", "conds.safetensors",
-                                                               "pairs-000000012-000000014.safetensors")]
+    leftovers = [
+        folder / f".{name}.{gone}.tmp"
+        for name in ("manifest.json", "conds.safetensors", "pairs-000000012-000000014.safetensors")
+    ]
     for path in leftovers:
         path.write_bytes(b"partial")
     assert generate(folder, 14, shard_size=4).generated == 2
@@ -116,7 +121,9 @@ def test_a_full_disk_keeps_the_finished_shards(tmp_path, monkeypatch) -> None:
         return real(tensors, path, metadata=metadata)
 
     monkeypatch.setattr(pairs_module, "save_file", fill_up)
-    with pytest.raises(OSError, match="disk full .*The 8 pairs of the finished shards .* are kept: free space and run the same command"):
+    with pytest.raises(
+        OSError, match="disk full .*The 8 pairs of the finished shards .* are kept: free space and run the same command"
+    ):
         generate(tmp_path / "full", 24)
     assert [(a, b) for a, b, _ in pair_shards(tmp_path / "full")] == [(0, 8)]
     assert not list((tmp_path / "full").glob(".*.tmp"))  # no partial file is left behind
@@ -126,8 +133,14 @@ def test_a_full_disk_keeps_the_finished_shards(tmp_path, monkeypatch) -> None:
 
 @needs_gloo
 def test_two_torchrun_processes_write_the_pairs_of_one(reference, tmp_path) -> None:
-    result = subprocess.run([sys.executable, *TORCHRUN, str(WORKER), str(tmp_path / "two"), "14", "4"], capture_output=True,
-                            text=True, env=env(), cwd=tmp_path, timeout=300)
+    result = subprocess.run(
+        [sys.executable, *TORCHRUN, str(WORKER), str(tmp_path / "two"), "14", "4"],
+        capture_output=True,
+        text=True,
+        env=env(),
+        cwd=tmp_path,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     assert "rank 0: generated 8" in result.stdout and "rank 1: generated 6" in result.stdout  # disjoint shards
     assert_same_pairs(reference, tmp_path / "two", 14)
@@ -185,16 +198,23 @@ def test_pairs_train_the_reflow_objective(reference) -> None:
     assert sigma_max < 1
     assert torch.equal(data.extras[3]["noise"], pair_noise(7, 3, SHAPE))
     for start in (sigma_max, 1.0):
-        student = d2f_core.Diff2Flow(d2f_core.scaled_linear(), "v") if start < 1 else \
-            d2f_core.Diff2Flow(d2f_core.rescale_zero_terminal_snr(d2f_core.scaled_linear()), "v")
+        student = (
+            d2f_core.Diff2Flow(d2f_core.scaled_linear(), "v")
+            if start < 1
+            else d2f_core.Diff2Flow(d2f_core.rescale_zero_terminal_snr(d2f_core.scaled_linear()), "v")
+        )
         assert student.sigma_max == pytest.approx(start)
-        noise, _ = d2f_core.get_objective("reflow").draw(pairs.latents[3:4], student, None, data.extras[3]["noise"][None])
+        noise, _ = d2f_core.get_objective("reflow").draw(
+            pairs.latents[3:4], student, None, data.extras[3]["noise"][None]
+        )
         line = d2f_core.interpolant(pairs.latents[3:4], noise, student.sigma_max)
         torch.testing.assert_close(line, student.sigma_max * pair_noise(7, 3, SHAPE)[None])
         torch.testing.assert_close(noise, pairs.line_noise(student.sigma_max)[3:4])
     net = CondNet(0).requires_grad_(False)
     modules = select_target_modules(net, "all")
-    adapters = {n: make_adapter("LoRA", m.weight.shape, 4, 4.0, torch.Generator().manual_seed(0)) for n, m in modules.items()}
+    adapters = {
+        n: make_adapter("LoRA", m.weight.shape, 4, 4.0, torch.Generator().manual_seed(0)) for n, m in modules.items()
+    }
     attach_parametrizations(modules, adapters)
     _, d2f = teacher()
     cond = {"context": torch.cat([data.conds[i]["context"] for i in range(14)])}
@@ -202,7 +222,11 @@ def test_pairs_train_the_reflow_objective(reference) -> None:
 
     def fixed_loss() -> float:  # the reflow loss on all pairs at fixed sigmas, before and after
         with torch.no_grad():
-            return d2f_core.get_objective("reflow").loss(net, d2f, pairs.latents, pairs.line_noise(), sigmas, **cond).loss.item()
+            return (
+                d2f_core.get_objective("reflow")
+                .loss(net, d2f, pairs.latents, pairs.line_noise(), sigmas, **cond)
+                .loss.item()
+            )
 
     before = fixed_loss()
     config = TrainConfig(objective="reflow", steps=60, batch_size=4, learning_rate=1e-2, rank=4)

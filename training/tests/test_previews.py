@@ -1,22 +1,26 @@
 """Sample previews while training (``preview_*`` options, training/previews.py) on the tiny pure-PyTorch model."""
-from __future__ import annotations
 
-import json
+from __future__ import annotations
 
 import pytest
 import torch
-from PIL import Image
 
 import d2f_core
-from d2f_core.lora_metadata import LoraMetadata
 from training import TrainConfig
-from training.files import RunFiles, load_training_state, save_training_state
-from d2f_app.headless import run_headless
+from training.files import load_training_state, save_training_state
 from training.previews import Preview, Previewer, PreviewSettings, image_grid
 from training.tests.helpers import CondNet, assert_equal, make_run, params
 
-BASE = dict(batch_size=2, learning_rate=1e-2, seed=3, preview_width=64, preview_height=64, preview_steps=4,
-            preview_cfg=2.0, preview_seed=11)
+BASE = dict(
+    batch_size=2,
+    learning_rate=1e-2,
+    seed=3,
+    preview_width=64,
+    preview_height=64,
+    preview_steps=4,
+    preview_cfg=2.0,
+    preview_seed=11,
+)
 PROMPTS = [{"context": torch.randn(1, 3, 4, generator=torch.Generator().manual_seed(s))} for s in (1, 2, 3)]
 UNCOND = {"context": torch.zeros(1, 3, 4)}
 
@@ -48,14 +52,18 @@ def test_preview_at_step_0_is_an_ordinary_sample_of_the_base_model() -> None:
     expected = torch.cat([reference_sample(base, trainer.d2f, p, 11 + i, 4, 2.0) for i, p in enumerate(PROMPTS)])
     torch.testing.assert_close(made.grid, image_grid(decode(expected)), rtol=1e-5, atol=1e-6)
     # and the seed is honoured: another seed, another image
-    other = Previewer(PreviewSettings.from_config(TrainConfig(**{**config.to_dict(), "preview_seed": 12})), PROMPTS,
-                      UNCOND, decode, 4)(trainer)
+    other = Previewer(
+        PreviewSettings.from_config(TrainConfig(**{**config.to_dict(), "preview_seed": 12})), PROMPTS, UNCOND, decode, 4
+    )(trainer)
     assert not torch.equal(other.grid, made.grid)
 
 
 def test_steps_and_cfg_default_to_the_objectives_recommendation() -> None:
     settings = PreviewSettings.from_config(TrainConfig(preview_every=1))
-    assert (settings.steps, settings.cfg) == (d2f_core.OBJECTIVES["diff2flow"].steps, d2f_core.OBJECTIVES["diff2flow"].cfg)
+    assert (settings.steps, settings.cfg) == (
+        d2f_core.OBJECTIVES["diff2flow"].steps,
+        d2f_core.OBJECTIVES["diff2flow"].cfg,
+    )
     reflow = PreviewSettings.from_config(TrainConfig(objective="reflow", preview_every=1))
     assert (reflow.steps, reflow.cfg) == (2, 1.0)
     assert PreviewSettings.from_config(TrainConfig(preview_steps=3, preview_cfg=7.0)).steps == 3
@@ -97,26 +105,6 @@ def test_resume_with_previews_equals_a_straight_run(tmp_path) -> None:
     for made in resumed_previews.previews:
         (same,) = [p for p in straight_previews.previews if p.step == made.step]
         assert torch.equal(made.grid, same.grid)
-
-
-@pytest.mark.parametrize("steps, every, expected", [(5, 2, [0, 2, 4]), (4, 4, [0, 4]), (3, 0, [])])
-def test_preview_every_is_honoured_in_files_and_metrics(tmp_path, steps: int, every: int, expected: list) -> None:
-    config = TrainConfig(steps=steps, preview_every=every, **BASE)
-    trainer, _, _ = make_run(config)
-    files = RunFiles(tmp_path, "tiny")
-    code = run_headless(trainer, files, lambda step: LoraMetadata("diff2flow", "eps", False, steps=step),
-                        progress=False, previewer=previewer(config))
-    assert code == 0
-    written = sorted(p.name for p in files.samples.glob("*.png")) if files.samples.is_dir() else []
-    assert written == [files.sample_at(s).name for s in expected]
-    records = [json.loads(line) for line in files.metrics.read_text().splitlines()]
-    assert [r["step"] for r in records if "sample" in r] == expected
-    assert [r["sample"] for r in records if "sample" in r] == [f"samples/step_{s:06d}.png" for s in expected]
-    assert [r["step"] for r in records if "loss" in r] == list(range(1, steps + 1))
-    for s in expected:
-        image = Image.open(files.sample_at(s))
-        assert image.size == (8 * 2, 8 * 2)  # 3 prompts: a 2 x 2 grid of (stand-in decoded) 8 x 8 previews
-        assert "step %d" % s in image.text["parameters"]
 
 
 def test_ema_previews_use_the_ema_weights_and_restore_the_raw_ones() -> None:
