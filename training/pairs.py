@@ -363,7 +363,7 @@ def generate_pairs(
         shard_size: pairs per shard file (a multiple of ``settings.batch_size``): the unit that an
             interruption can lose and the unit of work of a process.
         rank, world_size, barrier: this process's place among torchrun processes and a function that
-            waits for all of them (``training.distributed.barrier``); each process takes every
+            waits for all of them (``d2f_app.distributed.barrier``); each process takes every
             ``world_size``-th missing shard, and rank 0 writes the manifest.
         progress: called after each batch with a :class:`PairProgress`; ``check_cancel``: called
             before each batch, raises to stop (finished shards are kept).
