@@ -111,11 +111,13 @@ def run_one(
     progress: Progress | None = None,
     ema_decay: float = 0.0,
     checkpoint_sampler_steps: list[int] | None = None,
+    optimizer: str = "AdamW",
 ) -> dict[str, Any]:
     """Fine-tune one copy of the base model; evaluate at each checkpoint with
     ``checkpoint_sampler_steps`` (default: the 8-step sampler) and at the last one with every
     sampler step count. ``adapter`` is ``"full"`` or ``"lora<rank>"``. With ``ema_decay`` the
-    evaluation uses the weights a saved LoRA holds (the EMA's, ``Trainer.sampling_weights``)."""
+    evaluation uses the weights a saved LoRA holds (the EMA's, ``Trainer.sampling_weights``); so does a
+    schedule-free ``optimizer`` (its evaluation weights; benchmarks/optimizers.py compares optimizers)."""
     kind, rank = ("full", 1) if adapter == "full" else ("lora", int(adapter[4:]))
     net = pipeline.fresh_copy(setup.unet)
     adapters = pipeline.attach_adapters(net, kind, rank=rank, targets="all", seed=seed)
@@ -132,6 +134,7 @@ def run_one(
         weight_decay=0.0,
         lr_schedule="constant",
         ema_decay=ema_decay,
+        optimizer=optimizer,
     )
     trainer = Trainer(net, adapters, setup.d2f, config, setup.train_data)
     results: dict[int, Any] = {}

@@ -2,14 +2,24 @@
 
     python benchmarks/reflow.py --jobs 2     # full run (36 min on 2 busy CPU cores; about 12 estimated when idle)
     python benchmarks/reflow.py --quick      # a shrunken run that checks the script (seconds)
+    # reflow's second generation, one ingredient at a time (benchmarks/results/reflow_second_generation.md):
+    python benchmarks/reflow.py --seeds 1 --adapters lora16 --pair-sampler ab2 --pair-steps 12 \
+        --timestep-sampling u_shaped --loss pseudo_huber --inverted-share 0.5 --out /tmp/reflow_f
 
 Teacher: the shipped v-prediction UNet (``demo/weights/unet_v.safetensors``, pretrained on the digits
 0-6; no fine-tuning), converted by the Diff2Flow alignment and sampled conditionally at cfg 1 (its
 best FD here: guidance only lowers this small model's diversity). Pairs: ``training.pairs``
-integrates the teacher's ODE with FM Euler from per-index noise, the classes cycling through 0-6.
+integrates the teacher's ODE with FM Euler from per-index noise, the classes cycling through 0-6
+(``--pair-sampler`` / ``--pair-steps``: another ``d2f_core.SAMPLERS`` solver). With ``--inverted-share``
+the real digits 0-6 (the teacher's own classes, each with its class as the caption) are inverted through
+the teacher's ODE with the same solver into the same pairs folder (``training.pairs.invert_pairs``, as
+``pairs --invert-cache`` does) and make up that share of every training batch.
 Students: the teacher + a LoRA of rank 16, or + a full dense delta on every Linear and Conv weight
 (``demo.pipeline.attach_adapters``), trained with the ``reflow`` objective (docs/MATH.md sections 6
-and 12) by ``training.Trainer`` on the pairs; sampled with FM Euler at cfg 1.
+and 12) by ``training.Trainer`` on the pairs (shift-6 timestep sampling and MSE unless
+``--timestep-sampling`` / ``--shift`` / ``--loss`` / ``--huber-c`` say otherwise; ``--adapters lora16``
+skips the full students); sampled with FM Euler at cfg 1. The defaults of every flag reproduce
+``benchmarks/results/reflow.md``.
 
 Reported, over seeds (a seed is a training seed and its own evaluation noise; the teacher's spread
 is over the evaluation noise alone):
@@ -17,10 +27,15 @@ is over the evaluation noise alone):
 - FD (the demo classifier's 32 features, samples vs all real digits 0-6) at 1 / 2 / 4 / 8 steps for
   the teacher and each student, and the teacher's 50-step FD; the real-vs-real floor;
 - straightness of the 32-step sampling paths (docs/MATH.md section 12; 0 = straight);
-- the pair-generation cost against a bare sampling loop of the same model, batch and steps (rounds
-  alternating in this process; the target is a ratio <= 1.05), and the training cost;
+- the pair-generation cost against a bare sampling loop of the same model, sampler, batch and steps
+  (rounds alternating in this process; the target is a ratio <= 1.05), the inversion's against a bare
+  ``d2f_core.invert`` loop over the same images, and the training cost;
 - how far the teacher's N-step end points are from its 128-step ones (how the default of 32 pair
-  steps was chosen), full mode only.
+  steps was chosen), full mode with Euler pairs only.
+
+``--pairs-folder DIR`` keeps the pairs (and inverted pairs) in ``DIR`` instead of a temporary folder; a
+later run with the same pair settings reuses them (only missing pairs are generated, and the report says
+the pairs were reused instead of timing them).
 
 Targets: the student's 2-step FD <= the teacher's 8-step FD; its 4-step FD <= 1.2x the
 teacher's 50-step FD; its 1-step FD <= 0.5x the teacher's 1-step FD. The report states each as
@@ -52,9 +67,9 @@ from demo import pipeline  # noqa: E402
 from demo.classifier import predict  # noqa: E402
 from demo.progress import Progress  # noqa: E402
 from demo.store import load_classifier, load_unet  # noqa: E402
-from training import TrainConfig, Trainer  # noqa: E402
+from training import TrainConfig, Trainer, TrainingData  # noqa: E402
 from training.files import atomic_write  # noqa: E402
-from training.pairs import PairSettings, generate_pairs, load_pairs  # noqa: E402
+from training.pairs import PairSettings, generate_pairs, invert_pairs, load_pairs, pair_shards  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # the benchmarks' shared flags
 from paper_comparison import add_finetune_flags, check_finetune_flags, write_report  # noqa: E402
@@ -65,6 +80,7 @@ TEACHER_STEPS = (1, 2, 4, 8, 50)
 STRAIGHTNESS_STEPS = 32
 # the students' timestep sampling shift: it beat shift 3 and uniform (benchmarks/results/reflow_ablations.md)
 SHIFT = 6.0
+ADAPTERS = ("lora16", "full")
 
 
 # ------------------------------------------------------------------------------------ setup
@@ -75,7 +91,8 @@ class Setup:
         self.unet, self.encoder, _ = load_unet("v", weights)
         self.classifier = load_classifier(weights)
         self.d2f = d2f_core.Diff2Flow(d2f_core.scaled_linear(), "v")
-        images, _ = ddata.select_classes(*ddata.load_digits_tensor(), CLASSES)
+        images, labels = ddata.select_classes(*ddata.load_digits_tensor(), CLASSES)
+        self.real_images, self.real_labels = images, labels
         self.real_count = int(images.shape[0])
         self.real_features = predict(self.classifier, images)[1]
         self.floor = pipeline.data_floor(self.real_features)
@@ -127,11 +144,11 @@ def straightness(setup: Setup, net: torch.nn.Module, seed: int, count: int = 200
 
 
 # ------------------------------------------------------------------------------------ pairs and their cost
-def pair_settings(setup: Setup, steps: int, batch: int) -> PairSettings:
+def pair_settings(setup: Setup, steps: int, batch: int, sampler: str = "euler") -> PairSettings:
     return PairSettings(
         (1, 16, 16),
         setup.d2f.sigma_max,
-        "euler",
+        sampler,
         steps,
         1.0,
         1.0,
@@ -142,10 +159,10 @@ def pair_settings(setup: Setup, steps: int, batch: int) -> PairSettings:
 
 
 @torch.no_grad()
-def bare_loop(setup: Setup, count: int, steps: int, batch: int) -> float:
+def bare_loop(setup: Setup, count: int, steps: int, batch: int, sampler: str = "euler") -> float:
     """Seconds of the same sampling without the pair machinery: one noise draw per batch, the
-    classes cycling as in the pairs, FM Euler at cfg 1, nothing stored."""
-    teacher, sigmas = setup.velocity(setup.unet), setup.sigmas(steps)
+    classes cycling as in the pairs, the pairs' sampler at cfg 1, nothing stored."""
+    teacher, sigmas, solve = setup.velocity(setup.unet), setup.sigmas(steps), d2f_core.get_sampler(sampler)
     gen = torch.Generator().manual_seed(0)
     start = time.perf_counter()
     for first in range(0, count, batch):
@@ -153,23 +170,48 @@ def bare_loop(setup: Setup, count: int, steps: int, batch: int) -> float:
         cond = {
             "context": torch.cat([setup.class_conds[i % len(CLASSES)]["context"] for i in range(first, first + batch)])
         }
-        d2f_core.sample_euler(lambda x, s, cond=cond: teacher(x, s, cond), setup.d2f.sigma_max * noise, sigmas)
+        solve(lambda x, s, cond=cond: teacher(x, s, cond), setup.d2f.sigma_max * noise, sigmas)
     return time.perf_counter() - start
 
 
 def make_pairs(
-    setup: Setup, folder: pathlib.Path, count: int, steps: int, batch: int, shard: int, rounds: int
+    setup: Setup,
+    folder: pathlib.Path,
+    count: int,
+    steps: int,
+    batch: int,
+    shard: int,
+    rounds: int,
+    sampler: str = "euler",
 ) -> dict[str, Any]:
     """Generate ``count`` pairs into ``folder``: first ``rounds`` rounds of ``shard`` pairs each (appended),
-    each followed by the bare loop on as many pairs; then the rest. Returns the timings."""
-    settings, teacher = pair_settings(setup, steps, batch), setup.velocity(setup.unet)
+    each followed by the bare loop on as many pairs; then the rest. Returns the timings (``reused``: the
+    folder held every pair already, nothing was timed)."""
+    settings, teacher = pair_settings(setup, steps, batch, sampler), setup.velocity(setup.unet)
+    held = sum(stop - start for start, stop, _ in pair_shards(folder)) if folder.is_dir() else 0
+    if held >= count:
+        summary = generate_pairs(teacher, setup.class_conds, folder, count, settings, shard_size=shard)
+        print(f"{summary.report()} (reused)", flush=True)
+        nan = float("nan")
+        return {
+            "count": count,
+            "sampler": sampler,
+            "steps": steps,
+            "batch": batch,
+            "reused": True,
+            "seconds": nan,
+            "seconds_per_pair": nan,
+            "pairs_per_second": nan,
+            "ratios": [],
+            "ratio": nan,
+        }
     ratios, pair_seconds = [], 0.0
     for r in range(rounds):
         start = time.perf_counter()
         generate_pairs(teacher, setup.class_conds, folder, (r + 1) * shard, settings, shard_size=shard)
         seconds = time.perf_counter() - start
         pair_seconds += seconds
-        ratios.append(seconds / bare_loop(setup, shard, steps, batch))
+        ratios.append(seconds / bare_loop(setup, shard, steps, batch, sampler))
         print(f"pair round {r + 1}: pairs / bare loop time {ratios[-1]:.3f}", flush=True)
     start = time.perf_counter()
     summary = generate_pairs(teacher, setup.class_conds, folder, count, settings, shard_size=shard)
@@ -177,13 +219,80 @@ def make_pairs(
     print(summary.report(), flush=True)
     return {
         "count": count,
+        "sampler": sampler,
         "steps": steps,
         "batch": batch,
+        "reused": False,
         "seconds": pair_seconds,
+        "seconds_per_pair": pair_seconds / count,
         "pairs_per_second": count / pair_seconds,
         "ratios": ratios,
         "ratio": statistics.median(ratios) if ratios else float("nan"),
     }
+
+
+@torch.no_grad()
+def bare_invert_loop(setup: Setup, settings: PairSettings, images: torch.Tensor, labels: torch.Tensor) -> float:
+    """Seconds of ``d2f_core.invert`` over ``images`` in batches of ``settings.batch_size`` (a short last batch
+    padded, as ``invert_pairs`` pads it), each image with its class: the inversion without the pair machinery."""
+    teacher, sigmas, size = setup.velocity(setup.unet), settings.sigmas(), settings.batch_size
+    contexts = torch.cat([setup.class_conds[CLASSES.index(int(c))]["context"] for c in labels])
+    start = time.perf_counter()
+    for first in range(0, len(images), size):
+        rows = list(range(first, min(first + size, len(images))))
+        rows += [rows[0]] * (size - len(rows))
+        cond = {"context": contexts[rows]}
+        d2f_core.invert(settings.sampler, lambda x, s, cond=cond: teacher(x, s, cond), images[rows], sigmas)
+    return time.perf_counter() - start
+
+
+def invert_real(
+    setup: Setup, folder: pathlib.Path, count: int, steps: int, batch: int, shard: int, sampler: str
+) -> dict[str, Any]:
+    """Invert the first ``count`` real digits 0-6 (each captioned with its class) through the teacher with the
+    pairs' settings into ``folder`` (``training.pairs.invert_pairs``), then time a bare inversion loop over the
+    same images. Returns the timings (``reused``: the folder held them all already)."""
+    settings, teacher = pair_settings(setup, steps, batch, sampler), setup.velocity(setup.unet)
+    images, labels = setup.real_images[:count], setup.real_labels[:count]
+    conds = [setup.class_conds[CLASSES.index(int(c))] for c in labels]
+    held = sum(stop - start for start, stop, _ in pair_shards(folder, inverted=True)) if folder.is_dir() else 0
+    summary = invert_pairs(
+        teacher,
+        list(images),
+        conds,
+        folder,
+        settings,
+        shard_size=shard,
+        labels=[f"digit {int(c)} #{j}" for j, c in enumerate(labels)],
+        sources={"demo": "digits 0-6"},
+    )
+    print(summary.report(), flush=True)
+    if held >= count:
+        nan = float("nan")
+        return {"count": count, "reused": True, "seconds": nan, "seconds_per_image": nan, "ratio": nan}
+    bare = bare_invert_loop(setup, settings, images, labels)
+    print(f"inversion / bare invert loop time {summary.seconds / bare:.3f}", flush=True)
+    return {
+        "count": count,
+        "reused": False,
+        "seconds": summary.seconds,
+        "seconds_per_image": summary.seconds / count,
+        "bare_seconds": bare,
+        "ratio": summary.seconds / bare,
+    }
+
+
+def training_data(folder: pathlib.Path, inverted_share: float) -> TrainingData:
+    """The pairs folder's training data; with ``inverted_share`` 0 its generated pairs alone (a folder that
+    also holds inverted pairs then trains exactly as one without them, and without the trainer's warning)."""
+    pairs = load_pairs(folder)
+    data = pairs.training_data()
+    if inverted_share > 0 or not pairs.inverted_count:
+        return data
+    kept = pairs.generated_count  # the generated pairs come first
+    return TrainingData(
+        latents=data.latents[:kept], conds=data.conds[:kept], uncond=data.uncond, extras=data.extras[:kept]
+    )
 
 
 @torch.no_grad()
@@ -208,12 +317,16 @@ def train_student(
     steps: int,
     batch: int,
     lr: float,
+    options: dict[str, Any] | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
+    """``options``: TrainConfig fields of the student (``timestep_sampling``, ``shift``, ``loss``, ``huber_c``,
+    ``inverted_share``) over the benchmark's defaults (shift-6 timestep sampling, MSE, generated pairs only)."""
     kind, rank = ("full", 1) if adapter == "full" else ("lora", int(adapter[4:]))
     net = pipeline.fresh_copy(setup.unet)
     adapters = pipeline.attach_adapters(net, kind, rank=rank, targets="all", seed=seed)
     # shift timestep sampling: more training at high noise, where 1-4-step sampling spends its steps (SHIFT)
+    settings = {"timestep_sampling": "shift", "shift": SHIFT, **(options or {})}
     config = TrainConfig(
         objective="reflow",
         steps=steps,
@@ -224,9 +337,8 @@ def train_student(
         alpha=float(rank),
         targets="all",
         weight_decay=0.0,
-        timestep_sampling="shift",
-        shift=SHIFT,
         seed=seed,
+        **settings,
     )
     trainer = Trainer(net, adapters, setup.d2f, config, data)
     start = time.perf_counter()
@@ -246,10 +358,10 @@ def train_student(
 _WORKER: dict[str, Any] = {}
 
 
-def _worker_init(weights: str, samples: int, pairs: str) -> None:
+def _worker_init(weights: str, samples: int, pairs: str, inverted_share: float = 0.0) -> None:
     torch.set_num_threads(1)
     _WORKER["setup"] = Setup(pathlib.Path(weights), samples)
-    _WORKER["data"] = load_pairs(pairs).training_data()
+    _WORKER["data"] = training_data(pathlib.Path(pairs), inverted_share)
 
 
 def _worker_run(job: tuple) -> dict[str, Any]:
@@ -284,16 +396,39 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def _describe(report: dict[str, Any]) -> tuple[str, str, str]:
+    """The pairs' solver, the students' timestep sampling and their loss / inverted-pair mix, as the report's
+    first paragraph names them (the default settings read as they always did)."""
+    cfg, pairs = report["config"], report["pairs"]
+    sampler = pairs.get("sampler", "euler")
+    solver = "Euler" if sampler == "euler" else f"`{sampler}`"
+    opts = cfg.get("options", {})
+    method = opts.get("timestep_sampling", "shift")
+    sampling = {"shift": f"shift-{opts.get('shift', SHIFT):g}", "u_shaped": "U-shaped"}.get(method, method)
+    extra = ""
+    if opts.get("loss", "mse") != "mse":
+        c = opts.get("huber_c", 0.0)
+        extra += f", loss `{opts['loss']}` (c {c:g})" if c else f", loss `{opts['loss']}` (the default c)"
+    if opts.get("inverted_share", 0.0) > 0:
+        inv = report.get("inverted") or {}
+        extra += (
+            f", {opts['inverted_share']:g} of every batch from the {inv.get('count', '?')} real digits 0-6 inverted "
+            f"through the teacher's {pairs['steps']}-step {solver} ODE"
+        )
+    return solver, sampling, extra
+
+
 def summarise(report: dict[str, Any]) -> str:
     cfg, pairs = report["config"], report["pairs"]
     teacher, students = report["teacher"], report["students"]
     steps_cols = [str(s) for s in TEACHER_STEPS]
+    solver, sampling, extra = _describe(report)
     lines = [
         f"# Reflow at toy scale (the demo's v-model on digits 0-6{', quick run' if cfg['quick'] else ''})",
         "",
         f"Teacher: the shipped `unet_v` (digits 0-6, no fine-tuning), FM Euler at cfg 1. {pairs['count']} pairs of its "
-        f"{pairs['steps']}-step Euler ODE (classes 0-6 in turn); students trained with `reflow` for {cfg['train_steps']} "
-        f"steps, batch {cfg['batch']}, shift-{SHIFT:g} timestep sampling, cosine learning rate {cfg['lrs']['lora']:g} (LoRA r16, alpha 16) / "
+        f"{pairs['steps']}-step {solver} ODE (classes 0-6 in turn); students trained with `reflow` for {cfg['train_steps']} "
+        f"steps, batch {cfg['batch']}, {sampling} timestep sampling{extra}, cosine learning rate {cfg['lrs']['lora']:g} (LoRA r16, alpha 16) / "
         f"{cfg['lrs']['full']:g} (full), AdamW without weight decay. FD on {cfg['samples']} samples vs the "
         f"{report['real_count']} real digits 0-6 (classifier features, 32-d); real-vs-real floor **{report['floor_fd']:.2f}**. "
         f"Mean ± std over {len(cfg['seeds'])} seed(s). Total {report['seconds'] / 60:.1f} min, {cfg['jobs']} process(es) "
@@ -319,14 +454,26 @@ def summarise(report: dict[str, Any]) -> str:
             f"| {t['adapter']} | {t['target']} | {t['student']:.2f} | {t['bound']:.2f} | {'yes' if t['met'] else 'no'} |"
         )
     train_s = [r["seconds_per_step"] for r in students]
+    if pairs.get("reused"):
+        generation = f"- Pair generation: the {pairs['count']} pairs ({pairs['steps']} steps) were already in the pairs folder (reused, not timed)."
+    else:
+        generation = (
+            f"- Pair generation: {pairs['count']} pairs x {pairs['steps']} steps in {pairs['seconds']:.1f} s "
+            f"({pairs['pairs_per_second']:.1f} pairs/s, batch {pairs['batch']}). Against a bare sampling loop of the same "
+            f"model, batch and steps, alternating rounds of {cfg['shard']} pairs: time ratio "
+            f"{', '.join(f'{r:.3f}' for r in pairs['ratios'])}, median **{pairs['ratio']:.3f}** (target <= 1.05)."
+        )
+    lines += ["", "## Cost", "", generation]
+    inv = report.get("inverted")
+    if inv and inv.get("reused"):
+        lines.append(f"- Inversion: the {inv['count']} inverted real digits were already in the pairs folder (reused).")
+    elif inv:
+        lines.append(
+            f"- Inversion: {inv['count']} real digits x {pairs['steps']} steps in {inv['seconds']:.1f} s "
+            f"({1000 * inv['seconds_per_image']:.2f} ms per image); against a bare `d2f_core.invert` loop over the same "
+            f"images and batches ({inv['bare_seconds']:.1f} s): time ratio **{inv['ratio']:.3f}**."
+        )
     lines += [
-        "",
-        "## Cost",
-        "",
-        f"- Pair generation: {pairs['count']} pairs x {pairs['steps']} steps in {pairs['seconds']:.1f} s "
-        f"({pairs['pairs_per_second']:.1f} pairs/s, batch {pairs['batch']}). Against a bare sampling loop of the same "
-        f"model, batch and steps, alternating rounds of {cfg['shard']} pairs: time ratio "
-        f"{', '.join(f'{r:.3f}' for r in pairs['ratios'])}, median **{pairs['ratio']:.3f}** (target <= 1.05).",
         f"- Training: {_cell(train_s, 4)} s per step (batch {cfg['batch']}), "
         f"{statistics.fmean(r['train_seconds'] for r in students):.0f} s per student.",
     ]
@@ -384,6 +531,38 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, default=None, help="seeds (default 3)")
     p.add_argument("--pairs", type=int, default=None, help="pairs (default 16384)")
     p.add_argument("--pair-steps", type=int, default=None, help="teacher ODE steps per pair (default 32)")
+    p.add_argument(
+        "--pair-sampler", default="euler", choices=tuple(d2f_core.SAMPLERS), help="the pairs' solver (default euler)"
+    )
+    p.add_argument(
+        "--timestep-sampling",
+        default="shift",
+        choices=tuple(d2f_core.TIMESTEP_SAMPLERS),
+        help="the students' training sigmas (default shift)",
+    )
+    p.add_argument("--shift", type=float, default=SHIFT, help=f"shift of --timestep-sampling shift (default {SHIFT:g})")
+    p.add_argument("--loss", default="mse", choices=tuple(d2f_core.LOSSES), help="the students' loss (default mse)")
+    p.add_argument("--huber-c", type=float, default=0.0, help="c of --loss pseudo_huber (default 0: the paper's c)")
+    p.add_argument(
+        "--inverted-share",
+        type=float,
+        default=0.0,
+        help="share of every batch from the real digits 0-6 inverted through the teacher (default 0: none inverted)",
+    )
+    p.add_argument(
+        "--real-images", type=int, default=None, help="real digits to invert with --inverted-share (default all 1264)"
+    )
+    p.add_argument(
+        "--adapters",
+        default=",".join(ADAPTERS),
+        help=f"students, comma-separated of {', '.join(ADAPTERS)} (default both)",
+    )
+    p.add_argument(
+        "--pairs-folder",
+        type=pathlib.Path,
+        default=None,
+        help="keep the pairs here (a later run with the same pair settings reuses them; default a temporary folder)",
+    )
     p.add_argument("--train-steps", type=int, default=None, help="reflow training steps per student (default 3000)")
     p.add_argument("--samples", type=int, default=None, help="FD samples (default 500)")
     # the defaults (16384 pairs, 3000 steps, full lr 1e-3) won the seed-0 runs of benchmarks/results/reflow_ablations.md
@@ -396,6 +575,31 @@ def main(argv: list[str] | None = None) -> int:
     train_steps = args.train_steps or (20 if quick else 3000)
     samples = args.samples or (100 if quick else 500)
     gen_batch, shard = (64, 128) if quick else (256, 1024)
+    adapters = [a.strip() for a in args.adapters.split(",") if a.strip()]
+    if not adapters or any(a not in ADAPTERS for a in adapters) or len(set(adapters)) != len(adapters):
+        p.error(f"--adapters must name some of {', '.join(ADAPTERS)} once each, got {args.adapters!r}")
+    if not 0 <= args.inverted_share <= 1:
+        p.error(f"--inverted-share must lie in [0, 1], got {args.inverted_share}")
+    if args.inverted_share > 0:
+        try:
+            d2f_core.check_invertible(args.pair_sampler)
+        except ValueError as exc:
+            p.error(str(exc))
+    if args.inverted_share == 1:
+        p.error(
+            "--inverted-share 1 would train on the real digits alone: the benchmark mixes them with generated pairs"
+        )
+    options = {
+        "timestep_sampling": args.timestep_sampling,
+        "shift": args.shift,
+        "loss": args.loss,
+        "huber_c": args.huber_c,
+        "inverted_share": args.inverted_share,
+    }
+    try:
+        TrainConfig(objective="reflow", **options)  # the training options' own checks, before minutes of work
+    except ValueError as exc:
+        p.error(str(exc))
     check_finetune_flags(
         p,
         args,
@@ -404,6 +608,7 @@ def main(argv: list[str] | None = None) -> int:
         ("pair-steps", pair_steps, 1),
         ("train-steps", train_steps, 1),
         ("samples", samples, 2),
+        ("real-images", args.real_images if args.real_images is not None else 1, 1),
     )
     torch.set_num_threads(1)
     start = time.perf_counter()
@@ -423,18 +628,28 @@ def main(argv: list[str] | None = None) -> int:
             f"straightness {t['straightness']:.4f}",
             flush=True,
         )
-    choice = {} if quick else pair_step_choice(setup)
-    folder = pathlib.Path(tempfile.mkdtemp(prefix="d2f_reflow_pairs_"))
-    adapters = ["lora16", "full"]
+    choice = {} if quick or args.pair_sampler != "euler" else pair_step_choice(setup)
+    keep = args.pairs_folder is not None
+    folder = pathlib.Path(tempfile.mkdtemp(prefix="d2f_reflow_pairs_")) if not keep else None
+    pairs_dir = args.pairs_folder if keep else folder / "pairs"
     lrs = {"lora": args.lr_lora, "full": args.lr_full}
+    inverted = None
     try:
-        pairs = make_pairs(setup, folder / "pairs", count, pair_steps, gen_batch, shard, rounds=1 if quick else 3)
+        pairs = make_pairs(
+            setup, pairs_dir, count, pair_steps, gen_batch, shard, rounds=1 if quick else 3, sampler=args.pair_sampler
+        )
+        if args.inverted_share > 0:
+            real = min(args.real_images or setup.real_count, setup.real_count)
+            real = real if args.real_images or not quick else min(real, 128)
+            inverted = invert_real(setup, pairs_dir, real, pair_steps, gen_batch, shard, args.pair_sampler)
         jobs = [
-            (a, s, train_steps, args.batch, lrs["full" if a == "full" else "lora"]) for s in seeds for a in adapters
+            (a, s, train_steps, args.batch, lrs["full" if a == "full" else "lora"], options)
+            for s in seeds
+            for a in adapters
         ]
         students = []
         if args.jobs == 1:
-            data = load_pairs(folder / "pairs").training_data()
+            data = training_data(pairs_dir, args.inverted_share)
             with Progress(len(jobs) * train_steps, "reflow students", unit="step") as bar:
                 students = [train_student(setup, data, *job, progress=bar) for job in jobs]
         else:
@@ -443,14 +658,17 @@ def main(argv: list[str] | None = None) -> int:
             with (
                 Progress(len(jobs), f"reflow students ({args.jobs} processes)", unit="run") as bar,
                 mp.get_context("spawn").Pool(
-                    args.jobs, initializer=_worker_init, initargs=(str(args.weights), samples, str(folder / "pairs"))
+                    args.jobs,
+                    initializer=_worker_init,
+                    initargs=(str(args.weights), samples, str(pairs_dir), args.inverted_share),
                 ) as pool,
             ):
                 for result in pool.imap_unordered(_worker_run, jobs):
                     students.append(result)
                     bar.update(1, f"{result['adapter']} seed {result['seed']}")
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
     students.sort(key=lambda r: (adapters.index(r["adapter"]), r["seed"]))
     report = {
         "config": {
@@ -463,6 +681,7 @@ def main(argv: list[str] | None = None) -> int:
             "jobs": args.jobs,
             "shard": shard,
             "quick": quick,
+            "options": options,
             "torch": torch.__version__,
         },
         "floor_fd": setup.floor,
@@ -470,6 +689,7 @@ def main(argv: list[str] | None = None) -> int:
         "teacher": teacher,
         "students": students,
         "pairs": pairs,
+        "inverted": inverted,
         "pair_steps": choice,
         "seconds": time.perf_counter() - start,
     }

@@ -3,7 +3,8 @@ for every adapter algorithm (``--algorithms``: LoRA, LoHa, LoKr, OFT, DoRA).
 
 All three train the same random-weight SD1.5-shaped UNet (ComfyUI's classes; 4 levels, 2 res blocks,
 attention on the first 3 levels, context 768, width ``--channels``) on the same batch (4 latents
-4x32x32, one fixed [1, 77, 768] conditioning), batch size 4, rank 8, fp32, AdamW lr 1e-4, with the same
+4x32x32 (``--size``), one fixed [1, 77, 768] conditioning), batch size 4, rank 8, fp32 (``--dtype bf16``: bf16
+autocast in all three), AdamW lr 1e-4, with the same
 algorithm (stock TrainLoraNode offers LoRA, LoHa, LoKr and OFT; DoRA is ours and bare only):
 
 - ``ours``:  ``train_lora`` of this pack (diff2flow objective), d2f_core adapters as ComfyUI weight
@@ -164,7 +165,7 @@ def child(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)
-    latents = torch.randn(BATCH, *LATENT, generator=gen)
+    latents = torch.randn(BATCH, LATENT[0], args.size, args.size, generator=gen)
     context = torch.randn(1, 77, CONTEXT, generator=gen)
     model = build_model(args.channels)
     unet = model.model.diffusion_model
@@ -204,7 +205,7 @@ def child(args: argparse.Namespace) -> None:
             optimizer=["AdamW"],
             loss_function=["MSE"],
             seed=[0],
-            training_dtype=["fp32"],
+            training_dtype=[args.dtype],
             lora_dtype=["fp32"],
             algorithm=[args.algorithm],
             gradient_checkpointing=[args.gradient_checkpointing],
@@ -221,7 +222,7 @@ def child(args: argparse.Namespace) -> None:
             learning_rate=LR,
             targets=args.targets,
             algorithm=args.algorithm,
-            dtype="fp32",
+            dtype=args.dtype,
             gradient_checkpointing=args.gradient_checkpointing,
             seed=0,
         )
@@ -245,12 +246,14 @@ def child(args: argparse.Namespace) -> None:
         cond = context.expand(BATCH, -1, -1).to(device)
         noise_gen = torch.Generator().manual_seed(0)
         # the same recompute granularity as the node (the layers inside the UNet's blocks)
+        autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
         with gradient_checkpointing(unet, args.gradient_checkpointing):
             for _ in range(total):
                 optimizer.zero_grad(set_to_none=True)
-                loss = objective_loss(
-                    "diff2flow", lambda x, t, **kw: unet(x, t, **kw), d2f, x0, generator=noise_gen, context=cond
-                ).loss
+                with autocast:
+                    loss = objective_loss(
+                        "diff2flow", lambda x, t, **kw: unet(x, t, **kw), d2f, x0, generator=noise_gen, context=cond
+                    ).loss
                 loss.backward()
                 optimizer.step()
         lora = {k: v for k, v in adapters_state_dict(adapters).items() if not k.endswith(".alpha")}
@@ -415,6 +418,10 @@ def run_child(args: argparse.Namespace, only: str, algorithm: str, targets: str)
         str(args.channels),
         "--threads",
         str(args.threads),
+        "--size",
+        str(args.size),
+        "--dtype",
+        args.dtype,
     ] + (["--gradient-checkpointing"] if args.gradient_checkpointing else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
@@ -442,6 +449,10 @@ def main() -> None:
     )
     parser.add_argument("--algorithm", default="LoRA", help="child mode: the one algorithm to train")
     parser.add_argument("--gradient-checkpointing", action="store_true", help="for all three trainers")
+    parser.add_argument("--size", type=int, default=LATENT[1], help="latent side (SD1.5 at 512 px: 64)")
+    parser.add_argument(
+        "--dtype", choices=["fp32", "bf16"], default="fp32", help="training precision of all three (bf16: autocast)"
+    )
     parser.add_argument(
         "--threads", type=int, default=0, help="torch.set_num_threads in each trainer (0: torch's default)"
     )
@@ -488,7 +499,8 @@ def main() -> None:
         parser.error(f"--algorithms: unknown {', '.join(unknown)} (choose from {', '.join(ALGORITHMS)})")
     load = os.getloadavg() if hasattr(os, "getloadavg") else (0.0, 0.0, 0.0)
     print(
-        f"model_channels {args.channels}, batch {BATCH}x{LATENT}, rank {RANK}, fp32, {args.warmup} warm-up + {args.steps} timed steps, "
+        f"model_channels {args.channels}, batch {BATCH}x{(LATENT[0], args.size, args.size)}, rank {RANK}, {args.dtype}, "
+        f"{args.warmup} warm-up + {args.steps} timed steps, "
         f"gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, {os.cpu_count()} CPUs, "
         f"load avg {load[0]:.2f} {load[1]:.2f} (1, 5 min)"
     )

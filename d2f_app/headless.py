@@ -6,7 +6,9 @@ last ``keep_last``), the training state, ``metrics.jsonl`` (one JSON line per st
 loss, lr, seconds, it/s) and ``loss.png``. With previews (``preview_every``, a
 :class:`training.previews.Previewer`) it writes each grid to ``samples/step_<step>.png`` and lists it
 in ``metrics.jsonl`` as its own line ``{"step", "sample": "samples/step_<step>.png",
-"sample_seconds"}``; the it/s of the next step does not count the preview's time.
+"sample_seconds"}``; the it/s of the next step does not count the preview's time. With a validation
+loss (``validation_every``) each evaluation is its own line ``{"step", "validation_loss"}`` (step 0:
+before training), drawn in ``loss.png`` too.
 
 Ctrl-C or SIGTERM: the current step finishes, every process stops at the same step, the state and
 the LoRA are written atomically, and the run exits with 130 / 143 and the command that resumes
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import pathlib
 import signal
 import sys
@@ -140,11 +143,16 @@ def run_headless(
         else:  # periodic and interrupt saves, pruned to keep_last
             written = write_periodic_save(files, trainer, metadata(trainer.step))
         save_loss_curve(
-            files.loss_png, {config.objective: trainer.losses}, title=f"{files.name}: {config.objective} loss"
+            files.loss_png,
+            {config.objective: trainer.losses},
+            title=f"{files.name}: {config.objective} loss",
+            points={"validation": trainer.validation_losses},
         )
         return written
 
     def on_step(step: int, loss: float, lr: float) -> None:
+        # the step is done: an interrupt from here on (a save, preview or validation) keeps its draws
+        step_start_generator[0] = trainer.generator.get_state()
         now = time.perf_counter()
         if metrics is not None:
             metrics.write(
@@ -177,6 +185,13 @@ def run_headless(
             )
         last[0] = time.perf_counter()  # the next step's it/s is the step's own
 
+    def on_validation(step: int, loss: float) -> None:
+        if metrics is not None:  # JSON has no NaN: a non-finite loss is written as null
+            metrics.write({"step": step, "validation_loss": loss if math.isfinite(loss) else None})
+        if bar is not None:
+            bar.write(f"step {step}: validation loss {loss:.5g}")
+        last[0] = time.perf_counter()  # the next step's it/s is the step's own
+
     def check_stop() -> None:
         step_start_generator[0] = trainer.generator.get_state()
         if distributed.any_process(stops.received is not None, world):
@@ -191,6 +206,7 @@ def run_headless(
                     check_cancel=check_stop,
                     save=lambda t: write_files(final=False),
                     preview=preview if previewer is not None else None,
+                    on_validation=on_validation,
                 )
             except KeyboardInterrupt:
                 # the step in flight is abandoned: the trainer is as it was before it, except the generator

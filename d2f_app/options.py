@@ -147,6 +147,32 @@ def add_host_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (logs only)")
 
 
+# how the base UNet's weights are stored (d2f_host.checkpoints.WEIGHT_DTYPES, whose names UNETLoader's
+# weight_dtype uses): named here too, as the flag exists before ComfyUI is imported
+WEIGHT_DTYPES = ("default", "fp8_e4m3fn", "fp8_e5m2")
+
+
+def add_weight_dtype_flag(parser: argparse.ArgumentParser) -> None:
+    """``--weight-dtype``: the base weights' storage dtype (also the TOML key ``weight_dtype``)."""
+    parser.add_argument(
+        "--weight-dtype",
+        default=None,
+        choices=WEIGHT_DTYPES,
+        help="how the checkpoint's UNet weights are stored, as UNETLoader's weight_dtype: default (ComfyUI's "
+        "choice for the device), or fp8_e4m3fn / fp8_e5m2 (half the memory of fp16; each layer is cast to the "
+        "compute dtype as it runs, the adapters apply after the cast and train in full precision)",
+    )
+
+
+def weight_dtype_option(value: str | None) -> str:
+    """The ``--weight-dtype`` of a run (flag or TOML key), ``default`` when not given; a CliError for another value."""
+    if value is None:
+        return "default"
+    if value not in WEIGHT_DTYPES:
+        raise CliError(f"weight_dtype {value!r} is not one of {', '.join(WEIGHT_DTYPES)}")
+    return value
+
+
 def start_host(args: argparse.Namespace) -> None:
     """Import ComfyUI (the host library that reads checkpoints) for this command."""
     from d2f_host.bootstrap import bootstrap_comfyui

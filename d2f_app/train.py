@@ -12,12 +12,14 @@ import pathlib
 from typing import Any
 
 from training.config import TrainConfig
+from training.data import validation_problem
 from training.files import STATE_SUFFIX
 from training.optimizers import OPTIMIZERS
 
 from .options import (
     CliError,
     add_config_flags,
+    add_weight_dtype_flag,
     flag,
     given_options,
     make_config,
@@ -26,13 +28,14 @@ from .options import (
     read_toml,
     require_checkpoint,
     start_host,
+    weight_dtype_option,
     write_toml,
 )
 
 log = logging.getLogger("diff2flow")
 
 # run options that are not fields of TrainConfig (also valid TOML keys)
-RUN_KEYS = ("cache", "pairs", "checkpoint", "output", "name", "sample_prompts")
+RUN_KEYS = ("cache", "pairs", "checkpoint", "output", "name", "sample_prompts", "validation_cache", "weight_dtype")
 
 
 def add_parser(sub: Any) -> argparse.ArgumentParser:
@@ -57,6 +60,13 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
         help="a text file with one prompt per line: the prompts of the "
         "previews (--preview-every N; grids in OUTPUT/samples/step_XXXXXX.png, listed in metrics.jsonl)",
     )
+    t.add_argument(
+        "--validation-cache",
+        default=None,
+        help="a latent cache from prepare (other images than --cache) for the validation loss "
+        "(--validation-every N); the alternative to --validation-split",
+    )
+    add_weight_dtype_flag(t)
     add_config_flags(t, TrainConfig, "training options")
     return t
 
@@ -89,6 +99,11 @@ def train_values(args: argparse.Namespace) -> tuple[dict[str, Any], dict[str, An
         )
     if run["cache"] and run["pairs"]:
         raise CliError("train takes --cache (a latent cache) or --pairs (a reflow pairs folder), not both")
+    if run["validation_cache"] and run["pairs"]:
+        raise CliError(
+            "--validation-cache holds captioned latents, but --pairs trains on (noise, image) pairs: hold part of "
+            "the pairs out with --validation-split instead"
+        )
     run["name"] = run["name"] or "diff2flow_lora"
     return run, overrides, state
 
@@ -124,6 +139,14 @@ def run(args: argparse.Namespace) -> int:
         raise CliError(f"--optimizer {config.optimizer}: {unavailable}")
     if state is not None:
         check_resume(config, state, args.resume)
+    problem = validation_problem(config, bool(run_options["validation_cache"]))
+    if problem is not None:
+        raise CliError(f"{flag(problem[0])}: {problem[1]}")
+    if config.inverted_share > 0 and not run_options["pairs"]:
+        raise CliError(
+            f"--inverted-share {config.inverted_share:g} mixes reflow pairs of inverted images into every batch: pass "
+            "--pairs DIR (a folder with inverted images: pairs --invert-cache CACHE), or --inverted-share 0"
+        )
     if d2f_core.get_objective(config.objective).paired_noise and not run_options["pairs"]:
         raise CliError(
             f"objective {config.objective} trains on (noise, image) pairs: pass --pairs DIR (a folder from "
@@ -150,6 +173,19 @@ def run(args: argparse.Namespace) -> int:
         files.check_new_run(resuming=state is not None, overwrite=args.overwrite)
         files.remove_stale_temporaries()
     cached = load_cache(run_options["cache"]) if run_options["cache"] else None
+    validation_cache = None
+    if run_options["validation_cache"]:
+        from training.dataset import DatasetError
+
+        try:
+            validation_cache = load_cache(run_options["validation_cache"])
+        except DatasetError as exc:
+            raise CliError(f"--validation-cache: {exc}") from exc
+    if validation_cache is not None and validation_cache.task != cached.task:
+        raise CliError(
+            f"--validation-cache holds {validation_cache.task} samples but --cache holds {cached.task} samples: "
+            "prepare the validation images the way the training images were prepared"
+        )
     pairs = load_pairs(run_options["pairs"]) if run_options["pairs"] else None
     task = cached.task if cached is not None else "image"
     if task == "depth" and config.preview_every > 0:
@@ -166,7 +202,11 @@ def run(args: argparse.Namespace) -> int:
     from d2f_host.training_run import RunData, prepare_run
 
     # previews encode their prompts and decode their latents with the checkpoint's own encoders
-    model, clip, vae = load_checkpoint(checkpoint, encoders="required" if preview_prompts and world.is_main else "skip")
+    model, clip, vae = load_checkpoint(
+        checkpoint,
+        encoders="required" if preview_prompts and world.is_main else "skip",
+        weight_dtype=weight_dtype_option(run_options["weight_dtype"]),
+    )
 
     def run_data() -> RunData:
         if cached is not None:
@@ -177,7 +217,10 @@ def run(args: argparse.Namespace) -> int:
                     cached.settings["checkpoint"],
                     checkpoint,
                 )
-            return RunData(training_data_from_cache(model, cached, checkpoint), task)
+            validation = (
+                training_data_from_cache(model, validation_cache, checkpoint) if validation_cache is not None else None
+            )
+            return RunData(training_data_from_cache(model, cached, checkpoint), task, validation=validation)
         return RunData(
             training_data_from_pairs(model, pairs, run_options["pairs"]), teacher_cfg=float(pairs.settings["cfg"])
         )
@@ -192,7 +235,7 @@ def run(args: argparse.Namespace) -> int:
             files.config,
             {
                 **{
-                    k: str(pathlib.Path(v).resolve()) if k != "name" else files.name
+                    k: files.name if k == "name" else v if k == "weight_dtype" else str(pathlib.Path(v).resolve())
                     for k, v in run_options.items()
                     if v
                 },

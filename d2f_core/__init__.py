@@ -11,6 +11,8 @@ Modules:
     sampling         FM sigma grids, the sampler registry (Euler, Heun), classifier-free guidance
     objectives       the objective registry (diff2flow / naive_fm / diffusion), timestep samplers,
                      validation loss
+    losses           the per-sample losses every objective can take (mse, pseudo_huber)
+    inversion        the probability-flow ODE run backwards, image -> noise (reflow's inverted pairs)
     gaussian_mixture exactly optimal denoiser of a Gaussian mixture (for tests and benchmarks)
     metrics          sliced Wasserstein distance
     depth            image-to-depth: depth normalisation, the widened first convolution, affine
@@ -20,6 +22,8 @@ Modules:
 from . import depth, schedules
 from .alignment import PREDICTION_TYPES, Diff2Flow, normalize_prediction
 from .gaussian_mixture import GaussianMixture
+from .inversion import INVERTIBLE_SAMPLERS, check_invertible, invert
+from .losses import LOSSES, per_sample_loss, pseudo_huber
 from .metrics import sliced_wasserstein
 from .objectives import (
     OBJECTIVES,
@@ -34,6 +38,7 @@ from .objectives import (
     naive_fm_velocity_fn,
     objective_loss,
     sample_training_sigmas,
+    u_shaped_quantile,
     validation_sigmas,
 )
 from .sampling import (
@@ -58,15 +63,18 @@ __version__ = "0.1.0"
 __all__ = [
     "Diff2Flow",
     "GaussianMixture",
+    "INVERTIBLE_SAMPLERS",
     "Objective",
     "ObjectiveOutput",
     "OBJECTIVES",
+    "LOSSES",
     "PREDICTION_TYPES",
     "SAMPLERS",
     "Sampler",
     "START_RULES",
     "TIMESTEP_SAMPLERS",
     "cfg_velocity",
+    "check_invertible",
     "cosine",
     "depth",
     "ddim_trailing_sigmas",
@@ -77,6 +85,7 @@ __all__ = [
     "get_objective",
     "get_sampler",
     "interpolant",
+    "invert",
     "inverse_time_shift",
     "linear",
     "naive_fm_loss",
@@ -84,6 +93,8 @@ __all__ = [
     "naive_fm_velocity_fn",
     "normalize_prediction",
     "objective_loss",
+    "per_sample_loss",
+    "pseudo_huber",
     "rescale_zero_terminal_snr",
     "sample_euler",
     "sample_heun",
@@ -92,5 +103,6 @@ __all__ = [
     "sliced_wasserstein",
     "schedules",
     "time_shift",
+    "u_shaped_quantile",
     "validation_sigmas",
 ]

@@ -84,10 +84,19 @@ class GaussianMixture:
 
     def fm_velocity(self, x_sigma: torch.Tensor, sigma: torch.Tensor | float) -> torch.Tensor:
         """The exact FM velocity ``E[eps - x0 | x_sigma] = (x_sigma - x0*) / sigma`` with x0*
-        at ``a = 1 - sigma``, ``s = sigma`` (sigma > 0)."""
+        at ``a = 1 - sigma``, ``s = sigma``.
+
+        At sigma = 0 (where inversion starts, d2f_core/inversion.py) it is the limit ``-x``: the noise
+        is independent of the data, and ``x - x0* = -sigma x / (1 - sigma) + O(sigma^2)`` (Tweedie).
+        That limit needs a density (every std > 0); at a point mass the velocity has none."""
         x = x_sigma.to(torch.float64)
         sig = _per_sample(sigma, x.shape[0], x)
-        return (x - self.posterior_mean(x, 1 - sig, sig)) / sig[:, None]
+        at_data = sig == 0
+        if bool(at_data.any()) and bool((self.stds == 0).any()):
+            raise ValueError("the FM velocity at sigma = 0 needs every std > 0 (a point mass has no velocity there)")
+        safe = torch.where(at_data, torch.ones_like(sig), sig)
+        v = (x - self.posterior_mean(x, 1 - sig, sig)) / safe[:, None]
+        return torch.where(at_data[:, None], -x, v)
 
     def log_density(self, x: torch.Tensor) -> torch.Tensor:
         """Log density of the data distribution (components with c_k > 0 only)."""

@@ -58,7 +58,12 @@ class LoraMetadata:
     ``sampler`` / ``sampling_steps`` / ``sampling_cfg`` are the recommended sampling settings (the
     objective's registry defaults when the LoRA was trained); ``teacher_cfg`` is the guidance scale
     a ``reflow`` LoRA's training pairs were generated with (the student has it built in). ``task``
-    is one of :data:`TASKS`; a depth model records its targets' ``normalization``.
+    is one of :data:`TASKS`; a depth model records its targets' ``normalization``. ``optimizer`` and
+    ``learning_rate`` are the training run's (training/optimizers.py names); ``loss`` is its per-sample loss
+    (``d2f_core.losses.LOSSES``) and ``huber_c`` that loss's c when it was set (absent: the default c);
+    ``inverted_share`` the share of every batch a ``reflow`` LoRA drew from pairs of inverted real images
+    (absent: none); ``base_weight_dtype`` how the base UNet's weights were stored while it trained
+    (``fp32``, ``bf16``, ``fp8_e4m3fn``, ...: UNETLoader's names).
     """
 
     objective: str
@@ -76,6 +81,12 @@ class LoraMetadata:
     teacher_cfg: float | None = None
     task: str = "image"
     normalization: str | None = None
+    optimizer: str | None = None
+    learning_rate: float | None = None
+    loss: str | None = None
+    huber_c: float | None = None
+    inverted_share: float | None = None
+    base_weight_dtype: str | None = None
     format_version: int = FORMAT_VERSION
 
     def __post_init__(self) -> None:
@@ -137,7 +148,7 @@ class LoraMetadata:
                     kwargs[key] = value == "true"
                 elif key in ("rank", "steps", "sampling_steps", "format_version"):
                     kwargs[key] = int(value)
-                elif key in ("alpha", "sampling_cfg", "teacher_cfg"):
+                elif key in ("alpha", "sampling_cfg", "teacher_cfg", "learning_rate", "huber_c", "inverted_share"):
                     kwargs[key] = float(value)
                 else:
                     kwargs[key] = value

@@ -18,10 +18,14 @@ returning its raw output (eps or v for a diffusion model, the velocity for naive
   with the data, and the line runs from the student's own start ``sigma_max * z`` to ``x0``:
   ``x_sigma = (1 - sigma) x0 + sigma n``, target ``n - x0``, ``n`` = :func:`reflow_line_noise`
   (docs/MATH.md sections 6 and 12).
+
+Every loss function takes the keywords ``loss`` and ``huber_c``: how the prediction's residual becomes
+one number per sample (:data:`d2f_core.losses.LOSSES`: ``mse``, the default, or ``pseudo_huber``).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +33,8 @@ from typing import Any
 import torch
 
 from .alignment import Diff2Flow
+from .losses import mse as _mse
+from .losses import per_sample_loss
 from .sampling import ddim_trailing_sigmas, fm_sigmas, interpolant, reflow_line_noise, time_shift
 
 __all__ = [
@@ -38,6 +44,8 @@ __all__ = [
     "get_objective",
     "TIMESTEP_SAMPLERS",
     "sample_training_sigmas",
+    "U_SHAPED_A",
+    "u_shaped_quantile",
     "diff2flow_loss",
     "naive_fm_loss",
     "diffusion_loss",
@@ -52,6 +60,8 @@ TIMESTEP_SAMPLERS = {
     "uniform": "every noise level equally often",
     "logit_normal": "sigmoid(logit_mean + logit_std * z), z standard normal: more weight in the middle (SD3)",
     "shift": "uniform, then the time shift: more high-noise steps for shift > 1",
+    "u_shaped": "density proportional to cosh(4 (u - 1/2)): the nearly clean and the nearly pure-noise ends 3.8x as "
+    "often as the middle (reflow: Lee, Lin, Fanti 2024, with their a = 4)",
 }
 """How training sigmas are drawn (:func:`sample_training_sigmas`), each with its description."""
 Network = Callable[..., torch.Tensor]
@@ -61,7 +71,8 @@ Network = Callable[..., torch.Tensor]
 class ObjectiveOutput:
     """One training-loss evaluation.
 
-    ``loss`` is the batch mean, ``per_sample`` the mean over all but the batch dimension,
+    ``loss`` is the batch mean of ``per_sample``, each sample's loss (``mse``: the mean over all but the
+    batch dimension; :data:`d2f_core.losses.LOSSES`),
     ``time`` the FM sigma (FM objectives) or integer tau (diffusion) of each sample, and
     ``prediction`` / ``target`` the compared quantities (velocity, or raw eps/v for diffusion).
     """
@@ -73,10 +84,28 @@ class ObjectiveOutput:
     target: torch.Tensor
 
 
-def _mse(prediction: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    # Always reduce in float32 or wider: bf16/fp16 squared errors lose the small differences.
-    compute = torch.promote_types(torch.promote_types(prediction.dtype, target.dtype), torch.float32)
-    return (prediction.to(compute) - target.to(compute)).pow(2).flatten(1).mean(1)
+# the U-shaped density's a (Lee, Lin, Fanti 2024, section 4.1 and their code: a = 4)
+U_SHAPED_A = 4.0
+
+
+def u_shaped_quantile(p: torch.Tensor, a: float = U_SHAPED_A) -> torch.Tensor:
+    """The inverse CDF of the U-shaped density ``a cosh(a (u - 1/2)) / (2 sinh(a / 2))`` on [0, 1] at ``p``
+    in [0, 1] (floating point; float64 recommended).
+
+    The CDF is ``F(u) = 1/2 + sinh(a (u - 1/2)) / (2 sinh(a / 2))``, so ``F^-1(p) = 1/2 + asinh((2p - 1)
+    sinh(a / 2)) / a``. That form loses the small values near the ends to cancellation; this evaluates
+    the lower half as ``log1p`` of a ratio of positive terms (docs/MATH.md section 6) and the upper half by
+    the symmetry ``F^-1(1 - p) = 1 - F^-1(p)``: ``p > 0`` gives ``u > 0``, and ``p = 1`` gives ``u = 1``.
+    """
+    if not a > 0:
+        raise ValueError(f"the U-shaped density's a must be > 0, got {a}")
+    s, c = math.sinh(a / 2), math.cosh(a / 2)
+    q = torch.minimum(p, 1 - p)  # F^-1 of the lower half, [0, 1/2]
+    w = (1 - 2 * q) * s
+    r = (1 + w * w).sqrt()
+    # exp(a u) = exp(a / 2) / (w + r) and exp(a / 2) - (w + r) = 2q (s + s^2 (2 - 2q) / (c + r)): no cancellation
+    low = torch.log1p(2 * q * (s + s * s * (2 - 2 * q) / (c + r)) / (w + r)) / a
+    return torch.where(p <= 0.5, low, 1 - low)
 
 
 def sample_training_sigmas(
@@ -97,7 +126,9 @@ def sample_training_sigmas(
 
     - ``uniform``: ``u ~ U(0, 1)``;
     - ``logit_normal``: ``u = sigmoid(logit_mean + logit_std * z)``, ``z ~ N(0, 1)`` (SD3);
-    - ``shift``: ``u = time_shift(U(0, 1), shift)`` (more weight on high noise for shift > 1).
+    - ``shift``: ``u = time_shift(U(0, 1), shift)`` (more weight on high noise for shift > 1);
+    - ``u_shaped``: density proportional to ``cosh(a (u - 1/2))``, ``a =`` :data:`U_SHAPED_A` (Lee, Lin,
+      Fanti 2024), drawn exactly by its inverse CDF (:func:`u_shaped_quantile`) from one uniform per sample.
 
     Random numbers come from ``generator`` (on its own device) and are then moved to ``device``.
     """
@@ -116,6 +147,8 @@ def sample_training_sigmas(
         u = 1.0 - torch.rand(batch, generator=generator, device=gen_device, dtype=torch.float64)
         if method == "shift":
             u = time_shift(u, shift)
+        elif method == "u_shaped":
+            u = u_shaped_quantile(u)
     return (u * sigma_max).to(device=device if device is not None else gen_device, dtype=torch.float32)
 
 
@@ -126,14 +159,16 @@ def diff2flow_loss(
     noise: torch.Tensor,
     sigma: torch.Tensor,
     *args: Any,
+    loss: str = "mse",
+    huber_c: float = 0.0,
     **kwargs: Any,
 ) -> ObjectiveOutput:
-    """The Diff2Flow objective: velocity MSE of the aligned diffusion network at FM ``sigma``."""
+    """The Diff2Flow objective: velocity MSE (or ``loss``) of the aligned diffusion network at FM ``sigma``."""
     x_sigma = interpolant(x0, noise, sigma)
     x_in, t = d2f.network_inputs(x_sigma, sigma)
     v_hat = d2f.velocity(network(x_in, t, *args, **kwargs), x_sigma, sigma)
     target = noise - x0
-    per_sample = _mse(v_hat, target)
+    per_sample = per_sample_loss(v_hat, target, loss, huber_c)
     return ObjectiveOutput(per_sample.mean(), per_sample, torch.as_tensor(sigma), v_hat, target)
 
 
@@ -154,13 +189,15 @@ def naive_fm_loss(
     sigma: torch.Tensor,
     *args: Any,
     num_timesteps: int = 1000,
+    loss: str = "mse",
+    huber_c: float = 0.0,
     **kwargs: Any,
 ) -> ObjectiveOutput:
-    """Naive FM fine-tuning: no alignment, the raw output is regressed on ``eps - x0``."""
+    """Naive FM fine-tuning: no alignment, the raw output is regressed on ``eps - x0`` (MSE, or ``loss``)."""
     x_sigma = interpolant(x0, noise, sigma)
     v_hat = naive_fm_velocity_fn(network, num_timesteps)(x_sigma, sigma, *args, **kwargs)
     target = noise - x0
-    per_sample = _mse(v_hat, target)
+    per_sample = per_sample_loss(v_hat, target, loss, huber_c)
     return ObjectiveOutput(per_sample.mean(), per_sample, torch.as_tensor(sigma), v_hat, target)
 
 
@@ -171,9 +208,11 @@ def diffusion_loss(
     noise: torch.Tensor,
     tau: torch.Tensor,
     *args: Any,
+    loss: str = "mse",
+    huber_c: float = 0.0,
     **kwargs: Any,
 ) -> ObjectiveOutput:
-    """Standard diffusion fine-tuning at integer timesteps ``tau``: eps or v MSE per the model."""
+    """Standard diffusion fine-tuning at integer timesteps ``tau``: eps or v MSE (or ``loss``) per the model."""
     tau = torch.as_tensor(tau, device=x0.device).long()
     ac = d2f.alphas_cumprod.to(x0.device)[tau]
     shape = (-1,) + (1,) * (x0.ndim - 1)
@@ -182,7 +221,7 @@ def diffusion_loss(
     x_tau = (a * x0.to(compute) + s * noise.to(compute)).to(x0.dtype)
     out = network(x_tau, tau.to(torch.float32), *args, **kwargs)
     target = noise if d2f.prediction == "eps" else (a * noise.to(compute) - s * x0.to(compute)).to(noise.dtype)
-    per_sample = _mse(out, target)
+    per_sample = per_sample_loss(out, target, loss, huber_c)
     return ObjectiveOutput(per_sample.mean(), per_sample, tau, out, target)
 
 
@@ -215,7 +254,8 @@ class Objective:
     """Everything that makes one training objective, in one record (the registry :data:`OBJECTIVES`).
 
     - ``loss(network, d2f, x0, noise, times, **cond) -> ObjectiveOutput``: the loss on given noise
-      and times (the network input and the compared target are the loss function's business).
+      and times (the network input and the compared target are the loss function's business), reduced
+      per sample by the keywords ``loss`` / ``huber_c`` (:func:`d2f_core.losses.per_sample_loss`).
     - ``times``: ``"sigma"`` (FM sigma in ``(0, d2f.sigma_max]`` drawn by the timestep sampling) or
       ``"tau"`` (integer diffusion timestep, uniform).
     - ``paired_noise``: the noise of each sample comes with the data (reflow's (noise, image) pairs,
@@ -368,6 +408,8 @@ def objective_loss(
     logit_std: float = 1.0,
     shift: float = 3.0,
     generator: torch.Generator | None = None,
+    loss: str = "mse",
+    huber_c: float = 0.0,
     **kwargs: Any,
 ) -> ObjectiveOutput:
     """Draw noise and times (:meth:`Objective.draw`) and evaluate ``objective`` on them.
@@ -375,6 +417,7 @@ def objective_loss(
     FM objectives draw sigma in ``(0, d2f.sigma_max]`` with ``timestep_sampling``; naive FM
     uses the same range so the comparison is fair. The diffusion objective draws integer tau
     uniformly. ``generator`` makes the draws reproducible (noise is drawn before times).
+    ``loss`` / ``huber_c``: each sample's loss (:data:`d2f_core.losses.LOSSES`).
     """
     record = get_objective(objective)
     noise, times = record.draw(
@@ -388,7 +431,7 @@ def objective_loss(
         shift=shift,
     )
     noise, times = noise.to(x0.device, x0.dtype), times.to(x0.device)
-    return record.loss(network, d2f, x0, noise, times, *args, **kwargs)
+    return record.loss(network, d2f, x0, noise, times, *args, loss=loss, huber_c=huber_c, **kwargs)
 
 
 def evaluate_objective(
@@ -399,11 +442,13 @@ def evaluate_objective(
     noise: torch.Tensor,
     times: torch.Tensor,
     *args: Any,
+    loss: str = "mse",
+    huber_c: float = 0.0,
     **kwargs: Any,
 ) -> ObjectiveOutput:
     """``objective`` on given noise and times: FM sigmas for the ``times="sigma"`` objectives,
-    integer tau for ``diffusion``."""
-    return get_objective(objective).loss(network, d2f, x0, noise, times, *args, **kwargs)
+    integer tau for ``diffusion``; ``loss`` / ``huber_c``: each sample's loss."""
+    return get_objective(objective).loss(network, d2f, x0, noise, times, *args, loss=loss, huber_c=huber_c, **kwargs)
 
 
 def validation_sigmas(segments: int = 8) -> torch.Tensor:

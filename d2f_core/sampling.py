@@ -10,6 +10,7 @@ data, in the style of k-diffusion: small free functions with one signature.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -27,6 +28,9 @@ __all__ = [
     "reflow_line_noise",
     "sample_euler",
     "sample_heun",
+    "sample_ab2",
+    "sample_dpmpp_2m",
+    "log_snr",
     "cfg_velocity",
     "Sampler",
     "SAMPLERS",
@@ -195,6 +199,82 @@ def sample_heun(
     return x
 
 
+@torch.no_grad()
+def sample_ab2(
+    velocity_fn: VelocityFn,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """FM Adams-Bashforth 2 (docs/MATH.md section 14): second order, one evaluation per step.
+
+    Each step integrates the line through the last two velocities (in sigma) exactly:
+    ``x_{i+1} = x_i + dt * (v_i + dt / (2 (sigma_i - sigma_{i-1})) * (v_i - v_{i-1}))`` with
+    ``dt = sigma_{i+1} - sigma_i``; the first step, which has no earlier velocity, is Euler. The
+    velocity at the data end is never needed, so the step to sigma = 0 is an ordinary step.
+    Works on increasing grids too (data to noise).
+    """
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
+    previous: tuple[torch.Tensor, float] | None = None  # (velocity, sigma) of the last step
+    for i in range(len(sigmas) - 1):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        v = velocity_fn(x, _batched(s, x))
+        if callback is not None:
+            callback({"i": i, "x": x, "sigma": s, "sigma_next": s_next, "velocity": v, "denoised": x - s.item() * v})
+        dt = (s_next - s).item()
+        slope = v
+        if previous is not None:
+            slope = v + (dt / (2 * (s.item() - previous[1]))) * (v - previous[0])
+        previous = (v, s.item())
+        x = (x + dt * slope).to(x.dtype)
+    return x
+
+
+def log_snr(sigma: float) -> float:
+    """``lambda = log((1 - sigma) / sigma)``: the log signal-to-noise ratio of FM level ``sigma`` (the
+    time variable of DPM-Solver++; docs/MATH.md section 14). ``-inf`` at sigma = 1, ``+inf`` at 0."""
+    if sigma >= 1:
+        return -math.inf
+    if sigma <= 0:
+        return math.inf
+    return math.log((1 - sigma) / sigma)
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(
+    velocity_fn: VelocityFn,
+    x: torch.Tensor,
+    sigmas: torch.Tensor,
+    callback: Callback | None = None,
+) -> torch.Tensor:
+    """DPM-Solver++(2M) in FM coordinates (docs/MATH.md section 14): second order, one evaluation per step.
+
+    The data estimate ``x0_hat = x - sigma v`` is taken as linear in ``lambda = log((1 - sigma) / sigma)``
+    through its last two values and the ODE's exponential-integrator form integrated exactly:
+    ``x_{i+1} = x_i + dt * v_i + (1 - sigma_{i+1}) * (h + expm1(-h)) / h_prev * (x0_hat_i - x0_hat_{i-1})``
+    with ``h = lambda_{i+1} - lambda_i``, ``h_prev = lambda_i - lambda_{i-1}``: an FM Euler (= DDIM) step
+    plus a multistep correction. The correction needs finite lambdas, so the first step, the step to
+    sigma = 0 (which returns ``x0_hat``, as k-diffusion's) and, on a grid that starts at sigma = 1 (zero
+    terminal SNR, flow models), the second step are plain Euler steps. Works on increasing grids too.
+    """
+    sigmas = torch.as_tensor(sigmas, dtype=torch.float64)
+    previous: tuple[torch.Tensor, float] | None = None  # (data estimate, lambda) of the last step
+    for i in range(len(sigmas) - 1):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        v = velocity_fn(x, _batched(s, x))
+        denoised = x - s.item() * v
+        if callback is not None:
+            callback({"i": i, "x": x, "sigma": s, "sigma_next": s_next, "velocity": v, "denoised": denoised})
+        step = x + (s_next - s).item() * v
+        lam, lam_next = log_snr(s.item()), log_snr(s_next.item())
+        if previous is not None and math.isfinite(previous[1]) and math.isfinite(lam) and math.isfinite(lam_next):
+            h, h_prev = lam_next - lam, lam - previous[1]
+            step = step + ((1 - s_next.item()) * (h + math.expm1(-h)) / h_prev) * (denoised - previous[0])
+        previous = (denoised, lam)
+        x = step.to(x.dtype)
+    return x
+
+
 def cfg_velocity(
     velocity_fn: Callable[..., torch.Tensor],
     cond: Any,
@@ -236,6 +316,17 @@ class Sampler:
     fn: Callable[..., torch.Tensor]
     evaluations_per_step: int
     description: str
+    # the step to sigma = 0 where it costs fewer (Heun's is an Euler step); None: evaluations_per_step
+    final_step_evaluations: int | None = None
+
+    def evaluations(self, steps: int) -> int:
+        """The network evaluations of ``steps`` steps on a grid that ends at sigma = 0 (every FM grid of
+        :func:`fm_sigmas` does): what a choice of sampler and steps costs. With cfg != 1 each evaluation
+        is one network call on the doubled batch (:func:`cfg_velocity`), not two calls."""
+        if not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be a positive integer, got {steps!r}")
+        last = self.evaluations_per_step if self.final_step_evaluations is None else self.final_step_evaluations
+        return self.evaluations_per_step * (steps - 1) + last
 
     def __call__(
         self, velocity_fn: VelocityFn, x: torch.Tensor, sigmas: torch.Tensor, callback: Callback | None = None
@@ -247,7 +338,21 @@ SAMPLERS: dict[str, Sampler] = {
     s.name: s
     for s in (
         Sampler("euler", sample_euler, 1, "FM Euler: first order, one model evaluation per step"),
-        Sampler("heun", sample_heun, 2, "FM Heun: second order, two model evaluations per step (one on the last)"),
+        Sampler("heun", sample_heun, 2, "FM Heun: second order, two model evaluations per step (one on the last)", 1),
+        Sampler(
+            "ab2",
+            sample_ab2,
+            1,
+            "FM Adams-Bashforth 2: second order, one model evaluation per step (the velocity extrapolated "
+            "from the last two steps; the first step is Euler)",
+        ),
+        Sampler(
+            "dpmpp_2m",
+            sample_dpmpp_2m,
+            1,
+            "DPM-Solver++(2M) in FM coordinates: second order, one model evaluation per step (the data "
+            "estimate extrapolated in log-SNR; the first and last steps are Euler)",
+        ),
     )
 }
 

@@ -22,7 +22,9 @@ from .errors import HostError
 from .model_sampling import prediction_of, schedule_of
 
 __all__ = [
+    "WEIGHT_DTYPES",
     "load_checkpoint",
+    "weight_dtype_name",
     "apply_lora",
     "file_fingerprint",
     "base_model_hash",
@@ -35,19 +37,42 @@ __all__ = [
 ]
 log = logging.getLogger("diff2flow")
 
+# how the base UNet's weights are stored: "default" (ComfyUI's choice for the device), or fp8 with ComfyUI's
+# manual cast (each layer's weight cast to the input's dtype when it runs; the LoRA's weight wrappers apply
+# after that cast, so adapters train on an fp8-stored base). UNETLoader's weight_dtype choices, less
+# fp8_e4m3fn_fast: its fp8 matmuls (on GPUs that have them) serve inference, not a backward pass.
+WEIGHT_DTYPES = {"default": None, "fp8_e4m3fn": torch.float8_e4m3fn, "fp8_e5m2": torch.float8_e5m2}
+_DTYPE_NAMES = {
+    torch.float32: "fp32",
+    torch.float16: "fp16",
+    torch.bfloat16: "bf16",
+    torch.float8_e4m3fn: "fp8_e4m3fn",
+    torch.float8_e5m2: "fp8_e5m2",
+}
+
+
+def weight_dtype_name(model: Any) -> str:
+    """The dtype a MODEL's UNet weights are stored in, by UNETLoader's names (``fp8_e4m3fn``, ``bf16``, ...)."""
+    dtype = model.model.get_dtype()
+    return _DTYPE_NAMES.get(dtype, str(dtype).removeprefix("torch."))
+
 
 def load_checkpoint(
-    path: str | os.PathLike, encoders: str = "required", embedding_directory: Any = None
+    path: str | os.PathLike, encoders: str = "required", embedding_directory: Any = None, weight_dtype: str = "default"
 ) -> tuple[Any, Any, Any]:
     """(MODEL, CLIP, VAE) of an SD checkpoint through ComfyUI's own loader, checked to be a
     diffusion model Diff2Flow can convert (``HostError`` naming the file and the reason otherwise).
 
     ``encoders``: ``"required"`` (a checkpoint without text encoder or VAE is refused),
     ``"optional"`` (missing ones come back as ``None``, as in ComfyUI's checkpoint loader) or
-    ``"skip"`` (not loaded: training from a latent cache needs only the UNet).
+    ``"skip"`` (not loaded: training from a latent cache needs only the UNet). ``weight_dtype``: one of
+    :data:`WEIGHT_DTYPES`, how the UNet's weights are stored (as UNETLoader's ``weight_dtype``).
     """
     if encoders not in ("required", "optional", "skip"):
         raise ValueError(f"encoders must be 'required', 'optional' or 'skip', got {encoders!r}")
+    if weight_dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"weight_dtype must be one of {', '.join(WEIGHT_DTYPES)}, got {weight_dtype!r}")
+    model_options = {"dtype": WEIGHT_DTYPES[weight_dtype]} if WEIGHT_DTYPES[weight_dtype] is not None else {}
     load = encoders != "skip"
     path = pathlib.Path(path)
     if not path.is_file():
@@ -56,7 +81,11 @@ def load_checkpoint(
         )
     try:
         model, clip, vae = comfy.sd.load_checkpoint_guess_config(
-            str(path), output_vae=load, output_clip=load, embedding_directory=embedding_directory
+            str(path),
+            output_vae=load,
+            output_clip=load,
+            embedding_directory=embedding_directory,
+            model_options=model_options,
         )[:3]
     except Exception as exc:  # ComfyUI raises RuntimeError / ValueError / safetensors errors for files it cannot read
         raise HostError(
@@ -206,6 +235,12 @@ def lora_metadata_for(
         teacher_cfg=teacher_cfg,
         task=task,
         normalization=DEPTH_NORMALIZATION if depth else None,
+        optimizer=config.optimizer,
+        learning_rate=config.learning_rate,
+        loss=config.loss,
+        huber_c=config.huber_c if config.huber_c > 0 else None,  # 0: the default c, recorded by its absence
+        inverted_share=config.inverted_share if config.inverted_share > 0 else None,  # 0: generated pairs only
+        base_weight_dtype=weight_dtype_name(model),
     )
     return lambda step: LoraMetadata(**fields, steps=step)
 

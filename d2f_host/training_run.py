@@ -18,7 +18,7 @@ from d2f_core import Diff2Flow
 from d2f_core.lora import WeightAdapter
 from d2f_core.lora_metadata import LoraMetadata
 from training.config import TrainConfig
-from training.data import TrainingData
+from training.data import TrainingData, hold_out, inverted_share_problem, validation_problem
 from training.engine import Trainer
 
 from .checkpoints import attach_recommended_sampling, lora_metadata_for
@@ -31,11 +31,14 @@ from .unet import attach_adapters, gradient_checkpointing, unet_network
 @dataclass
 class RunData:
     """The training data of a run, what it trains (``"image"``, or ``"depth"``: image + depth
-    pairs) and, for reflow pairs, the teacher's guidance (recorded in the LoRA's metadata)."""
+    pairs), for reflow pairs the teacher's guidance (recorded in the LoRA's metadata), and separate
+    validation samples (``validation``: the alternative to ``validation_split``, which holds part of
+    ``data`` out instead)."""
 
     data: TrainingData
     task: str = "image"
     teacher_cfg: float | None = None
+    validation: TrainingData | None = None
 
 
 @dataclass
@@ -97,6 +100,10 @@ def prepare_run(
     except ValueError as exc:
         raise OptionError("zero_terminal_snr", str(exc)) from exc
     run_data = build_data()
+    data, validation = validation_data(config, run_data)
+    problem = inverted_share_problem(config.inverted_share, data)
+    if problem is not None:
+        raise OptionError("inverted_share", problem)
     # the metadata reads the base model: a depth file loads onto the base, widened the same way
     metadata = lora_metadata_for(model, config, d2f, teacher_cfg=run_data.teacher_cfg, task=run_data.task)
     if run_data.task == "depth" and not is_image_conditioned(model):
@@ -104,7 +111,21 @@ def prepare_run(
     # the adapters are created outside ComfyUI's inference mode so that they are trainable tensors
     with torch.inference_mode(False), torch.enable_grad():
         patcher, unet, adapters, device = attach_adapters(model, config)
-        trainer = Trainer(unet_network(unet), adapters, d2f, config, run_data.data, device, rank, world_size)
+        trainer = Trainer(unet_network(unet), adapters, d2f, config, data, device, rank, world_size, validation)
         if state is not None:
             trainer.load_state_dict(state)
     return PreparedRun(model, patcher, d2f, metadata, trainer, unet, adapters, device)
+
+
+def validation_data(config: TrainConfig, run_data: RunData) -> tuple[TrainingData, TrainingData | None]:
+    """``(training, validation)`` samples of a run: ``validation_split`` of the data held out, or the
+    separate validation samples (refused as ``training.data.validation_problem`` says)."""
+    problem = validation_problem(config, run_data.validation is not None)
+    if problem is not None:
+        raise OptionError(*problem)
+    if config.validation_split > 0:
+        try:
+            return hold_out(run_data.data, config.validation_split)
+        except ValueError as exc:
+            raise OptionError("validation_split", str(exc)) from exc
+    return run_data.data, run_data.validation

@@ -13,6 +13,7 @@ import torch.utils.checkpoint
 
 from d2f_core.lora import WeightAdapter, make_adapter, select_target_modules
 from training.config import TrainConfig
+from training.engine import AUTOCAST_DTYPES
 
 from .depth import INPUT_CONV, input_conv, is_image_conditioned
 
@@ -92,6 +93,11 @@ def attach_adapters(
     ``torch.inference_mode(False)`` and ``torch.enable_grad()``.
     """
     clone = model.clone()
+    if clone.model.get_dtype() != torch.float32 and clone.model.manual_cast_dtype is None:
+        # a base stored in half precision without ComfyUI's manual cast (how ComfyUI loads SD on a GPU): the
+        # trainer's fp32 inputs (and fp32 ops under autocast, such as group norm) need every layer's weight
+        # cast as it runs, which ComfyUI's compute dtype turns on (as its stock training node does)
+        clone.set_model_compute_dtype(AUTOCAST_DTYPES.get(config.dtype, torch.float32))
     unet = clone.model.diffusion_model
     modules = select_target_modules(unet, config.targets)
     widened = is_image_conditioned(clone)

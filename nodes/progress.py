@@ -1,15 +1,35 @@
 """Live training progress for the page: the loss event of web/diff2flow.js and a bounded history
 of each run that the page asks for when it (re)loads (``GET /diff2flow/training/history``).
 
+Two events go to every page (ComfyUI's ``send_sync``), both named here and in web/diff2flow.js:
+
+- ``PROGRESS_EVENT`` after every optimizer step (``report_progress``): ``RunHistory.event()``,
+  {node, prompt_id, workflow, step, steps, loss, lr, smooth, eta_s, elapsed_s};
+- ``VALIDATION_EVENT`` after every validation evaluation (``report_validation``):
+  ``RunHistory.validation_event()``, {node, prompt_id, workflow, step, steps, val_loss}, the loss of
+  the objective on the held-out samples after optimizer step ``step`` (0: before training).
+
+Outside ComfyUI's executing-node context (no node, no prompt) the events carry only {step, steps,
+loss, lr} and {step, steps, val_loss} and nothing is recorded.
+
 A run is keyed by the node that trains (ComfyUI's unique id of the executing node, which is the id
 of the node on the page) and the prompt id, so two training nodes, or two runs of one node, never
 mix. Its history is downsampled as it grows: at most ``max_points`` buckets of consecutive steps,
 each keeping the lowest, the highest and the last loss of its steps (spikes stay visible), and the
 smoothed loss (TensorBoard's debiased exponential moving average, weight ``SMOOTHING``) at its
-last step. Steps are the trainer's optimizer steps (1..steps); times are wall-clock seconds.
+last step. Steps are the trainer's optimizer steps (1..steps); times are wall-clock seconds. The
+validation losses are few (one per ``validation_every`` steps): each run keeps all of them, as
+``[step, loss]`` pairs in ``validation``, beside ``val_loss``, the last of them.
 
-Nothing here needs a server: ``report_progress`` records and sends only when ComfyUI's
-``PromptServer`` exists, and the route is registered only then.
+A run is created by the first report of it, a step's or a validation's: the validation at step 0
+comes before the first step. A report that cannot belong to the run kept under its key starts a
+new one (the same prompt run again): a step at or below the run's last step, a validation below
+the run's last step or at or below its last validation step.
+
+Nothing here needs a server: ``report_progress`` and ``report_validation`` record and send only
+when ComfyUI's ``PromptServer`` exists, and the route is registered only then. Non-finite losses
+are not recorded (nor drawable, nor valid JSON): a step's is sent as ``None``, a validation's not
+at all.
 """
 
 from __future__ import annotations
@@ -22,6 +42,7 @@ from collections import OrderedDict
 from typing import Any
 
 PROGRESS_EVENT = "diff2flow.train.progress"
+VALIDATION_EVENT = "diff2flow.train.validation"
 HISTORY_ROUTE = "/diff2flow/training/history"
 SMOOTHING = 0.95  # EMA weight of the smoothed curve (TensorBoard's slider; loss per step is noisy)
 MAX_POINTS = 1024  # buckets kept per run: more than a chart is wide, so the page's own downsampling decides
@@ -60,6 +81,15 @@ class RunHistory:
         self.elapsed_s = 0.0
         self.eta_s: float | None = None
         self._ema, self._count = 0.0, 0
+        self.validation: list[list] = []  # [step, loss] of every finite validation loss, in step order
+        self.val_loss: float | None = None  # the loss of the last of them
+
+    def new_run_at_validation(self, step: int) -> bool:
+        """Can a validation at ``step`` not belong to this run (so it is the same prompt run again)?
+        It comes after the report of its step or just before it, and once per step."""
+        return (self.step is not None and step < self.step) or (
+            bool(self.validation) and step <= self.validation[-1][0]
+        )
 
     @property
     def finished(self) -> bool:
@@ -96,6 +126,20 @@ class RunHistory:
         if len(self.points) > self.max_points:
             self._halve()
 
+    def add_validation(self, step: int, steps: int, loss: float, now: float | None = None) -> bool:
+        """Record the validation loss after optimizer step ``step`` (0: before training); False (and
+        nothing recorded) for a non-finite loss."""
+        if not math.isfinite(loss):
+            return False
+        if self.step is None:
+            self.steps = steps  # a run created by its validation at step 0 knows its length before its first step
+        self.updated = time.time() if now is None else now
+        self.validation = [p for p in self.validation if p[0] != step]
+        self.validation.append([step, loss])
+        self.validation.sort(key=lambda p: p[0])
+        self.val_loss = self.validation[-1][1]
+        return True
+
     def _halve(self) -> None:
         """Merge neighbouring buckets in pairs (aligned to the doubled stride): min of lows, max of highs."""
         self.stride *= 2
@@ -129,6 +173,18 @@ class RunHistory:
             "elapsed_s": self.elapsed_s,
         }
 
+    def validation_event(self, step: int) -> dict[str, Any]:
+        """The live event of the validation at ``step`` (what the page adds to its validation series)."""
+        loss = next((p[1] for p in self.validation if p[0] == step), None)
+        return {
+            "node": self.node,
+            "prompt_id": self.prompt_id,
+            "workflow": self.workflow,
+            "step": step,
+            "steps": self.steps,
+            "val_loss": loss,
+        }
+
     def as_dict(self) -> dict[str, Any]:
         """The whole run, JSON-ready (the history route's answer for it)."""
         return {
@@ -137,6 +193,8 @@ class RunHistory:
             "stride": self.stride,
             "updated": self.updated,
             "points": [list(p) for p in self.points],
+            "validation": [list(p) for p in self.validation],
+            "val_loss": self.val_loss,
         }
 
 
@@ -175,6 +233,32 @@ class ProgressStore:
             while len(self._runs) > self.max_runs:
                 self._runs.popitem(last=False)
             return run.event()
+
+    def record_validation(
+        self,
+        node: str,
+        prompt_id: str | None,
+        step: int,
+        steps: int,
+        loss: float,
+        workflow: str | None = None,
+        now: float | None = None,
+    ) -> dict[str, Any] | None:
+        """Add the validation loss after step ``step`` of the run (``node``, ``prompt_id``), creating the
+        run when it is its first report; returns the live event for it, None for a non-finite loss."""
+        if not math.isfinite(loss):
+            return None
+        key = (str(node), prompt_id)
+        with self._lock:
+            run = self._runs.get(key)
+            if run is None or run.new_run_at_validation(step):
+                run = RunHistory(str(node), prompt_id, steps, workflow, self.max_points, self.smoothing)
+            self._runs[key] = run
+            self._runs.move_to_end(key)
+            run.add_validation(step, steps, loss, now)
+            while len(self._runs) > self.max_runs:
+                self._runs.popitem(last=False)
+            return run.validation_event(step)
 
     def has_run(self, node: str, prompt_id: str | None) -> bool:
         with self._lock:
@@ -249,12 +333,29 @@ def report_progress(pbar: Any, steps: int, step: int, loss: float, lr: float) ->
     server.send_sync(PROGRESS_EVENT, event)
 
 
+def report_validation(steps: int, step: int, loss: float) -> None:
+    """The validation loss of the run at optimizer step ``step`` of ``steps`` (0: before training):
+    when a server runs, into the run's history and to the page's chart (``VALIDATION_EVENT``). A
+    non-finite loss is neither recorded nor sent."""
+    server = prompt_server()
+    if server is None or not math.isfinite(float(loss)):
+        return  # ComfyUI used as a library (metrics.jsonl has it), or nothing drawable
+    node, prompt_id = executing()
+    if node is None:
+        event = {"step": step, "steps": steps, "val_loss": float(loss)}
+    else:
+        workflow = None if STORE.has_run(node, prompt_id) else workflow_id(server, prompt_id)
+        event = STORE.record_validation(node, prompt_id, step, steps, float(loss), workflow=workflow)
+    server.send_sync(VALIDATION_EVENT, event)
+
+
 def history_answer(server: Any, node: str | None = None) -> dict[str, Any]:
-    """The route's JSON: every kept run, each with ``running`` (its prompt still executes)."""
+    """The route's JSON: every kept run, each with ``running`` (its prompt still executes: after its last
+    step too, when the last validation loss is still to come; None when the server cannot tell)."""
     running = running_prompts(server)
     runs = STORE.snapshot(node)
     for run in runs:
-        run["running"] = None if running is None else (not run["finished"] and run["prompt_id"] in running)
+        run["running"] = None if running is None else run["prompt_id"] in running
     return {"runs": runs, "smoothing": STORE.smoothing, "max_points": STORE.max_points}
 
 

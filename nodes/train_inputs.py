@@ -16,6 +16,7 @@ from d2f_host.depth import is_image_conditioned
 from d2f_host.model_sampling import is_patched
 from d2f_host.training_run import RunData
 from training import TrainConfig, TrainingData
+from training.data import validation_problem
 from training.depth_dataset import depth_pixels
 from training.pairs import load_pairs
 from training.previews import PreviewSettings
@@ -28,7 +29,8 @@ class TrainingInputs:
     """What is connected to the node's data inputs (``None``: not connected). ``latents`` +
     ``positive`` (+ ``negative``), ``pairs`` (a Diff2Flow Reflow Pairs folder) and ``depth_images`` +
     ``depth_maps`` (+ ``vae`` to encode them) are the three alternative kinds of data;
-    ``preview_prompts`` and ``vae`` serve the previews."""
+    ``preview_prompts`` and ``vae`` serve the previews; ``validation_latents`` + ``validation_positive``
+    are separate validation samples for captioned latents (the alternative to ``validation_split``)."""
 
     latents: list | None = None
     positive: list | None = None
@@ -38,6 +40,8 @@ class TrainingInputs:
     preview_prompts: list | None = None
     depth_images: list | None = None
     depth_maps: list | None = None
+    validation_latents: list | None = None
+    validation_positive: list | None = None
 
 
 def check_training_inputs(model: Any, config: TrainConfig, inputs: TrainingInputs) -> str:
@@ -46,6 +50,13 @@ def check_training_inputs(model: Any, config: TrainConfig, inputs: TrainingInput
     depth = check_depth_inputs(model, config, inputs)
     check_preview_inputs(config, inputs, depth)
     check_zero_terminal_snr(model, config)
+    check_validation_inputs(config, inputs, depth)
+    if config.inverted_share > 0 and (depth or not inputs.pairs):
+        raise ValueError(
+            f"inverted_share {config.inverted_share:g} mixes reflow pairs of inverted images into every batch, but "
+            "no pairs are connected: connect pairs (Diff2Flow Reflow Pairs with its latents input), or set "
+            "inverted_share 0"
+        )
     if not depth and inputs.pairs:
         check_pairs_inputs(config, inputs)
     elif not depth and (inputs.latents is None or inputs.positive is None):  # an empty batch has its own error
@@ -68,7 +79,13 @@ def run_data(model: Any, inputs: TrainingInputs, task: str) -> RunData:
         loaded = load_pairs(inputs.pairs)
         check_pairs_fit(model, loaded, inputs.pairs)
         return RunData(loaded.training_data(), teacher_cfg=float(loaded.settings["cfg"]))
-    return RunData(build_training_data(model, inputs.latents, inputs.positive, inputs.negative))
+    validation = None
+    if inputs.validation_latents is not None:
+        try:
+            validation = build_training_data(model, inputs.validation_latents, inputs.validation_positive, None)
+        except ValueError as exc:
+            raise ValueError(f"validation_latents / validation_positive: {exc}") from exc
+    return RunData(build_training_data(model, inputs.latents, inputs.positive, inputs.negative), validation=validation)
 
 
 # ---------------------------------------------------------------------- captioned latents -> TrainingData
@@ -274,6 +291,34 @@ def check_preview_inputs(config: TrainConfig, inputs: TrainingInputs, depth: boo
             f"previews at cfg {cfg:g} need an unconditional prompt: connect negative (an empty CLIP Text "
             "Encode), or set preview_cfg 1"
         )
+
+
+def check_validation_inputs(config: TrainConfig, inputs: TrainingInputs, depth: bool) -> None:
+    """Refuse separate validation data that is incomplete, that the run's kind of data cannot take, or that
+    the validation options would not evaluate (or evaluations without any samples), naming the input."""
+    latents, positive = inputs.validation_latents, inputs.validation_positive
+    if (latents is None) != (positive is None):
+        given, other = (
+            ("validation_latents", "validation_positive")
+            if positive is None
+            else (
+                "validation_positive",
+                "validation_latents",
+            )
+        )
+        raise ValueError(
+            f"{given} is connected but {other} is not: separate validation samples are captioned latents, "
+            "connect both (or neither, and hold samples out with validation_split)"
+        )
+    if latents is not None and (depth or inputs.pairs):
+        kind = "image + depth pairs" if depth else "reflow pairs"
+        raise ValueError(
+            f"validation_latents are captioned latents, but this run trains on {kind}: disconnect "
+            "validation_latents and validation_positive and hold part of the data out with validation_split"
+        )
+    problem = validation_problem(config, latents is not None)
+    if problem is not None:
+        raise ValueError(f"{problem[0]}: {problem[1]}")
 
 
 def check_zero_terminal_snr(model, config: TrainConfig) -> None:

@@ -37,7 +37,7 @@ from training.files import (
 from training.previews import Preview, Previewer, PreviewSettings, no_preview_image
 
 from .options import config_input
-from .progress import report_progress
+from .progress import report_progress, report_validation
 from .reflow_nodes import Pairs
 from .train_inputs import TrainingInputs, check_training_inputs, flatten_conditioning, run_data, unet_kwargs
 
@@ -74,8 +74,12 @@ def lora_result(tensors: dict, metadata: LoraMetadata) -> Diff2FlowLora:
     return lora
 
 
-# the preview options (TrainConfig fields): their widgets come after the others (see define_schema)
+# the options whose widgets come after output_name and resume_from, in field order: the previews', and those
+# added after them (saved workflows store widget values by position; see define_schema)
 PREVIEW_OPTIONS = tuple(spec.name for spec in option_specs() if spec.name.startswith("preview_"))
+# every field from the first preview option on: the previews', the validation options, the loss options, ...
+_FIELD_NAMES = [spec.name for spec in option_specs()]
+LATE_OPTIONS = tuple(_FIELD_NAMES[_FIELD_NAMES.index(PREVIEW_OPTIONS[0]) :])
 
 
 def node_previewer(run: PreparedRun, inputs: TrainingInputs, pbar: comfy.utils.ProgressBar) -> Previewer:
@@ -152,6 +156,7 @@ def train_lora(
             check_cancel=comfy.model_management.throw_exception_if_processing_interrupted,
             save=lambda t: write_periodic_save(files, t, run.metadata(t.step)),
             preview=previewer,
+            on_validation=lambda step, loss: report_validation(config.steps, step, loss),
         )
         for adapter in run.adapters.values():
             adapter.requires_grad_(False)
@@ -159,9 +164,10 @@ def train_lora(
         # the outputs hold the saved weights: the EMA's when EMA is on
         lora = lora_result({k: v.cpu() for k, v in trainer.lora_state_dict().items()}, run.metadata(trainer.step))
     grids = previewer.grids() if previewer is not None else no_preview_image()
-    return TrainedLora(
-        run.trained_model(lora, lora.metadata), lora, {"loss": list(trainer.losses)}, trainer.step, grids
-    )
+    loss_map = {"loss": list(trainer.losses)}
+    if trainer.validation_losses:  # (step, loss) pairs: Loss Graph reads only "loss"
+        loss_map["validation_loss"] = [list(v) for v in trainer.validation_losses]
+    return TrainedLora(run.trained_model(lora, lora.metadata), lora, loss_map, trainer.step, grids)
 
 
 class TrainDiff2FlowLora(io.ComfyNode):
@@ -220,7 +226,17 @@ class TrainDiff2FlowLora(io.ComfyNode):
                     optional=True,
                     tooltip="The depth map of each of depth_images, in the same order and at the same size (grayscale; only order and relative differences matter: each is normalised by its 2 % / 98 % quantiles). Depth (far = bright) by convention.",
                 ),
-                *[config_input(spec) for spec in option_specs() if spec.name not in PREVIEW_OPTIONS],
+                io.Latent.Input(
+                    "validation_latents",
+                    optional=True,
+                    tooltip="Separate validation samples for the validation loss (validation_every > 0), with validation_positive: other images than the training latents. The alternative to validation_split.",
+                ),
+                io.Conditioning.Input(
+                    "validation_positive",
+                    optional=True,
+                    tooltip="The captions of validation_latents: one conditioning for all, or one per latent.",
+                ),
+                *[config_input(spec) for spec in option_specs() if spec.name not in LATE_OPTIONS],
                 io.String.Input(
                     "output_name",
                     default="diff2flow_lora",
@@ -233,7 +249,7 @@ class TrainDiff2FlowLora(io.ComfyNode):
                     tooltip="A training state (.d2fstate) from an earlier run's periodic save, to continue it exactly.",
                 ),
                 # last, so a saved workflow without these widgets keeps its widget values in place
-                *[config_input(spec) for spec in option_specs() if spec.name in PREVIEW_OPTIONS],
+                *[config_input(spec) for spec in option_specs() if spec.name in LATE_OPTIONS],
             ],
             outputs=[
                 io.Model.Output(
@@ -264,6 +280,8 @@ class TrainDiff2FlowLora(io.ComfyNode):
             lists.get("preview_prompts"),
             lists.get("depth_images"),
             lists.get("depth_maps"),
+            lists.get("validation_latents"),
+            lists.get("validation_positive"),
         )
         return io.NodeOutput(*train_lora(model[0], config, inputs, first["output_name"], first["resume_from"]))
 

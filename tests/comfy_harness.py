@@ -83,8 +83,9 @@ def randomize_(module, seed: int = 0, std: float = 0.05):
     return module
 
 
-def build_tiny_model(kind: str = "eps", seed: int = 0):
-    """A ModelPatcher around a tiny SD1.x-eps ("eps") or SD2.x-v ("v") UNet with random weights."""
+def build_tiny_model(kind: str = "eps", seed: int = 0, weight_dtype=None):
+    """A ModelPatcher around a tiny SD1.x-eps ("eps") or SD2.x-v ("v") UNet with random weights, stored in
+    ``weight_dtype`` (default float32) without manual cast, as ComfyUI loads a half-precision model on a GPU."""
     import comfy.model_base
     import comfy.model_management
     import comfy.model_patcher
@@ -97,7 +98,7 @@ def build_tiny_model(kind: str = "eps", seed: int = 0):
     else:
         cfg = comfy.supported_models.SD20(dict(TINY_UNET, use_linear_in_transformer=True, model_channels=64))
         model_type = comfy.model_base.ModelType.V_PREDICTION
-    cfg.set_inference_dtype(torch.float32, None)
+    cfg.set_inference_dtype(weight_dtype or torch.float32, None)
     device = comfy.model_management.get_torch_device()
     model = comfy.model_base.BaseModel(cfg, model_type=model_type, device=torch.device("cpu"))
     randomize_(model, seed)

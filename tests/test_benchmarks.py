@@ -30,9 +30,13 @@ SCRIPTS = {
     ),
     "ema.py": (False, "on - off (per seed)"),
     "exactness.py": (False, "max rel. error"),
+    "gpu_suite.py": (True, "| part | what | result |"),
+    "optimizers.py": (False, "| optimizer | learning rate |"),
     "paper_comparison.py": (False, "FD by sampler steps"),
+    "pair_accuracy.py": (False, "## Target: 32-step Euler's accuracy"),
     "reflow.py": (False, "FD by sampler steps (FM Euler, cfg 1)"),
     "start_rule.py": (False, "beats 'sigma_max'"),  # its table is checked in d2f_core/tests/test_top_of_schedule.py
+    "memory.py": (True, "## What fits a GPU of 8 / 12 / 16 / 24 GB"),
     "patch_overhead.py": (True, "ratio"),
     "train_speed.py": (True, "ours/bare step time"),
     "cli_overhead.py": (True, "CLI / bare step time"),
@@ -48,8 +52,10 @@ def test_benchmark_quick_mode_runs(script: str, tmp_path: pathlib.Path) -> None:
     needs_comfyui, expected = SCRIPTS[script]
     if needs_comfyui and COMFYUI is None:
         pytest.skip(COMFYUI_IMPORT_ERROR or SKIP_REASON)
-    args = [sys.executable, str(BENCHMARKS / script), "--quick"]
-    if script in ("depth.py", "paper_comparison.py", "reflow.py"):
+    args = [sys.executable, str(BENCHMARKS / script), "--quick"] + (
+        ["--device", "cpu"] if script == "gpu_suite.py" else []
+    )
+    if script in ("depth.py", "optimizers.py", "pair_accuracy.py", "paper_comparison.py", "reflow.py"):
         args += ["--out", str(tmp_path / "results"), "--jobs", "1"]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env["TMPDIR"] = str(tmp_path)  # quick runs without --out (ema.py) write to a temporary folder: keep it in here

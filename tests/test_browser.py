@@ -9,7 +9,10 @@ own front-end (comfyui-frontend-package) in headless Chromium.
   the Train Diff2Flow LoRA node, without covering the node's badges: every step, axes with labels,
   curves on the screen (read back as pixels), as wide as the node and resized with it;
 - the chart comes back after a page reload during the run (the server's history of the steps before
-  the reload, then the live steps) and after it (the finished chart stays);
+  the reload, then the live steps) and after it (the finished chart stays), with the run's
+  validation losses (``validation_split`` / ``validation_every``) as a second series;
+- validation events draw that series in its own colour, and the "val" loss in the header, the
+  validation at step 0 before the first step included;
 - a node's help page opens in the front-end from ``web/docs/<node id>/en.md``;
 - the Templates browser shows a thumbnail (example_workflows/<name>.jpg) for every example workflow.
 
@@ -61,7 +64,7 @@ WAIT_TRAINING_S = 150  # checkpoint load + CLIP + 6 steps: ~20 s on 2 cores
 # the rectangle filled just before each (the box behind the text), and where the watched badge
 # texts are drawn above the node, all in canvas pixels.
 INIT_SCRIPT = """
-window.__d2f = { progress: [], box: null, text: null, badges: {}, watch: [], events: [], done: [] };
+window.__d2f = { progress: [], box: null, text: null, badges: {}, watch: [], events: [], valEvents: [], done: [] };
 (() => {
   const toCanvas = (ctx, x0, y0, x1, y1) => {
     const m = ctx.getTransform();
@@ -107,7 +110,7 @@ READ_GRAPH = """() => window.app.graph._nodes.map((n) => ({
 
 # A tiny training graph built with the front-end's own node classes, widgets set by input name:
 # Load Checkpoint -> CLIP Text Encode / Empty Latent (64 px) -> Train Diff2Flow LoRA -> Plot Loss Graph.
-BUILD_TRAINING_GRAPH = """async ([ckpt, steps]) => {
+BUILD_TRAINING_GRAPH = """async ([ckpt, steps, validationEvery]) => {
   const app = window.app;
   await app.loadGraphData({ nodes: [], links: [], groups: [], config: {}, extra: {}, version: 0.4,
                             last_node_id: 0, last_link_id: 0 }, true, true, "browser-test-training");
@@ -128,9 +131,10 @@ BUILD_TRAINING_GRAPH = """async ([ckpt, steps]) => {
   const text = add("CLIPTextEncode", [40, 320]);
   set(text, "text", "a photo");
   const latent = add("EmptyLatentImage", [40, 560]);
-  set(latent, "width", 64); set(latent, "height", 64); set(latent, "batch_size", 1);
+  set(latent, "width", 64); set(latent, "height", 64); set(latent, "batch_size", validationEvery ? 2 : 1);
   const train = add("D2F_TrainLoRA", [460, 420]);  // low enough for the chart above it to be on the screen
   set(train, "steps", steps); set(train, "rank", 2);
+  if (validationEvery) { set(train, "validation_split", 0.5); set(train, "validation_every", validationEvery); }  // 1 of 2 held out
   const control = train.widgets.find((w) => w.name === "control_after_generate");
   if (control) control.value = "fixed";
   const plot = add("LossGraphNode", [900, 160]);
@@ -143,6 +147,7 @@ BUILD_TRAINING_GRAPH = """async ([ckpt, steps]) => {
   s.watch = (train.badges || []).map((b) => (typeof b === "function" ? b() : b)).filter((b) => b?.visible).map((b) => b.text);
   const { api } = await import("/scripts/api.js");
   api.addEventListener("diff2flow.train.progress", (e) => s.events.push(e.detail));
+  api.addEventListener("diff2flow.train.validation", (e) => s.valEvents.push(e.detail));
   for (const type of ["execution_success", "execution_error", "execution_interrupted"])
     api.addEventListener(type, (e) => s.done.push({ type, detail: e.detail }));
   return { id: train.id, badges: s.watch };
@@ -321,8 +326,13 @@ def wait_for_chart(page, node_id: int, last_step: int, timeout_s: float = 30, at
     return page.evaluate(READ_CHART, node_id)
 
 
-def curve_pixels(page, node_id: int) -> int:
-    """How many pixels of the chart's plot area on the screen have the colour of its curves (#7bd88f)."""
+CURVE_RGB = (123, 216, 143)  # web/loss_chart.js COLORS.smooth, #7bd88f
+VALIDATION_RGB = (245, 167, 66)  # web/loss_chart.js COLORS.validation, #f5a742
+
+
+def curve_pixels(page, node_id: int, rgb_wanted: tuple[int, int, int] = CURVE_RGB) -> int:
+    """How many pixels of the chart's plot area on the screen have the colour of its curves (#7bd88f),
+    or of another series (``rgb_wanted``)."""
     from PIL import Image
 
     clip = page.evaluate(
@@ -339,15 +349,70 @@ def curve_pixels(page, node_id: int) -> int:
         f"the chart is off the screen: {clip}"
     )
     rgb = Image.open(io.BytesIO(page.screenshot(clip=clip))).convert("RGB").tobytes()
+    r, g, b = rgb_wanted
     return sum(
         1
         for i in range(0, len(rgb), 3)
-        if abs(rgb[i] - 123) < 40 and abs(rgb[i + 1] - 216) < 40 and abs(rgb[i + 2] - 143) < 40
+        if abs(rgb[i] - r) < 40 and abs(rgb[i + 1] - g) < 40 and abs(rgb[i + 2] - b) < 40
     )
 
 
+# the server's events, as nodes/progress.py sends them, dispatched on the page's own api
+SEND_EVENTS = """async (events) => {
+  const { api } = await import("/scripts/api.js");
+  for (const [type, detail] of events) api.dispatchEvent(new CustomEvent(type, { detail }));
+  window.app.canvas.setDirty(true, true);
+}"""
+
+
+def test_validation_events_draw_a_second_series_on_the_chart(page, server) -> None:
+    """The validation events of a run (nodes/progress.py VALIDATION_EVENT) in the real front-end: the one
+    at step 0 comes before any step and already shows the chart, the steps continue that run, the
+    series is drawn in its own colour on the loss scale and the header shows the last "val" loss.
+
+    Before the tests that train: the server has no run yet whose history could take the node's
+    chart over. A reload at the end clears the page's runs and records for them."""
+    try:
+        check_validation_events(page, server)
+    finally:
+        reload_page(page)
+        page.evaluate("() => { window.__d2f.progress = []; window.__d2f.badges = {}; }")
+
+
+def check_validation_events(page, server) -> None:
+    train = page.evaluate(BUILD_TRAINING_GRAPH, [server.ckpt_name, 4, 0])
+    node = str(train["id"])
+    progress, validation = "diff2flow.train.progress", "diff2flow.train.validation"
+    run = {"node": node, "prompt_id": "browser-test-validation", "workflow": None, "steps": 4}
+    page.evaluate(SEND_EVENTS, [[validation, {**run, "step": 0, "val_loss": 0.9}]])
+    page.wait_for_function(
+        "(id) => { window.app.canvas.setDirty(true, true); "
+        "return window.app.graph.getNodeById(id)?.diff2flowChart?.validation === 1; }",
+        arg=train["id"],
+        timeout=15_000,
+    )
+    first = page.evaluate(READ_CHART, train["id"])
+    assert first["points"] == 0 and first["lastStep"] is None and first["valDots"], first
+    assert "val 0.9000" in first["header"][1], first["header"]
+    events = []
+    for step in range(1, 5):
+        events.append([progress, {**run, "step": step, "loss": 0.5 - 0.05 * step, "lr": 1e-4, "smooth": 0.4}])
+        if step % 2 == 0:
+            events.append([validation, {**run, "step": step, "val_loss": 0.3 - 0.05 * step}])
+    page.evaluate(SEND_EVENTS, events)
+    chart = wait_for_chart(page, train["id"], 4)
+    # one run: the steps after the validation at step 0 went on with it
+    assert (chart["points"], chart["firstStep"], chart["validation"]) == (4, 1, 3), chart
+    assert chart["valLoss"] == pytest.approx(0.1) and "val 0.1000" in chart["header"][1], chart["header"]
+    assert chart["xRange"] == [0, 4] and chart["yRange"][0] < 0.1 and chart["yRange"][1] > 0.9, chart
+    assert curve_pixels(page, train["id"], VALIDATION_RGB) >= chart["plot"][2] / 2, (
+        "the validation series is not on the screen"
+    )
+    assert curve_pixels(page, train["id"]) >= chart["plot"][2] / 2, "the loss curves are not on the screen"
+
+
 def test_queued_training_updates_the_live_loss_display(page, server, tmp_path) -> None:
-    train = page.evaluate(BUILD_TRAINING_GRAPH, [server.ckpt_name, TRAIN_STEPS])
+    train = page.evaluate(BUILD_TRAINING_GRAPH, [server.ckpt_name, TRAIN_STEPS, 0])
     assert train["badges"], "the training node shows no badge (the node source badge is on by default)"
     page.evaluate("async () => { await window.app.queuePrompt(0, 1); }")
     seen_live = set()
@@ -407,6 +472,7 @@ def test_queued_training_updates_the_live_loss_display(page, server, tmp_path) -
 
 HISTORY_ROUTE = "/api/diff2flow/training/history"  # nodes/progress.py HISTORY_ROUTE, as ComfyUI also serves it
 RELOAD_STEPS = 20  # ~2-3 s a step on 2 busy cores: the page reloads (~10 s) while the run goes on
+VALIDATION_EVERY = 5  # validation losses at steps 0, 5, 10, 15 and 20
 
 
 def server_run(server, node_id: int, prompt_id: str) -> dict:
@@ -424,9 +490,11 @@ def reload_page(page) -> None:
 
 def test_loss_chart_comes_back_after_a_page_reload_during_and_after_the_run(page, server) -> None:
     """A reload during training brings back the steps before it (the server's history) and keeps
-    appending the live ones; after the run another reload shows the finished chart again."""
-    train = page.evaluate(BUILD_TRAINING_GRAPH, [server.ckpt_name, RELOAD_STEPS])
-    page.evaluate("() => { window.__d2f.events = []; }")  # the events of an earlier test's run are not this run's
+    appending the live ones; after the run another reload shows the finished chart again. The run
+    has validation losses: they come back with the steps."""
+    train = page.evaluate(BUILD_TRAINING_GRAPH, [server.ckpt_name, RELOAD_STEPS, VALIDATION_EVERY])
+    # the events of an earlier test's run are not this run's
+    page.evaluate("() => { window.__d2f.events = []; window.__d2f.valEvents = []; }")
     page.evaluate("async () => { await window.app.queuePrompt(0, 1); }")
     page.wait_for_function(
         "() => new Set(window.__d2f.events.map((e) => e.step)).size >= 2", timeout=WAIT_TRAINING_S * 1000, polling=250
@@ -442,8 +510,12 @@ def test_loss_chart_comes_back_after_a_page_reload_during_and_after_the_run(page
     assert mid["firstStep"] == 1 and mid["points"] == mid["lastStep"], (
         f"the steps before the reload did not come back: {mid}"
     )
+    # the validation at step 0 (at least) came before the reload: the history brings it back
+    assert at_reload["validation"] and at_reload["validation"][0][0] == 0, at_reload
+    assert mid["validation"] >= len(at_reload["validation"]) and "val " in mid["header"][1], mid
+    # the prompt done (ComfyUI's history has it), not only its last step: the last validation comes after that step
     deadline = time.monotonic() + WAIT_TRAINING_S
-    while time.monotonic() < deadline and not server_run(server, train["id"], prompt_id).get("finished"):
+    while time.monotonic() < deadline and prompt_id not in server.get_json(f"/api/history/{prompt_id}"):
         time.sleep(0.5)
     final = server_run(server, train["id"], prompt_id)
     assert final.get("finished"), (
@@ -457,12 +529,23 @@ def test_loss_chart_comes_back_after_a_page_reload_during_and_after_the_run(page
     assert chart["lastLoss"] == pytest.approx(final["loss"], rel=1e-6) and chart["finished"], (chart, final)
     assert "done in" in chart["header"][1], chart["header"]
     assert curve_pixels(page, train["id"]) >= chart["plot"][2] / 2, "the loss curves are not on the screen"
+    # the validation losses: at step 0, every VALIDATION_EVERY steps and at the last step, on the chart as a series
+    val_steps = list(range(0, RELOAD_STEPS + 1, VALIDATION_EVERY))
+    assert [p[0] for p in final["validation"]] == val_steps, final["validation"]
+    assert all(math.isfinite(p[1]) for p in final["validation"]), final["validation"]
+    assert chart["validation"] == len(val_steps) and chart["valLoss"] == pytest.approx(final["val_loss"], rel=1e-6)
+    assert f"val {final['val_loss']:.4f}" in chart["header"][1], (chart["header"], final["val_loss"])
+    low, high = chart["yRange"]
+    assert all(low <= p[1] <= high for p in final["validation"]), (chart["yRange"], final["validation"])
+    assert curve_pixels(page, train["id"], VALIDATION_RGB) >= 20, "the validation series is not on the screen"
 
     reload_page(page)  # after the run: the finished chart stays
     again = wait_for_chart(page, train["id"], RELOAD_STEPS)
     for key in ("firstStep", "points", "lastStep", "lastLoss", "smooth", "finished", "yLabels", "xLabels"):
         assert again[key] == chart[key], (key, again, chart)
     assert "done in" in again["header"][1], again["header"]
+    for key in ("validation", "valLoss", "valDots", "yRange", "xRange"):
+        assert again[key] == chart[key], (key, again, chart)
 
 
 # ---------------------------------------------------------------------------------------------

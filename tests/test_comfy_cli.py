@@ -214,7 +214,7 @@ def test_trained_lora_loads_in_stock_comfyui_and_samples(prepared, tiny_sd15_fil
     # the node's format: the same tensors (names, shapes) and the same metadata for the same options
     from training import TrainConfig
 
-    node_config = TrainConfig(steps=1, batch_size=1, rank=4, seed=3, targets="attention_ff")
+    node_config = TrainConfig(steps=1, batch_size=1, rank=4, seed=3, targets="attention_ff", learning_rate=1e-3)
     inputs = pack.train_inputs.TrainingInputs([{"samples": torch.zeros(1, 4, 8, 8)}], [[[torch.zeros(1, 77, 768), {}]]])
     node_lora = pack.train_nodes.train_lora(model, node_config, inputs).lora
     assert {k: tuple(v.shape) for k, v in node_lora.items()} == {k: tuple(v.shape) for k, v in lora.items()}
@@ -531,3 +531,42 @@ def test_a_resume_at_the_last_step_writes_the_missing_final_files(prepared, tiny
         == 2
     )
     assert "already at step 4, past --steps 3" in capsys.readouterr().err
+
+
+def test_train_validation_loss_in_metrics_plot_and_state(prepared, tiny_sd15_file, tmp_path, capsys) -> None:
+    """--validation-split holds samples out and --validation-every evaluates them at 0, every N and the last
+    step: lines of their own in metrics.jsonl, in the state; a second cache validates instead with
+    --validation-cache; options that cannot go together are refused before training."""
+    base = ["train", "--cache", str(prepared), "--checkpoint", str(tiny_sd15_file), *TRAIN[:-1]]
+    out = tmp_path / "split"
+    assert main([*base, "--output", str(out), "--validation-split", "0.3", "--validation-every", "3"]) == 0
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    validation = [(m["step"], m["validation_loss"]) for m in lines if "validation_loss" in m]
+    assert [s for s, _ in validation] == [0, 3, 4] and all(np.isfinite(v) for _, v in validation)
+    assert [m["step"] for m in lines if "loss" in m] == [1, 2, 3, 4]
+    state = torch.load(out / "diff2flow_lora.d2fstate", weights_only=False)
+    assert [tuple(v) for v in state["validation_losses"]] == validation
+    # the same numbers with --validation-cache pointing at the same cache: it validates on every sample
+    other = tmp_path / "cache"
+    assert main([*base, "--output", str(other), "--validation-cache", str(prepared), "--validation-every", "4"]) == 0
+    other_lines = [json.loads(line) for line in (other / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in other_lines if "validation_loss" in m] == [0, 4]
+    capsys.readouterr()
+    refusals = {
+        ("--validation-every", "2"): "--validation-every: 2 needs validation samples",
+        ("--validation-split", "0.2"): "validation_every is 0",
+        ("--validation-cache", str(prepared)): "--validation-every: 0, but validation data is given",
+        ("--validation-cache", str(prepared), "--validation-split", "0.2", "--validation-every", "1"): (
+            "--validation-split: 0.2 holds out training samples, but separate validation data is given too"
+        ),
+        (
+            "--validation-cache",
+            str(tmp_path / "missing"),
+            "--validation-every",
+            "1",
+        ): "--validation-cache: latent cache",
+    }
+    for extra, message in refusals.items():
+        assert main([*base, "--output", str(tmp_path / "refused"), *extra]) == 2, extra
+        assert message in capsys.readouterr().err, extra
+    assert not (tmp_path / "refused").exists() or not any((tmp_path / "refused").iterdir())

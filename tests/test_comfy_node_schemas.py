@@ -75,7 +75,7 @@ def test_reflow_pairs_inputs_are_the_pairs_config_options(comfy_nodes) -> None:
             assert got.get("step") == (spec.step if spec.step is None or spec.type is float else int(spec.step)), name
     # saved workflows store widget values by position: the widgets of the first release keep their places
     # before folder, every later option comes after it (optional: older API prompts get its default)
-    widgets = [name for name, got in inputs.items() if got["type"] not in ("MODEL", "CONDITIONING")]
+    widgets = [name for name, got in inputs.items() if got["type"] not in ("MODEL", "CONDITIONING", "LATENT")]
     first = ["count", "width", "height", "steps", "cfg", "sampler", "seed", "batch_size", "folder"]
     assert widgets[: len(first)] == first
     assert widgets[len(first) :] == [
@@ -111,7 +111,7 @@ def test_every_registry_choice_is_described_in_its_tooltip_and_help_page(comfy_n
             if f"<!-- generated: {registry} -->" not in page:
                 problems.append(f"{node_id}.{name}: its help page has no generated '{registry}' block")
     assert problems == []
-    assert seen == {"samplers", "start_rules", "objectives", "algorithms", "optimizers", "timestep_samplers"}
+    assert seen == {"samplers", "start_rules", "objectives", "algorithms", "optimizers", "timestep_samplers", "losses"}
 
 
 def test_sampling_node_strings_follow_a_reworded_sampler(comfy_nodes, monkeypatch) -> None:

@@ -171,6 +171,13 @@ NON_DEFAULT = dict(
     preview_cfg=2.5,
     preview_width=128,
     preview_height=192,
+    validation_split=0.25,
+    validation_every=3,
+    loss="pseudo_huber",
+    huber_c=0.05,
+    # a share > 0 needs pairs with inverted images (this test trains on captioned latents, which refuse it):
+    # tests/test_comfy_reflow.py checks that the share reaches the trainer
+    inverted_share=0.0,
 )
 
 
@@ -179,7 +186,9 @@ def test_every_option_reaches_the_trainer(pack, comfy_nodes, tiny_model, monkeyp
     config; rank, alpha, algorithm and targets shape its adapters; zero_terminal_snr its alignment."""
     assert set(NON_DEFAULT) == {f.name for f in dataclasses.fields(TrainConfig)}, "keep NON_DEFAULT complete"
     assert all(
-        NON_DEFAULT[k] != v for k, v in TrainConfig().to_dict().items() if k not in ("save_every", "preview_every")
+        NON_DEFAULT[k] != v
+        for k, v in TrainConfig().to_dict().items()
+        if k not in ("save_every", "preview_every", "inverted_share")
     )
     spy = Spy(pack, monkeypatch, stop=True)
     latents, positive, negative = batch(4)

@@ -116,6 +116,78 @@ def test_pairs_node_runs_pairs_config_options(comfy_nodes, tiny_model, io_dirs) 
     assert not (io_dirs / "output" / "diff2flow_pairs" / "bad").exists()
 
 
+def test_pairs_node_inverts_its_latents_into_the_folder(comfy_nodes, tiny_model, io_dirs) -> None:
+    """The latents input: each image inverted through the teacher's ODE with its own caption (latents_positive,
+    or positive when that is not connected), stored as inverted pairs beside the generated ones; appending more
+    latents inverts only the new ones (the same bits for the old); count 0 inverts only."""
+    from d2f_host.conditioning import cond_kwargs
+
+    model = tiny_model("eps")
+    gen = torch.Generator().manual_seed(7)
+    samples = torch.randn(5, 4, 8, 8, generator=gen)
+    captions = prompts(3, seed=4)
+    folder = make_pairs(
+        comfy_nodes, model, 2, latents={"samples": samples[:3]}, latents_positive=captions, folder="inverted"
+    )
+    pairs = load_pairs(folder)
+    assert (pairs.generated_count, pairs.inverted_count) == (2, 3)  # 0 inverted if the input were ignored
+    assert pairs.inverted.tolist() == [False, False, True, True, True] and pairs.prompt.tolist() == [0, 1, -1, -1, -1]
+    # the images themselves, in the model's latent scale, with their own captions' UNet arguments
+    torch.testing.assert_close(pairs.latents[2:], model.model.process_latent_in(samples[:3]), rtol=0, atol=0)
+    probe = torch.zeros(4, 8, 8)
+    for k in range(3):
+        own = cond_kwargs(model, (captions[0][0][k : k + 1], {}), probe)["context"]
+        assert torch.equal(pairs.captions[k]["context"], own)
+    assert torch.isfinite(pairs.noise).all() and not torch.equal(pairs.noise[2], pairs.noise[3])
+    # appending latents (count 0: no generated pairs asked, the folder keeps its two)
+    five = [[torch.cat([captions[0][0], prompts(2, seed=5)[0][0]]), {}]]  # the first three captions, and two more
+    more = load_pairs(
+        make_pairs(comfy_nodes, model, 0, latents={"samples": samples}, latents_positive=five, folder="inverted")
+    )
+    assert (more.generated_count, more.inverted_count) == (2, 5)
+    assert torch.equal(more.noise[2:5], pairs.noise[2:]) and torch.equal(more.latents[:5], pairs.latents)
+    # without latents_positive, positive captions the latents: one for all
+    only = load_pairs(
+        make_pairs(comfy_nodes, model, 0, latents={"samples": samples[:2]}, positive=prompts(1), folder="only")
+    )
+    assert (only.generated_count, only.inverted_count) == (0, 2)
+    assert torch.equal(only.captions[1]["context"], cond_kwargs(model, (prompts(1)[0][0], {}), probe)["context"])
+
+
+def test_pairs_node_refuses_ambiguous_latents_inputs_before_compute(comfy_nodes, tiny_model, io_dirs) -> None:
+    model = tiny_model("eps")
+    latents = {"samples": torch.randn(3, 4, 8, 8)}
+    for overrides, message in (
+        (dict(latents_positive=prompts(3)), "latents_positive .* is connected, but latents is not"),
+        (dict(count=0), "count 0 generates no pairs: set count, or connect latents"),
+        (dict(latents=latents, positive=prompts(2)), "3 latents but 2 captions in positive: connect latents_positive"),
+        (dict(latents=latents, latents_positive=prompts(2)), "3 latents but 2 captions in latents_positive"),
+        (dict(latents={"samples": torch.randn(1, 4, 16, 8)}), "latent 0 is 64x128 px .* but the pairs are 64x64 px"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            make_pairs(comfy_nodes, model, overrides.pop("count", 2), folder="refused", **overrides)
+    assert not (io_dirs / "output" / "diff2flow_pairs" / "refused").exists()
+
+
+def test_training_mixes_inverted_pairs_at_inverted_share(comfy_nodes, tiny_model, io_dirs) -> None:
+    """Train Diff2Flow LoRA's inverted_share reaches the run: the LoRA records it, and a share the pairs cannot
+    give (no inverted pairs) is refused naming the input."""
+    model = tiny_model("eps")
+    mixed = make_pairs(comfy_nodes, model, 2, latents={"samples": torch.randn(2, 4, 8, 8)}, folder="mixed")
+    plain = make_pairs(comfy_nodes, model, 2, folder="plain")
+    node = comfy_nodes["D2F_TrainLoRA"]
+    spec = {i.id: i for i in node.define_schema().inputs}
+    base = {name: [getattr(i, "default", None)] for name, i in spec.items() if getattr(i, "default", None) is not None}
+    base.update(model=[model], objective=["reflow"], steps=[2], rank=[2], batch_size=[2], inverted_share=[0.5])
+    lora = node.execute(**{**base, "pairs": [mixed], "output_name": ["mixed"]}).args[1]
+    assert lora.metadata.inverted_share == 0.5
+    with pytest.raises(ValueError, match="inverted_share: 0.5 draws inverted pairs, but the training data holds none"):
+        node.execute(**{**base, "pairs": [plain], "output_name": ["plain"]})
+    latents = {"latents": [{"samples": torch.randn(2, 4, 8, 8)}], "positive": [prompts(1)], "objective": ["diff2flow"]}
+    with pytest.raises(ValueError, match="inverted_share 0.5 mixes reflow pairs .* but no pairs are connected"):
+        node.execute(**{**base, **latents, "output_name": ["latents"]})
+
+
 def test_reflow_without_pairs_is_refused_before_training(comfy_nodes, tiny_model, io_dirs) -> None:
     node = comfy_nodes["D2F_TrainLoRA"]
     spec = {i.id: i for i in node.define_schema().inputs}

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import pathlib
+import re
 
 import pytest
 from comfy_harness import require_comfyui, run_cli_in_one_and_two_processes
@@ -334,3 +335,155 @@ def test_a_depth_model_as_the_lora_is_refused(command, tiny_sd15_file, prompts, 
         == 2
     )
     assert "is an image-to-depth model" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------- pairs --invert-cache
+def _images(root: pathlib.Path, sizes: list[tuple[int, int]]) -> pathlib.Path:
+    """Images of ``sizes`` (width, height) with a caption each."""
+    import numpy as np
+
+    root.mkdir()
+    gen = np.random.default_rng(1)
+    for i, (w, h) in enumerate(sizes):
+        Image.fromarray((gen.random((h, w, 3)) * 255).astype("uint8")).save(root / f"img{i}.png")
+        (root / f"img{i}.txt").write_text(f"a photo of thing {i}", encoding="utf-8")
+    return root
+
+
+def _prepare(dataset: pathlib.Path, checkpoint: pathlib.Path, cache: pathlib.Path) -> pathlib.Path:
+    args = ["prepare", "--dataset", str(dataset), "--checkpoint", str(checkpoint), "--cache", str(cache)]
+    assert main([*args, "--resolution", "64", "--no-progress"]) == 0
+    return cache
+
+
+@pytest.fixture(scope="module")
+def image_cache(tiny_sd15_file, tmp_path_factory, fp32_text_encoder_module) -> pathlib.Path:
+    """Three captioned 64x64 images prepared with the teacher's checkpoint."""
+    root = tmp_path_factory.mktemp("own_images")
+    return _prepare(_images(root / "images", [(64, 64)] * 3), tiny_sd15_file, root / "cache")
+
+
+INVERT = ["--steps", "2", "--cfg", "2", *SIZE, "--batch-size", "2", "--shard-size", "2", "--no-progress"]
+
+
+def test_invert_cache_writes_inverted_pairs_that_train_at_inverted_share(
+    image_cache, tiny_sd15_file, prompts, tmp_path, capsys
+) -> None:
+    """`pairs --invert-cache` alone inverts the cache's images (no --prompts: no generated pairs); a rerun of its
+    pairs.toml with --prompts adds generated pairs to the folder; `train --inverted-share` mixes them and the
+    LoRA records the share; a share the pairs cannot give is refused naming the flag."""
+    from training.cache import load_cache
+
+    out = tmp_path / "pairs"
+    assert (
+        main(
+            [
+                "pairs",
+                "--checkpoint",
+                str(tiny_sd15_file),
+                "--invert-cache",
+                str(image_cache),
+                "--output",
+                str(out),
+                *INVERT,
+            ]
+        )
+        == 0
+    )
+    assert "3 inverted pairs in" in capsys.readouterr().out
+    pairs = load_pairs(out)
+    assert (pairs.generated_count, pairs.inverted_count) == (0, 3)  # 0 inverted if the flag were ignored
+    assert [(a, b) for a, b, _ in pair_shards(out, inverted=True)] == [(0, 2), (2, 3)]
+    cache = load_cache(image_cache)
+    torch.testing.assert_close(pairs.latents, torch.stack(cache.latents) * 0.18215)  # SD1.5's latent scale
+    assert pairs.captions[0]["context"].shape == (1, 77, 768) and torch.isfinite(pairs.noise).all()
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["inverted_labels"] == cache.sources and manifest["inverted_sources"]["cache"] == str(
+        image_cache.resolve()
+    )
+    toml = (out / "pairs.toml").read_text()
+    assert "invert_cache = " in toml and "count = 0" in toml
+
+    # generated pairs join the folder; the inverted ones are kept, not redone
+    assert (
+        main(["pairs", "--config", str(out / "pairs.toml"), "--prompts", str(prompts), "--count", "2", "--no-progress"])
+        == 0
+    )
+    assert "0 inverted in" in capsys.readouterr().out
+    both = load_pairs(out)
+    assert (both.generated_count, both.inverted_count) == (2, 3) and torch.equal(both.noise[2:], pairs.noise)
+
+    run = tmp_path / "run"
+    train = ["train", "--checkpoint", str(tiny_sd15_file), "--objective", "reflow", "--steps", "2", "--batch-size", "2"]
+    assert main([*train, "--pairs", str(out), "--inverted-share", "0.5", "--output", str(run), "--no-progress"]) == 0
+    assert read_lora_metadata(run / "diff2flow_lora.safetensors").inverted_share == 0.5
+    generated_only = tmp_path / "generated_only"
+    assert (
+        main(
+            [
+                "pairs",
+                "--checkpoint",
+                str(tiny_sd15_file),
+                "--prompts",
+                str(prompts),
+                "--count",
+                "2",
+                "--output",
+                str(generated_only),
+                *INVERT,
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    assert (
+        main(
+            [
+                *train,
+                "--pairs",
+                str(generated_only),
+                "--inverted-share",
+                "0.5",
+                "--output",
+                str(tmp_path / "r2"),
+                "--no-progress",
+            ]
+        )
+        == 2
+    )
+    assert "--inverted-share: 0.5 draws inverted pairs, but the training data holds none" in capsys.readouterr().err
+
+
+def test_invert_cache_refusals_name_the_flag(image_cache, tiny_sd15_file, prompts, tmp_path, capsys) -> None:
+    """Another checkpoint's cache, images of other sizes, and --count without --prompts are refused before any pair."""
+    import shutil
+
+    other = tmp_path / "other.safetensors"
+    shutil.copy(
+        tiny_sd15_file, other
+    )  # the same weights under another name: its own encoders as far as the cache knows
+    mixed = _prepare(_images(tmp_path / "mixed", [(64, 64), (96, 48)]), tiny_sd15_file, tmp_path / "mixed_cache")
+    out = tmp_path / "refused"
+    for args, message in (
+        (["--checkpoint", str(other), "--invert-cache", str(image_cache)], "was prepared with another checkpoint"),
+        (
+            ["--checkpoint", str(tiny_sd15_file), "--invert-cache", str(mixed)],
+            "holds images of other sizes than --width 64 --height 64 \\(width x height: images: 128x64: 1, 64x64: 1\\)",
+        ),
+        (
+            ["--checkpoint", str(tiny_sd15_file), "--invert-cache", str(image_cache), "--count", "3"],
+            "--count 3 generates pairs from prompts, but no --prompts is given",
+        ),
+        (
+            ["--checkpoint", str(tiny_sd15_file), "--prompts", str(prompts), "--count", "0"],
+            "--count 0 generates nothing",
+        ),
+        (
+            ["--checkpoint", str(tiny_sd15_file), "--invert-cache", str(tmp_path / "none")],
+            "--invert-cache: latent cache",
+        ),
+    ):
+        assert main(["pairs", *args, "--output", str(out), *INVERT]) == 2, args
+        err = capsys.readouterr().err
+        assert re.search(message, err), err
+    assert not out.exists()

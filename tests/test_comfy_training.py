@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -102,6 +103,7 @@ def test_saved_lora_carries_metadata_loads_whole_and_is_never_overwritten(
     with safe_open(str(loras_dir / name), framework="pt") as f:
         meta = LoraMetadata.from_header(f.metadata())
         assert meta.steps == 5 and meta.rank == 8 and meta.objective == "diff2flow" and meta.schedule == "scaled_linear"
+        assert (meta.optimizer, meta.learning_rate) == ("AdamW", 1e-2)
     caplog.set_level("WARNING")
     (loaded,) = comfy_nodes["LoraLoaderModelOnly"]().load_lora_model_only(base, name, 1.0)
     assert "lora key not loaded" not in caplog.text
@@ -307,3 +309,40 @@ def test_schedule_free_node_outputs_and_saves_its_evaluation_weights(
     assert lora.keys() == evaluation.keys() == saved.keys()
     assert all(torch.equal(lora[k], evaluation[k]) and torch.equal(saved[k], evaluation[k]) for k in lora)
     assert any(not torch.equal(training[k], evaluation[k]) for k in lora)
+
+
+def test_validation_loss_through_the_node_inputs(pack, tiny_model) -> None:
+    """validation_split holds out latents, validation_latents + validation_positive are the alternative;
+    the LOSS_MAP carries the (step, loss) pairs either way; inputs that cannot go together are refused before
+    any compute, naming the input."""
+    base = tiny_model("v")
+    latents, positive, negative = batch(6)
+    config = TrainConfig(steps=4, batch_size=2, learning_rate=1e-2, seed=2, validation_every=2)
+    inputs = pack.train_inputs.TrainingInputs
+    held = [{"samples": latents[0]["samples"][:2]}]
+    separate = pack.train_nodes.train_lora(
+        base, config, inputs(latents, positive, negative, validation_latents=held, validation_positive=positive[:2])
+    )
+    steps = [s for s, _ in separate.loss_map["validation_loss"]]
+    assert steps == [0, 2, 4] and all(math.isfinite(v) for _, v in separate.loss_map["validation_loss"])
+    split = dataclasses.replace(config, validation_split=0.34)
+    held_out = pack.train_nodes.train_lora(base, split, inputs(latents, positive, negative))
+    assert [s for s, _ in held_out.loss_map["validation_loss"]] == steps
+    refused = {
+        "validation_split: 0.34 holds out training samples, but separate validation data is given too": (
+            split,
+            inputs(latents, positive, negative, validation_latents=held, validation_positive=positive[:2]),
+        ),
+        "validation_latents is connected but validation_positive is not": (
+            config,
+            inputs(latents, positive, negative, validation_latents=held),
+        ),
+        "validation_every: 2 needs validation samples": (config, inputs(latents, positive, negative)),
+        "validation_every: 0, but validation data is given": (
+            TrainConfig(steps=4),
+            inputs(latents, positive, negative, validation_latents=held, validation_positive=positive[:2]),
+        ),
+    }
+    for message, (cfg, given) in refused.items():
+        with pytest.raises(ValueError, match=message):
+            pack.train_nodes.train_lora(base, cfg, given)

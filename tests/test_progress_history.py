@@ -1,5 +1,6 @@
-"""nodes/progress.py: the per-run loss history the server keeps for the training node's chart, its
-``GET /diff2flow/training/history`` route and ``report_progress``.
+"""nodes/progress.py: the per-run loss history the server keeps for the training node's chart (the
+training loss of every step and the validation losses), its ``GET /diff2flow/training/history``
+route, ``report_progress`` and ``report_validation``.
 
 The module is loaded from its file (it imports nothing from ComfyUI at the top), so the store tests
 run without ComfyUI; the route test needs aiohttp (a ComfyUI requirement) and the report test
@@ -116,6 +117,58 @@ def test_bad_store_settings_are_refused() -> None:
         progress.ProgressStore(max_runs=0)
 
 
+def test_validation_losses_are_kept_whole_beside_the_downsampled_steps() -> None:
+    store = progress.ProgressStore(max_points=4)
+    event = store.record_validation("5", "p", 0, 40, 0.9, workflow="wf", now=99.0)  # before the first step
+    assert event == {"node": "5", "prompt_id": "p", "workflow": "wf", "step": 0, "steps": 40, "val_loss": 0.9}
+    for step in range(1, 41):
+        store.record("5", "p", step, 40, 1.0 / step, 1e-4, now=100.0 + step)
+        if step % 10 == 0:
+            event = store.record_validation("5", "p", step, 40, 0.5 / step, now=100.5 + step)
+            assert (event["step"], event["val_loss"]) == (step, 0.5 / step)
+    (run,) = store.snapshot()
+    assert len(run["points"]) <= 4  # the steps are merged in buckets ...
+    assert run["validation"] == [[0, 0.9], [10, 0.05], [20, 0.025], [30, 0.5 / 30], [40, 0.0125]]  # ... these never
+    assert run["val_loss"] == 0.0125 and run["step"] == 40 and run["finished"]
+    assert run["workflow"] == "wf"  # from the run's first report, the validation at step 0
+    json.dumps(run, allow_nan=False)
+
+
+def test_a_validation_at_step_0_starts_the_run_its_steps_continue() -> None:
+    store = progress.ProgressStore()
+    store.record_validation("5", "p", 0, 3, 0.8, now=100.0)
+    (run,) = store.snapshot()
+    assert (run["step"], run["steps"], run["points"], run["validation"]) == (None, 3, [], [[0, 0.8]])
+    for step in (1, 2, 3):
+        store.record("5", "p", step, 3, 0.5, 1e-4, now=100.0 + step)
+    store.record_validation("5", "p", 3, 3, 0.4)  # the last step's validation, after its step
+    (run,) = store.snapshot()  # one run: the step 1 after the validation at step 0 did not start another
+    assert [p[0] for p in run["points"]] == [1, 2, 3] and run["validation"] == [[0, 0.8], [3, 0.4]]
+    # the same prompt run again: its validation at step 0 starts a new run, which its step 1 continues
+    store.record_validation("5", "p", 0, 3, 0.7)
+    store.record("5", "p", 1, 3, 0.6, 1e-4)
+    (run,) = store.snapshot()
+    assert run["validation"] == [[0, 0.7]] and [p[0] for p in run["points"]] == [1] and run["val_loss"] == 0.7
+    # a validation before its step's report (step 2, then step 2's report) stays in the run too
+    store.record_validation("5", "p", 2, 3, 0.3)
+    store.record("5", "p", 2, 3, 0.6, 1e-4)
+    (run,) = store.snapshot()
+    assert run["validation"] == [[0, 0.7], [2, 0.3]] and run["step"] == 2
+
+
+def test_a_non_finite_validation_loss_is_not_recorded() -> None:
+    store = progress.ProgressStore()
+    assert store.record_validation("5", "p", 0, 3, float("nan")) is None
+    assert store.snapshot() == []  # nothing: not even the run
+    store.record("5", "p", 1, 3, 0.5, 1e-4)
+    assert store.record_validation("5", "p", 1, 3, float("inf")) is None
+    store.record_validation("5", "p", 2, 3, 0.25)
+    assert store.record_validation("5", "p", 3, 3, float("-inf")) is None
+    (run,) = store.snapshot()
+    assert run["validation"] == [[2, 0.25]] and run["val_loss"] == 0.25
+    json.dumps(run, allow_nan=False)
+
+
 def run_async(coroutine):
     """asyncio.run in a thread of its own: the browser tests' Playwright keeps an event loop in this one."""
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -128,12 +181,16 @@ def test_history_route_answers_the_runs() -> None:
     from aiohttp.test_utils import TestClient, TestServer
 
     module = load_progress()  # a fresh STORE
-    running = types.SimpleNamespace(get_current_queue_volatile=lambda: ([(0, "live", {}, {}, [], {})], []))
+    running = types.SimpleNamespace(
+        get_current_queue_volatile=lambda: ([(0, "live", {}, {}, [], {}), (1, "last-val", {}, {}, [], {})], [])
+    )
     server = types.SimpleNamespace(routes=web.RouteTableDef(), prompt_queue=running)
     assert module.register_routes(server) and module.register_routes(server)  # twice: one route
     assert len(list(server.routes)) == 1
     fill(module.STORE, "6", "live", [0.3, 0.2], steps=10)
     fill(module.STORE, "7", "over", [0.4, 0.1])
+    module.STORE.record_validation("7", "over", 2, 2, 0.35)
+    fill(module.STORE, "8", "last-val", [0.5, 0.4])  # the last step done, its validation still to come
 
     async def get(path):
         app = web.Application()
@@ -148,6 +205,9 @@ def test_history_route_answers_the_runs() -> None:
     assert runs["6"]["running"] is True and runs["6"]["finished"] is False and runs["6"]["step"] == 2
     assert runs["7"]["running"] is False and runs["7"]["finished"] is True
     assert [p[4] for p in runs["7"]["points"]] == [0.4, 0.1]
+    assert (runs["7"]["validation"], runs["7"]["val_loss"]) == ([[2, 0.35]], 0.35)
+    assert (runs["6"]["validation"], runs["6"]["val_loss"]) == ([], None)
+    assert runs["8"]["finished"] is True and runs["8"]["running"] is True  # its prompt still executes
     status, answer = run_async(get(module.HISTORY_ROUTE + "?node=7"))
     assert [r["node"] for r in answer["runs"]] == ["7"]
 
@@ -187,3 +247,46 @@ def test_report_progress_records_under_the_executing_node_and_prompt(monkeypatch
     (run,) = module.STORE.snapshot()
     assert (run["node"], run["prompt_id"], run["step"], run["workflow"]) == ("12", "pr1", 2, "wf-1")
     assert math.isclose(run["points"][-1][4], 0.25)
+
+
+@pytest.mark.skipif(
+    COMFYUI is None, reason="ComfyUI not found (COMFYUI_PATH): report_validation reads its executing-node context"
+)
+def test_report_validation_records_and_sends_the_validation_event(monkeypatch) -> None:
+    from comfy_execution.utils import CurrentNodeContext
+
+    module = load_progress()
+    assert module.report_validation(4, 0, 0.5) is None  # no server: nothing, no error
+    assert module.STORE.snapshot() == []
+    sent = []
+    queue = types.SimpleNamespace(
+        get_current_queue_volatile=lambda: (
+            [(0, "pr1", {}, {"extra_pnginfo": {"workflow": {"id": "wf-1"}}}, [], {})],
+            [],
+        )
+    )
+    instance = types.SimpleNamespace(send_sync=lambda event, data: sent.append((event, data)), prompt_queue=queue)
+    monkeypatch.setitem(
+        sys.modules, "server", types.SimpleNamespace(PromptServer=types.SimpleNamespace(instance=instance))
+    )
+    pbar = types.SimpleNamespace(update_absolute=lambda value, total: None)
+    with CurrentNodeContext("pr1", "12"):
+        module.report_validation(4, 0, 0.75)  # before the first step: the run's first report
+        module.report_progress(pbar, 4, 1, 0.5, 1e-4)
+        module.report_validation(4, 1, float("nan"))  # not recorded, not sent
+        module.report_validation(4, 2, 0.25)
+    module.report_validation(4, 3, 0.125)  # outside a prompt: the event only, no history
+    assert [e for e, _ in sent] == [
+        module.VALIDATION_EVENT,
+        module.PROGRESS_EVENT,
+        module.VALIDATION_EVENT,
+        module.VALIDATION_EVENT,
+    ]
+    assert sent[0][1] == {"node": "12", "prompt_id": "pr1", "workflow": "wf-1", "step": 0, "steps": 4, "val_loss": 0.75}
+    assert sent[1][1]["workflow"] == "wf-1" and sent[2][1]["val_loss"] == 0.25
+    assert sent[3][1] == {"step": 3, "steps": 4, "val_loss": 0.125}
+    (run,) = module.STORE.snapshot()
+    assert (run["node"], run["prompt_id"], run["step"], run["workflow"]) == ("12", "pr1", 1, "wf-1")
+    assert run["validation"] == [[0, 0.75], [2, 0.25]] and run["val_loss"] == 0.25
+    answer = module.history_answer(instance)
+    assert answer["runs"][0]["validation"] == [[0, 0.75], [2, 0.25]] and answer["runs"][0]["running"] is True

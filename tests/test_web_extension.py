@@ -23,7 +23,7 @@ EXTENSION = WEB / "diff2flow.js"
 CHART = WEB / "loss_chart.js"
 SAMPLING_EXTENSION = WEB / "diff2flow_sampling.js"
 DOCS = WEB / "docs"
-PROGRESS = ROOT / "nodes" / "progress.py"  # PROGRESS_EVENT and HISTORY_ROUTE, what report_progress sends
+PROGRESS = ROOT / "nodes" / "progress.py"  # PROGRESS_EVENT, VALIDATION_EVENT, HISTORY_ROUTE: what the server sends
 NODE = shutil.which("node")
 needs_node = pytest.mark.skipif(
     NODE is None, reason="node (Node.js) is not on PATH: cannot parse or run web/diff2flow.js"
@@ -115,11 +115,16 @@ def test_extension_parses_as_an_es_module() -> None:
         assert result.returncode == 0, f"{path.name}: {result.stderr}"
 
 
-def test_extension_listens_to_the_progress_event_the_training_node_sends() -> None:
-    event = module_constant(PROGRESS, "PROGRESS_EVENT")
+def server_events() -> set[str]:
+    """The events nodes/progress.py sends: the loss of each step, the validation loss."""
+    return {module_constant(PROGRESS, "PROGRESS_EVENT"), module_constant(PROGRESS, "VALIDATION_EVENT")}
+
+
+def test_extension_listens_to_the_progress_events_the_training_node_sends() -> None:
+    events = server_events()
     source = EXTENSION.read_text()
     own = js_listened_events(source) - FRONTEND_EVENTS
-    assert own == {event}, f"web/diff2flow.js listens to {sorted(own)}, nodes/train_nodes.py sends {event!r}"
+    assert own == events, f"web/diff2flow.js listens to {sorted(own)}, nodes/progress.py sends {sorted(events)}"
     assert 'from "../../scripts/app.js"' in source and 'from "../../scripts/api.js"' in source
     assert f'"{module_constant(PROGRESS, "HISTORY_ROUTE")}"' in source, (
         "the page asks another route than the server serves"
@@ -141,13 +146,14 @@ class Api extends EventTarget {
   addEventListener(type, ...rest) { this.listened.push(type); return super.addEventListener(type, ...rest); }
 }
 export const api = new Api();
-// the server's history route: one unfinished run of node 9 (two buckets of 20 steps)
+// the server's history route: one unfinished run of node 9 (two buckets of 20 steps, validations at steps 0 and 20)
 api.fetched = [];
 api.fetchApi = async (url) => {
   api.fetched.push(url);
-  const runs = [{ node: "9", prompt_id: "p9", workflow: null, step: 40, steps: 50, loss: 0.3, lr: 1e-4, smooth: 0.31,
-                  eta_s: 5, elapsed_s: 20, finished: false, running: true, stride: 1,
-                  points: [[1, 20, 0.2, 0.9, 0.4, 0.4], [21, 40, 0.1, 0.5, 0.3, 0.31]] }];
+  const runs = globalThis.__historyRuns ?? [{ node: "9", prompt_id: "p9", workflow: null, step: 40, steps: 50, loss: 0.3,
+                  lr: 1e-4, smooth: 0.31, eta_s: 5, elapsed_s: 20, finished: false, running: true, stride: 1,
+                  points: [[1, 20, 0.2, 0.9, 0.4, 0.4], [21, 40, 0.1, 0.5, 0.3, 0.31]],
+                  validation: [[0, 1.25], [20, 0.45]], val_loss: 0.45 }];
   return { ok: true, json: async () => ({ runs }) };
 };
 """
@@ -156,6 +162,11 @@ import { app } from "./scripts/app.js";
 import { api } from "./scripts/api.js";
 await import("./extensions/diff2flow/diff2flow.js");
 const [ext] = globalThis.__extensions;
+const intervals = [];  // the extension's timers (its history poll), called by hand below
+globalThis.setInterval = (fn) => (intervals.push(fn), { unref() {} });
+const realNow = Date.now;
+let clockShift = 0;
+Date.now = () => realNow() + clockShift;
 await ext.setup?.(app);
 class TrainNode {}
 class OtherNode {}
@@ -169,6 +180,7 @@ const ctx = new Proxy({}, {
 const node = Object.assign(new TrainNode(), app.graph._nodes[0]);
 app.graph._nodes[0] = node;
 const send = (detail) => api.dispatchEvent(new CustomEvent(EVENT, detail === undefined ? {} : { detail }));
+const sendVal = (detail) => api.dispatchEvent(new CustomEvent(VALIDATION_EVENT, detail === undefined ? {} : { detail }));
 node.onDrawForeground(ctx);  // before any event: draws nothing
 const before = texts.length;
 api.dispatchEvent(new CustomEvent("executing", { detail: "7" }));
@@ -188,14 +200,70 @@ send({ node: "9", prompt_id: "p9", step: 41, steps: 50, loss: 2.5, lr: 1e-4, smo
 send({ node: "9", prompt_id: "p9", step: 41, steps: 50, loss: 9.0, lr: 1e-4 });  // a repeated step: ignored
 send({ node: "12", prompt_id: "p9", step: 1, steps: 5, loss: 1.0, lr: 1e-4 });  // another node's run
 node9.onDrawForeground(ctx);
+const live = node9.diff2flowChart;
+sendVal({ node: "9", prompt_id: "p9", step: 40, steps: 50, val_loss: 0.05 });  // below every training loss
+sendVal({ node: "9", prompt_id: "p9", step: 41, steps: 50, val_loss: NaN });   // not drawable: ignored
+sendVal({});                                                                    // fields missing
+sendVal(undefined);                                                             // no detail at all
+node9.onDrawForeground(ctx);
+const liveVal = node9.diff2flowChart;
+// the history asked again (a node created): the live validation it does not have yet stays
+const fetches = api.fetched.length;
+ext.nodeCreated(node9);
+await new Promise((resolve) => setTimeout(resolve, 20));
+node9.onDrawForeground(ctx);
+const reloaded = { ...node9.diff2flowChart, fetches: api.fetched.length - fetches };
+// the next run of node 9: its validation at step 0 comes first, then its steps continue that run
+sendVal({ node: "9", prompt_id: "q9", workflow: null, step: 0, steps: 8, val_loss: 0.7 });
+node9.onDrawForeground(ctx);
+const valFirst = node9.diff2flowChart;
+send({ node: "9", prompt_id: "q9", step: 1, steps: 8, loss: 0.6, lr: 1e-4, smooth: 0.6 });
+send({ node: "9", prompt_id: "q9", step: 2, steps: 8, loss: 0.5, lr: 1e-4, smooth: 0.55 });
+node9.onDrawForeground(ctx);
+const stepsAfter = node9.diff2flowChart;
+// without a node (outside ComfyUI's executing context): the executing training node's run, a step-0 one a new run
+api.dispatchEvent(new CustomEvent("executing", { detail: "7" }));
+sendVal({ step: 3, steps: 10, val_loss: 0.3 });
+node.onDrawForeground(ctx);
+const noNode = node.diff2flowChart;
+sendVal({ step: 0, steps: 10, val_loss: 0.9 });
+node.onDrawForeground(ctx);
+const noNodeNext = node.diff2flowChart;
+// a finished run whose prompt still executes, its last validation not yet in: the history is asked again after a
+// while without live events (a dropped socket), until it has that validation
+const settle = () => new Promise((resolve) => setTimeout(resolve, 20));
+const finishedRun = (validation) => ({ node: "9", prompt_id: "r9", workflow: null, step: 10, steps: 10, loss: 0.2,
+  lr: 1e-4, smooth: 0.2, finished: true, running: true, stride: 1, points: [[1, 10, 0.2, 0.4, 0.2, 0.2]], validation });
+api.dispatchEvent(new CustomEvent("execution_interrupted", {}));  // the driver's other runs: stopped, not polled
+globalThis.__historyRuns = [finishedRun([[0, 0.5], [5, 0.3]])];
+ext.nodeCreated(node9);
+await settle();
+globalThis.__historyRuns = [finishedRun([[0, 0.5], [5, 0.3], [10, 0.25]])];  // what the server has by now
+const polls = [];
+for (let i = 0; i < 2; i++) {
+  const count = api.fetched.length;
+  clockShift += 6000;
+  for (const fn of intervals) fn();
+  await settle();
+  polls.push(api.fetched.length - count);
+}
+node9.onDrawForeground(ctx);
+const polled = { ...node9.diff2flowChart, polls, intervals: intervals.length };
 console.log(JSON.stringify({ name: ext.name, listened: api.listened, before, texts, fetched: api.fetched,
-  fromHistory, live: node9.diff2flowChart, otherPatched: OtherNode.prototype.onDrawForeground !== undefined }));
+  fromHistory, live, liveVal, reloaded, valFirst, stepsAfter, noNode, noNodeNext, polled,
+  otherPatched: OtherNode.prototype.onDrawForeground !== undefined }));
 """
 
 
-@needs_node
-def test_extension_draws_progress_on_the_training_node_against_a_mocked_frontend(tmp_path) -> None:
+def in_plot(dot: list[float], plot: list[float]) -> bool:
+    x, y, w, h = plot
+    return x - 0.5 <= dot[0] <= x + w + 0.5 and y - 0.5 <= dot[1] <= y + h + 0.5
+
+
+def run_extension_driver(tmp_path) -> dict:
+    """web/diff2flow.js against the mocked front-end (MOCK_APP, MOCK_API) driven by DRIVER: what it drew."""
     event = module_constant(PROGRESS, "PROGRESS_EVENT")
+    validation_event = module_constant(PROGRESS, "VALIDATION_EVENT")
     (tmp_path / "scripts").mkdir()
     (tmp_path / "scripts" / "app.js").write_text(MOCK_APP)
     (tmp_path / "scripts" / "api.js").write_text(MOCK_API)
@@ -203,14 +271,20 @@ def test_extension_draws_progress_on_the_training_node_against_a_mocked_frontend
     ext_dir.mkdir(parents=True)
     shutil.copy(EXTENSION, ext_dir / "diff2flow.js")
     shutil.copy(CHART, ext_dir / "loss_chart.js")
-    (tmp_path / "driver.mjs").write_text(f"const EVENT = {json.dumps(event)};\n" + DRIVER)
+    constants = f"const EVENT = {json.dumps(event)};\nconst VALIDATION_EVENT = {json.dumps(validation_event)};\n"
+    (tmp_path / "driver.mjs").write_text(constants + DRIVER)
     result = subprocess.run(
         [NODE, str(tmp_path / "driver.mjs")], capture_output=True, text=True, timeout=60, cwd=tmp_path
     )
     assert result.returncode == 0, result.stderr
-    out = json.loads(result.stdout.strip().splitlines()[-1])
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@needs_node
+def test_extension_draws_progress_on_the_training_node_against_a_mocked_frontend(tmp_path) -> None:
+    out = run_extension_driver(tmp_path)
     assert out["name"] == "diff2flow.training"
-    assert set(out["listened"]) - FRONTEND_EVENTS == {event}
+    assert set(out["listened"]) - FRONTEND_EVENTS == server_events()
     assert out["before"] == 0
     assert any(t.startswith("step 3/10") and "loss 0.2500" in t for t in out["texts"]), out["texts"]
     assert not out["otherPatched"], "only D2F_TrainLoRA nodes get the progress display"
@@ -224,6 +298,43 @@ def test_extension_draws_progress_on_the_training_node_against_a_mocked_frontend
     assert live["yLabels"] and live["xLabels"], live
     # the chart is as wide as the node (500) and above it
     assert live["box"][0] == 0 and live["box"][2] == 500 and live["box"][1] + live["box"][3] < 0, live["box"]
+
+
+@needs_node
+def test_extension_draws_the_validation_losses_live_and_from_the_history(tmp_path) -> None:
+    out = run_extension_driver(tmp_path)
+    # the history's validation losses: a second series, the last one in the header, on the chart's y scale
+    history = out["fromHistory"]
+    assert (history["validation"], history["valLoss"]) == (2, 0.45), history
+    assert "val 0.4500" in history["header"][1], history["header"]
+    assert history["yRange"][1] >= 1.25 and history["xRange"][0] == 0, history  # above every step; step 0 shown
+    assert len(history["valDots"]) == 2 and all(in_plot(d, history["plot"]) for d in history["valDots"]), history
+    assert "val" not in out["live"]["header"][0]
+    # a live validation event adds a point (a non-finite or empty one nothing); the y scale reaches down to it
+    live = out["liveVal"]
+    assert (live["validation"], live["valLoss"], live["points"]) == (3, 0.05, 3), live
+    assert "val 0.0500" in live["header"][1] and live["yRange"][0] <= 0.05, live
+    assert all(in_plot(d, live["plot"]) for d in live["valDots"]), live
+    assert [d[0] for d in live["valDots"]] == sorted(d[0] for d in live["valDots"]), live["valDots"]
+    # the history asked again has validations up to step 20 only: the live one at step 40 stays
+    reloaded = out["reloaded"]
+    assert reloaded["fetches"] == 1 and (reloaded["validation"], reloaded["valLoss"]) == (3, 0.05), reloaded
+    assert (reloaded["points"], reloaded["lastStep"]) == (3, 41), reloaded
+    # the next run: its validation at step 0 draws the chart before any step, its steps continue that run
+    first = out["valFirst"]
+    assert (first["validation"], first["points"], first["lastStep"], first["steps"]) == (1, 0, None, 8), first
+    assert first["valDots"] and "val 0.7000" in first["header"][1], first
+    after = out["stepsAfter"]
+    assert (after["validation"], after["points"], after["firstStep"], after["lastStep"]) == (1, 2, 1, 2), after
+    assert after["xRange"] == [0, 2] and after["header"][0].startswith("step 2/8  loss 0.5000"), after
+    # without a node: the executing training node's run (step 3 of it), then a validation at step 0 starts a new one
+    assert (out["noNode"]["validation"], out["noNode"]["points"], out["noNode"]["lastStep"]) == (1, 2, 3), out
+    assert (out["noNodeNext"]["validation"], out["noNodeNext"]["points"]) == (1, 0), out["noNodeNext"]
+    assert "val 0.9000" in out["noNodeNext"]["header"][1], out["noNodeNext"]["header"]
+    # a finished run whose prompt still executes is polled until its last validation (step 10) is in, then not
+    polled = out["polled"]
+    assert polled["intervals"] == 1 and polled["polls"] == [1, 0], polled
+    assert (polled["validation"], polled["valLoss"], polled["finished"]) == (3, 0.25, True), polled
 
 
 # ---------------------------------------------------------------------------------------------
@@ -376,3 +487,71 @@ def test_chart_downsamples_to_its_width_and_keeps_spikes(tmp_path) -> None:
     assert wide["plot"][2] > small["plot"][2] and wide["plot"][3] > small["plot"][3]  # the plot grows with its box
     assert small["yLabels"] and small["xLabels"][-1] == "3000", small
     assert small["header"][1].startswith("smoothed 0.2000  done in"), small["header"]
+
+
+VALIDATION_CHART_DRIVER = """
+import { COLORS, appendStep, appendValidation, drawChart, newRun } from "./loss_chart.js";
+// a recording canvas: the style of every stroke and fill, the centre of every dot
+const calls = [];
+const ctx = new Proxy({}, {
+  get: (t, k) => (k in t ? t[k] : (...args) => {
+    if (k === "stroke" || k === "fill") calls.push({ op: k, style: k === "stroke" ? t.strokeStyle : t.fillStyle });
+    if (k === "arc") calls.push({ op: "arc", at: [args[0], args[1]], style: t.fillStyle });
+  }),
+  set: (t, k, v) => ((t[k] = v), true),
+});
+const run = newRun({ node: "1", prompt_id: "p" });
+for (let s = 1; s <= 10; s++) appendStep(run, { step: s, steps: 10, loss: 0.2 + 0.01 * (s % 3), lr: 1e-4, smooth: 0.21 });
+const noVal = drawChart(ctx, run, [0, -300, 600, 250]);
+calls.length = 0;
+appendValidation(run, { step: 10, steps: 10, val_loss: 0.15 });
+appendValidation(run, { step: 0, steps: 10, val_loss: 0.9 });   // out of order: sorted in
+appendValidation(run, { step: 5, steps: 10, val_loss: 0.5 });
+appendValidation(run, { step: 5, steps: 10, val_loss: 0.05 });  // the same step again: replaced
+appendValidation(run, { step: 7, steps: 10, val_loss: Infinity });  // not drawable: ignored
+const drawn = drawChart(ctx, run, [0, -300, 600, 250]);
+const drawnCalls = calls.slice();
+const only = newRun({ node: "2", prompt_id: "q" });
+appendValidation(only, { step: 0, steps: 4, val_loss: 0.3 });
+const alone = drawChart(ctx, only, [0, -300, 600, 250]);
+console.log(JSON.stringify({ colors: COLORS, validation: run.validation, valLoss: run.val_loss, noVal, drawn, calls: drawnCalls,
+  alone, only: { steps: only.steps, validation: only.validation } }));
+"""
+
+
+@needs_node
+def test_chart_draws_the_validation_series_on_the_loss_scale(tmp_path) -> None:
+    shutil.copy(CHART, tmp_path / "loss_chart.js")
+    (tmp_path / "driver.mjs").write_text(VALIDATION_CHART_DRIVER)
+    result = subprocess.run(
+        [NODE, str(tmp_path / "driver.mjs")], capture_output=True, text=True, timeout=60, cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+    assert out["validation"] == [[0, 0.9], [5, 0.05], [10, 0.15]] and out["valLoss"] == 0.15, out["validation"]
+    no_val, drawn = out["noVal"], out["drawn"]
+    assert no_val["validation"] == 0 and no_val["valDots"] == [] and "val" not in no_val["header"][1], no_val
+    assert no_val["xRange"][0] == 1 and no_val["yRange"][1] < 0.9, no_val  # the training losses only
+    # the validation losses widen the y scale both ways and the x scale to step 0
+    lo, hi = drawn["yRange"]
+    assert lo < 0.05 and hi > 0.9 and drawn["xRange"] == [0, 10], drawn
+    assert drawn["header"][1].startswith("smoothed 0.2100  val 0.1500  done in"), drawn["header"]
+    x, y, w, h = drawn["plot"]
+    dots = drawn["valDots"]
+    assert len(dots) == 3 and all(x - 0.5 <= d[0] <= x + w + 0.5 and y - 0.5 <= d[1] <= y + h + 0.5 for d in dots)
+    assert dots[0][0] == pytest.approx(x) and dots[-1][0] == pytest.approx(x + w), dots  # step 0 and step 10
+    assert dots[1][1] > dots[2][1] > dots[0][1], dots  # 0.05 lowest on the screen, 0.9 highest
+    # a distinct colour, a line and a dot per point, drawn over the training curves
+    color = out["colors"]["validation"]
+    assert color not in {v for k, v in out["colors"].items() if k != "validation"}, out["colors"]
+    calls = out["calls"]
+    arcs = [c for c in calls if c["op"] == "arc"]
+    assert [c["at"] for c in arcs] == dots and all(c["style"] == color for c in arcs), arcs
+    val_strokes = [i for i, c in enumerate(calls) if c["op"] == "stroke" and c["style"] == color]
+    smooth_strokes = [i for i, c in enumerate(calls) if c["op"] == "stroke" and c["style"] == out["colors"]["smooth"]]
+    assert len(val_strokes) == 1 and smooth_strokes and val_strokes[0] > max(smooth_strokes), calls
+    assert sum(1 for c in calls if c["op"] == "fill" and c["style"] == color) == 3, calls
+    # a run with its validation at step 0 only (before the first step) already has a chart
+    alone = out["alone"]
+    assert out["only"] == {"steps": 4, "validation": [[0, 0.3]]} and alone["validation"] == 1, out["only"]
+    assert len(alone["valDots"]) == 1 and alone["yLabels"] and alone["xRange"] == [0, 1], alone

@@ -12,8 +12,9 @@ from collections.abc import Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
-from d2f_core import OBJECTIVES, SAMPLERS, TIMESTEP_SAMPLERS
+from d2f_core import LOSSES, OBJECTIVES, SAMPLERS, TIMESTEP_SAMPLERS
 from d2f_core.lora import ALGORITHMS, TARGETS
+from d2f_core.losses import check_loss
 
 from .optimizers import OPTIMIZERS, available_optimizers
 
@@ -43,9 +44,16 @@ TRAJECTORY_FIELDS = (
     "seed",
     "caption_dropout",
     "steps",
+    # which samples are held out of the training data
+    "validation_split",
     # not the raw weights' trajectory, but the EMA's: a resumed average must continue the same average
     "ema_decay",
     "ema_warmup",
+    # how each sample's residual becomes its loss
+    "loss",
+    "huber_c",
+    # which reflow pairs every batch is drawn from
+    "inverted_share",
 )
 
 
@@ -240,6 +248,53 @@ class TrainConfig:
     )
     preview_width: int = option(512, "Preview width in pixels (a multiple of 8).", min=64, max=8192, step=8)
     preview_height: int = option(512, "Preview height in pixels (a multiple of 8).", min=64, max=8192, step=8)
+    # after the previews' widgets: the node's widgets are these fields in order and saved workflows store
+    # widget values by position, so an option the node gained later comes last
+    validation_split: float = option(
+        0.0,
+        "Hold out this fraction of the training samples (at least one) for the validation loss; the same "
+        "samples on every run over the same data. 0: none (or give separate validation data instead).",
+        min=0.0,
+        max=0.9,
+        step=0.01,
+    )
+    validation_every: int = option(
+        0,
+        "Compute the validation loss at step 0, every N steps and at the last step (0: never): the "
+        "objective's loss on the held-out samples at fixed noise and times (the same draws every time, so "
+        "curves compare between runs and resumes), with the saved weights. It never changes the training.",
+        min=0,
+        max=1_000_000,
+    )
+    # after the validation options, for the same reason
+    loss: str = option(
+        "mse",
+        "How every objective turns its prediction's residual into each sample's loss: "
+        + "; ".join(f"{name}: {description}" for name, description in LOSSES.items())
+        + ". The loss values (and the validation loss) are on the chosen loss's scale.",
+        choices=tuple(LOSSES),
+    )
+    huber_c: float = option(
+        0.0,
+        "c of loss pseudo_huber, sqrt(|r|^2 + c^2) - c with r the residual of one sample's C*H*W latent values: "
+        "it is |r|^2 / (2c) well below c and |r| - c well above. 0: the paper's c = 0.00054 * sqrt(C*H*W) (0.069 for a 4x64x64 "
+        "SD latent, 0.14 for 4x128x128 SDXL; Lee, Lin, Fanti 2024, after Song and Dhariwal 2024). Only with loss "
+        "pseudo_huber.",
+        min=0.0,
+        max=1000.0,
+        step=0.001,
+    )
+    # after the loss options, for the same reason
+    inverted_share: float = option(
+        0.0,
+        "Share of every batch drawn from the reflow pairs of inverted real images (pairs --invert-cache, or the "
+        "latents input of Diff2Flow Reflow Pairs); the rest from the pairs the teacher generated. 0: generated pairs "
+        "only (a folder's inverted pairs are left out, with a warning); 1: inverted ones only. Refused when the pairs "
+        "hold no pairs of a group it draws from.",
+        min=0.0,
+        max=1.0,
+        step=0.01,
+    )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -262,6 +317,7 @@ class TrainConfig:
             "preview_every",
             "preview_seed",
             "preview_steps",
+            "validation_every",
         ):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {getattr(self, name)!r}")
@@ -271,6 +327,15 @@ class TrainConfig:
             raise ValueError(f"alpha must be > 0, got {self.alpha}")
         if not 0 <= self.caption_dropout < 1:
             raise ValueError(f"caption_dropout must lie in [0, 1), got {self.caption_dropout}")
+        if not 0 <= self.validation_split <= 0.9:
+            raise ValueError(
+                f"validation_split must lie in [0, 0.9] (a fraction of the samples), got {self.validation_split}"
+            )
+        if self.validation_split > 0 and self.validation_every == 0:
+            raise ValueError(
+                f"validation_split {self.validation_split:g} holds samples out of training, but validation_every is 0 "
+                "(never evaluated): set validation_every N, or validation_split 0"
+            )
         if not 0 <= self.ema_decay < 1:
             raise ValueError(f"ema_decay must lie in [0, 1) (0: no EMA; 0.999 is typical), got {self.ema_decay}")
         for name in ("preview_width", "preview_height"):
@@ -285,6 +350,9 @@ class TrainConfig:
             raise ValueError(f"logit_std must be > 0, got {self.logit_std}")
         if not self.shift > 0:
             raise ValueError(f"shift must be > 0, got {self.shift}")
+        check_loss(self.loss, self.huber_c)
+        if not 0 <= self.inverted_share <= 1:
+            raise ValueError(f"inverted_share must lie in [0, 1] (a share of every batch), got {self.inverted_share}")
         if OPTIMIZERS[self.optimizer].schedule_free and self.lr_schedule != "constant":
             raise ValueError(
                 f"optimizer {self.optimizer} replaces the learning-rate schedule: set lr_schedule constant "
@@ -299,6 +367,11 @@ class TrainConfig:
             "logit_std": self.logit_std,
             "shift": self.shift,
         }
+
+    def loss_options(self) -> dict[str, Any]:
+        """The keyword arguments of an objective's loss (``d2f_core.Objective.loss``) that select each
+        sample's loss: ``loss`` and ``huber_c``."""
+        return {"loss": self.loss, "huber_c": self.huber_c}
 
     def differences(self, other: TrainConfig) -> dict[str, tuple]:
         ignored = {"steps"}
@@ -348,16 +421,21 @@ class PairsConfig:
     # loses nothing (Cancel / Ctrl-C keep every finished shard; a rerun appends the rest)
     count: int = option(
         1000,
-        "Pairs the folder should hold: a rerun with a larger count generates only the missing ones.",
-        min=1,
+        "Pairs the folder should hold: a rerun with a larger count generates only the missing ones. 0: none "
+        "generated, only images inverted (the node's latents input; the CLI's --invert-cache without --prompts).",
+        min=0,
         max=100_000_000,
     )
     width: int = option(512, "Image width in pixels (a multiple of 8).", min=64, max=8192, step=8)
     height: int = option(512, "Image height in pixels (a multiple of 8).", min=64, max=8192, step=8)
+    # 12 ab2 steps, not the earlier 32 Euler ones: as close to the teacher's exact ODE at 12 network evaluations
+    # instead of 32 (benchmarks/results/pair_accuracy.md: demo model at cfg 1 and 5, exact Gaussian mixture);
+    # a folder made with the earlier default appends when given its settings (pairs.toml, a saved workflow)
     steps: int = option(
-        32,
-        "Teacher ODE steps per pair (measured on the demo model: the 8 / 16 / 32 / 64-step end "
-        "points lie 6.0 / 3.1 / 1.4 / 0.5 % (RMS) from the 128-step ones).",
+        12,
+        "Teacher ODE steps per pair, each costing the sampler's network evaluations (ab2 and euler 1; cfg runs both "
+        "branches in one batch). Measured on the demo model (RMS distance of the end points from the exact ODE's): "
+        "ab2 at 8 / 12 / 16 / 32 steps 2.3 / 1.7 / 1.6 / 0.7 %, euler at 32 steps 1.9 %.",
         min=1,
         max=1000,
     )
@@ -370,7 +448,10 @@ class PairsConfig:
         step=0.1,
     )
     sampler: str = option(
-        "euler", "; ".join(f"{s.name}: {s.description}" for s in SAMPLERS.values()), choices=tuple(SAMPLERS)
+        "ab2",
+        "The teacher's FM sampler (ab2: Euler's 32-step accuracy at 12 network evaluations). "
+        + "; ".join(f"{s.name}: {s.description}" for s in SAMPLERS.values()),
+        choices=tuple(SAMPLERS),
     )
     seed: int = option(
         0, "Seed of the noise: pair i's noise comes from (seed, i) alone.", min=0, max=0xFFFFFFFFFFFFFFFF

@@ -4,11 +4,18 @@ Everything random (batch choice, caption dropout, noise, sigma or tau) is drawn 
 ``torch.Generator`` seeded from the config; it is part of the training state, so ``N`` steps +
 resume + ``N`` steps equals ``2N`` straight steps. Noise and times come from the objective's own
 ``Objective.draw`` (the same draw ``d2f_core.objective_loss`` makes; the data's paired noise when it
-carries one) and the loss from its ``Objective.loss`` (docs/MATH.md section 6).
+carries one) and the loss from its ``Objective.loss`` with the config's ``loss`` / ``huber_c`` (each
+sample's loss, ``d2f_core.losses``; docs/MATH.md section 6). Reflow pairs of inverted images are
+mixed into every batch at ``inverted_share`` (``TrainingData.draw_indices``, from the same generator).
 
 With ``ema_decay`` > 0 the trainer also keeps an exponential moving average of the adapter weights
 (:class:`AdapterEMA`, updated after every optimizer step, part of the training state); the saved
 LoRA is then the average (:meth:`Trainer.saved_adapters`).
+
+With validation data and ``validation_every`` > 0 it computes the validation loss
+(:meth:`Trainer.validation_loss`) at step 0, every ``validation_every`` steps and at the last step; the
+values are part of the training state. Evaluating draws from a generator of its own and restores the
+weights bit-exactly, so it never changes the trajectory.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from d2f_core import Diff2Flow, get_objective
 from d2f_core.lora import WeightAdapter, adapters_state_dict
 
 from .config import TrainConfig
-from .data import TrainingData
+from .data import VALIDATION_SEED, TrainingData, inverted_share_problem
 from .optimizers import OPTIMIZERS, build_optimizer
 
 Network = Callable[..., torch.Tensor]
@@ -107,6 +114,26 @@ class AdapterEMA:
         self.averaged.load_state_dict(state)
 
 
+def check_validation(config: TrainConfig, validation: TrainingData | None, paired_noise: bool) -> None:
+    """Refuse validation data that ``config`` would not evaluate, or ``validation_every`` without any."""
+    if validation is None and config.validation_every > 0:
+        raise ValueError(
+            f"validation_every {config.validation_every} needs validation samples: set validation_split (a "
+            "fraction of the training samples to hold out) or give separate validation data, or set "
+            "validation_every 0"
+        )
+    if validation is not None and config.validation_every == 0:
+        raise ValueError(
+            "validation data is given but validation_every is 0 (never evaluated): set validation_every N, or "
+            "leave the validation data out"
+        )
+    if validation is not None and paired_noise and (validation.extras is None or "noise" not in validation.extras[0]):
+        raise ValueError(
+            f"objective {config.objective!r} trains on (noise, image) pairs, but the validation data carries no "
+            "paired noise: hold out part of the pairs with validation_split instead"
+        )
+
+
 class Trainer:
     """Optimises ``adapters`` (already attached to ``network``) under ``config.objective``.
 
@@ -119,6 +146,7 @@ class Trainer:
         rank, world_size: data-parallel position (torchrun). Every process draws the same global
             batch, noise and times from the shared generator and trains its shard; gradients and
             losses are averaged across processes, so N processes give the 1-process result.
+        validation: the held-out samples of the validation loss (``config.validation_every`` > 0).
     """
 
     def __init__(
@@ -131,6 +159,7 @@ class Trainer:
         device: torch.device | str = "cpu",
         rank: int = 0,
         world_size: int = 1,
+        validation: TrainingData | None = None,
     ) -> None:
         if world_size < 1 or not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} does not fit world_size {world_size}")
@@ -148,6 +177,17 @@ class Trainer:
                 f"objective {config.objective!r} trains on (noise, image) pairs, but the training data carries no "
                 "paired noise: train it on a pairs folder generated from the teacher model"
             )
+        check_validation(config, validation, self.objective.paired_noise)
+        mix = inverted_share_problem(config.inverted_share, data)
+        if mix is not None:
+            raise ValueError(f"inverted_share {mix}")
+        if data.inverted_count and config.inverted_share == 0:
+            log.warning(
+                "the training data holds %d pairs of inverted images, which inverted_share 0 leaves out: set "
+                "inverted_share (the share of every batch they make up) to train on them",
+                data.inverted_count,
+            )
+        self.validation = validation
         self.device = torch.device(device)
         self.rank, self.world_size = rank, world_size
         self.params = [p for a in adapters.values() for p in a.parameters() if p.requires_grad]
@@ -168,6 +208,7 @@ class Trainer:
         self.ema = AdapterEMA(adapters, config.ema_decay, config.ema_warmup) if config.ema_decay > 0 else None
         self.step = 0
         self.losses: list[float] = []
+        self.validation_losses: list[tuple[int, float]] = []  # (step, loss) of every evaluation
 
     # ------------------------------------------------------------------ weights
     def saved_adapters(self) -> dict[str, WeightAdapter]:
@@ -241,6 +282,7 @@ class Trainer:
             "format": "diff2flow-training-state/1",
             "step": self.step,
             "losses": list(self.losses),
+            "validation_losses": [list(v) for v in self.validation_losses],
             "config": self.config.to_dict(),
             "adapters": {
                 name: {k: v.detach().cpu() for k, v in a.state_dict().items()} for name, a in self.adapters.items()
@@ -277,13 +319,69 @@ class Trainer:
         self.generator.set_state(state["generator"])
         self.step = int(state["step"])
         self.losses = list(state["losses"])
+        self.validation_losses = [(int(s), float(v)) for s, v in state.get("validation_losses", [])]
+
+    # ------------------------------------------------------------------ validation
+    @torch.no_grad()
+    def validation_loss(self) -> float:
+        """The objective's mean loss over the validation samples with the saved weights
+        (:meth:`sampling_weights`: the EMA's when EMA is on).
+
+        Each sample gets its noise and time from one draw of the objective's default distribution
+        (uniform; reflow: the pair's own noise) for it alone, in sample order, from a generator seeded with
+        ``VALIDATION_SEED``: the same draws at every evaluation of every run over the same samples, whatever
+        the seed, batch size, timestep sampling or number of processes. The loss is the training's (``loss``,
+        ``huber_c``), so the two curves share a scale. The training generator is not touched. Processes share
+        the batches and average the sums."""
+        data = self.validation
+        if data is None:
+            raise ValueError("this trainer has no validation samples")
+        generator = torch.Generator().manual_seed(VALIDATION_SEED)
+        draws = []
+        for i, latent in enumerate(data.latents):
+            paired = data.extras[i]["noise"][None].float() if self.objective.paired_noise else None
+            draws.append(self.objective.draw(latent[None].float(), self.d2f, generator, paired))
+        size = max(1, self.config.batch_size // self.world_size)  # a training micro-batch's memory at most
+        batches = [bucket[s : s + size] for bucket in data.buckets for s in range(0, len(bucket), size)]
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # (loss x samples, samples)
+        with self.sampling_weights(), self.autocast():
+            for number, indices in enumerate(batches):
+                if number % self.world_size != self.rank:
+                    continue
+                x0, cond = data.batch(indices)
+                extras = data.batch_extras(indices)
+                extras.pop("noise", None)  # the pair's noise is in the draw
+                cond.update(extras)
+                noise = torch.cat([draws[i][0] for i in indices])
+                times = torch.cat([draws[i][1] for i in indices])
+                out = self.objective.loss(
+                    self.network,
+                    self.d2f,
+                    x0.float().to(self.device),
+                    noise.float().to(self.device),
+                    times.to(self.device),
+                    **self.config.loss_options(),  # the training loss: the curves compare
+                    **{k: v.to(self.device) for k, v in cond.items()},
+                )
+                sums[0] += out.loss.double() * len(indices)
+                sums[1] += len(indices)
+        self._all_reduce_mean([sums])  # a mean of both sums: their ratio is the mean over all samples
+        return float(sums[0] / sums[1])
+
+    def _validate(self, on_validation: Callable[[int, float], None] | None) -> None:
+        loss = self.validation_loss()
+        if not math.isfinite(loss):
+            log.warning("the validation loss at step %d is %s", self.step, loss)
+        self.validation_losses.append((self.step, loss))
+        if on_validation is not None:
+            on_validation(self.step, loss)
 
     # ------------------------------------------------------------------ loop
     def _micro_batch_loss(self) -> torch.Tensor:
         """This process's shard of one global micro-batch. Draw order: indices, dropout, then the
         objective's noise and times (as ``d2f_core.objective_loss`` with the same generator)."""
         cfg, gen = self.config, self.generator
-        indices = self.data.draw_indices(cfg.batch_size, gen)
+        indices = self.data.draw_indices(cfg.batch_size, gen, cfg.inverted_share)
         dropout = None
         if cfg.caption_dropout > 0 and self.data.uncond is not None:
             dropout = torch.rand(cfg.batch_size, generator=gen) < cfg.caption_dropout
@@ -304,7 +402,7 @@ class Trainer:
         x0 = x0.float()
         cond = {k: v[shard].to(self.device) for k, v in cond.items()}
         with self.autocast():
-            out = self.objective.loss(self.network, self.d2f, x0, noise.float(), times, **cond)
+            out = self.objective.loss(self.network, self.d2f, x0, noise.float(), times, **cfg.loss_options(), **cond)
         return out.loss.float()
 
     def _all_reduce_mean(self, tensors: list[torch.Tensor]) -> None:
@@ -377,15 +475,22 @@ class Trainer:
         check_cancel: Callable[[], None] | None = None,
         save: Callable[[Trainer], None] | None = None,
         preview: Callable[[Trainer], Any] | None = None,
+        on_validation: Callable[[int, float], None] | None = None,
     ) -> TrainResult:
         """Train until ``config.steps``. ``on_step(step, loss, lr)`` reports progress,
         ``check_cancel()`` raises to stop (before each step), ``save(trainer)`` is called every
         ``save_every`` steps, ``preview(trainer)`` at step 0 (a run that starts there) and after
         every ``preview_every`` steps (after the save of that step; training/previews.py).
+        With validation samples, the validation loss is computed at step 0 (a run that starts there),
+        every ``validation_every`` steps and at the last step, before that step's save (so the state
+        holds it), and reported to ``on_validation(step, loss)``.
         Exceptions propagate after the last completed save."""
         start = time.perf_counter()
         first = self.step
         previews = preview is not None and self.config.preview_every > 0
+        every = self.config.validation_every if self.validation is not None else 0
+        if every and self.step == 0:
+            self._validate(on_validation)
         if previews and self.step == 0:
             preview(self)
         while self.step < self.config.steps:
@@ -394,6 +499,8 @@ class Trainer:
             loss = self.train_step()
             if on_step is not None:
                 on_step(self.step, loss, self.scheduler.get_last_lr()[0])
+            if every and (self.step % every == 0 or self.step == self.config.steps):
+                self._validate(on_validation)
             if save is not None and self.config.save_every and self.step % self.config.save_every == 0:
                 save(self)
             if previews and self.step % self.config.preview_every == 0:

@@ -20,7 +20,7 @@ Params = list[torch.nn.Parameter]
 class Optimizer:
     """One optimizer choice: ``build(params, lr, weight_decay)``; ``module`` is the import that must
     succeed, ``"module:attribute"`` where an attribute must exist too (``None``: always there), and
-    ``package`` what ``pip install`` names."""
+    ``package`` what ``pip install`` names; ``default_learning_rate`` the package's documented default ``lr``."""
 
     name: str
     description: str
@@ -30,6 +30,10 @@ class Optimizer:
     # schedule-free: the optimizer keeps two weight sequences and switches between them with its train() /
     # eval(); the evaluation weights are the ones to save, sample and average (training.engine.Trainer)
     schedule_free: bool = False
+    # the learning rate the package documents as its default (its constructor's ``lr``), the scale to start
+    # from: benchmarks/optimizers.py measures each choice at it; training/tests/test_optimizers.py checks it
+    # against the installed package's signature
+    default_learning_rate: float | None = None
 
     def missing(self) -> str | None:
         """Why this installation cannot run it (``None`` when it can)."""
@@ -79,12 +83,19 @@ OPTIMIZERS: dict[str, Optimizer] = {
             "AdamW",
             "Adam with decoupled weight decay (torch)",
             lambda p, lr, wd: torch.optim.AdamW(p, lr=lr, weight_decay=wd),
+            default_learning_rate=1e-3,  # torch.optim.AdamW(lr=1e-3)
         ),
-        Optimizer("Adam", "Adam without weight decay (torch)", lambda p, lr, wd: torch.optim.Adam(p, lr=lr)),
+        Optimizer(
+            "Adam",
+            "Adam without weight decay (torch)",
+            lambda p, lr, wd: torch.optim.Adam(p, lr=lr),
+            default_learning_rate=1e-3,  # torch.optim.Adam(lr=1e-3)
+        ),
         Optimizer(
             "SGD",
             "SGD with momentum 0.9 (torch)",
             lambda p, lr, wd: torch.optim.SGD(p, lr=lr, momentum=0.9, weight_decay=wd),
+            default_learning_rate=1e-3,  # torch.optim.SGD(lr=1e-3) (older torch releases required lr)
         ),
         Optimizer(
             "AdamW8bit",
@@ -92,20 +103,25 @@ OPTIMIZERS: dict[str, Optimizer] = {
             _bnb_adamw8bit,
             "bitsandbytes",
             "bitsandbytes",
+            # bitsandbytes.optim.AdamW8bit(lr=1e-3): its reference docs (not installed here, so not tested)
+            default_learning_rate=1e-3,
         ),
         Optimizer(
             "Adafactor",
-            "Adafactor (torch): factored second moments, little optimizer memory",
+            "Adafactor (torch, default learning rate 1e-2): factored second moments, little optimizer memory",
             _adafactor,
             "torch.optim:Adafactor",
             "torch>=2.5",
+            default_learning_rate=1e-2,  # torch.optim.Adafactor(lr=1e-2)
         ),
         Optimizer(
             "Lion",
-            "Lion (lion-pytorch): sign updates, one state; use a 3-10x smaller learning rate than AdamW",
+            "Lion (lion-pytorch): sign updates, one state; use a 3-10x smaller learning rate than AdamW "
+            "(its default 1e-4)",
             _lion,
             "lion_pytorch",
             "lion-pytorch",
+            default_learning_rate=1e-4,  # lion_pytorch.Lion(lr=1e-4)
         ),
         Optimizer(
             "Prodigy",
@@ -113,15 +129,17 @@ OPTIMIZERS: dict[str, Optimizer] = {
             _prodigy,
             "prodigyopt",
             "prodigyopt",
+            default_learning_rate=1.0,  # prodigyopt.Prodigy(lr=1.0): a multiplier of its own step-size estimate
         ),
         Optimizer(
             "AdamWScheduleFree",
-            "schedule-free AdamW (schedulefree): no decay schedule needed (lr_schedule "
+            "schedule-free AdamW (schedulefree, default learning rate 0.0025): no decay schedule needed (lr_schedule "
             "constant; warmup_steps still apply); saves, previews and EMA use its evaluation weights",
             _adamw_schedule_free,
             "schedulefree",
             "schedulefree",
             schedule_free=True,
+            default_learning_rate=0.0025,  # schedulefree.AdamWScheduleFree(lr=0.0025)
         ),
     )
 }

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from .files import atomic_write
 
@@ -26,10 +27,12 @@ def save_loss_curve(
     xlabel: str = "step",
     ylabel: str = "loss",
     log_y: bool = True,
+    points: Mapping[str, Sequence[tuple[int, float]]] | None = None,
 ) -> None:
     """Plot one or more loss curves (step i+1 -> value i) with a moving average, as a PNG.
 
-    ``curves`` maps a legend label to its per-step values; empty curves are left out."""
+    ``curves`` maps a legend label to its per-step values; ``points`` a label to sparse ``(step, value)``
+    series (the validation loss), drawn as markers joined by lines; empty ones are left out."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -47,13 +50,17 @@ def save_loss_curve(
             ax.plot(steps, smoothed(values, window), color=line.get_color(), label=f"{label} (mean of {window})")
         else:
             ax.plot(steps, values, label=label)
-    if log_y and all(v > 0 for values in curves.values() for v in values):
+    sparse: dict[str, Any] = {label: series for label, series in (points or {}).items() if series}
+    for label, series in sparse.items():
+        ax.plot([s for s, _ in series], [v for _, v in series], marker="o", markersize=4, label=label)
+    values = [v for series in curves.values() for v in series] + [v for ss in sparse.values() for _, v in ss]
+    if log_y and all(v > 0 for v in values):
         ax.set_yscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
     ax.grid(True, alpha=0.3)
-    if any(curves.values()):
+    if any(curves.values()) or sparse:
         ax.legend()
     fig.tight_layout()
     atomic_write(path, lambda f: fig.savefig(f, format="png"))

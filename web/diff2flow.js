@@ -1,13 +1,16 @@
 // Diff2Flow toolkit: the loss chart of the "Train Diff2Flow LoRA" node.
 // The server sends "diff2flow.train.progress" {node, prompt_id, workflow, step, steps, loss, lr, smooth, eta_s,
-// elapsed_s} after every optimizer step and keeps a downsampled history of each run (nodes/progress.py); the page
+// elapsed_s} after every optimizer step and "diff2flow.train.validation" {node, prompt_id, workflow, step, steps,
+// val_loss} after every validation evaluation (step 0: before the first step, so it may be the first event of a
+// run), and keeps a downsampled history of each run with all its validation losses (nodes/progress.py); the page
 // asks for that history when it loads and when a training node is created or loaded, then appends the live
 // events. The chart (web/loss_chart.js) is drawn above the node's title and badges, as wide as the node.
 import { app } from "../../scripts/app.js";
 import { api } from "../../scripts/api.js";
-import { appendStep, drawChart, newRun, num } from "./loss_chart.js";
+import { appendStep, appendValidation, drawChart, newRun, newRunAtValidation, num } from "./loss_chart.js";
 
 const EVENT = "diff2flow.train.progress";
+const VALIDATION_EVENT = "diff2flow.train.validation";
 const HISTORY_ROUTE = "/diff2flow/training/history"; // api.fetchApi adds the /api prefix
 const NODE_TYPE = "D2F_TrainLoRA";
 const LIVE_FIELDS = ["step", "steps", "loss", "lr", "smooth", "eta_s", "elapsed_s", "finished"];
@@ -58,19 +61,49 @@ function onProgress(event) {
   app.graph?.setDirtyCanvas?.(true, false);
 }
 
+function onValidation(event) {
+  const data = (event && event.detail) || {};
+  lastLive = Date.now();
+  const step = num(data.step);
+  if (data.node != null) {
+    const key = String(data.node);
+    let run = states.get(key);
+    if (!run || run.prompt_id !== data.prompt_id) {
+      // the validation at step 0 comes before the first step: it starts the run the steps then go on
+      run = newRun({ node: key, prompt_id: data.prompt_id, workflow: data.workflow ?? null });
+      states.set(key, run);
+    }
+    appendValidation(run, data);
+  } else {
+    // without its node, as onProgress: the executing training node, else every training node
+    const byId = executingId != null && app.graph?.getNodeById?.(executingId);
+    for (const node of isTrainNode(byId) ? [byId] : graphNodes().filter(isTrainNode)) {
+      const key = String(node.id);
+      let run = states.get(key);
+      if (!run || newRunAtValidation(run, step)) states.set(key, (run = newRun({ node: key })));
+      appendValidation(run, data);
+    }
+  }
+  app.graph?.setDirtyCanvas?.(true, false);
+}
+
 function applyHistory(answer) {
   const latest = new Map(); // node -> its most recently updated run of this workflow
   for (const run of answer?.runs || []) if (run && run.node != null && sameWorkflow(run)) latest.set(String(run.node), run);
   for (const [key, run] of latest) {
-    const fresh = newRun({ ...run, node: key, points: (run.points || []).map((p) => [...p]) });
+    const fresh = newRun({ ...run, node: key, points: (run.points || []).map((p) => [...p]),
+                           validation: (run.validation || []).map((p) => [...p]) });
     const local = states.get(key);
     if (local && local.prompt_id === run.prompt_id) {
       // live events that came in while the history was on its way: keep the steps it does not have yet
       const end = fresh.points[fresh.points.length - 1]?.[1] ?? -Infinity;
       for (const p of local.points) if (p[0] > end) fresh.points.push([...p]);
       if ((local.step ?? 0) > (run.step ?? 0)) for (const k of LIVE_FIELDS) fresh[k] = local[k];
+      const valEnd = fresh.validation[fresh.validation.length - 1]?.[0] ?? -Infinity;
+      for (const p of local.validation || []) if (p[0] > valEnd) appendValidation(fresh, { step: p[0], val_loss: p[1] });
       fresh.stopped = local.stopped;
     }
+    fresh.val_loss = fresh.validation[fresh.validation.length - 1]?.[1] ?? num(fresh.val_loss); // the last point's
     states.set(key, fresh);
   }
   // a run the server no longer has (restarted) is not running any more
@@ -98,9 +131,12 @@ function loadHistory() {
 // Live events sent while the page loads (after its history request, before its socket is open) are lost, and
 // ComfyUI 0.8.0 can drop a reloaded page's socket from its broadcast list (server.py: when the old socket of the
 // same client id closes after the new one opened): while a run is in progress and no live event came for
-// POLL_MS, ask the history again.
+// POLL_MS, ask the history again. A run with validation losses gets its last one after its last step: a finished
+// run whose prompt still executes (the history's `running`) without the validation of its last step is polled too.
+const awaitsLastValidation = (r) =>
+  r.finished && r.running === true && r.validation?.length > 0 && r.validation[r.validation.length - 1][0] < r.steps;
 function pollStale() {
-  const active = [...states.values()].some((r) => !r.finished && !r.stopped && r.running !== false);
+  const active = [...states.values()].some((r) => !r.stopped && ((!r.finished && r.running !== false) || awaitsLastValidation(r)));
   if (active && Date.now() - lastLive > POLL_MS) loadHistory();
 }
 
@@ -138,6 +174,13 @@ app.registerExtension({
         onProgress(event);
       } catch (err) {
         console.warn("diff2flow: progress event ignored", err);
+      }
+    });
+    api.addEventListener(VALIDATION_EVENT, (event) => {
+      try {
+        onValidation(event);
+      } catch (err) {
+        console.warn("diff2flow: validation event ignored", err);
       }
     });
     api.addEventListener("executing", (event) => {

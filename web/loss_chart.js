@@ -1,7 +1,9 @@
 // Diff2Flow toolkit: the loss chart of a training run (no ComfyUI imports: web/diff2flow.js wires it).
 // A run is {node, prompt_id, workflow, step, steps, loss, lr, smooth, eta_s, elapsed_s, finished, points,
-// stride}; points are buckets of consecutive optimizer steps [first step, last step, lowest loss,
-// highest loss, last loss, smoothed loss], the layout of the server's history (nodes/progress.py).
+// stride, validation, val_loss}; points are buckets of consecutive optimizer steps [first step, last step,
+// lowest loss, highest loss, last loss, smoothed loss], the layout of the server's history (nodes/progress.py);
+// validation is every validation loss of the run, [step, loss] in step order (step 0: before training), and
+// val_loss the last of them: a second series on the same axes (dots joined by a line).
 export const MAX_POINTS = 2048; // buckets kept on the page per run; merged in pairs beyond
 
 const num = (v) => (typeof v === "number" && Number.isFinite(v) ? v : null);
@@ -22,7 +24,25 @@ export function formatDuration(s) {
 
 export function newRun(fields = {}) {
   return { step: null, steps: null, loss: null, lr: null, smooth: null, eta_s: null, elapsed_s: null, finished: false,
-           stopped: false, running: null, points: [], stride: 1, ...fields };
+           stopped: false, running: null, points: [], stride: 1, validation: [], val_loss: null, ...fields };
+}
+
+/** Add one validation loss (the validation event: {step, steps, val_loss}) to a run: one point per step, in step order. */
+export function appendValidation(run, ev) {
+  const step = num(ev.step), loss = num(ev.val_loss);
+  if (run.steps === null) run.steps = num(ev.steps);
+  if (step === null || loss === null) return;
+  const points = (run.validation || []).filter((p) => p[0] !== step);
+  points.push([step, loss]);
+  points.sort((a, b) => a[0] - b[0]);
+  run.validation = points;
+  run.val_loss = points[points.length - 1][1];
+}
+
+/** Would a validation at `step` not belong to the run (the same node trains again)? As nodes/progress.py decides. */
+export function newRunAtValidation(run, step) {
+  const last = run.validation?.[run.validation.length - 1]?.[0];
+  return step !== null && ((run.step !== null && step < run.step) || (last !== undefined && step <= last));
 }
 
 /** Append one live step (the progress event) to a run, as the server does: stride-aligned buckets, merged in pairs. */
@@ -82,7 +102,8 @@ function tickLabel(v, ticks) {
   return v.toFixed(Math.max(0, Math.min(6, -Math.floor(Math.log10(step)))));
 }
 
-/** The two text lines above the chart: "step s/N  loss x  lr y" and the smoothed loss with the ETA or the outcome. */
+/** The two text lines above the chart: "step s/N  loss x  lr y" and the smoothed loss, the last validation loss
+ * ("val x", once there is one) and the ETA or the outcome. */
 export function headerLines(run) {
   const step = run.step === null ? "?" : run.step, steps = run.steps === null ? "?" : run.steps;
   const first = `step ${step}/${steps}  loss ${formatNumber(run.loss)}  lr ${formatNumber(run.lr, 6)}`;
@@ -90,11 +111,13 @@ export function headerLines(run) {
   if (run.finished) state = `done in ${formatDuration(run.elapsed_s)}`;
   else if (run.stopped || run.running === false) state = `stopped at step ${step}`;
   else state = `ETA ${formatDuration(run.eta_s)}  elapsed ${formatDuration(run.elapsed_s)}`;
-  return [first, `smoothed ${formatNumber(run.smooth)}  ${state}`];
+  const val = num(run.val_loss) === null ? "" : `val ${formatNumber(run.val_loss)}  `;
+  return [first, `smoothed ${formatNumber(run.smooth)}  ${val}${state}`];
 }
 
-const COLORS = { back: "rgba(20, 20, 20, 0.88)", text: "#ddd", axis: "#888", grid: "rgba(255, 255, 255, 0.08)",
-                 range: "rgba(123, 216, 143, 0.35)", raw: "rgba(123, 216, 143, 0.55)", smooth: "#7bd88f" };
+export const COLORS = { back: "rgba(20, 20, 20, 0.88)", text: "#ddd", axis: "#888", grid: "rgba(255, 255, 255, 0.08)",
+                        range: "rgba(123, 216, 143, 0.35)", raw: "rgba(123, 216, 143, 0.55)", smooth: "#7bd88f",
+                        validation: "#f5a742" };
 
 /** Draw the run into the box (node coordinates); returns what was drawn (for tests and tooltips). */
 export function drawChart(ctx, run, [x, y, w, h]) {
@@ -108,16 +131,25 @@ export function drawChart(ctx, run, [x, y, w, h]) {
   header.forEach((line, i) => ctx.fillText(line, x + 6, y + 4 + i * 15));
   ctx.font = "10px monospace";
   const plot = { x: x + 52, y: y + 40, w: w - 52 - 10, h: h - 40 - 18 };
+  const val = (run.validation || []).filter((p) => num(p?.[0]) !== null && num(p?.[1]) !== null);
   const drawn = { points: run.points.length, columns: 0, firstStep: run.points[0]?.[0] ?? null, lastStep: run.step,
                   steps: run.steps, lastLoss: run.loss, smooth: run.smooth, finished: run.finished, header,
+                  validation: val.length, valLoss: run.val_loss ?? null, valDots: [], yRange: null, xRange: null,
                   xLabels: [], yLabels: [], box: [x, y, w, h], plot: [plot.x, plot.y, plot.w, plot.h] };
-  if (plot.w < 20 || plot.h < 20 || !run.points.length) return drawn;
+  if (plot.w < 20 || plot.h < 20 || (!run.points.length && !val.length)) return drawn;
   const cols = columns(run.points, Math.floor(plot.w));
   drawn.columns = cols.length;
-  let lo = Math.min(...cols.map((c) => Math.min(c.lo, c.smooth))), hi = Math.max(...cols.map((c) => Math.max(c.hi, c.smooth)));
+  // one y scale for both series: the training losses (ranges and smoothed) and the validation losses
+  const lows = [...cols.map((c) => Math.min(c.lo, c.smooth)), ...val.map((p) => p[1])];
+  const highs = [...cols.map((c) => Math.max(c.hi, c.smooth)), ...val.map((p) => p[1])];
+  let lo = Math.min(...lows), hi = Math.max(...highs);
   const pad = hi > lo ? (hi - lo) * 0.06 : Math.abs(lo) * 0.1 || 1;
   lo -= pad; hi += pad;
-  const s0 = run.points[0][0], s1 = Math.max(run.points[run.points.length - 1][1], s0 + 1);
+  // the steps of both: the validation at step 0 (before training) left of the first step
+  const starts = [...(run.points.length ? [run.points[0][0]] : []), ...(val.length ? [val[0][0]] : [])];
+  const ends = [...(run.points.length ? [run.points[run.points.length - 1][1]] : []), ...(val.length ? [val[val.length - 1][0]] : [])];
+  const s0 = Math.min(...starts), s1 = Math.max(...ends, s0 + 1);
+  drawn.yRange = [lo, hi]; drawn.xRange = [s0, s1];
   const px = (s) => plot.x + ((s - s0) / (s1 - s0)) * plot.w;
   const py = (v) => plot.y + plot.h - ((v - lo) / (hi - lo)) * plot.h;
   // axes: loss ticks on the left, step ticks below
@@ -153,6 +185,16 @@ export function drawChart(ctx, run, [x, y, w, h]) {
     cols.forEach((c, i) => (i ? ctx.lineTo(px(c.s1), py(c[key])) : ctx.moveTo(px(c.s1), py(c[key]))));
     if (cols.length === 1) ctx.lineTo(px(cols[0].s1) + 1, py(cols[0][key]));
     ctx.stroke();
+  }
+  // the validation losses: dots joined by a line, over the training curves
+  if (val.length) {
+    const dots = val.map(([s, v]) => [px(s), py(v)]);
+    ctx.strokeStyle = COLORS.validation; ctx.fillStyle = COLORS.validation; ctx.lineWidth = 1.5;
+    ctx.beginPath();
+    dots.forEach(([dx, dy], i) => (i ? ctx.lineTo(dx, dy) : ctx.moveTo(dx, dy)));
+    ctx.stroke();
+    for (const [dx, dy] of dots) { ctx.beginPath(); ctx.arc(dx, dy, 3, 0, 2 * Math.PI); ctx.fill(); }
+    drawn.valDots = dots;
   }
   return drawn;
 }

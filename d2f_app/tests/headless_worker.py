@@ -2,6 +2,7 @@
 ``run_headless`` (the CLI's loop: files, metrics, signals), one process or several under torchrun.
 
     python training/tests/headless_worker.py OUT_DIR [--steps N] [--resume] [--sleep S] [--save-every K] [--concat]
+        [--validation]
     python -m torch.distributed.run --nproc_per_node 2 training/tests/headless_worker.py OUT_DIR ...
 """
 
@@ -31,6 +32,9 @@ def main() -> None:
     parser.add_argument(
         "--concat", action="store_true", help="an image-conditioned model (each sample carries a concat latent)"
     )
+    parser.add_argument(
+        "--validation", action="store_true", help="hold out 3 of 9 samples and evaluate them every 5 steps"
+    )
     args = parser.parse_args()
     world = distributed.world_from_env()
     distributed.init(world)
@@ -44,8 +48,10 @@ def main() -> None:
         caption_dropout=0.25,
         seed=21,
         save_every=args.save_every,
+        validation_split=0.34 if args.validation else 0.0,
+        validation_every=5 if args.validation else 0,
     )
-    trainer, net, _ = make_run(config, "v", n=6, concat=args.concat)
+    trainer, net, _ = make_run(config, "v", n=9 if args.validation else 6, concat=args.concat)
     trainer.rank, trainer.world_size = world.rank, world.world_size
     if args.sleep:
         forward = net.forward

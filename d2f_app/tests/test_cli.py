@@ -195,9 +195,8 @@ def test_every_pairs_option_is_a_flag_and_a_toml_key(tmp_path) -> None:
     )
     args = parser.parse_args(["pairs", "--config", str(tmp_path / "pairs.toml"), "--steps", "8", "--zero-terminal-snr"])
     run, config = pairs_values(args)  # TOML < flags
-    assert run == {"checkpoint": "/m.safetensors", "lora": None, "prompts": "/p.txt", "output": "/o"} and set(
-        run
-    ) == set(RUN_KEYS)
+    expected = {"checkpoint": "/m.safetensors", "lora": None, "prompts": "/p.txt", "output": "/o", "invert_cache": None}
+    assert run == expected and set(run) == set(RUN_KEYS)
     assert (config.count, config.steps, config.cfg, config.batch_size, config.shard_size, config.zero_terminal_snr) == (
         64,
         8,
@@ -219,13 +218,19 @@ def test_pairs_and_reflow_refusals_come_before_any_model_is_loaded(tmp_path, cap
             "--prompts " + str(tmp_path / "none.txt") + " does not exist",
         ),
         ([*base, "--prompts", str(tmp_path / "empty.txt")], "holds no prompt (only empty lines)"),
+        ([*base, "--invert-cache", str(tmp_path / "no_cache")], "--invert-cache: latent cache"),
+        ([*base, "--invert-cache", "c", "--count", "5"], "--count 5 generates pairs from prompts, but no --prompts"),
+        (
+            [*base, "--invert-cache", "c", "--prompts", str(tmp_path / "prompts.txt"), "--count", "0"],
+            "--prompts is unused with --count 0",
+        ),
         (
             [*base, "--prompts", str(tmp_path / "prompts.txt")],
             "--checkpoint " + str(tmp_path / "m.safetensors") + " does not exist",
         ),
         (
             [*base, "--prompts", str(tmp_path / "prompts.txt"), "--count", "0"],
-            "invalid pairs option: count must lie in [1, ",
+            "--count 0 generates nothing: give --count N, or --invert-cache CACHE to invert a latent cache",
         ),
         (
             [*base, "--prompts", str(tmp_path / "prompts.txt"), "--width", "100"],
@@ -242,6 +247,10 @@ def test_pairs_and_reflow_refusals_come_before_any_model_is_loaded(tmp_path, cap
         (
             ["train", "--cache", "c", "--pairs", "p", "--checkpoint", "m", "--output", "o"],
             "--cache (a latent cache) or --pairs",
+        ),
+        (
+            ["train", "--cache", "c", "--checkpoint", "m", "--output", "o", "--inverted-share", "0.5"],
+            "--inverted-share 0.5 mixes reflow pairs of inverted images into every batch: pass --pairs DIR",
         ),
         (
             ["train", "--pairs", str(tmp_path / "nope"), "--checkpoint", "m", "--output", "o", "--objective", "reflow"],

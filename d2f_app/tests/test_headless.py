@@ -127,3 +127,35 @@ def test_a_state_at_the_last_step_resumes_to_the_missing_final_files(tmp_path) -
     assert sorted(run.periodic_saves()) == [3]
     with safe_open(str(run.lora), "pt") as a, safe_open(str(tmp_path / "straight" / "tiny.safetensors"), "pt") as b:
         assert set(a.keys()) == set(b.keys()) and all(torch.equal(a.get_tensor(k), b.get_tensor(k)) for k in a.keys())
+
+
+def test_validation_lines_and_an_interrupt_during_a_validation_resume_exactly(tmp_path) -> None:
+    """Each validation is a metrics line of its own; a second Ctrl-C during the validation after step 2 stops
+    with the state of step 2 (its draws kept), and the resumed run ends where a straight one does."""
+    config = TrainConfig(**{**EMA_BASE, "steps": 4, "validation_split": 0.25, "validation_every": 2})
+    meta = lambda step: LoraMetadata("diff2flow", "eps", False, steps=step)  # noqa: E731
+    straight, _, _ = make_run(config, n=8)
+    assert run_headless(straight, RunFiles(tmp_path / "straight", "tiny"), meta, progress=False) == 0
+    records = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["validation_loss"]) for r in records if "validation_loss" in r] == [
+        (s, pytest.approx(v)) for s, v in straight.validation_losses
+    ]
+    assert [s for s, _ in straight.validation_losses] == [0, 2, 4]
+
+    stopped, _, _ = make_run(config, n=8)
+    evaluate = stopped.validation_loss
+
+    def interrupted() -> float:
+        if stopped.step == 2:
+            raise KeyboardInterrupt
+        return evaluate()
+
+    stopped.validation_loss = interrupted
+    folder = RunFiles(tmp_path / "stopped", "tiny")
+    assert run_headless(stopped, folder, meta, progress=False) == 130
+    resumed, _, _ = make_run(config, n=8)
+    resumed.load_state_dict(files.load_training_state(folder.state))
+    assert resumed.step == 2
+    assert run_headless(resumed, folder, meta, progress=False) == 0
+    assert resumed.losses == straight.losses
+    assert_equal(load_file(folder.lora), load_file(RunFiles(tmp_path / "straight", "tiny").lora))

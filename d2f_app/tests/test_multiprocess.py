@@ -127,3 +127,20 @@ def test_two_processes_equal_one_with_image_latents(tmp_path) -> None:
     run([*TORCHRUN, str(WORKER), "two", "--concat"], tmp_path)
     assert_same_lora(tmp_path / "one" / "tiny.safetensors", tmp_path / "two" / "tiny.safetensors")
     assert metric_steps(tmp_path / "two") == list(range(1, 11))
+
+
+@needs_gloo
+def test_two_processes_equal_one_with_a_validation_loss(tmp_path) -> None:
+    """The validation batches are shared between the processes: the same values as one process evaluating
+    them all (to float rounding), logged once, at steps 0, 5 and 10."""
+    run([str(WORKER), "one", "--validation"], tmp_path)
+    run([*TORCHRUN, str(WORKER), "two", "--validation"], tmp_path)
+    assert_same_lora(tmp_path / "one" / "tiny.safetensors", tmp_path / "two" / "tiny.safetensors")
+
+    def validation(folder: pathlib.Path) -> list[tuple[int, float]]:
+        lines = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+        return [(m["step"], m["validation_loss"]) for m in lines if "validation_loss" in m]
+
+    one, two = validation(tmp_path / "one"), validation(tmp_path / "two")
+    assert [s for s, _ in one] == [s for s, _ in two] == [0, 5, 10]
+    assert [v for _, v in two] == pytest.approx([v for _, v in one], rel=1e-5)

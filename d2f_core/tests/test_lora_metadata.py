@@ -9,8 +9,19 @@ from d2f_core.lora_metadata import FORMAT_VERSION, LoraMetadata
 
 
 def test_round_trip_through_string_header() -> None:
-    meta = LoraMetadata("diff2flow", "v_prediction", True, rank=8, alpha=8.0, steps=500, base_model_hash="abc")
+    meta = LoraMetadata(
+        "diff2flow",
+        "v_prediction",
+        True,
+        rank=8,
+        alpha=8.0,
+        steps=500,
+        base_model_hash="abc",
+        optimizer="Prodigy",
+        learning_rate=1.0,
+    )
     header = meta.to_header()
+    assert header["diff2flow.optimizer"] == "Prodigy" and header["diff2flow.learning_rate"] == "1.0"
     assert all(isinstance(v, str) for v in header.values())
     assert header["diff2flow.prediction"] == "v" and header["diff2flow.zero_terminal_snr"] == "true"
     assert header["diff2flow.format_version"] == str(FORMAT_VERSION)
@@ -96,3 +107,18 @@ def test_depth_task_round_trips_and_files_without_a_task_are_image_models() -> N
     assert LoraMetadata.from_header(without_task).task == "image"
     with pytest.raises(ValueError, match="task 'segmentation' is unknown"):
         LoraMetadata.from_header({**header, "diff2flow.task": "segmentation"})
+
+
+def test_the_loss_and_its_c_round_trip_and_older_files_parse_without_them() -> None:
+    meta = LoraMetadata("reflow", "eps", False, loss="pseudo_huber", huber_c=0.05)
+    header = meta.to_header()
+    assert header["diff2flow.loss"] == "pseudo_huber" and header["diff2flow.huber_c"] == "0.05"
+    back = LoraMetadata.from_header(header)
+    assert back == meta and back.huber_c == 0.05
+    default_c = LoraMetadata("reflow", "eps", False, loss="pseudo_huber")  # c not set: the default c
+    assert "diff2flow.huber_c" not in default_c.to_header()
+    assert LoraMetadata.from_header(default_c.to_header()) == default_c
+    older = {k: v for k, v in header.items() if k not in ("diff2flow.loss", "diff2flow.huber_c")}
+    assert (LoraMetadata.from_header(older).loss, LoraMetadata.from_header(older).huber_c) == (None, None)
+    with pytest.raises(ValueError, match="huber_c = 'small'"):
+        LoraMetadata.from_header({**header, "diff2flow.huber_c": "small"})

@@ -8,6 +8,7 @@ import d2f_core
 from d2f_core.lora import attach_parametrizations, make_adapter, select_target_modules
 from d2f_core.tests.nets import TinyDenoiser
 from training import TrainConfig, Trainer, TrainingData
+from training.data import hold_out
 
 
 class CondNet(torch.nn.Module):
@@ -53,7 +54,8 @@ def adapted_net(config: TrainConfig, model_seed: int = 0, concat: bool = False) 
 
 def make_run(config: TrainConfig, prediction: str = "eps", n: int = 4, model_seed: int = 0, concat: bool = False):
     """(trainer, net, adapters) on a fixed handful of 8x8 latents; with ``concat`` an image-conditioned
-    ConcatNet on latents that each carry a fixed image latent (the per-sample ``"concat"``)."""
+    ConcatNet on latents that each carry a fixed image latent (the per-sample ``"concat"``); with
+    ``config.validation_split`` that fraction held out as the validation samples (as the host does)."""
     net, adapters = adapted_net(config, model_seed, concat)
     data_gen = torch.Generator().manual_seed(7)
     latents = [torch.randn(4, 8, 8, generator=data_gen) for _ in range(n)]
@@ -72,7 +74,10 @@ def make_run(config: TrainConfig, prediction: str = "eps", n: int = 4, model_see
     if config.zero_terminal_snr:
         ac = d2f_core.rescale_zero_terminal_snr(ac)
     d2f = d2f_core.Diff2Flow(ac, prediction)
-    return Trainer(net, adapters, d2f, config, data), net, adapters
+    validation = None
+    if config.validation_split > 0:
+        data, validation = hold_out(data, config.validation_split)
+    return Trainer(net, adapters, d2f, config, data, validation=validation), net, adapters
 
 
 def straight_and_resumed(config: TrainConfig, folder, at: int):

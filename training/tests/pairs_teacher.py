@@ -1,7 +1,8 @@
 """A small random-weight teacher for the pair-generation tests (pure torch), and a worker that
-generates pairs as one of several torchrun processes:
+generates pairs (or, with ``invert``, inverts COUNT images of :func:`images`) as one of several
+torchrun processes:
 
-    python -m torch.distributed.run --standalone --nproc_per_node 2 pairs_teacher.py OUT COUNT SHARD_SIZE
+    python -m torch.distributed.run --standalone --nproc_per_node 2 pairs_teacher.py OUT COUNT SHARD_SIZE [invert]
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ if __name__ == "__main__":  # run as a script by torchrun: the repository root o
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[2]))
 
 import d2f_core
-from training.pairs import PairSettings, generate_pairs
+from training.pairs import PairSettings, generate_pairs, invert_pairs
 from training.tests.helpers import CondNet
 
 SHAPE = (4, 8, 8)
@@ -37,6 +38,18 @@ def negative() -> dict[str, torch.Tensor]:
     return {"context": torch.zeros(1, 3, 4)}
 
 
+def images(n: int) -> list[torch.Tensor]:
+    """``n`` image latents of :data:`SHAPE` (image ``j`` the same whatever ``n``)."""
+    return [torch.randn(SHAPE, generator=torch.Generator().manual_seed(100 + j)) for j in range(n)]
+
+
+def captions(n: int) -> list[dict[str, torch.Tensor]]:
+    """A caption per image: three distinct ones in turn (image ``j`` has caption ``j mod 3``)."""
+    gen = torch.Generator().manual_seed(9)
+    distinct = [{"context": torch.randn(1, 3, 4, generator=gen)} for _ in range(3)]
+    return [distinct[j % 3] for j in range(n)]
+
+
 def settings(d2f: d2f_core.Diff2Flow, **changes) -> PairSettings:
     values = dict(
         shape=SHAPE, sigma_max=d2f.sigma_max, steps=4, cfg=2.5, seed=7, batch_size=4, teacher={"name": "tiny"}
@@ -48,22 +61,20 @@ def main() -> None:
     from d2f_app import distributed
 
     out, count, shard_size = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+    invert = sys.argv[4:] == ["invert"]
     torch.set_num_threads(1)
     world = distributed.world_from_env()
     distributed.init(world)
     velocity, d2f = teacher()
-    summary = generate_pairs(
-        velocity,
-        prompts(),
-        out,
-        count,
-        settings(d2f),
-        negative(),
-        shard_size=shard_size,
-        rank=world.rank,
-        world_size=world.world_size,
-        barrier=lambda: distributed.barrier(world),
-    )
+    place = dict(rank=world.rank, world_size=world.world_size, barrier=lambda: distributed.barrier(world))
+    if invert:
+        summary = invert_pairs(
+            velocity, images(count), captions(count), out, settings(d2f), negative(), shard_size=shard_size, **place
+        )
+    else:
+        summary = generate_pairs(
+            velocity, prompts(), out, count, settings(d2f), negative(), shard_size=shard_size, **place
+        )
     print(f"rank {world.rank}: generated {summary.generated}, folder holds {summary.count}", flush=True)
     distributed.finish(world, 0)
 

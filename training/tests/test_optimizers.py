@@ -3,6 +3,8 @@ exactly, and a choice whose package is missing is hidden and refused with the in
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -30,6 +32,21 @@ def test_every_optimizer_but_the_gpu_one_is_runnable_here(name: str) -> None:
     """The test environment installs every optimizer package (the `test` extra), so none is skipped
     silently; AdamW8bit (bitsandbytes, a GPU library) is optional."""
     assert optimizers.OPTIMIZERS[name].missing() is None
+
+
+@pytest.mark.parametrize("name", runnable())
+def test_default_learning_rate_is_the_installed_packages_default(name: str) -> None:
+    """``default_learning_rate`` is the ``lr`` default of the class the record builds, read from the installed
+    package's own signature (AdamW8bit, not installed here, cites bitsandbytes' documentation instead)."""
+    built = optimizers.OPTIMIZERS[name].build([torch.nn.Parameter(torch.zeros(2, 2))], 0.5, 0.0)
+    documented = inspect.signature(type(built)).parameters["lr"].default
+    assert isinstance(documented, float), f"{type(built).__qualname__} has no float default lr: {documented!r}"
+    assert optimizers.OPTIMIZERS[name].default_learning_rate == documented
+
+
+def test_every_optimizer_names_a_positive_default_learning_rate() -> None:
+    missing = [n for n, o in optimizers.OPTIMIZERS.items() if not (o.default_learning_rate or 0) > 0]
+    assert not missing, f"no default_learning_rate for {missing}"
 
 
 @pytest.mark.parametrize("name", runnable())
