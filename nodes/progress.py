@@ -39,6 +39,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any
 
 PROGRESS_EVENT = "diff2flow.train.progress"
@@ -222,17 +223,26 @@ class ProgressStore:
         now: float | None = None,
     ) -> dict[str, Any]:
         """Add one step of the run (``node``, ``prompt_id``); returns the live event for it."""
-        key = (str(node), prompt_id)
         with self._lock:
-            run = self._runs.get(key)
-            if run is None or (run.step is not None and step <= run.step):  # new run (or the same prompt re-run)
-                run = RunHistory(str(node), prompt_id, steps, workflow, self.max_points, self.smoothing)
-            self._runs[key] = run
-            self._runs.move_to_end(key)
+            # a step at or below the run's last one: a new run (the same prompt run again)
+            run = self._current(node, prompt_id, steps, workflow, lambda r: r.step is not None and step <= r.step)
             run.add(step, steps, loss, lr, now)
-            while len(self._runs) > self.max_runs:
-                self._runs.popitem(last=False)
             return run.event()
+
+    def _current(
+        self, node: str, prompt_id: str | None, steps: int, workflow: str | None, ended: Callable[[RunHistory], bool]
+    ) -> RunHistory:
+        """The run kept under (``node``, ``prompt_id``), or a new one when there is none or ``ended(run)``;
+        made the most recent, the least recently updated run dropped beyond ``max_runs``. Under the lock."""
+        key = (str(node), prompt_id)
+        run = self._runs.get(key)
+        if run is None or ended(run):
+            run = RunHistory(str(node), prompt_id, steps, workflow, self.max_points, self.smoothing)
+        self._runs[key] = run
+        self._runs.move_to_end(key)
+        while len(self._runs) > self.max_runs:
+            self._runs.popitem(last=False)
+        return run
 
     def record_validation(
         self,
@@ -248,16 +258,9 @@ class ProgressStore:
         run when it is its first report; returns the live event for it, None for a non-finite loss."""
         if not math.isfinite(loss):
             return None
-        key = (str(node), prompt_id)
         with self._lock:
-            run = self._runs.get(key)
-            if run is None or run.new_run_at_validation(step):
-                run = RunHistory(str(node), prompt_id, steps, workflow, self.max_points, self.smoothing)
-            self._runs[key] = run
-            self._runs.move_to_end(key)
+            run = self._current(node, prompt_id, steps, workflow, lambda r: r.new_run_at_validation(step))
             run.add_validation(step, steps, loss, now)
-            while len(self._runs) > self.max_runs:
-                self._runs.popitem(last=False)
             return run.validation_event(step)
 
     def has_run(self, node: str, prompt_id: str | None) -> bool:
