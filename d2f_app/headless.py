@@ -151,7 +151,8 @@ def run_headless(
         return written
 
     def on_step(step: int, loss: float, lr: float) -> None:
-        # the step is done: an interrupt from here on (a save, preview or validation) keeps its draws
+        # the step is done: an interrupt from here on (a save, preview, validation or the next step) returns the
+        # generator to here (nothing else draws from it before the next step)
         step_start_generator[0] = trainer.generator.get_state()
         now = time.perf_counter()
         if metrics is not None:
@@ -193,7 +194,6 @@ def run_headless(
         last[0] = time.perf_counter()  # the next step's it/s is the step's own
 
     def check_stop() -> None:
-        step_start_generator[0] = trainer.generator.get_state()
         if distributed.any_process(stops.received is not None, world):
             raise StopRequested
 
