@@ -2,7 +2,7 @@
 teacher's exact noise-to-data map for a given number of network evaluations per pair (how the pairs'
 default sampler and steps were chosen; docs/MATH.md section 14, docs/REFLOW.md).
 
-    python benchmarks/pair_accuracy.py            # full run (14 min on 2 busy CPU cores)
+    python benchmarks/pair_accuracy.py            # full run (23 min: one process on 2 busy CPU cores)
     python benchmarks/pair_accuracy.py --quick    # a shrunken run that checks the script (seconds)
 
 Teachers (FM convention, docs/MATH.md section 1: sigma = 1 is noise):
@@ -18,11 +18,13 @@ Teachers (FM convention, docs/MATH.md section 1: sigma = 1 is noise):
 For each teacher and one fixed set of noises: a reference solution (``ab2`` at 1024 steps), checked
 against a second one (``heun`` at 512 steps); then every sampler of ``d2f_core.SAMPLERS`` at each
 budget of network evaluations per pair, with the most steps whose evaluations fit the budget
-(``Sampler.evaluations``; Heun's 2 per step, one on the last, gives odd counts). The error of a run is
+(``Sampler.evaluations``; Heun's 2 per step, one on the last, gives odd counts), on each sigma grid of
+``d2f_core.FM_GRIDS`` (the demo teachers' ``sigma_min`` grid ends its uniform part at the schedule's
+sigma_min = 0.028; the mixture has no sigma_min, so only the uniform grid). The error of a run is
 the RMS over all pairs and pixels of (end point - reference), relative to the RMS of the reference end
 points; the report adds the median over pairs of each pair's own relative distance, which a few paths
 near the boundaries between the mixture's components (where its map is steep) cannot dominate. Every
-grid is ``d2f_core.fm_sigmas(steps, sigma_max)`` (shift 1), as the pairs use.
+grid is ``d2f_core.fm_sigmas(steps, sigma_max, sigma_floor=...)`` (shift 1), as the pairs use.
 
 With cfg != 1 every evaluation is one network call on the doubled batch (cond and uncond together,
 ``d2f_core.cfg_velocity``), so the evaluation counts and the table hold at any cfg.
@@ -76,6 +78,7 @@ class Teacher:
     velocity: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]  # fn(x, sigma [B]) -> v, the whole batch
     noise: torch.Tensor
     sigma_max: float
+    sigma_min: float  # the least trained noise level (grid sigma_min); 0: none, the uniform grid only
 
 
 def demo_teacher(weights: pathlib.Path, count: int, cfg: float = 1.0) -> Teacher:
@@ -91,6 +94,7 @@ def demo_teacher(weights: pathlib.Path, count: int, cfg: float = 1.0) -> Teacher
         d2f_core.cfg_velocity(lambda x, sigma, c: aligned(x, sigma, c), context, uncond, cfg),
         pipeline.fixed_noise(count, seed=10_000),
         d2f.sigma_max,
+        d2f.sigma_min,
     )
 
 
@@ -106,6 +110,7 @@ def gmm_teacher(count: int) -> Teacher:
         gmm.fm_velocity,
         noise,
         1.0,
+        0.0,
     )
 
 
@@ -117,9 +122,19 @@ def steps_within(sampler: d2f_core.Sampler, budget: int) -> int:
     return steps
 
 
-def run(teacher: Teacher, sampler: str, steps: int) -> torch.Tensor:
-    sigmas = d2f_core.fm_sigmas(steps, sigma_max=teacher.sigma_max)
+def run(teacher: Teacher, sampler: str, steps: int, grid: str = "uniform") -> torch.Tensor:
+    floor = d2f_core.grid_floor(grid, teacher.sigma_min)
+    sigmas = d2f_core.fm_sigmas(steps, sigma_max=teacher.sigma_max, sigma_floor=floor)
     return d2f_core.get_sampler(sampler)(teacher.velocity, teacher.sigma_max * teacher.noise, sigmas)
+
+
+def grids(teacher: Teacher) -> list[str]:
+    """The grids that differ for ``teacher``: every one of ``d2f_core.FM_GRIDS`` where it has a sigma_min."""
+    return list(d2f_core.FM_GRIDS) if teacher.sigma_min > 0 else ["uniform"]
+
+
+def row_name(sampler: str, grid: str) -> str:
+    return f"{sampler}/{grid}"
 
 
 def rms(x: torch.Tensor) -> float:
@@ -144,24 +159,29 @@ def measure(teacher: Teacher, budgets: tuple[int, ...], reference: tuple, check:
     check_error = rms(run(teacher, *check) - ref) / scale
     print(f"{teacher.name}: reference {reference[0]} x {reference[1]} vs {check[0]} x {check[1]}: {check_error:.2e}")
     rows: dict[str, dict[str, Any]] = {}
-    for name, sampler in d2f_core.SAMPLERS.items():
-        cells = {}
-        for budget in budgets:
-            steps = steps_within(sampler, budget)
-            if sampler.evaluations(steps) > budget:
-                continue  # one step costs more than the budget
-            cells[str(budget)] = {
-                "steps": steps,
-                "evaluations": sampler.evaluations(steps),
-                **errors(run(teacher, name, steps), ref),
-            }
-        rows[name] = cells
-        print(f"{teacher.name} {name}: " + ", ".join(f"{b}: {c['error']:.4f}" for b, c in cells.items()), flush=True)
+    for grid in grids(teacher):
+        for name, sampler in d2f_core.SAMPLERS.items():
+            cells = {}
+            for budget in budgets:
+                steps = steps_within(sampler, budget)
+                if sampler.evaluations(steps) > budget:
+                    continue  # one step costs more than the budget
+                cells[str(budget)] = {
+                    "steps": steps,
+                    "evaluations": sampler.evaluations(steps),
+                    **errors(run(teacher, name, steps, grid), ref),
+                }
+            rows[row_name(name, grid)] = cells
+            print(
+                f"{teacher.name} {name} {grid}: " + ", ".join(f"{b}: {c['error']:.4f}" for b, c in cells.items()),
+                flush=True,
+            )
     today = errors(run(teacher, *TODAY), ref)
     return {
         "description": teacher.description,
         "noises": int(teacher.noise.shape[0]),
         "sigma_max": teacher.sigma_max,
+        "sigma_min": teacher.sigma_min,
         "reference": {"sampler": reference[0], "steps": reference[1], "check": list(check), "error": check_error},
         "today": {"sampler": TODAY[0], "steps": TODAY[1], **today},
         "rows": rows,
@@ -215,6 +235,12 @@ def targets(report: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def cell_name(row: str) -> str:
+    """The sampler and grid columns of a row named ``sampler/grid``."""
+    sampler, grid = row.split("/")
+    return f"`{sampler}` | `{grid}`"
+
+
 def summarise(report: dict[str, Any]) -> str:
     cfg = report["config"]
     budgets = [str(b) for b in cfg["budgets"]]
@@ -222,7 +248,9 @@ def summarise(report: dict[str, Any]) -> str:
         f"# Pair accuracy against teacher network evaluations{' (quick run)' if cfg['quick'] else ''}",
         "",
         "Relative RMS distance (%) of each pair's end point to a reference solution from the same noise, by network "
-        "evaluations per pair (the most steps of each sampler that fit; uniform FM sigma grid, shift 1). With cfg != 1 "
+        "evaluations per pair (the most steps of each sampler that fit), on each sigma grid (`uniform`: uniform in FM "
+        "sigma to 0; `sigma_min`: the uniform grid with a node on the schedule's sigma_min, which up to 49 steps is "
+        "uniform to sigma_min, then one step to 0; shift 1). With cfg != 1 "
         "each evaluation is one network call on the doubled batch, so the table holds at any cfg. "
         f"Total {report['seconds'] / 60:.1f} min.",
     ]
@@ -235,8 +263,10 @@ def summarise(report: dict[str, Any]) -> str:
             f"{result['description'][0].upper()}{result['description'][1:]}; {result['noises']} noises. Reference: `{ref['sampler']}` at "
             f"{ref['steps']} steps; it lies {100 * ref['error']:.4f} % from `{ref['check'][0]}` at {ref['check'][1]} steps.",
             "",
-            "| sampler | " + " | ".join(f"{b} ev." for b in budgets) + " | fewest ev. at 32-step Euler's accuracy |",
-            "|---|" + "---|" * (len(budgets) + 1),
+            "| sampler | grid | "
+            + " | ".join(f"{b} ev." for b in budgets)
+            + " | fewest ev. at 32-step Euler's accuracy |",
+            "|---|---|" + "---|" * (len(budgets) + 1),
         ]
         for sampler, cells in result["rows"].items():
             row = []
@@ -249,19 +279,21 @@ def summarise(report: dict[str, Any]) -> str:
                 row.append(f"{100 * cell['error']:.3f}{note}")
             fewest = fewest_evaluations(result, sampler)
             lines.append(
-                f"| `{sampler}` | " + " | ".join(row) + f" | {fewest if fewest is not None else '> ' + budgets[-1]} |"
+                f"| {cell_name(sampler)} | "
+                + " | ".join(row)
+                + f" | {fewest if fewest is not None else '> ' + budgets[-1]} |"
             )
         lines += [
             "",
             f"32-step Euler (the earlier default): **{100 * result['today']['error']:.3f} %**. The median over pairs "
             f"of each pair's own relative distance (32-step Euler: {100 * result['today']['median']:.3f} %):",
             "",
-            "| sampler | " + " | ".join(f"{b} ev." for b in budgets) + " |",
-            "|---|" + "---|" * len(budgets),
+            "| sampler | grid | " + " | ".join(f"{b} ev." for b in budgets) + " |",
+            "|---|---|" + "---|" * len(budgets),
         ]
         for sampler, cells in result["rows"].items():
             medians = [f"{100 * cells[b]['median']:.3f}" if b in cells else "" for b in budgets]
-            lines.append(f"| `{sampler}` | " + " | ".join(medians) + " |")
+            lines.append(f"| {cell_name(sampler)} | " + " | ".join(medians) + " |")
     lines += [
         "",
         f"## Target: 32-step Euler's accuracy with <= {TARGET_BUDGET} evaluations per pair",
@@ -271,7 +303,8 @@ def summarise(report: dict[str, Any]) -> str:
     ]
     for t in report["targets"]:
         lines.append(
-            f"| {t['teacher']} | `{t['sampler']}` {t['steps']} steps | {t['evaluations']} | {100 * t['error']:.3f} | "
+            f"| {t['teacher']} | `{t['sampler'].split('/')[0]}` {t['steps']} steps, grid `{t['sampler'].split('/')[1]}` | "
+            f"{t['evaluations']} | {100 * t['error']:.3f} | "
             f"{100 * t['bound']:.3f} | {'yes' if t['met'] else 'no'} |"
         )
     lines.append("")

@@ -5,20 +5,25 @@
     # reflow's second generation, one ingredient at a time (benchmarks/results/reflow_second_generation.md):
     python benchmarks/reflow.py --seeds 1 --adapters lora16 --pair-sampler ab2 --pair-steps 12 \
         --timestep-sampling u_shaped --loss pseudo_huber --inverted-share 0.5 --out /tmp/reflow_f
+    # the toolkit's defaults (10 ab2 steps on the sigma_min grid, pseudo-Huber), at LoRA rank 128:
+    python benchmarks/reflow.py --adapters lora128 --pair-sampler ab2 --pair-steps 10 --pair-grid sigma_min \
+        --loss pseudo_huber --out /tmp/reflow_r128
 
 Teacher: the shipped v-prediction UNet (``demo/weights/unet_v.safetensors``, pretrained on the digits
 0-6; no fine-tuning), converted by the Diff2Flow alignment and sampled conditionally at cfg 1 (its
 best FD here: guidance only lowers this small model's diversity). Pairs: ``training.pairs``
 integrates the teacher's ODE with FM Euler from per-index noise, the classes cycling through 0-6
-(``--pair-sampler`` / ``--pair-steps``: another ``d2f_core.SAMPLERS`` solver). With ``--inverted-share``
+(``--pair-sampler`` / ``--pair-steps`` / ``--pair-grid``: another ``d2f_core.SAMPLERS`` solver and
+``d2f_core.FM_GRIDS`` grid). With ``--inverted-share``
 the real digits 0-6 (the teacher's own classes, each with its class as the caption) are inverted through
 the teacher's ODE with the same solver into the same pairs folder (``training.pairs.invert_pairs``, as
 ``pairs --invert-cache`` does) and make up that share of every training batch.
-Students: the teacher + a LoRA of rank 16, or + a full dense delta on every Linear and Conv weight
+Students: the teacher + a LoRA of rank 16 (``--adapters lora<rank>``: any rank), or + a full dense delta on
+every Linear and Conv weight
 (``demo.pipeline.attach_adapters``), trained with the ``reflow`` objective (docs/MATH.md sections 6
 and 12) by ``training.Trainer`` on the pairs (shift-6 timestep sampling and MSE unless
-``--timestep-sampling`` / ``--shift`` / ``--loss`` / ``--huber-c`` say otherwise; ``--adapters lora16``
-skips the full students); sampled with FM Euler at cfg 1. The defaults of every flag reproduce
+``--timestep-sampling`` / ``--shift`` / ``--loss`` / ``--huber-c`` say otherwise; ``--ema-decay`` evaluates
+an EMA of their weights; ``--adapters lora16`` skips the full students); sampled with FM Euler at cfg 1. The defaults of every flag reproduce
 ``benchmarks/results/reflow.md``.
 
 Reported, over seeds (a seed is a training seed and its own evaluation noise; the teacher's spread
@@ -80,7 +85,7 @@ TEACHER_STEPS = (1, 2, 4, 8, 50)
 STRAIGHTNESS_STEPS = 32
 # the students' timestep sampling shift: it beat shift 3 and uniform (benchmarks/results/reflow_ablations.md)
 SHIFT = 6.0
-ADAPTERS = ("lora16", "full")
+ADAPTERS = ("lora16", "full")  # the default students; --adapters also takes lora<rank> for any rank
 
 
 # ------------------------------------------------------------------------------------ setup
@@ -144,7 +149,7 @@ def straightness(setup: Setup, net: torch.nn.Module, seed: int, count: int = 200
 
 
 # ------------------------------------------------------------------------------------ pairs and their cost
-def pair_settings(setup: Setup, steps: int, batch: int, sampler: str = "euler") -> PairSettings:
+def pair_settings(setup: Setup, steps: int, batch: int, sampler: str = "euler", grid: str = "uniform") -> PairSettings:
     return PairSettings(
         (1, 16, 16),
         setup.d2f.sigma_max,
@@ -155,14 +160,17 @@ def pair_settings(setup: Setup, steps: int, batch: int, sampler: str = "euler") 
         0,
         batch,
         {"demo": "unet_v.safetensors", "classes": list(CLASSES)},
+        grid,
+        d2f_core.grid_floor(grid, setup.d2f.sigma_min),
     )
 
 
 @torch.no_grad()
-def bare_loop(setup: Setup, count: int, steps: int, batch: int, sampler: str = "euler") -> float:
+def bare_loop(setup: Setup, count: int, steps: int, batch: int, sampler: str = "euler", grid: str = "uniform") -> float:
     """Seconds of the same sampling without the pair machinery: one noise draw per batch, the
-    classes cycling as in the pairs, the pairs' sampler at cfg 1, nothing stored."""
-    teacher, sigmas, solve = setup.velocity(setup.unet), setup.sigmas(steps), d2f_core.get_sampler(sampler)
+    classes cycling as in the pairs, the pairs' sampler and grid at cfg 1, nothing stored."""
+    teacher, solve = setup.velocity(setup.unet), d2f_core.get_sampler(sampler)
+    sigmas = pair_settings(setup, steps, batch, sampler, grid).sigmas()
     gen = torch.Generator().manual_seed(0)
     start = time.perf_counter()
     for first in range(0, count, batch):
@@ -183,11 +191,12 @@ def make_pairs(
     shard: int,
     rounds: int,
     sampler: str = "euler",
+    grid: str = "uniform",
 ) -> dict[str, Any]:
     """Generate ``count`` pairs into ``folder``: first ``rounds`` rounds of ``shard`` pairs each (appended),
     each followed by the bare loop on as many pairs; then the rest. Returns the timings (``reused``: the
     folder held every pair already, nothing was timed)."""
-    settings, teacher = pair_settings(setup, steps, batch, sampler), setup.velocity(setup.unet)
+    settings, teacher = pair_settings(setup, steps, batch, sampler, grid), setup.velocity(setup.unet)
     held = sum(stop - start for start, stop, _ in pair_shards(folder)) if folder.is_dir() else 0
     if held >= count:
         summary = generate_pairs(teacher, setup.class_conds, folder, count, settings, shard_size=shard)
@@ -196,6 +205,7 @@ def make_pairs(
         return {
             "count": count,
             "sampler": sampler,
+            "grid": grid,
             "steps": steps,
             "batch": batch,
             "reused": True,
@@ -211,7 +221,7 @@ def make_pairs(
         generate_pairs(teacher, setup.class_conds, folder, (r + 1) * shard, settings, shard_size=shard)
         seconds = time.perf_counter() - start
         pair_seconds += seconds
-        ratios.append(seconds / bare_loop(setup, shard, steps, batch, sampler))
+        ratios.append(seconds / bare_loop(setup, shard, steps, batch, sampler, grid))
         print(f"pair round {r + 1}: pairs / bare loop time {ratios[-1]:.3f}", flush=True)
     start = time.perf_counter()
     summary = generate_pairs(teacher, setup.class_conds, folder, count, settings, shard_size=shard)
@@ -220,6 +230,7 @@ def make_pairs(
     return {
         "count": count,
         "sampler": sampler,
+        "grid": grid,
         "steps": steps,
         "batch": batch,
         "reused": False,
@@ -247,12 +258,19 @@ def bare_invert_loop(setup: Setup, settings: PairSettings, images: torch.Tensor,
 
 
 def invert_real(
-    setup: Setup, folder: pathlib.Path, count: int, steps: int, batch: int, shard: int, sampler: str
+    setup: Setup,
+    folder: pathlib.Path,
+    count: int,
+    steps: int,
+    batch: int,
+    shard: int,
+    sampler: str,
+    grid: str = "uniform",
 ) -> dict[str, Any]:
     """Invert the first ``count`` real digits 0-6 (each captioned with its class) through the teacher with the
     pairs' settings into ``folder`` (``training.pairs.invert_pairs``), then time a bare inversion loop over the
     same images. Returns the timings (``reused``: the folder held them all already)."""
-    settings, teacher = pair_settings(setup, steps, batch, sampler), setup.velocity(setup.unet)
+    settings, teacher = pair_settings(setup, steps, batch, sampler, grid), setup.velocity(setup.unet)
     images, labels = setup.real_images[:count], setup.real_labels[:count]
     conds = [setup.class_conds[CLASSES.index(int(c))] for c in labels]
     held = sum(stop - start for start, stop, _ in pair_shards(folder, inverted=True)) if folder.is_dir() else 0
@@ -321,7 +339,8 @@ def train_student(
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """``options``: TrainConfig fields of the student (``timestep_sampling``, ``shift``, ``loss``, ``huber_c``,
-    ``inverted_share``) over the benchmark's defaults (shift-6 timestep sampling, MSE, generated pairs only)."""
+    ``inverted_share``, ``ema_decay``) over the benchmark's defaults (shift-6 timestep sampling, MSE, generated
+    pairs only, no EMA). With EMA the student is evaluated with its EMA weights, as a saved LoRA holds them."""
     kind, rank = ("full", 1) if adapter == "full" else ("lora", int(adapter[4:]))
     net = pipeline.fresh_copy(setup.unet)
     adapters = pipeline.attach_adapters(net, kind, rank=rank, targets="all", seed=seed)
@@ -344,11 +363,13 @@ def train_student(
     start = time.perf_counter()
     trainer.run(on_step=(lambda *_: progress.update(1, f"{adapter} seed {seed}")) if progress is not None else None)
     seconds = time.perf_counter() - start
+    with trainer.sampling_weights():
+        fd, straight = fd_at(setup, net, seed, STUDENT_STEPS), straightness(setup, net, seed)
     return {
         "adapter": adapter,
         "seed": seed,
-        "fd": fd_at(setup, net, seed, STUDENT_STEPS),
-        "straightness": straightness(setup, net, seed),
+        "fd": fd,
+        "straightness": straight,
         "train_seconds": seconds,
         "seconds_per_step": seconds / steps,
         "final_loss": statistics.fmean(trainer.losses[-100:]),
@@ -402,6 +423,8 @@ def _describe(report: dict[str, Any]) -> tuple[str, str, str]:
     cfg, pairs = report["config"], report["pairs"]
     sampler = pairs.get("sampler", "euler")
     solver = "Euler" if sampler == "euler" else f"`{sampler}`"
+    if pairs.get("grid", "uniform") != "uniform":
+        solver += f" (grid `{pairs['grid']}`)"
     opts = cfg.get("options", {})
     method = opts.get("timestep_sampling", "shift")
     sampling = {"shift": f"shift-{opts.get('shift', SHIFT):g}", "u_shaped": "U-shaped"}.get(method, method)
@@ -415,7 +438,19 @@ def _describe(report: dict[str, Any]) -> tuple[str, str, str]:
             f", {opts['inverted_share']:g} of every batch from the {inv.get('count', '?')} real digits 0-6 inverted "
             f"through the teacher's {pairs['steps']}-step {solver} ODE"
         )
+    if opts.get("ema_decay", 0.0) > 0:
+        extra += f", evaluated with an EMA of the weights (decay {opts['ema_decay']:g})"
     return solver, sampling, extra
+
+
+def lr_text(cfg: dict[str, Any]) -> str:
+    """The students' learning rates as the report names them: the LoRAs' (with their ranks, alpha = rank) and
+    the full students'."""
+    adapters = cfg.get("adapters", list(ADAPTERS))
+    ranks = [a[4:] for a in adapters if a != "full"]
+    parts = [f"{cfg['lrs']['lora']:g} (LoRA r{' / r'.join(ranks)}, alpha = rank)"] if ranks else []
+    parts += [f"{cfg['lrs']['full']:g} (full)"] if "full" in adapters else []
+    return " / ".join(parts)
 
 
 def summarise(report: dict[str, Any]) -> str:
@@ -428,8 +463,8 @@ def summarise(report: dict[str, Any]) -> str:
         "",
         f"Teacher: the shipped `unet_v` (digits 0-6, no fine-tuning), FM Euler at cfg 1. {pairs['count']} pairs of its "
         f"{pairs['steps']}-step {solver} ODE (classes 0-6 in turn); students trained with `reflow` for {cfg['train_steps']} "
-        f"steps, batch {cfg['batch']}, {sampling} timestep sampling{extra}, cosine learning rate {cfg['lrs']['lora']:g} (LoRA r16, alpha 16) / "
-        f"{cfg['lrs']['full']:g} (full), AdamW without weight decay. FD on {cfg['samples']} samples vs the "
+        f"steps, batch {cfg['batch']}, {sampling} timestep sampling{extra}, cosine learning rate {lr_text(cfg)}, "
+        f"AdamW without weight decay. FD on {cfg['samples']} samples vs the "
         f"{report['real_count']} real digits 0-6 (classifier features, 32-d); real-vs-real floor **{report['floor_fd']:.2f}**. "
         f"Mean ± std over {len(cfg['seeds'])} seed(s). Total {report['seconds'] / 60:.1f} min, {cfg['jobs']} process(es) "
         "x 1 thread.",
@@ -535,6 +570,12 @@ def main(argv: list[str] | None = None) -> int:
         "--pair-sampler", default="euler", choices=tuple(d2f_core.SAMPLERS), help="the pairs' solver (default euler)"
     )
     p.add_argument(
+        "--pair-grid",
+        default="uniform",
+        choices=tuple(d2f_core.FM_GRIDS),
+        help="the pairs' sigma grid (default uniform)",
+    )
+    p.add_argument(
         "--timestep-sampling",
         default="shift",
         choices=tuple(d2f_core.TIMESTEP_SAMPLERS),
@@ -555,7 +596,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--adapters",
         default=",".join(ADAPTERS),
-        help=f"students, comma-separated of {', '.join(ADAPTERS)} (default both)",
+        help=f"students, comma-separated: lora<rank> (a LoRA of that rank, alpha = rank) or full (default "
+        f"{','.join(ADAPTERS)})",
     )
     p.add_argument(
         "--pairs-folder",
@@ -564,6 +606,12 @@ def main(argv: list[str] | None = None) -> int:
         help="keep the pairs here (a later run with the same pair settings reuses them; default a temporary folder)",
     )
     p.add_argument("--train-steps", type=int, default=None, help="reflow training steps per student (default 3000)")
+    p.add_argument(
+        "--ema-decay",
+        type=float,
+        default=0.0,
+        help="the students' EMA decay (default 0: none); with EMA the students are evaluated with the EMA weights",
+    )
     p.add_argument("--samples", type=int, default=None, help="FD samples (default 500)")
     # the defaults (16384 pairs, 3000 steps, full lr 1e-3) won the seed-0 runs of benchmarks/results/reflow_ablations.md
     add_finetune_flags(p, batch=32, lr_lora=2e-3, lr_full=1e-3)
@@ -576,8 +624,9 @@ def main(argv: list[str] | None = None) -> int:
     samples = args.samples or (100 if quick else 500)
     gen_batch, shard = (64, 128) if quick else (256, 1024)
     adapters = [a.strip() for a in args.adapters.split(",") if a.strip()]
-    if not adapters or any(a not in ADAPTERS for a in adapters) or len(set(adapters)) != len(adapters):
-        p.error(f"--adapters must name some of {', '.join(ADAPTERS)} once each, got {args.adapters!r}")
+    known = [a == "full" or (a.startswith("lora") and a[4:].isdigit() and int(a[4:]) > 0) for a in adapters]
+    if not adapters or not all(known) or len(set(adapters)) != len(adapters):
+        p.error(f"--adapters must name lora<rank> (rank > 0) or full, each once, got {args.adapters!r}")
     if not 0 <= args.inverted_share <= 1:
         p.error(f"--inverted-share must lie in [0, 1], got {args.inverted_share}")
     if args.inverted_share > 0:
@@ -595,6 +644,7 @@ def main(argv: list[str] | None = None) -> int:
         "loss": args.loss,
         "huber_c": args.huber_c,
         "inverted_share": args.inverted_share,
+        "ema_decay": args.ema_decay,
     }
     try:
         TrainConfig(objective="reflow", **options)  # the training options' own checks, before minutes of work
@@ -636,12 +686,22 @@ def main(argv: list[str] | None = None) -> int:
     inverted = None
     try:
         pairs = make_pairs(
-            setup, pairs_dir, count, pair_steps, gen_batch, shard, rounds=1 if quick else 3, sampler=args.pair_sampler
+            setup,
+            pairs_dir,
+            count,
+            pair_steps,
+            gen_batch,
+            shard,
+            rounds=1 if quick else 3,
+            sampler=args.pair_sampler,
+            grid=args.pair_grid,
         )
         if args.inverted_share > 0:
             real = min(args.real_images or setup.real_count, setup.real_count)
             real = real if args.real_images or not quick else min(real, 128)
-            inverted = invert_real(setup, pairs_dir, real, pair_steps, gen_batch, shard, args.pair_sampler)
+            inverted = invert_real(
+                setup, pairs_dir, real, pair_steps, gen_batch, shard, args.pair_sampler, args.pair_grid
+            )
         jobs = [
             (a, s, train_steps, args.batch, lrs["full" if a == "full" else "lora"], options)
             for s in seeds

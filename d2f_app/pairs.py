@@ -58,6 +58,8 @@ def add_parser(sub: Any) -> argparse.ArgumentParser:
 def pairs_values(args: argparse.Namespace) -> tuple[dict[str, Any], PairsConfig]:
     """(file options, PairsConfig): defaults < TOML < flags."""
     toml = read_toml(args.config, PairsConfig, RUN_KEYS, "pairs") if args.config else {}
+    if "sampler" in toml and "grid" not in toml:  # a pairs.toml written before the grid option: its pairs ran uniform
+        toml["grid"] = "uniform"
     run = {k: getattr(args, k, None) or toml.get(k) for k in RUN_KEYS}
     # --invert-cache alone inverts the cache's images only; --prompts (generated pairs) is needed otherwise
     needed = ("checkpoint", "output") if run["invert_cache"] else ("checkpoint", "prompts", "output")
@@ -134,7 +136,7 @@ def check_cache_checkpoint(path: str, cache: Any, checkpoint: str) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from training.files import file_sha256, remove_stale_temporaries
-    from training.pairs import PairSettings, generate_pairs, invert_pairs
+    from training.pairs import generate_pairs, invert_pairs, pair_settings
 
     from . import distributed
 
@@ -178,17 +180,7 @@ def run(args: argparse.Namespace) -> int:
         "prediction": sm.d2f.prediction,
         "zero_terminal_snr": sm.d2f.zero_terminal_snr,
     }
-    settings = PairSettings(
-        shape,
-        sm.d2f.sigma_max,
-        config.sampler,
-        config.steps,
-        config.cfg,
-        config.shift,
-        config.seed,
-        config.batch_size,
-        teacher,
-    )
+    settings = pair_settings(config, shape, sm.d2f.sigma_max, sm.d2f.sigma_min, teacher)
     sources = {
         "checkpoint": str(pathlib.Path(run_options["checkpoint"]).resolve()),
         "negative": config.negative,

@@ -42,6 +42,7 @@ from .objectives import (
     validation_sigmas,
 )
 from .sampling import (
+    FM_GRIDS,
     SAMPLERS,
     START_RULES,
     Sampler,
@@ -49,6 +50,7 @@ from .sampling import (
     ddim_trailing_sigmas,
     fm_sigmas,
     get_sampler,
+    grid_floor,
     interpolant,
     inverse_time_shift,
     reflow_line_noise,
@@ -62,6 +64,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Diff2Flow",
+    "FM_GRIDS",
     "GaussianMixture",
     "INVERTIBLE_SAMPLERS",
     "Objective",
@@ -84,6 +87,7 @@ __all__ = [
     "fm_validation_loss",
     "get_objective",
     "get_sampler",
+    "grid_floor",
     "interpolant",
     "invert",
     "inverse_time_shift",

@@ -33,8 +33,8 @@ from typing import Any
 import torch
 
 from .alignment import Diff2Flow
+from .losses import LOSSES, per_sample_loss
 from .losses import mse as _mse
-from .losses import per_sample_loss
 from .sampling import ddim_trailing_sigmas, fm_sigmas, interpolant, reflow_line_noise, time_shift
 
 __all__ = [
@@ -271,6 +271,8 @@ class Objective:
     - ``sampler``, ``steps``, ``cfg``: the recommended sampling settings (loader and KSampler defaults).
     - ``depth_steps``: the recommended steps of an image-to-depth model trained with it (docs/MATH.md
       section 13), when they differ from ``steps`` (:meth:`recommended_steps`).
+    - ``recommended_loss``: the per-sample loss (:data:`d2f_core.losses.LOSSES`) a training run uses when
+      it asks for the objective's recommended one.
 
     A new objective is one more entry; per-sample tensors other than ``"noise"`` (for example an
     image-conditioned model's ``"concat"`` latent) reach the network as keyword arguments.
@@ -289,6 +291,13 @@ class Objective:
     steps: int = 20
     cfg: float = 5.0
     depth_steps: int | None = None
+    recommended_loss: str = "mse"
+
+    def __post_init__(self) -> None:
+        if self.recommended_loss not in LOSSES:
+            raise ValueError(
+                f"objective {self.name}: recommended_loss {self.recommended_loss!r} is not one of {', '.join(LOSSES)}"
+            )
 
     def recommended_steps(self, task: str = "image") -> int:
         """The sampling steps to recommend for a model of ``task`` (``"image"`` or ``"depth"``) trained
@@ -384,6 +393,9 @@ OBJECTIVES: dict[str, Objective] = {
             # student of guided pairs has the guidance built in (docs/MATH.md section 12)
             steps=2,
             cfg=1.0,
+            # pseudo-Huber beat MSE at every step count on 3 seeds, most at 1 step (FD 3.82 against 4.15;
+            # benchmarks/results/reflow_second_generation.md), as in Lee, Lin, Fanti 2024
+            recommended_loss="pseudo_huber",
         ),
     )
 }

@@ -24,6 +24,8 @@ __all__ = [
     "fm_sigmas",
     "ddim_trailing_sigmas",
     "START_RULES",
+    "FM_GRIDS",
+    "grid_floor",
     "interpolant",
     "reflow_line_noise",
     "sample_euler",
@@ -67,8 +69,31 @@ START_RULES = {
 each with its description (what the nodes and help pages show)."""
 
 
+FM_GRIDS = {
+    "uniform": "uniform in the (shifted) FM sigma from sigma_max to 0",
+    "sigma_min": "the uniform grid with a node on the model's sigma_min (its least trained noise level; with "
+    "few steps: uniform down to sigma_min, then one step to 0): no step straddles sigma_min, below which the "
+    "network's timestep clamps to 0 and the velocity changes its form (docs/MATH.md section 14)",
+}
+"""The sigma grids of reflow pairs by name (:func:`grid_floor` turns one into :func:`fm_sigmas`'s
+``sigma_floor``), each with its description (what the nodes and help pages show)."""
+
+
+def grid_floor(grid: str, sigma_min: float) -> float:
+    """The ``sigma_floor`` of :func:`fm_sigmas` for the grid ``grid`` (one of :data:`FM_GRIDS`) of a model
+    whose least trained noise level is ``sigma_min`` (``Diff2Flow.sigma_min``): 0 for ``"uniform"``."""
+    if grid not in FM_GRIDS:
+        raise ValueError(f"grid {grid!r} is unknown: choose one of {', '.join(FM_GRIDS)}")
+    return float(sigma_min) if grid == "sigma_min" else 0.0
+
+
 def fm_sigmas(
-    steps: int, sigma_max: float = 1.0, shift: float = 1.0, denoise: float = 1.0, start: str = "sigma_max"
+    steps: int,
+    sigma_max: float = 1.0,
+    shift: float = 1.0,
+    denoise: float = 1.0,
+    start: str = "sigma_max",
+    sigma_floor: float = 0.0,
 ) -> torch.Tensor:
     """A decreasing FM sigma grid of ``steps + 1`` values ending at 0 (float64).
 
@@ -77,6 +102,11 @@ def fm_sigmas(
     at ``sigma_max`` for ``denoise = 1`` whatever the shift. With ``shift = 1`` this is
     ``linspace(denoise * sigma_max, 0, steps + 1)``. ``denoise < 1`` (img2img) runs ``steps``
     steps over the low-noise end, the same sigmas as ComfyUI's ``steps / denoise`` grid cut.
+
+    ``sigma_floor > 0`` (:data:`FM_GRIDS` ``"sigma_min"``) puts a node exactly on ``sigma_floor``: the
+    steps split between the stretches above and below it in proportion to their lengths in ``u``, at
+    least one below (so with few steps the grid runs uniformly down to ``sigma_floor`` and takes one
+    step from there to 0). With one step the grid is the same as without it.
 
     ``sigma_max`` is the model's noisiest level: 1.0 for flow models and zero-terminal-SNR
     v-models, the schedule's ``Diff2Flow.sigma_max`` (0.936 for SD) otherwise.
@@ -103,9 +133,23 @@ def fm_sigmas(
         raise ValueError(f"denoise must lie in (0, 1] (1 = from pure noise), got {denoise}")
     if start not in START_RULES:
         raise ValueError(f"start={start!r} is not a start rule: use one of {', '.join(map(repr, START_RULES))}")
+    if not 0 <= sigma_floor < denoise * sigma_max:
+        raise ValueError(
+            f"sigma_floor must lie in [0, {denoise * sigma_max:g}) (below the grid's start), got {sigma_floor}"
+        )
     u_max = float(inverse_time_shift(sigma_max, shift))
-    u = torch.linspace(denoise * u_max, 0.0, steps + 1, dtype=torch.float64)
-    sigmas = time_shift(u, shift)
+    if sigma_floor > 0 and steps > 1:
+        # the uniform grid with one node moved onto sigma_floor: the steps split between the two stretches by
+        # their lengths in u, at least one below, so the steps shrink everywhere as steps grows
+        u_top, u_floor = denoise * u_max, float(inverse_time_shift(sigma_floor, shift))
+        below = min(steps - 1, max(1, round(steps * u_floor / u_top)))
+        upper = torch.linspace(u_top, u_floor, steps - below + 1, dtype=torch.float64)
+        lower = torch.linspace(u_floor, 0.0, below + 1, dtype=torch.float64)[1:]
+        sigmas = time_shift(torch.cat([upper, lower]), shift)
+        sigmas[steps - below] = sigma_floor  # exactly, not through the shift's round trip
+    else:
+        u = torch.linspace(denoise * u_max, 0.0, steps + 1, dtype=torch.float64)
+        sigmas = time_shift(u, shift)
     sigmas[-1] = 0.0
     if start == "noise" and denoise == 1:
         sigmas[0] = 1.0

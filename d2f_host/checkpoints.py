@@ -237,7 +237,7 @@ def lora_metadata_for(
         normalization=DEPTH_NORMALIZATION if depth else None,
         optimizer=config.optimizer,
         learning_rate=config.learning_rate,
-        loss=config.loss,
+        loss=config.resolved_loss,
         huber_c=config.huber_c if config.huber_c > 0 else None,  # 0: the default c, recorded by its absence
         inverted_share=config.inverted_share if config.inverted_share > 0 else None,  # 0: generated pairs only
         base_weight_dtype=weight_dtype_name(model),

@@ -27,7 +27,7 @@ from d2f_host.model_sampling import alignment_of, is_patched
 from d2f_host.unet import inference_network
 from training.config import OptionSpec, PairsConfig, option_specs
 from training.files import sanitize_filename
-from training.pairs import PairSettings, generate_pairs, invert_pairs
+from training.pairs import generate_pairs, invert_pairs, pair_settings
 
 from .options import config_input
 
@@ -141,20 +141,12 @@ class Diff2FlowReflowPairs(io.ComfyNode):
         conds = conditioning_kwargs(model, positive, probe)
         uncond = cond_kwargs(model, (negative[0][0][:1], negative[0][1]), probe) if negative else None
         inversion = inversion_inputs(model, latents, latents_positive, positive, probe) if latents is not None else None
-        settings = PairSettings(
-            shape=tuple(probe.shape),
-            sigma_max=d2f.sigma_max,
-            sampler=config.sampler,
-            steps=config.steps,
-            cfg=config.cfg,
-            shift=config.shift,
-            seed=config.seed,
-            batch_size=config.batch_size,
-            teacher={
-                "checkpoint_hash": base_model_hash(model),
-                "patches": len(model.patches),
-                "prediction": d2f.prediction,
-            },
+        settings = pair_settings(
+            config,
+            probe.shape,
+            d2f.sigma_max,
+            d2f.sigma_min,
+            {"checkpoint_hash": base_model_hash(model), "patches": len(model.patches), "prediction": d2f.prediction},
         )
         network, device = inference_network(model)
         velocity = d2f.velocity_fn(lambda x, t, c: network(x, t, **{k: v.to(device) for k, v in c.items()}))

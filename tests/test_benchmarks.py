@@ -127,6 +127,20 @@ def test_report_folder_is_results_for_full_runs_and_a_fresh_temporary_one_for_qu
     assert f"writing the report to {first}" in capsys.readouterr().out  # printed, so the user can find it
 
 
+@pytest.mark.parametrize("adapters", ["lora0", "lora", "loraX", "dense", "lora16,lora16", ""])
+def test_reflow_refuses_students_it_cannot_build(
+    adapters: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """--adapters takes lora<rank> (any rank > 0) or full, each once; anything else stops before any work."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import reflow
+
+    with pytest.raises(SystemExit) as stopped:
+        reflow.main(["--quick", "--adapters", adapters])
+    assert stopped.value.code == 2
+    assert "--adapters must name lora<rank> (rank > 0) or full, each once" in capsys.readouterr().err
+
+
 def _depth_run(method: str, adapter: str, curve: dict[int, float]) -> dict:
     """A depth benchmark run whose every metric at checkpoint ``k`` is ``curve[k]`` (AbsRel, any sampler steps)."""
 

@@ -26,3 +26,5 @@ def test_the_lora_metadata_records_the_loss_and_a_set_c(comfy_nodes, tiny_model)
     assert (default_c.loss, default_c.huber_c) == ("pseudo_huber", None)
     assert "diff2flow.huber_c" not in default_c.to_header()
     assert lora_metadata_for(model, TrainConfig(), d2f)(3).loss == "mse"
+    # the default "recommended" is recorded as the loss it trained with
+    assert lora_metadata_for(model, TrainConfig(objective="reflow"), d2f)(3).loss == "pseudo_huber"

@@ -111,7 +111,16 @@ def test_every_registry_choice_is_described_in_its_tooltip_and_help_page(comfy_n
             if f"<!-- generated: {registry} -->" not in page:
                 problems.append(f"{node_id}.{name}: its help page has no generated '{registry}' block")
     assert problems == []
-    assert seen == {"samplers", "start_rules", "objectives", "algorithms", "optimizers", "timestep_samplers", "losses"}
+    assert seen == {
+        "samplers",
+        "grids",
+        "start_rules",
+        "objectives",
+        "algorithms",
+        "optimizers",
+        "timestep_samplers",
+        "losses",
+    }
 
 
 def test_sampling_node_strings_follow_a_reworded_sampler(comfy_nodes, monkeypatch) -> None:

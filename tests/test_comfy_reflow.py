@@ -95,20 +95,29 @@ def test_pairs_node_writes_deterministic_appendable_pairs(comfy_nodes, tiny_mode
 
 
 def test_pairs_node_runs_pairs_config_options(comfy_nodes, tiny_model, io_dirs) -> None:
-    """The options after folder (shift, shard_size) reach the pairs like the CLI's flags; without them (an
+    """The options after folder (shift, shard_size, grid) reach the pairs like the CLI's flags; without them (an
     API prompt written before they existed) the node uses PairsConfig's defaults; the node refuses what
     PairsConfig refuses, before any compute."""
     from training.config import PairsConfig
     from training.pairs import pair_shards
 
     model = tiny_model("eps")
-    plain = make_pairs(comfy_nodes, model, 4, folder="plain")  # no shift, no shard_size
+    # 4 steps: with 2 the sigma_min grid has no node a shift could move
+    plain = make_pairs(comfy_nodes, model, 4, folder="plain", steps=4)  # no shift, shard_size or grid
     assert load_pairs(plain).settings["shift"] == PairsConfig().shift
     assert [(a, b) for a, b, _ in pair_shards(plain)] == [(0, 4)]  # one shard of the default size (256)
-    shifted = make_pairs(comfy_nodes, model, 4, folder="shifted", shift=3.0, shard_size=2)
+    shifted = make_pairs(comfy_nodes, model, 4, folder="shifted", steps=4, shift=3.0, shard_size=2)
     assert load_pairs(shifted).settings["shift"] == 3.0
     assert [(a, b) for a, b, _ in pair_shards(shifted)] == [(0, 2), (2, 4)]
     assert not torch.equal(load_pairs(shifted).latents, load_pairs(plain).latents)
+    # grid: the default puts a node on the teacher's sigma_min; uniform is another set of pairs
+    from d2f_host.model_sampling import alignment_of
+
+    sigma_min = alignment_of(model).sigma_min
+    assert (load_pairs(plain).settings["grid"], load_pairs(plain).settings["sigma_floor"]) == ("sigma_min", sigma_min)
+    uniform = make_pairs(comfy_nodes, model, 4, folder="uniform", steps=4, grid="uniform")
+    assert (load_pairs(uniform).settings["grid"], load_pairs(uniform).settings["sigma_floor"]) == ("uniform", 0.0)
+    assert not torch.equal(load_pairs(uniform).latents, load_pairs(plain).latents)
     with pytest.raises(ValueError, match="shard_size 3 must be a multiple of batch_size 2"):
         make_pairs(comfy_nodes, model, 4, folder="bad", shard_size=3)
     with pytest.raises(ValueError, match="width must be a multiple of 8"):

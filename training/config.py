@@ -12,15 +12,25 @@ from collections.abc import Sequence
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any
 
-from d2f_core import LOSSES, OBJECTIVES, SAMPLERS, TIMESTEP_SAMPLERS
+from d2f_core import FM_GRIDS, LOSSES, OBJECTIVES, SAMPLERS, TIMESTEP_SAMPLERS
 from d2f_core.lora import ALGORITHMS, TARGETS
 from d2f_core.losses import check_loss
 
 from .optimizers import OPTIMIZERS, available_optimizers
 
 LR_SCHEDULES = ("constant", "cosine", "linear")
+# the loss option's first choice: each objective's own recommendation (d2f_core.Objective.recommended_loss)
+RECOMMENDED_LOSS = "recommended"
+LOSS_CHOICES = {
+    RECOMMENDED_LOSS: "the objective's recommended loss ("
+    + ", ".join(f"{name} {o.recommended_loss}" for name, o in OBJECTIVES.items())
+    + ")",
+    **LOSSES,
+}
 DTYPES = ("bf16", "fp16", "fp32")
 
+# what a training state saved before an option existed trained with, where that is not the option's default
+SAVED_BEFORE_THE_OPTION = {"loss": "mse"}
 # options that change the trajectory of a run: a resume must match them exactly
 TRAJECTORY_FIELDS = (
     "objective",
@@ -268,11 +278,11 @@ class TrainConfig:
     )
     # after the validation options, for the same reason
     loss: str = option(
-        "mse",
+        RECOMMENDED_LOSS,
         "How every objective turns its prediction's residual into each sample's loss: "
-        + "; ".join(f"{name}: {description}" for name, description in LOSSES.items())
+        + "; ".join(f"{name}: {description}" for name, description in LOSS_CHOICES.items())
         + ". The loss values (and the validation loss) are on the chosen loss's scale.",
-        choices=tuple(LOSSES),
+        choices=tuple(LOSS_CHOICES),
     )
     huber_c: float = option(
         0.0,
@@ -350,7 +360,12 @@ class TrainConfig:
             raise ValueError(f"logit_std must be > 0, got {self.logit_std}")
         if not self.shift > 0:
             raise ValueError(f"shift must be > 0, got {self.shift}")
-        check_loss(self.loss, self.huber_c)
+        if self.loss == RECOMMENDED_LOSS and self.huber_c > 0 and self.resolved_loss != "pseudo_huber":
+            raise ValueError(
+                f"huber_c {self.huber_c:g} is the c of loss pseudo_huber, but loss {RECOMMENDED_LOSS} is "
+                f"{self.resolved_loss} for objective {self.objective}: set loss pseudo_huber, or huber_c 0"
+            )
+        check_loss(self.resolved_loss, self.huber_c)
         if not 0 <= self.inverted_share <= 1:
             raise ValueError(f"inverted_share must lie in [0, 1] (a share of every batch), got {self.inverted_share}")
         if OPTIMIZERS[self.optimizer].schedule_free and self.lr_schedule != "constant":
@@ -368,20 +383,30 @@ class TrainConfig:
             "shift": self.shift,
         }
 
+    @property
+    def resolved_loss(self) -> str:
+        """The per-sample loss the run trains with: ``loss``, or the objective's recommended loss for
+        ``loss = "recommended"``."""
+        return OBJECTIVES[self.objective].recommended_loss if self.loss == RECOMMENDED_LOSS else self.loss
+
     def loss_options(self) -> dict[str, Any]:
         """The keyword arguments of an objective's loss (``d2f_core.Objective.loss``) that select each
-        sample's loss: ``loss`` and ``huber_c``."""
-        return {"loss": self.loss, "huber_c": self.huber_c}
+        sample's loss: ``loss`` (resolved) and ``huber_c``."""
+        return {"loss": self.resolved_loss, "huber_c": self.huber_c}
 
     def differences(self, other: TrainConfig) -> dict[str, tuple]:
         ignored = {"steps"}
         if self.ema_decay == other.ema_decay == 0:
             ignored.add("ema_warmup")  # no EMA on either side: its warmup changes nothing
         return {
-            k: (getattr(other, k), getattr(self, k))
+            k: (other._as_trained(k), self._as_trained(k))
             for k in TRAJECTORY_FIELDS
-            if k not in ignored and getattr(self, k) != getattr(other, k)
+            if k not in ignored and self._as_trained(k) != other._as_trained(k)
         }
+
+    def _as_trained(self, name: str) -> Any:
+        # "recommended" and the loss it names train the same run
+        return self.resolved_loss if name == "loss" else getattr(self, name)
 
     def resume_mismatch(self, saved: TrainConfig) -> str:
         """What differs from the options a training state was ``saved`` under ("" if it can continue)."""
@@ -396,7 +421,7 @@ class TrainConfig:
         unknown = sorted(set(data) - names)
         if unknown:
             raise ValueError(f"unknown training options: {', '.join(unknown)}")
-        return cls(**data)
+        return cls(**{**SAVED_BEFORE_THE_OPTION, **data})
 
 
 def available_choices(spec: OptionSpec) -> tuple[str, ...]:
@@ -428,14 +453,14 @@ class PairsConfig:
     )
     width: int = option(512, "Image width in pixels (a multiple of 8).", min=64, max=8192, step=8)
     height: int = option(512, "Image height in pixels (a multiple of 8).", min=64, max=8192, step=8)
-    # 12 ab2 steps, not the earlier 32 Euler ones: as close to the teacher's exact ODE at 12 network evaluations
-    # instead of 32 (benchmarks/results/pair_accuracy.md: demo model at cfg 1 and 5, exact Gaussian mixture);
-    # a folder made with the earlier default appends when given its settings (pairs.toml, a saved workflow)
+    # 10 ab2 steps on the sigma_min grid, not the earlier 32 Euler ones: as close to the teacher's exact ODE at a
+    # third of the network evaluations (benchmarks/results/pair_accuracy.md: demo model at cfg 1 and 5, exact
+    # Gaussian mixture); a folder made with an earlier default appends when given its settings (its pairs.toml)
     steps: int = option(
-        12,
+        10,
         "Teacher ODE steps per pair, each costing the sampler's network evaluations (ab2 and euler 1; cfg runs both "
-        "branches in one batch). Measured on the demo model (RMS distance of the end points from the exact ODE's): "
-        "ab2 at 8 / 12 / 16 / 32 steps 2.3 / 1.7 / 1.6 / 0.7 %, euler at 32 steps 1.9 %.",
+        "branches in one batch). Measured on the demo model at cfg 1 / 5 (RMS distance of the end points from the "
+        "exact ODE's): ab2 on grid sigma_min at 10 steps 1.4 / 2.8 %, euler at 32 steps 1.9 / 2.9 %.",
         min=1,
         max=1000,
     )
@@ -449,7 +474,7 @@ class PairsConfig:
     )
     sampler: str = option(
         "ab2",
-        "The teacher's FM sampler (ab2: Euler's 32-step accuracy at 12 network evaluations). "
+        "The teacher's FM sampler (ab2 on grid sigma_min: Euler's 32-step accuracy at 10 network evaluations). "
         + "; ".join(f"{s.name}: {s.description}" for s in SAMPLERS.values()),
         choices=tuple(SAMPLERS),
     )
@@ -486,6 +511,16 @@ class PairsConfig:
         False,
         "Sample the teacher with zero terminal SNR (v-prediction only; a teacher "
         "LoRA trained with it turns it on by itself).",
+    )
+    # sigma_min, not uniform: the uniform grid's last step straddles the teacher's sigma_min, where most of ab2's
+    # error at 8-12 steps came from (benchmarks/results/pair_accuracy.md); folders and pairs.toml files from
+    # before this option keep the uniform grid they ran
+    grid: str = option(
+        "sigma_min",
+        "The teacher's sigma grid: "
+        + "; ".join(f"{name}: {description}" for name, description in FM_GRIDS.items())
+        + ". Part of the pairs' identity: a folder made before this option ran uniform (its pairs.toml keeps it).",
+        choices=tuple(FM_GRIDS),
     )
 
     def __post_init__(self) -> None:

@@ -69,6 +69,7 @@ __all__ = [
     "FORMAT",
     "INVERTED_FORMAT",
     "PairSettings",
+    "pair_settings",
     "PairProgress",
     "PairsSummary",
     "PairsError",
@@ -85,6 +86,8 @@ FORMAT = "diff2flow-reflow-pairs/1"
 INVERTED_FORMAT = "diff2flow-reflow-pairs/2"  # the folder holds inverted pairs too (inverted-*.safetensors)
 READABLE_FORMATS = (FORMAT, INVERTED_FORMAT)
 MANIFEST = "manifest.json"
+# a folder's settings from before the grid option: its pairs ran the uniform grid
+SETTINGS_BEFORE_THE_GRID = {"grid": "uniform", "sigma_floor": 0.0}
 CONDS = "conds.safetensors"
 _SHARD = re.compile(r"^pairs-(\d{9})-(\d{9})\.safetensors$")
 _INVERTED_SHARD = re.compile(r"^inverted-(\d{9})-(\d{9})\.safetensors$")
@@ -105,8 +108,10 @@ class PairSettings:
     ``teacher`` identifies the teacher model (checkpoint hash, LoRA, prediction, ...: whatever the
     caller can name it by; compared as a whole). ``shape`` is the latent shape [C, H, W];
     ``sigma_max`` the teacher's noisiest level (sampling starts at ``sigma_max * z``);
-    ``shift`` the time shift of the FM sigma grid. ``batch_size`` is part of the settings because
-    the batch a pair is computed in decides its last bits.
+    ``shift`` the time shift of the FM sigma grid, ``grid`` its kind (``d2f_core.FM_GRIDS``) and
+    ``sigma_floor`` where its uniform part ends (the teacher's ``sigma_min`` for grid ``sigma_min``, 0 for
+    ``uniform``; ``d2f_core.grid_floor``). ``batch_size`` is part of the settings because the batch a pair
+    is computed in decides its last bits.
     """
 
     shape: tuple[int, int, int]
@@ -118,6 +123,8 @@ class PairSettings:
     seed: int = 0
     batch_size: int = 8
     teacher: dict[str, Any] = field(default_factory=dict)
+    grid: str = "uniform"
+    sigma_floor: float = 0.0
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
@@ -131,6 +138,13 @@ class PairSettings:
             raise PairsError(f"seed must be an integer >= 0, got {self.seed!r}")
         if not 0 < self.sigma_max <= 1:
             raise PairsError(f"sigma_max must lie in (0, 1], got {self.sigma_max}")
+        if self.grid not in d2f_core.FM_GRIDS:
+            raise PairsError(f"grid {self.grid!r} is unknown: choose one of {', '.join(d2f_core.FM_GRIDS)}")
+        if (self.grid == "uniform") != (self.sigma_floor == 0) or not 0 <= self.sigma_floor < self.sigma_max:
+            raise PairsError(
+                f"sigma_floor {self.sigma_floor} does not fit grid {self.grid}: 0 for uniform, the teacher's sigma_min "
+                f"(in (0, sigma_max {self.sigma_max:g})) for sigma_min"
+            )
         if not self.shift > 0 or not math.isfinite(self.cfg):
             raise PairsError(f"shift must be > 0 and cfg finite, got shift {self.shift}, cfg {self.cfg}")
 
@@ -141,7 +155,28 @@ class PairSettings:
 
     def sigmas(self) -> torch.Tensor:
         """The teacher's FM sigma grid, from ``sigma_max`` to 0 (float64)."""
-        return d2f_core.fm_sigmas(self.steps, sigma_max=self.sigma_max, shift=self.shift)
+        return d2f_core.fm_sigmas(self.steps, sigma_max=self.sigma_max, shift=self.shift, sigma_floor=self.sigma_floor)
+
+
+def pair_settings(
+    config: Any, shape: Sequence[int], sigma_max: float, sigma_min: float, teacher: dict[str, Any]
+) -> PairSettings:
+    """The settings of the pairs ``config`` (a ``training.config.PairsConfig``) asks of a teacher whose
+    noise levels run from ``sigma_min`` to ``sigma_max`` (its ``Diff2Flow`` alignment's) and which
+    ``teacher`` names; ``shape`` is the latent [C, H, W]."""
+    return PairSettings(
+        shape=tuple(shape),
+        sigma_max=sigma_max,
+        sampler=config.sampler,
+        steps=config.steps,
+        cfg=config.cfg,
+        shift=config.shift,
+        seed=config.seed,
+        batch_size=config.batch_size,
+        teacher=teacher,
+        grid=config.grid,
+        sigma_floor=d2f_core.grid_floor(config.grid, sigma_min),
+    )
 
 
 @dataclass
@@ -277,7 +312,7 @@ def _check_settings(folder: pathlib.Path, settings: PairSettings) -> dict | None
         if folder.is_dir() and (pair_shards(folder) or pair_shards(folder, inverted=True)):
             raise PairsError(f"{folder} holds pair shards but no {MANIFEST}: generate into an empty folder")
         return None
-    saved = manifest["settings"]
+    saved = {**SETTINGS_BEFORE_THE_GRID, **manifest["settings"]}
     mine = settings.to_dict()
     differs = [f"{k}: folder {saved.get(k)!r}, now {mine[k]!r}" for k in mine if saved.get(k) != mine[k]]
     if differs:
@@ -769,7 +804,7 @@ class Pairs:
 
     @property
     def settings(self) -> dict[str, Any]:
-        return self.manifest["settings"]
+        return {**SETTINGS_BEFORE_THE_GRID, **self.manifest["settings"]}
 
     def line_noise(self, sigma_max: float | None = None) -> torch.Tensor:
         """The noise end of each pair's straight line for a model that starts sampling at ``sigma_max``

@@ -1,8 +1,9 @@
 """What the nodes and the help pages say about the registries, rendered from the registries.
 
-The choices of samplers, objectives, timestep samplers, losses, start rules, adapter algorithms and
-optimizers are registries (``d2f_core.SAMPLERS``, ``OBJECTIVES``, ``TIMESTEP_SAMPLERS``, ``LOSSES``,
-``START_RULES``, ``d2f_core.lora.ALGORITHMS``, ``training.optimizers.OPTIMIZERS``); every
+The choices of samplers, sigma grids, objectives, timestep samplers, losses, start rules, adapter algorithms
+and optimizers are registries (``d2f_core.SAMPLERS``, ``FM_GRIDS``, ``OBJECTIVES``, ``TIMESTEP_SAMPLERS``,
+``training.config.LOSS_CHOICES`` (``d2f_core.LOSSES`` and ``recommended``), ``START_RULES``,
+``d2f_core.lora.ALGORITHMS``, ``training.optimizers.OPTIMIZERS``); every
 tooltip, description and help-page list of them is rendered here from the entries' own
 descriptions, so a new entry shows up everywhere and a reworded one nowhere stays behind.
 
@@ -24,10 +25,11 @@ import re
 import sys
 from collections.abc import Callable, Sequence
 
-from d2f_core import LOSSES, OBJECTIVES, SAMPLERS, START_RULES, TIMESTEP_SAMPLERS
+from d2f_core import FM_GRIDS, OBJECTIVES, SAMPLERS, START_RULES, TIMESTEP_SAMPLERS
 from d2f_core.depth_settings import DEFAULT_DEPTH_STEPS
 from d2f_core.lora import ALGORITHMS
 
+from .config import LOSS_CHOICES
 from .optimizers import OPTIMIZERS
 
 __all__ = [
@@ -72,9 +74,10 @@ def _optimizer_text(name: str) -> str:
 
 REGISTRIES: dict[str, Callable[[], dict[str, str]]] = {
     "samplers": lambda: {name: s.description for name, s in SAMPLERS.items()},
+    "grids": lambda: dict(FM_GRIDS),
     "objectives": lambda: {name: o.description for name, o in OBJECTIVES.items()},
     "timestep_samplers": lambda: dict(TIMESTEP_SAMPLERS),
-    "losses": lambda: dict(LOSSES),
+    "losses": lambda: dict(LOSS_CHOICES),
     "start_rules": lambda: dict(START_RULES),
     "algorithms": lambda: {name: cls.description for name, cls in ALGORITHMS.items()},
     "optimizers": lambda: {name: o.description for name, o in OPTIMIZERS.items()},
@@ -164,7 +167,7 @@ PAGE_BLOCKS: dict[str, tuple[str, ...]] = {
     "D2F_FMEulerSampler": ("samplers",),
     "D2F_FMScheduler": ("start_rules",),
     "D2F_KSampler": ("samplers", "start_rules", "objective_sampling"),
-    "D2F_ReflowPairs": ("samplers",),
+    "D2F_ReflowPairs": ("samplers", "grids"),
     "D2F_TrainLoRA": (
         "objectives",
         "optimizers",

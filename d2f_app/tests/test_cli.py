@@ -207,6 +207,28 @@ def test_every_pairs_option_is_a_flag_and_a_toml_key(tmp_path) -> None:
     )
 
 
+def test_a_pairs_toml_from_before_the_grid_option_keeps_its_uniform_grid(tmp_path) -> None:
+    """A pairs.toml names its solver (sampler, steps) but no grid when it was written before the grid option:
+    its folder's pairs ran the uniform grid, so appending with it must too; a file naming a grid, or a --grid
+    flag, wins; a file naming no solver gets the default grid."""
+    from d2f_app.pairs import pairs_values
+    from training.config import PairsConfig
+
+    parser = build_parser()
+    run_keys = {"checkpoint": "/m.safetensors", "prompts": "/p.txt", "output": "/o"}
+    older = {k: v for k, v in PairsConfig(sampler="euler", steps=32).to_dict().items() if k != "grid"}
+    cases = [
+        ({**run_keys, **older}, [], "uniform"),
+        ({**run_keys, **older}, ["--grid", "sigma_min"], "sigma_min"),
+        ({**run_keys, **older, "grid": "sigma_min"}, [], "sigma_min"),
+        ({**run_keys, "count": 8}, [], PairsConfig().grid),
+    ]
+    for values, flags, grid in cases:
+        write_toml(tmp_path / "pairs.toml", values, "pairs")
+        _, config = pairs_values(parser.parse_args(["pairs", "--config", str(tmp_path / "pairs.toml"), *flags]))
+        assert config.grid == grid, (values, flags)
+
+
 def test_pairs_and_reflow_refusals_come_before_any_model_is_loaded(tmp_path, capsys) -> None:
     (tmp_path / "empty.txt").write_text("\n  \n")
     (tmp_path / "prompts.txt").write_text("a cat\n\na dog\n")

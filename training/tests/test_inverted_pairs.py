@@ -77,17 +77,32 @@ def exact_teacher(x: torch.Tensor, sigma: torch.Tensor, cond: dict) -> torch.Ten
     return MIXTURE.fm_velocity(x.flatten(1).double(), sigma.double()).reshape(x.shape).to(x.dtype)
 
 
-@pytest.mark.parametrize("sampler, order", [("euler", 1), ("heun", 2)])
-def test_an_inverted_pair_samples_back_to_its_image_at_the_samplers_order(tmp_path, sampler: str, order: int) -> None:
+@pytest.mark.parametrize(
+    "sampler, order, grid", [("euler", 1, "uniform"), ("heun", 2, "uniform"), ("euler", 1, "sigma_min")]
+)
+def test_an_inverted_pair_samples_back_to_its_image_at_the_samplers_order(
+    tmp_path, sampler: str, order: int, grid: str
+) -> None:
     """The stored pair (z, x0) of an image x0: the teacher's sampling from sigma_max * z (as a generated pair's
     noise is used) returns to x0 within the sampler's error, shrinking as steps^-order. Measured (median over 64
-    images of each one's RMS error, SD's sigma_max 0.936): Euler 0.098 / 0.050 / 0.025 at 16 / 32 / 64 steps,
-    Heun 4.6e-3 / 1.1e-3 / 2.6e-4 (d2f_core/tests/test_inversion.py says why the median)."""
+    images of each one's RMS error, SD's sigma_max 0.936, uniform grid): Euler 0.098 / 0.050 / 0.025 at 16 / 32 /
+    64 steps, Heun 4.6e-3 / 1.1e-3 / 2.6e-4 (d2f_core/tests/test_inversion.py says why the median). The sigma_min
+    grid (SD's 0.0283) keeps one step below sigma_min up to 49 steps, which Heun takes as an Euler step (its last):
+    second order from 64 steps on there, as d2f_core/tests/test_sigma_grids.py checks."""
     x0 = [x.float().reshape(4, 1, 1) for x in MIXTURE.sample(64, torch.Generator().manual_seed(4))]
     caption = [{"context": torch.zeros(1, 1, 4)}]
     errors = []
     for steps in (16, 32, 64):
-        s = PairSettings((4, 1, 1), sigma_max=0.935958, sampler=sampler, steps=steps, cfg=1.0, batch_size=16)
+        s = PairSettings(
+            (4, 1, 1),
+            sigma_max=0.935958,
+            sampler=sampler,
+            steps=steps,
+            cfg=1.0,
+            batch_size=16,
+            grid=grid,
+            sigma_floor=d2f_core.grid_floor(grid, 0.0283),
+        )
         invert_pairs(exact_teacher, x0, caption, tmp_path / f"{sampler}{steps}", s, shard_size=32)
         pairs = load_pairs(tmp_path / f"{sampler}{steps}")
         assert torch.equal(pairs.latents, torch.stack(x0))  # the image itself, not a regenerated one

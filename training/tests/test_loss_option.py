@@ -83,12 +83,37 @@ def test_the_validation_loss_uses_the_training_loss(objective: str) -> None:
     assert trainer.validation_loss() != pytest.approx(value, rel=1e-3), "the validation loss ignores the loss option"
 
 
+@pytest.mark.parametrize("objective", d2f_core.OBJECTIVES)
+def test_the_default_loss_is_the_objectives_recommended_one(objective: str) -> None:
+    """``loss = "recommended"`` (the default) trains with the objective's ``recommended_loss``: pseudo-Huber
+    for reflow (it won benchmarks/results/reflow_second_generation.md), MSE for the others; a resume
+    compares the loss as trained."""
+    recommended = d2f_core.OBJECTIVES[objective].recommended_loss
+    assert recommended == ("pseudo_huber" if objective == "reflow" else "mse")
+    config = TrainConfig(objective=objective, steps=1, batch_size=3, seed=5)
+    assert (config.loss, config.resolved_loss) == ("recommended", recommended)
+    explicit = TrainConfig(**{**config.to_dict(), "loss": recommended})
+    trainer, _, _ = make_run(config, "v")
+    assert trainer.train_step() == pytest.approx(reference_loss(make_run(explicit, "v")[0], explicit), rel=1e-6)
+    assert config.resume_mismatch(explicit) == "" and explicit.resume_mismatch(config) == ""
+    other = "mse" if recommended == "pseudo_huber" else "pseudo_huber"
+    assert config.resume_mismatch(TrainConfig(**{**config.to_dict(), "loss": other})) == (
+        f"loss: saved {other!r}, now {recommended!r}"
+    )
+
+
 def test_the_loss_options_are_checked() -> None:
     with pytest.raises(ValueError, match="huber_c 0.1 is the c of loss pseudo_huber, but the loss is mse"):
-        TrainConfig(huber_c=0.1)
+        TrainConfig(loss="mse", huber_c=0.1)
+    with pytest.raises(
+        ValueError,
+        match="huber_c 0.1 is the c of loss pseudo_huber, but loss recommended is mse for objective diffusion",
+    ):
+        TrainConfig(objective="diffusion", huber_c=0.1)
+    assert TrainConfig(objective="reflow", huber_c=0.1).loss_options() == {"loss": "pseudo_huber", "huber_c": 0.1}
     with pytest.raises(ValueError, match="huber_c must be a finite number >= 0"):
         TrainConfig(loss="pseudo_huber", huber_c=-0.5)
-    with pytest.raises(ValueError, match="loss='l1' is not supported: choose one of mse, pseudo_huber"):
+    with pytest.raises(ValueError, match="loss='l1' is not supported: choose one of recommended, mse, pseudo_huber"):
         TrainConfig(loss="l1")
     with pytest.raises(ValueError, match="timestep_sampling='u' is not supported"):
         TrainConfig(timestep_sampling="u")
@@ -106,7 +131,11 @@ def test_the_loss_options_are_part_of_the_trajectory_and_older_states_have_the_d
         "timestep_sampling: saved 'uniform', now 'u_shaped'"
     )
     older = {k: v for k, v in saved.to_dict().items() if k not in ("loss", "huber_c")}  # a state from before them
-    assert TrainConfig.from_dict(older) == saved
+    assert TrainConfig.from_dict(older) == TrainConfig(loss="mse")  # those trained with MSE
+    older_reflow = {**older, "objective": "reflow"}
+    assert TrainConfig(objective="reflow").resume_mismatch(TrainConfig.from_dict(older_reflow)) == (
+        "loss: saved 'mse', now 'pseudo_huber'"
+    )
     a, _, _ = make_run(TrainConfig(steps=2, learning_rate=1e-3))
     a.run()
     b, _, _ = make_run(TrainConfig(steps=4, learning_rate=1e-3, loss="pseudo_huber"))

@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from d2f_core import LOSSES, OBJECTIVES, SAMPLERS, START_RULES, TIMESTEP_SAMPLERS
+from d2f_core import FM_GRIDS, LOSSES, OBJECTIVES, SAMPLERS, START_RULES, TIMESTEP_SAMPLERS
 from training import registry_text
 from training.registry_text import (
     BLOCKS,
@@ -63,7 +63,8 @@ def test_every_registry_entry_has_a_description() -> None:
         assert all(description for _, description in entries(registry)), registry
     assert [name for name, _ in entries("start_rules")] == list(START_RULES)
     assert [name for name, _ in entries("timestep_samplers")] == list(TIMESTEP_SAMPLERS)
-    assert [name for name, _ in entries("losses")] == list(LOSSES)
+    assert [name for name, _ in entries("losses")] == ["recommended", *LOSSES]
+    assert [name for name, _ in entries("grids")] == list(FM_GRIDS)
     assert {o.flow_model for o in OBJECTIVES.values()} <= set(registry_text.FLOW_MODEL_TEXT)
 
 

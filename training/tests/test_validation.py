@@ -59,7 +59,8 @@ def test_options_that_cannot_be_evaluated_are_refused() -> None:
 
 def expected_validation_loss(trainer: Trainer) -> float:
     """The definition, sample by sample: one draw of the objective's default distribution each, in sample
-    order, from a generator seeded with VALIDATION_SEED; the mean of the per-sample losses."""
+    order, from a generator seeded with VALIDATION_SEED; the mean of the per-sample losses (the training's
+    loss: pseudo-Huber for reflow by default)."""
     generator = torch.Generator().manual_seed(VALIDATION_SEED)
     objective, data = trainer.objective, trainer.validation
     losses = []
@@ -68,7 +69,15 @@ def expected_validation_loss(trainer: Trainer) -> float:
             paired = data.extras[i]["noise"][None] if objective.paired_noise else None
             noise, times = objective.draw(latent[None], trainer.d2f, generator, paired)
             losses.append(
-                objective.loss(trainer.network, trainer.d2f, latent[None], noise, times, **data.conds[i]).loss
+                objective.loss(
+                    trainer.network,
+                    trainer.d2f,
+                    latent[None],
+                    noise,
+                    times,
+                    **trainer.config.loss_options(),
+                    **data.conds[i],
+                ).loss
             )
     return float(torch.stack(losses).mean())
 
