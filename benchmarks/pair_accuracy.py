@@ -53,11 +53,11 @@ import torch  # noqa: E402
 import d2f_core  # noqa: E402
 from demo import data as ddata  # noqa: E402
 from demo import pipeline  # noqa: E402
-from demo.store import WEIGHTS_DIR, load_unet  # noqa: E402
+from demo.store import load_unet  # noqa: E402
 from training.files import atomic_write, ensure_writable_folder  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # the benchmarks' shared report folder rule
-from paper_comparison import report_folder, write_report  # noqa: E402
+from paper_comparison import add_report_flags, report_folder, write_report  # noqa: E402
 
 BUDGETS = (8, 10, 12, 16, 24, 32, 64)
 QUICK_BUDGETS = (8, 16)
@@ -343,13 +343,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="seconds: 32 noises, budgets 8 and 16, short references")
     p.add_argument("--noises", type=int, default=None, help="noises of the demo teacher (default 256; the mixture 4x)")
     p.add_argument("--jobs", type=int, default=1, help="worker processes, one thread each, one per teacher (default 1)")
-    p.add_argument("--weights", type=pathlib.Path, default=WEIGHTS_DIR)
-    p.add_argument(
-        "--out",
-        type=pathlib.Path,
-        default=None,
-        help="folder for the report (default benchmarks/results/; with --quick a fresh temporary folder, printed)",
-    )
+    add_report_flags(p)
     args = p.parse_args(argv)
     quick = args.quick
     noises = args.noises or (32 if quick else 256)

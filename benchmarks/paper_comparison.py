@@ -374,6 +374,11 @@ def add_finetune_flags(
         "--lr-full", type=float, default=lr_full, help=f"full fine-tuning learning rate (default {lr_full:g})"
     )
     p.add_argument("--jobs", type=int, default=1, help="worker processes, one thread each (default 1)")
+    add_report_flags(p)
+
+
+def add_report_flags(p: argparse.ArgumentParser) -> None:
+    """The demo's weights and the report folder: the flags of every benchmark on the demo model."""
     p.add_argument("--weights", type=pathlib.Path, default=WEIGHTS_DIR)
     p.add_argument(
         "--out",

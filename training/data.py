@@ -45,6 +45,8 @@ class TrainingData:
     buckets: list[list[int]] = field(init=False)
     # each bucket's generated and inverted samples (with inverted samples only)
     bucket_groups: list[tuple[list[int], list[int]]] = field(init=False, repr=False)
+    # how many samples are inverted real images (reflow pairs; 0 for any other data): counted once, read every draw
+    inverted_count: int = field(init=False)
 
     def __post_init__(self) -> None:
         if len(self.latents) == 0:
@@ -96,14 +98,10 @@ class TrainingData:
         self.buckets = list(groups.values())
         marks = self.inverted or [False] * len(self.latents)
         self.bucket_groups = [([i for i in b if not marks[i]], [i for i in b if marks[i]]) for b in self.buckets]
+        self.inverted_count = sum(marks)
 
     def __len__(self) -> int:
         return len(self.latents)
-
-    @property
-    def inverted_count(self) -> int:
-        """How many samples are inverted real images (reflow pairs; 0 for any other data)."""
-        return sum(len(inverted) for _, inverted in self.bucket_groups)
 
     def draw_indices(self, batch_size: int, generator: torch.Generator, inverted_share: float = 0.0) -> list[int]:
         """``batch_size`` sample indices of one bucket (chosen in proportion to its size);

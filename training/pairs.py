@@ -417,6 +417,31 @@ def _generate_block(
 
 
 # ------------------------------------------------------------------------------ generation
+def _check_guidance_and_shards(settings: PairSettings, uncond: Cond | None, shard_size: Any) -> None:
+    """The arguments generation and inversion share: a negative for cfg != 1, whole batches per shard."""
+    if settings.cfg != 1.0 and uncond is None:
+        raise PairsError(f"cfg {settings.cfg} needs the negative (unconditional) conditioning: pass uncond, or cfg 1")
+    if not isinstance(shard_size, int) or shard_size < 1 or shard_size % settings.batch_size:
+        raise PairsError(
+            f"shard_size must be a positive multiple of batch_size {settings.batch_size}, got {shard_size!r}"
+        )
+
+
+def _write_shard(folder: pathlib.Path, name: str, tensors: dict[str, torch.Tensor], inverted: bool) -> None:
+    """Write one shard atomically; on a failed write (a full disk) an ``OSError`` that counts the pairs of
+    the finished shards, which are kept."""
+    fmt, what, verb = (INVERTED_FORMAT, "inverted pairs", "invert") if inverted else (FORMAT, "pairs", "generate")
+    try:
+        atomic_write(folder / name, lambda tmp: save_file(tensors, tmp, metadata={"format": fmt}))
+    except OSError as exc:
+        kept = len(_covered(pair_shards(folder, inverted=inverted)))
+        raise OSError(
+            exc.errno,
+            f"{exc.strerror or exc}. The {kept} {what} of the finished shards in {folder} are kept: "
+            f"free space and run the same command again to {verb} the rest",
+        ) from exc
+
+
 def generate_pairs(
     velocity: VelocityFn,
     conds: Sequence[Cond],
@@ -460,12 +485,7 @@ def generate_pairs(
         raise PairsError("no prompts: give at least one prompt (conditioning) to generate pairs for")
     if not isinstance(count, int) or count < 1:
         raise PairsError(f"count must be a positive integer, got {count!r}")
-    if settings.cfg != 1.0 and uncond is None:
-        raise PairsError(f"cfg {settings.cfg} needs the negative (unconditional) conditioning: pass uncond, or cfg 1")
-    if not isinstance(shard_size, int) or shard_size < 1 or shard_size % settings.batch_size:
-        raise PairsError(
-            f"shard_size must be a positive multiple of batch_size {settings.batch_size}, got {shard_size!r}"
-        )
+    _check_guidance_and_shards(settings, uncond, shard_size)
     if labels is not None and len(labels) != len(conds):
         raise PairsError(f"{len(labels)} prompt texts for {len(conds)} conditionings: give one per conditioning")
     folder = pathlib.Path(folder)
@@ -523,16 +543,7 @@ def generate_pairs(
             "index": index,
             "prompt": index % len(conds),
         }
-        path = folder / f"pairs-{start:09d}-{stop:09d}.safetensors"
-        try:
-            atomic_write(path, lambda tmp, tensors=tensors: save_file(tensors, tmp, metadata={"format": FORMAT}))
-        except OSError as exc:
-            kept = len(_covered(pair_shards(folder)))
-            raise OSError(
-                exc.errno,
-                f"{exc.strerror or exc}. The {kept} pairs of the finished shards in {folder} are kept: "
-                "free space and run the same command again to generate the rest",
-            ) from exc
+        _write_shard(folder, f"pairs-{start:09d}-{stop:09d}.safetensors", tensors, inverted=False)
     seconds = time.perf_counter() - start_time
     barrier()  # every shard of this run is written
     held = len(_covered(pair_shards(folder)))
@@ -695,12 +706,7 @@ def invert_pairs(
                 f"image {j} has the latent shape {list(latent.shape)} but the pairs have {list(settings.shape)} "
                 "([channels, height / 8, width / 8]): invert images of the pairs' size (one size per pairs folder)"
             )
-    if settings.cfg != 1.0 and uncond is None:
-        raise PairsError(f"cfg {settings.cfg} needs the negative (unconditional) conditioning: pass uncond, or cfg 1")
-    if not isinstance(shard_size, int) or shard_size < 1 or shard_size % settings.batch_size:
-        raise PairsError(
-            f"shard_size must be a positive multiple of batch_size {settings.batch_size}, got {shard_size!r}"
-        )
+    _check_guidance_and_shards(settings, uncond, shard_size)
     labels = list(labels or [])
     if labels and len(labels) != len(latents):
         raise PairsError(f"{len(labels)} image names for {len(latents)} images: give one per image")
@@ -754,18 +760,7 @@ def invert_pairs(
         index = torch.arange(start, stop)
         images = torch.stack([latents[j].detach().float().cpu() for j in range(start, stop)])
         tensors = _inverted_shard(index, torch.cat(noise), images, [conds[j] for j in range(start, stop)])
-        path = folder / f"inverted-{start:09d}-{stop:09d}.safetensors"
-        try:
-            atomic_write(
-                path, lambda tmp, tensors=tensors: save_file(tensors, tmp, metadata={"format": INVERTED_FORMAT})
-            )
-        except OSError as exc:
-            kept = len(_covered(pair_shards(folder, inverted=True)))
-            raise OSError(
-                exc.errno,
-                f"{exc.strerror or exc}. The {kept} inverted pairs of the finished shards in {folder} are kept: "
-                "free space and run the same command again to invert the rest",
-            ) from exc
+        _write_shard(folder, f"inverted-{start:09d}-{stop:09d}.safetensors", tensors, inverted=True)
     seconds = time.perf_counter() - start_time
     barrier()  # every shard of this run is written
     held_now = len(_covered(pair_shards(folder, inverted=True)))

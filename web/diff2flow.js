@@ -36,9 +36,10 @@ function stateOf(node) {
   return run && sameWorkflow(run) ? run : null;
 }
 
-function onProgress(event) {
-  const data = (event && event.detail) || {};
-  lastLive = Date.now();
+// The runs an event goes to. With its node: that node's run, a new one for another prompt. Without it
+// (report_progress outside ComfyUI's executing-node context): the executing training node's run, else every
+// training node's, a new one where ended(run) says the event cannot continue it.
+function eventRuns(data, ended) {
   if (data.node != null) {
     const key = String(data.node);
     let run = states.get(key);
@@ -46,18 +47,24 @@ function onProgress(event) {
       run = newRun({ node: key, prompt_id: data.prompt_id, workflow: data.workflow ?? null });
       states.set(key, run);
     }
-    if (num(data.step) === null || run.step === null || data.step > run.step) appendStep(run, data);
-  } else {
-    // an event without its node (report_progress outside ComfyUI's executing-node context): the executing
-    // training node, else every training node
-    const byId = executingId != null && app.graph?.getNodeById?.(executingId);
-    for (const node of isTrainNode(byId) ? [byId] : graphNodes().filter(isTrainNode)) {
-      const key = String(node.id);
-      let run = states.get(key);
-      if (!run || (num(data.step) !== null && run.step !== null && data.step <= run.step)) states.set(key, (run = newRun({ node: key })));
-      appendStep(run, data);
-    }
+    return [run];
   }
+  const byId = executingId != null && app.graph?.getNodeById?.(executingId);
+  return (isTrainNode(byId) ? [byId] : graphNodes().filter(isTrainNode)).map((node) => {
+    const key = String(node.id);
+    let run = states.get(key);
+    if (!run || ended(run)) states.set(key, (run = newRun({ node: key })));
+    return run;
+  });
+}
+
+function onProgress(event) {
+  const data = (event && event.detail) || {};
+  lastLive = Date.now();
+  const step = num(data.step);
+  // a step at or below the run's last one: a repeat (with the node), or a new run (without it)
+  const behind = (run) => step !== null && run.step !== null && data.step <= run.step;
+  for (const run of eventRuns(data, behind)) if (!behind(run)) appendStep(run, data);
   app.graph?.setDirtyCanvas?.(true, false);
 }
 
@@ -65,25 +72,8 @@ function onValidation(event) {
   const data = (event && event.detail) || {};
   lastLive = Date.now();
   const step = num(data.step);
-  if (data.node != null) {
-    const key = String(data.node);
-    let run = states.get(key);
-    if (!run || run.prompt_id !== data.prompt_id) {
-      // the validation at step 0 comes before the first step: it starts the run the steps then go on
-      run = newRun({ node: key, prompt_id: data.prompt_id, workflow: data.workflow ?? null });
-      states.set(key, run);
-    }
-    appendValidation(run, data);
-  } else {
-    // without its node, as onProgress: the executing training node, else every training node
-    const byId = executingId != null && app.graph?.getNodeById?.(executingId);
-    for (const node of isTrainNode(byId) ? [byId] : graphNodes().filter(isTrainNode)) {
-      const key = String(node.id);
-      let run = states.get(key);
-      if (!run || newRunAtValidation(run, step)) states.set(key, (run = newRun({ node: key })));
-      appendValidation(run, data);
-    }
-  }
+  // the validation at step 0 comes before the first step: it starts the run the steps then go on
+  for (const run of eventRuns(data, (r) => newRunAtValidation(r, step))) appendValidation(run, data);
   app.graph?.setDirtyCanvas?.(true, false);
 }
 
