@@ -21,8 +21,8 @@ the teacher's ODE with the same solver into the same pairs folder (``training.pa
 Students: the teacher + a LoRA of rank 16 (``--adapters lora<rank>``: any rank), or + a full dense delta on
 every Linear and Conv weight
 (``demo.pipeline.attach_adapters``), trained with the ``reflow`` objective (docs/MATH.md sections 6
-and 12) by ``training.Trainer`` on the pairs (shift-6 timestep sampling and MSE unless
-``--timestep-sampling`` / ``--shift`` / ``--loss`` / ``--huber-c`` say otherwise; ``--ema-decay`` evaluates
+and 12) by ``training.Trainer`` on the pairs (shift-6 timestep sampling, none on the sampling grid, and MSE unless
+``--timestep-sampling`` / ``--shift`` / ``--grid-share`` / ``--loss`` / ``--huber-c`` say otherwise; ``--ema-decay`` evaluates
 an EMA of their weights; ``--adapters lora16`` skips the full students); sampled with FM Euler at cfg 1. The defaults of every flag reproduce
 ``benchmarks/results/reflow.md``.
 
@@ -338,14 +338,14 @@ def train_student(
     options: dict[str, Any] | None = None,
     progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """``options``: TrainConfig fields of the student (``timestep_sampling``, ``shift``, ``loss``, ``huber_c``,
-    ``inverted_share``, ``ema_decay``) over the benchmark's defaults (shift-6 timestep sampling, MSE, generated
-    pairs only, no EMA). With EMA the student is evaluated with its EMA weights, as a saved LoRA holds them."""
+    """``options``: TrainConfig fields of the student (``timestep_sampling``, ``shift``, ``grid_share``, ``loss``,
+    ``huber_c``, ``inverted_share``, ``ema_decay``) over the benchmark's defaults (shift-6 timestep sampling, none
+    on the sampling grid, MSE, generated pairs only, no EMA). With EMA the student is evaluated with its EMA weights, as a saved LoRA holds them."""
     kind, rank = ("full", 1) if adapter == "full" else ("lora", int(adapter[4:]))
     net = pipeline.fresh_copy(setup.unet)
     adapters = pipeline.attach_adapters(net, kind, rank=rank, targets="all", seed=seed)
     # shift timestep sampling: more training at high noise, where 1-4-step sampling spends its steps (SHIFT)
-    settings = {"timestep_sampling": "shift", "shift": SHIFT, **(options or {})}
+    settings = {"timestep_sampling": "shift", "shift": SHIFT, "loss": "mse", "grid_share": 0.0, **(options or {})}
     config = TrainConfig(
         objective="reflow",
         steps=steps,
@@ -437,6 +437,10 @@ def _describe(report: dict[str, Any]) -> tuple[str, str, str]:
         extra += (
             f", {opts['inverted_share']:g} of every batch from the {inv.get('count', '?')} real digits 0-6 inverted "
             f"through the teacher's {pairs['steps']}-step {solver} ODE"
+        )
+    if opts.get("grid_share", 0.0) > 0:
+        extra += (
+            f", {opts['grid_share']:g} of the training sigmas on the 2-step grid's nodes (sigma_max, sigma_max / 2)"
         )
     if opts.get("ema_decay", 0.0) > 0:
         extra += f", evaluated with an EMA of the weights (decay {opts['ema_decay']:g})"
@@ -564,6 +568,9 @@ def main(argv: list[str] | None = None) -> int:
         "--quick", action="store_true", help="seconds: 1 seed, 256 pairs of 8 steps, 20 training steps, 100 samples"
     )
     p.add_argument("--seeds", type=int, default=None, help="seeds (default 3)")
+    p.add_argument(
+        "--first-seed", type=int, default=0, help="the first seed: seeds first .. first + seeds - 1 (default 0)"
+    )
     p.add_argument("--pairs", type=int, default=None, help="pairs (default 16384)")
     p.add_argument("--pair-steps", type=int, default=None, help="teacher ODE steps per pair (default 32)")
     p.add_argument(
@@ -582,6 +589,13 @@ def main(argv: list[str] | None = None) -> int:
         help="the students' training sigmas (default shift)",
     )
     p.add_argument("--shift", type=float, default=SHIFT, help=f"shift of --timestep-sampling shift (default {SHIFT:g})")
+    p.add_argument(
+        "--grid-share",
+        type=float,
+        default=0.0,
+        help="share of the students' training sigmas on the nodes of their 2-step sampling grid (default 0; the "
+        "toolkit's reflow default is 0.5)",
+    )
     p.add_argument("--loss", default="mse", choices=tuple(d2f_core.LOSSES), help="the students' loss (default mse)")
     p.add_argument("--huber-c", type=float, default=0.0, help="c of --loss pseudo_huber (default 0: the paper's c)")
     p.add_argument(
@@ -617,7 +631,10 @@ def main(argv: list[str] | None = None) -> int:
     add_finetune_flags(p, batch=32, lr_lora=2e-3, lr_full=1e-3)
     args = p.parse_args(argv)
     quick = args.quick
-    seeds = list(range(args.seeds if args.seeds is not None else (1 if quick else 3)))
+    count_seeds = args.seeds if args.seeds is not None else (1 if quick else 3)
+    if args.first_seed < 0:
+        p.error(f"--first-seed must be >= 0, got {args.first_seed}")
+    seeds = list(range(args.first_seed, args.first_seed + count_seeds))
     count = args.pairs or (256 if quick else 16384)
     pair_steps = args.pair_steps or (8 if quick else 32)
     train_steps = args.train_steps or (20 if quick else 3000)
@@ -645,6 +662,7 @@ def main(argv: list[str] | None = None) -> int:
         "huber_c": args.huber_c,
         "inverted_share": args.inverted_share,
         "ema_decay": args.ema_decay,
+        "grid_share": args.grid_share,
     }
     try:
         TrainConfig(objective="reflow", **options)  # the training options' own checks, before minutes of work

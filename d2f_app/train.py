@@ -12,7 +12,7 @@ import pathlib
 from typing import Any
 
 from training.config import TrainConfig
-from training.data import validation_problem
+from training.data import grid_share_problem, validation_problem
 from training.files import STATE_SUFFIX
 from training.optimizers import OPTIMIZERS
 
@@ -188,6 +188,9 @@ def run(args: argparse.Namespace) -> int:
         )
     pairs = load_pairs(run_options["pairs"]) if run_options["pairs"] else None
     task = cached.task if cached is not None else "image"
+    problem = grid_share_problem(config, task)
+    if problem is not None:
+        raise CliError(f"{flag(problem[0])}: {problem[1]}")
     if task == "depth" and config.preview_every > 0:
         raise CliError(
             f"--preview-every {config.preview_every}: the cache holds image + depth pairs, and previews sample "

@@ -37,6 +37,7 @@ from .objectives import (
     naive_fm_loss,
     naive_fm_velocity_fn,
     objective_loss,
+    place_on_sampling_grid,
     sample_training_sigmas,
     u_shaped_quantile,
     validation_sigmas,
@@ -108,5 +109,6 @@ __all__ = [
     "schedules",
     "time_shift",
     "u_shaped_quantile",
+    "place_on_sampling_grid",
     "validation_sigmas",
 ]

@@ -62,7 +62,8 @@ class LoraMetadata:
     ``learning_rate`` are the training run's (training/optimizers.py names); ``loss`` is its per-sample loss
     (``d2f_core.losses.LOSSES``) and ``huber_c`` that loss's c when it was set (absent: the default c);
     ``inverted_share`` the share of every batch a ``reflow`` LoRA drew from pairs of inverted real images
-    (absent: none); ``base_weight_dtype`` how the base UNet's weights were stored while it trained
+    (absent: none); ``grid_share`` the share of its training sigmas placed on the nodes of its recommended sampling
+    grid (absent: none; ``d2f_core.Objective.draw``); ``base_weight_dtype`` how the base UNet's weights were stored while it trained
     (``fp32``, ``bf16``, ``fp8_e4m3fn``, ...: UNETLoader's names).
     """
 
@@ -86,6 +87,7 @@ class LoraMetadata:
     loss: str | None = None
     huber_c: float | None = None
     inverted_share: float | None = None
+    grid_share: float | None = None
     base_weight_dtype: str | None = None
     format_version: int = FORMAT_VERSION
 
@@ -148,7 +150,15 @@ class LoraMetadata:
                     kwargs[key] = value == "true"
                 elif key in ("rank", "steps", "sampling_steps", "format_version"):
                     kwargs[key] = int(value)
-                elif key in ("alpha", "sampling_cfg", "teacher_cfg", "learning_rate", "huber_c", "inverted_share"):
+                elif key in (
+                    "alpha",
+                    "sampling_cfg",
+                    "teacher_cfg",
+                    "learning_rate",
+                    "huber_c",
+                    "inverted_share",
+                    "grid_share",
+                ):
                     kwargs[key] = float(value)
                 else:
                     kwargs[key] = value

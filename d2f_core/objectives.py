@@ -19,6 +19,9 @@ returning its raw output (eps or v for a diffusion model, the velocity for naive
   ``x_sigma = (1 - sigma) x0 + sigma n``, target ``n - x0``, ``n`` = :func:`reflow_line_noise`
   (docs/MATH.md sections 6 and 12).
 
+A share of the training sigmas can sit on the nodes of the objective's own sampling grid (``grid_share`` of
+:meth:`Objective.draw`, :func:`place_on_sampling_grid`): the levels its recommended few-step sampling evaluates.
+
 Every loss function takes the keywords ``loss`` and ``huber_c``: how the prediction's residual becomes
 one number per sample (:data:`d2f_core.losses.LOSSES`: ``mse``, the default, or ``pseudo_huber``).
 """
@@ -46,6 +49,7 @@ __all__ = [
     "sample_training_sigmas",
     "U_SHAPED_A",
     "u_shaped_quantile",
+    "place_on_sampling_grid",
     "diff2flow_loss",
     "naive_fm_loss",
     "diffusion_loss",
@@ -150,6 +154,32 @@ def sample_training_sigmas(
         elif method == "u_shaped":
             u = u_shaped_quantile(u)
     return (u * sigma_max).to(device=device if device is not None else gen_device, dtype=torch.float32)
+
+
+def place_on_sampling_grid(
+    sigmas: torch.Tensor,
+    nodes: torch.Tensor,
+    share: float,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """``sigmas`` with each one replaced, with probability ``share``, by one of ``nodes`` drawn uniformly
+    (docs/MATH.md section 6): the training draws of a model meant for a few-step sampler put that share of
+    its steps on the very levels the sampler evaluates. One uniform per sample decides, then one integer per
+    sample picks the node, from ``generator`` on its own device; ``share = 0`` draws nothing (a run without
+    it draws the same random numbers as before the option existed).
+    """
+    if not 0 <= share <= 1:
+        raise ValueError(f"the sampling grid's share must lie in [0, 1], got {share}")
+    if share == 0:
+        return sigmas
+    if nodes.ndim != 1 or nodes.numel() == 0:
+        raise ValueError(f"the sampling grid needs at least one node, got shape {tuple(nodes.shape)}")
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    batch = sigmas.shape[0]
+    on_grid = torch.rand(batch, generator=generator, device=gen_device) < share
+    pick = torch.randint(0, nodes.numel(), (batch,), generator=generator, device=gen_device)
+    placed = nodes.to(gen_device, sigmas.dtype)[pick]
+    return torch.where(on_grid.to(sigmas.device), placed.to(sigmas.device), sigmas)
 
 
 def diff2flow_loss(
@@ -273,6 +303,8 @@ class Objective:
       section 13), when they differ from ``steps`` (:meth:`recommended_steps`).
     - ``recommended_loss``: the per-sample loss (:data:`d2f_core.losses.LOSSES`) a training run uses when
       it asks for the objective's recommended one.
+    - ``recommended_grid_share``: the share of the training sigmas a run that asks for the recommended one
+      places on :meth:`sampling_nodes` (``times = "sigma"`` objectives only).
 
     A new objective is one more entry; per-sample tensors other than ``"noise"`` (for example an
     image-conditioned model's ``"concat"`` latent) reach the network as keyword arguments.
@@ -292,12 +324,29 @@ class Objective:
     cfg: float = 5.0
     depth_steps: int | None = None
     recommended_loss: str = "mse"
+    recommended_grid_share: float = 0.0
 
     def __post_init__(self) -> None:
         if self.recommended_loss not in LOSSES:
             raise ValueError(
                 f"objective {self.name}: recommended_loss {self.recommended_loss!r} is not one of {', '.join(LOSSES)}"
             )
+        if not 0 <= self.recommended_grid_share <= 1 or (self.recommended_grid_share and self.times != "sigma"):
+            raise ValueError(
+                f"objective {self.name}: recommended_grid_share {self.recommended_grid_share} must lie in [0, 1], "
+                "and be 0 for an objective that does not train on FM sigmas"
+            )
+
+    def sampling_nodes(self, d2f: Diff2Flow) -> torch.Tensor:
+        """The sigmas at which the recommended sampling (``steps`` steps of :attr:`sampler_sigmas`) evaluates
+        the model: its grid without the final 0 (float64; reflow's 2 steps: ``sigma_max`` and ``sigma_max / 2``)."""
+        if self.times != "sigma":
+            raise ValueError(
+                f"objective {self.name!r} trains on integer timesteps, not FM sigmas: it has no FM sampling grid "
+                "to place training sigmas on (grid_share 0)"
+            )
+        grid = torch.as_tensor(self.sampler_sigmas(d2f, self.steps), dtype=torch.float64)
+        return grid[grid > 0]
 
     def recommended_steps(self, task: str = "image") -> int:
         """The sampling steps to recommend for a model of ``task`` (``"image"`` or ``"depth"``) trained
@@ -315,9 +364,12 @@ class Objective:
         logit_mean: float = 0.0,
         logit_std: float = 1.0,
         shift: float = 3.0,
+        grid_share: float = 0.0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(noise, times)`` for a batch shaped like ``x0``, drawn from ``generator`` on its own
         device (noise first, then times: the order every caller relies on for reproducibility).
+
+        ``grid_share`` of the sigmas are then moved onto :meth:`sampling_nodes` (:func:`place_on_sampling_grid`).
 
         ``noise`` is the data's own noise when the data carries it (required for paired-noise
         objectives: the pair's ``z``, returned as the noise end of the line through ``d2f``'s own start,
@@ -325,6 +377,8 @@ class Objective:
         """
         gen_device = generator.device if generator is not None else torch.device("cpu")
         batch = x0.shape[0]
+        # first, so an objective without FM sigmas is refused before anything is drawn
+        nodes = self.sampling_nodes(d2f) if grid_share else torch.empty(0, dtype=torch.float64)
         if noise is None:
             if self.paired_noise:
                 raise ValueError(
@@ -350,6 +404,7 @@ class Objective:
                 shift=shift,
                 generator=generator,
             )
+            times = place_on_sampling_grid(times, nodes, grid_share, generator)
         return noise, times
 
 
@@ -396,6 +451,10 @@ OBJECTIVES: dict[str, Objective] = {
             # pseudo-Huber beat MSE at every step count on 3 seeds, most at 1 step (FD 3.82 against 4.15;
             # benchmarks/results/reflow_second_generation.md), as in Lee, Lin, Fanti 2024
             recommended_loss="pseudo_huber",
+            # half the draws on the 2-step grid (sigma_max, sigma_max / 2): a lower mean FD at every step count on 3
+            # seeds (LoRA r16, 2 steps: 3.29 against 3.45), and at 1 step on all of 6 seeds at rank 128
+            # (benchmarks/results/reflow_second_generation.md)
+            recommended_grid_share=0.5,
         ),
     )
 }
@@ -422,6 +481,7 @@ def objective_loss(
     generator: torch.Generator | None = None,
     loss: str = "mse",
     huber_c: float = 0.0,
+    grid_share: float = 0.0,
     **kwargs: Any,
 ) -> ObjectiveOutput:
     """Draw noise and times (:meth:`Objective.draw`) and evaluate ``objective`` on them.
@@ -429,7 +489,8 @@ def objective_loss(
     FM objectives draw sigma in ``(0, d2f.sigma_max]`` with ``timestep_sampling``; naive FM
     uses the same range so the comparison is fair. The diffusion objective draws integer tau
     uniformly. ``generator`` makes the draws reproducible (noise is drawn before times).
-    ``loss`` / ``huber_c``: each sample's loss (:data:`d2f_core.losses.LOSSES`).
+    ``loss`` / ``huber_c``: each sample's loss (:data:`d2f_core.losses.LOSSES`); ``grid_share``: the share of
+    the sigmas moved onto the objective's sampling grid (:meth:`Objective.draw`).
     """
     record = get_objective(objective)
     noise, times = record.draw(
@@ -441,6 +502,7 @@ def objective_loss(
         logit_mean=logit_mean,
         logit_std=logit_std,
         shift=shift,
+        grid_share=grid_share,
     )
     noise, times = noise.to(x0.device, x0.dtype), times.to(x0.device)
     return record.loss(network, d2f, x0, noise, times, *args, loss=loss, huber_c=huber_c, **kwargs)

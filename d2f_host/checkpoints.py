@@ -240,6 +240,7 @@ def lora_metadata_for(
         loss=config.resolved_loss,
         huber_c=config.huber_c if config.huber_c > 0 else None,  # 0: the default c, recorded by its absence
         inverted_share=config.inverted_share if config.inverted_share > 0 else None,  # 0: generated pairs only
+        grid_share=config.resolved_grid_share if config.resolved_grid_share > 0 else None,  # 0: none on the grid
         base_weight_dtype=weight_dtype_name(model),
     )
     return lambda step: LoraMetadata(**fields, steps=step)

@@ -18,7 +18,7 @@ from d2f_core import Diff2Flow
 from d2f_core.lora import WeightAdapter
 from d2f_core.lora_metadata import LoraMetadata
 from training.config import TrainConfig
-from training.data import TrainingData, hold_out, inverted_share_problem, validation_problem
+from training.data import TrainingData, grid_share_problem, hold_out, inverted_share_problem, validation_problem
 from training.engine import Trainer
 
 from .checkpoints import attach_recommended_sampling, lora_metadata_for
@@ -104,6 +104,9 @@ def prepare_run(
     problem = inverted_share_problem(config.inverted_share, data)
     if problem is not None:
         raise OptionError("inverted_share", problem)
+    problem = grid_share_problem(config, run_data.task)
+    if problem is not None:
+        raise OptionError(*problem)
     # the metadata reads the base model: a depth file loads onto the base, widened the same way
     metadata = lora_metadata_for(model, config, d2f, teacher_cfg=run_data.teacher_cfg, task=run_data.task)
     if run_data.task == "depth" and not is_image_conditioned(model):

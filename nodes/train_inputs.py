@@ -16,7 +16,7 @@ from d2f_host.depth import is_image_conditioned
 from d2f_host.model_sampling import is_patched
 from d2f_host.training_run import RunData
 from training import TrainConfig, TrainingData
-from training.data import validation_problem
+from training.data import grid_share_problem, validation_problem
 from training.depth_dataset import depth_pixels
 from training.pairs import load_pairs
 from training.previews import PreviewSettings
@@ -51,6 +51,9 @@ def check_training_inputs(model: Any, config: TrainConfig, inputs: TrainingInput
     check_preview_inputs(config, inputs, depth)
     check_zero_terminal_snr(model, config)
     check_validation_inputs(config, inputs, depth)
+    problem = grid_share_problem(config, "depth" if depth else "image")
+    if problem is not None:
+        raise ValueError(f"{problem[0]}: {problem[1]}")
     if config.inverted_share > 0 and (depth or not inputs.pairs):
         raise ValueError(
             f"inverted_share {config.inverted_share:g} mixes reflow pairs of inverted images into every batch, but "

@@ -5,6 +5,7 @@ script runs to its report."""
 
 from __future__ import annotations
 
+import json
 import os
 import pathlib
 import re
@@ -139,6 +140,30 @@ def test_reflow_refuses_students_it_cannot_build(
         reflow.main(["--quick", "--adapters", adapters])
     assert stopped.value.code == 2
     assert "--adapters must name lora<rank> (rank > 0) or full, each once" in capsys.readouterr().err
+
+
+def test_reflow_trains_the_seeds_from_first_seed_with_the_grid_share(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """--first-seed K --seeds N trains and evaluates seeds K .. K + N - 1 (the teacher's too); --grid-share is
+    the students' TrainConfig grid_share; bad values stop before any work."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import reflow
+
+    configs = []
+    real_trainer = reflow.Trainer
+    monkeypatch.setattr(reflow, "Trainer", lambda *a, **k: configs.append(a[3]) or real_trainer(*a, **k))
+    out = tmp_path / "out"
+    quick = ["--quick", "--jobs", "1", "--adapters", "lora4", "--out", str(out)]
+    assert reflow.main([*quick, "--first-seed", "2", "--seeds", "2", "--grid-share", "0.25"]) == 0
+    report = json.loads((out / "reflow_quick.json").read_text())
+    assert report["config"]["seeds"] == [2, 3]
+    assert [t["seed"] for t in report["teacher"]] == [2, 3] and [s["seed"] for s in report["students"]] == [2, 3]
+    assert [(c.seed, c.grid_share) for c in configs] == [(2, 0.25), (3, 0.25)]
+    for bad, message in (("--first-seed=-1", "--first-seed must be >= 0"), ("--grid-share=2", "grid_share must lie")):
+        with pytest.raises(SystemExit) as stopped:
+            reflow.main(["--quick", bad])
+        assert stopped.value.code == 2 and message in capsys.readouterr().err
 
 
 def _depth_run(method: str, adapter: str, curve: dict[int, float]) -> dict:

@@ -275,6 +275,10 @@ class NoEncode:
         ("previews", "preview_every 2: previews sample text prompts"),
         ("no_positive", "depth training needs positive"),
         ("positives", "3 image \\+ depth pairs but 2 positive conditionings"),
+        (
+            "grid_share",
+            "grid_share: 0.5 places training sigmas on the 20-step image sampling grid .* depth model samples",
+        ),
     ],
 )
 def test_node_refuses_bad_depth_inputs_before_compute(pack, comfy_nodes, sd15, monkeypatch, case, match) -> None:
@@ -304,6 +308,8 @@ def test_node_refuses_bad_depth_inputs_before_compute(pack, comfy_nodes, sd15, m
         kwargs["positive"] = None
     elif case == "positives":
         extra["positive"] = [EMPTY, EMPTY]
+    elif case == "grid_share":
+        options["grid_share"] = 0.5
     monkeypatch.setattr(training_run, "attach_adapters", lambda *a, **k: pytest.fail("training started"))
     all_kwargs = node_kwargs(
         base, options, kwargs["images"], kwargs["depths"], kwargs["vae"], positive=kwargs.get("positive", EMPTY)
@@ -475,6 +481,9 @@ def test_cli_refuses_bad_pairs_before_loading_anything(
         == 2
     )
     assert "the cache holds image + depth pairs, and previews sample text prompts" in capsys.readouterr().err
+    train = ["train", "--cache", str(depth_cache), "--checkpoint", str(tiny_sd15_file), "--output", str(tmp_path / "o")]
+    assert main([*train, "--grid-share", "0.5"]) == 2
+    assert "--grid-share: 0.5 places training sigmas on the 20-step image sampling grid" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -1,5 +1,6 @@
-"""A LoRA records the per-sample loss it was trained with, and huber_c when it was set (the host's
-``lora_metadata_for``, shared by the node and the CLI)."""
+"""A LoRA records the per-sample loss it was trained with, huber_c when it was set, and the share of its
+training sigmas on the sampling grid when there was one (the host's ``lora_metadata_for``, shared by the node
+and the CLI)."""
 
 from __future__ import annotations
 
@@ -28,3 +29,18 @@ def test_the_lora_metadata_records_the_loss_and_a_set_c(comfy_nodes, tiny_model)
     assert lora_metadata_for(model, TrainConfig(), d2f)(3).loss == "mse"
     # the default "recommended" is recorded as the loss it trained with
     assert lora_metadata_for(model, TrainConfig(objective="reflow"), d2f)(3).loss == "pseudo_huber"
+
+
+def test_the_lora_metadata_records_the_grid_share_as_trained(comfy_nodes, tiny_model) -> None:
+    from d2f_host.checkpoints import lora_metadata_for
+    from d2f_host.model_sampling import alignment_of
+
+    model = tiny_model("eps")
+    d2f = alignment_of(model)
+    recommended = lora_metadata_for(model, TrainConfig(objective="reflow"), d2f)(3)  # -1: reflow's 0.5
+    assert recommended.grid_share == 0.5 and recommended.to_header()["diff2flow.grid_share"] == "0.5"
+    assert LoraMetadata.from_header(recommended.to_header()) == recommended
+    assert lora_metadata_for(model, TrainConfig(grid_share=0.25), d2f)(3).grid_share == 0.25
+    none = lora_metadata_for(model, TrainConfig(objective="reflow", grid_share=0.0), d2f)(3)
+    assert none.grid_share is None and "diff2flow.grid_share" not in none.to_header()
+    assert lora_metadata_for(model, TrainConfig(), d2f)(3).grid_share is None  # diff2flow recommends none

@@ -178,6 +178,7 @@ NON_DEFAULT = dict(
     # a share > 0 needs pairs with inverted images (this test trains on captioned latents, which refuse it):
     # tests/test_comfy_reflow.py checks that the share reaches the trainer
     inverted_share=0.0,
+    grid_share=0.25,
 )
 
 

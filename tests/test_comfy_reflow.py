@@ -190,6 +190,7 @@ def test_training_mixes_inverted_pairs_at_inverted_share(comfy_nodes, tiny_model
     base.update(model=[model], objective=["reflow"], steps=[2], rank=[2], batch_size=[2], inverted_share=[0.5])
     lora = node.execute(**{**base, "pairs": [mixed], "output_name": ["mixed"]}).args[1]
     assert lora.metadata.inverted_share == 0.5
+    assert lora.metadata.grid_share == 0.5, "reflow's recommended grid share (the node's default) was not trained"
     with pytest.raises(ValueError, match="inverted_share: 0.5 draws inverted pairs, but the training data holds none"):
         node.execute(**{**base, "pairs": [plain], "output_name": ["plain"]})
     latents = {"latents": [{"samples": torch.randn(2, 4, 8, 8)}], "positive": [prompts(1)], "objective": ["diff2flow"]}

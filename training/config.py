@@ -27,10 +27,12 @@ LOSS_CHOICES = {
     + ")",
     **LOSSES,
 }
+# the grid_share option's value for each objective's own recommendation (d2f_core.Objective.recommended_grid_share)
+RECOMMENDED_SHARE = -1.0
 DTYPES = ("bf16", "fp16", "fp32")
 
 # what a training state saved before an option existed trained with, where that is not the option's default
-SAVED_BEFORE_THE_OPTION = {"loss": "mse"}
+SAVED_BEFORE_THE_OPTION = {"loss": "mse", "grid_share": 0.0}
 # options that change the trajectory of a run: a resume must match them exactly
 TRAJECTORY_FIELDS = (
     "objective",
@@ -64,6 +66,7 @@ TRAJECTORY_FIELDS = (
     "huber_c",
     # which reflow pairs every batch is drawn from
     "inverted_share",
+    "grid_share",
 )
 
 
@@ -305,6 +308,18 @@ class TrainConfig:
         max=1.0,
         step=0.01,
     )
+    # last, so saved workflows keep their widget values in place
+    grid_share: float = option(
+        RECOMMENDED_SHARE,
+        "Share of the training sigmas placed on the levels the model's recommended sampling evaluates (the nodes "
+        "of its FM Euler grid at the objective's recommended steps; reflow's 2 steps: sigma_max and sigma_max / 2), "
+        "the rest drawn by timestep_sampling. -1: the objective's recommended share ("
+        + ", ".join(f"{name} {o.recommended_grid_share:g}" for name, o in OBJECTIVES.items())
+        + "); 0: none.",
+        min=-1.0,
+        max=1.0,
+        step=0.05,
+    )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -368,6 +383,16 @@ class TrainConfig:
         check_loss(self.resolved_loss, self.huber_c)
         if not 0 <= self.inverted_share <= 1:
             raise ValueError(f"inverted_share must lie in [0, 1] (a share of every batch), got {self.inverted_share}")
+        if self.grid_share != RECOMMENDED_SHARE and not 0 <= self.grid_share <= 1:
+            raise ValueError(
+                f"grid_share must lie in [0, 1] (a share of the training sigmas), or be {RECOMMENDED_SHARE:g} (the "
+                f"objective's recommended share), got {self.grid_share}"
+            )
+        if self.resolved_grid_share > 0 and OBJECTIVES[self.objective].times != "sigma":
+            raise ValueError(
+                f"grid_share {self.grid_share:g} places training sigmas on the FM sampling grid, but objective "
+                f"{self.objective} trains on integer diffusion timesteps: set grid_share 0"
+            )
         if OPTIMIZERS[self.optimizer].schedule_free and self.lr_schedule != "constant":
             raise ValueError(
                 f"optimizer {self.optimizer} replaces the learning-rate schedule: set lr_schedule constant "
@@ -381,6 +406,7 @@ class TrainConfig:
             "logit_mean": self.logit_mean,
             "logit_std": self.logit_std,
             "shift": self.shift,
+            "grid_share": self.resolved_grid_share,
         }
 
     @property
@@ -388,6 +414,14 @@ class TrainConfig:
         """The per-sample loss the run trains with: ``loss``, or the objective's recommended loss for
         ``loss = "recommended"``."""
         return OBJECTIVES[self.objective].recommended_loss if self.loss == RECOMMENDED_LOSS else self.loss
+
+    @property
+    def resolved_grid_share(self) -> float:
+        """The share of the training sigmas on the sampling grid: ``grid_share``, or the objective's recommended
+        share for ``grid_share = -1``."""
+        if self.grid_share == RECOMMENDED_SHARE:
+            return OBJECTIVES[self.objective].recommended_grid_share
+        return self.grid_share
 
     def loss_options(self) -> dict[str, Any]:
         """The keyword arguments of an objective's loss (``d2f_core.Objective.loss``) that select each
@@ -405,8 +439,12 @@ class TrainConfig:
         }
 
     def _as_trained(self, name: str) -> Any:
-        # "recommended" and the loss it names train the same run
-        return self.resolved_loss if name == "loss" else getattr(self, name)
+        # "recommended" and the value it names train the same run
+        if name == "loss":
+            return self.resolved_loss
+        if name == "grid_share":
+            return self.resolved_grid_share
+        return getattr(self, name)
 
     def resume_mismatch(self, saved: TrainConfig) -> str:
         """What differs from the options a training state was ``saved`` under ("" if it can continue)."""

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from d2f_core import OBJECTIVES
+
 if TYPE_CHECKING:
     from .config import TrainConfig
 
@@ -206,6 +208,21 @@ def hold_out(data: TrainingData, fraction: float) -> tuple[TrainingData, Trainin
     held = sorted(order[:count])
     kept = sorted(order[count:])
     return subset(data, kept), subset(data, held)
+
+
+def grid_share_problem(config: TrainConfig, task: str) -> tuple[str, str] | None:
+    """``("grid_share", reason)`` when the run's share of training sigmas on the sampling grid cannot go with
+    its ``task`` (``"image"`` or ``"depth"``), ``None`` when it can: the grid is the objective's image sampling
+    grid, so a depth model that samples with other steps would train on levels it never evaluates."""
+    objective, share = OBJECTIVES[config.objective], config.resolved_grid_share
+    if task != "depth" or share == 0 or objective.recommended_steps("depth") == objective.steps:
+        return None
+    return (
+        "grid_share",
+        f"{share:g} places training sigmas on the {objective.steps}-step image sampling grid of objective "
+        f"{config.objective}, but a depth model samples with {objective.recommended_steps('depth')} steps: set "
+        "grid_share 0",
+    )
 
 
 def validation_problem(config: TrainConfig, separate: bool) -> tuple[str, str] | None:

@@ -17,8 +17,8 @@ LOSS_OPTIONS = [{"loss": "pseudo_huber"}, {"loss": "pseudo_huber", "huber_c": 0.
 
 def reference_loss(trainer, config: TrainConfig) -> float:
     """The first step's loss as the engine documents its draws (indices, then the objective's noise and
-    times through d2f_core.objective_loss, from one generator seeded with the config's seed), reduced with
-    the config's loss."""
+    times through d2f_core.objective_loss, from one generator seeded with the config's seed, with the config's
+    timestep options), reduced with the config's loss as trained."""
     gen = torch.Generator().manual_seed(config.seed)
     indices = trainer.data.draw_indices(config.batch_size, gen)
     x0, cond = trainer.data.batch(indices)
@@ -31,8 +31,7 @@ def reference_loss(trainer, config: TrainConfig) -> float:
             x0,
             noise=paired,
             generator=gen,
-            loss=config.loss,
-            huber_c=config.huber_c,
+            **config.loss_options(),
             **config.timestep_options(),
             **cond,
         )

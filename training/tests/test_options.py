@@ -345,6 +345,24 @@ def test_timestep_sampling_draws_the_configured_sigmas(method: str, extra: dict)
     torch.testing.assert_close(run.recorder.calls[0].t, run.d2f.num_timesteps * sigma, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("share", [0.5, 1.0])
+def test_grid_share_places_its_share_of_the_sigmas_on_the_sampling_nodes(share: float) -> None:
+    """The network sees the timestep sampling's draws with ``grid_share`` of them moved onto the nodes of the
+    objective's sampling grid (d2f_core.place_on_sampling_grid, after the sigmas, from the same generator)."""
+    config = TrainConfig(timestep_sampling="shift", shift=3.0, grid_share=share, **SIGMA_DRAW)
+    run = build(config)
+    run.trainer.train_step()
+    gen = torch.Generator().manual_seed(config.seed)
+    x0, _ = run.data.batch(run.data.draw_indices(config.batch_size, gen))
+    torch.randn(x0.shape, generator=gen)
+    sigma = d2f_core.sample_training_sigmas(config.batch_size, "shift", run.d2f.sigma_max, shift=3.0, generator=gen)
+    nodes = d2f_core.get_objective(config.objective).sampling_nodes(run.d2f)
+    expected = d2f_core.place_on_sampling_grid(sigma, nodes, share, gen)
+    torch.testing.assert_close(run.recorder.calls[0].t, run.d2f.num_timesteps * expected, rtol=0, atol=0)
+    on = ((run.recorder.sigmas(run.d2f)[:, None].double() - nodes[None]).abs() < 1e-5).any(1).double().mean()
+    assert on.item() == pytest.approx(share, abs=0.1)
+
+
 def uniform_cdf(u: torch.Tensor) -> torch.Tensor:
     return u
 
