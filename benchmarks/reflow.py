@@ -593,8 +593,8 @@ def main(argv: list[str] | None = None) -> int:
         "--grid-share",
         type=float,
         default=0.0,
-        help="share of the students' training sigmas on the nodes of their 2-step sampling grid (default 0; the "
-        "toolkit's reflow default is 0.5)",
+        help="share of the students' training sigmas on the nodes of their 2-step sampling grid (default 0; -1: "
+        "reflow's recommended share, the toolkit's default, 0.5)",
     )
     p.add_argument("--loss", default="mse", choices=tuple(d2f_core.LOSSES), help="the students' loss (default mse)")
     p.add_argument("--huber-c", type=float, default=0.0, help="c of --loss pseudo_huber (default 0: the paper's c)")
@@ -665,9 +665,10 @@ def main(argv: list[str] | None = None) -> int:
         "grid_share": args.grid_share,
     }
     try:
-        TrainConfig(objective="reflow", **options)  # the training options' own checks, before minutes of work
+        checked = TrainConfig(objective="reflow", **options)  # the training options' own checks, before minutes of work
     except ValueError as exc:
         p.error(str(exc))
+    options["grid_share"] = checked.resolved_grid_share  # -1 (reflow's recommended share) reported as the share it is
     check_finetune_flags(
         p,
         args,

@@ -133,7 +133,9 @@ def run(args: argparse.Namespace) -> int:
     from .headless import run_headless
 
     run_options, overrides, state = train_values(args)
-    config = make_config(state["config"] if state else {}, overrides, TrainConfig, "training")
+    # a state saved before an option existed trained with its value then (TrainConfig.from_dict), not today's default
+    saved = TrainConfig.from_dict(state["config"]).to_dict() if state else {}
+    config = make_config(saved, overrides, TrainConfig, "training")
     unavailable = OPTIMIZERS[config.optimizer].missing()
     if unavailable:
         raise CliError(f"--optimizer {config.optimizer}: {unavailable}")

@@ -160,6 +160,10 @@ def test_reflow_trains_the_seeds_from_first_seed_with_the_grid_share(
     assert report["config"]["seeds"] == [2, 3]
     assert [t["seed"] for t in report["teacher"]] == [2, 3] and [s["seed"] for s in report["students"]] == [2, 3]
     assert [(c.seed, c.grid_share) for c in configs] == [(2, 0.25), (3, 0.25)]
+    configs.clear()
+    assert reflow.main([*quick, "--grid-share", "-1"]) == 0  # reflow's recommended share, reported as the share it is
+    report = json.loads((out / "reflow_quick.json").read_text())
+    assert report["config"]["options"]["grid_share"] == 0.5 and [c.resolved_grid_share for c in configs] == [0.5]
     for bad, message in (("--first-seed=-1", "--first-seed must be >= 0"), ("--grid-share=2", "grid_share must lie")):
         with pytest.raises(SystemExit) as stopped:
             reflow.main(["--quick", bad])

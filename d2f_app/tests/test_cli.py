@@ -126,6 +126,23 @@ def test_resume_from_other_options_is_refused_before_any_compute(tmp_path, capsy
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_a_state_from_before_an_option_resumes_with_the_value_it_trained_with(tmp_path, capsys) -> None:
+    """A reflow state saved before loss and grid_share existed trained with MSE and no share on the grid
+    (TrainConfig.from_dict): resumed without flags it continues, not refused for today's defaults."""
+    trainer, _, _ = make_run(TrainConfig(objective="reflow", steps=2, loss="mse", grid_share=0.0))
+    trainer.run()
+    state = trainer.state_dict()
+    for option in ("loss", "grid_share"):
+        del state["config"][option]
+    save_training_state(tmp_path / "old.d2fstate", state)
+    base = ["train", "--resume", str(tmp_path / "old.d2fstate"), "--pairs", str(tmp_path / "none"), "--checkpoint", "m"]
+    assert main([*base, "--steps", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "different configuration" not in err and "pairs" in err, err
+    assert main([*base, "--steps", "4", "--grid-share", "0.5"]) == 2
+    assert "different configuration (grid_share: saved 0.0, now 0.5)" in capsys.readouterr().err
+
+
 def subcommand_parsers() -> dict[str, argparse.ArgumentParser]:
     parser = build_parser()
     return {"": parser, **parser._subparsers._group_actions[0].choices}

@@ -122,3 +122,15 @@ def test_the_loss_and_its_c_round_trip_and_older_files_parse_without_them() -> N
     assert (LoraMetadata.from_header(older).loss, LoraMetadata.from_header(older).huber_c) == (None, None)
     with pytest.raises(ValueError, match="huber_c = 'small'"):
         LoraMetadata.from_header({**header, "diff2flow.huber_c": "small"})
+
+
+def test_the_grid_share_round_trips_and_older_files_parse_without_it() -> None:
+    meta = LoraMetadata("reflow", "eps", False, grid_share=0.5)
+    header = meta.to_header()
+    assert header["diff2flow.grid_share"] == "0.5"
+    back = LoraMetadata.from_header(header)
+    assert back == meta and back.grid_share == 0.5
+    older = {k: v for k, v in header.items() if k != "diff2flow.grid_share"}
+    assert LoraMetadata.from_header(older).grid_share is None
+    with pytest.raises(ValueError, match="grid_share = 'half'"):
+        LoraMetadata.from_header({**header, "diff2flow.grid_share": "half"})

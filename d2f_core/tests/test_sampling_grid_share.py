@@ -73,23 +73,27 @@ def test_an_empty_grid_is_refused() -> None:
         d2f_core.place_on_sampling_grid(torch.rand(4), torch.empty(0), 0.5)
 
 
-def test_draw_places_the_share_after_the_timestep_sampling() -> None:
+def test_draw_places_the_share_after_the_timestep_sampling(device: torch.device) -> None:
     """``Objective.draw(grid_share=...)``: noise, then the timestep sampling's sigmas, then the placement, from
-    one generator; ``grid_share = 0`` draws exactly what a draw without it does."""
+    one generator (on its own device); ``grid_share = 0`` draws exactly what a draw without it does."""
     d2f = make_d2f("v", False)
     reflow = d2f_core.get_objective("reflow")
-    x0, z = torch.randn(512, 4, 2, 2), torch.randn(512, 4, 2, 2)
+    x0, z = torch.randn(512, 4, 2, 2, device=device), torch.randn(512, 4, 2, 2, device=device)
     options = {"timestep_sampling": "shift", "shift": 6.0}
-    plain = reflow.draw(x0, d2f, torch.Generator().manual_seed(3), z, **options)
-    zero = reflow.draw(x0, d2f, torch.Generator().manual_seed(3), z, **options, grid_share=0.0)
+
+    def generator() -> torch.Generator:
+        return torch.Generator(device=device).manual_seed(3)
+
+    plain = reflow.draw(x0, d2f, generator(), z, **options)
+    zero = reflow.draw(x0, d2f, generator(), z, **options, grid_share=0.0)
     assert all(torch.equal(a, b) for a, b in zip(plain, zero))
-    noise, times = reflow.draw(x0, d2f, torch.Generator().manual_seed(3), z, **options, grid_share=0.5)
-    assert torch.equal(noise, plain[0])
-    gen = torch.Generator().manual_seed(3)
+    noise, times = reflow.draw(x0, d2f, generator(), z, **options, grid_share=0.5)
+    assert torch.equal(noise, plain[0]) and times.device == plain[1].device
+    gen = generator()
     sigmas = d2f_core.sample_training_sigmas(512, "shift", d2f.sigma_max, shift=6.0, generator=gen)
     expected = d2f_core.place_on_sampling_grid(sigmas, reflow.sampling_nodes(d2f), 0.5, gen)
     torch.testing.assert_close(times, expected, rtol=0, atol=0)
-    on = ((times[:, None].double() - reflow.sampling_nodes(d2f)[None]).abs() < 1e-6).any(1)
+    on = ((times[:, None].double().cpu() - reflow.sampling_nodes(d2f)[None]).abs() < 1e-6).any(1)
     assert 0.4 < on.double().mean() < 0.6
 
 

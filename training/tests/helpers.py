@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 import d2f_core
@@ -96,6 +97,16 @@ def straight_and_resumed(config: TrainConfig, folder, at: int):
     assert resumed.step == at
     resumed.run()
     return straight, resumed
+
+
+def assert_resume_equals_straight(config: TrainConfig, folder, at: int) -> None:
+    """A run of ``config`` resumed from its state at step ``at`` ends as the straight run does: the same
+    losses and adapter weights (:func:`straight_and_resumed`)."""
+    straight, resumed = straight_and_resumed(config, folder, at)
+    assert resumed.losses == pytest.approx(straight.losses, rel=1e-6)
+    for name in straight.adapters:
+        for pa, pb in zip(straight.adapters[name].parameters(), resumed.adapters[name].parameters()):
+            torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7)
 
 
 def params(adapters: dict) -> dict[str, torch.Tensor]:

@@ -11,7 +11,7 @@ import d2f_core
 from d2f_core.lora import ALGORITHMS
 from training import TrainConfig, TrainingError
 from training.engine import lr_lambda
-from training.tests.helpers import make_run, straight_and_resumed
+from training.tests.helpers import assert_resume_equals_straight, make_run
 
 
 @pytest.mark.parametrize("objective", d2f_core.OBJECTIVES)
@@ -59,11 +59,7 @@ def test_loss_equals_d2f_core_objective() -> None:
 )
 def test_resume_equals_straight_run(tmp_path, algorithm: str, extra: dict) -> None:
     config = TrainConfig(steps=8, batch_size=2, learning_rate=1e-3, algorithm=algorithm, seed=3, **extra)
-    straight, resumed = straight_and_resumed(config, tmp_path, at=4)
-    assert resumed.losses == pytest.approx(straight.losses, rel=1e-6)
-    for name in straight.adapters:
-        for pa, pb in zip(straight.adapters[name].parameters(), resumed.adapters[name].parameters()):
-            torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7)
+    assert_resume_equals_straight(config, tmp_path, at=4)
 
 
 def test_resume_with_other_configuration_is_refused() -> None:

@@ -5,12 +5,11 @@ of the trajectory (states saved before it existed trained with none on the grid)
 from __future__ import annotations
 
 import pytest
-import torch
 
 import d2f_core
 from training import TrainConfig, TrainingError
 from training.data import grid_share_problem
-from training.tests.helpers import make_run, straight_and_resumed
+from training.tests.helpers import assert_resume_equals_straight, make_run
 from training.tests.test_loss_option import reference_loss
 
 
@@ -68,11 +67,7 @@ def test_the_share_is_part_of_the_trajectory_and_older_states_had_none() -> None
 
 def test_a_run_with_a_share_resumes_exactly(tmp_path) -> None:
     config = TrainConfig(objective="reflow", steps=6, batch_size=4, learning_rate=1e-3, seed=3, grid_share=0.5)
-    straight, resumed = straight_and_resumed(config, tmp_path, at=3)
-    assert resumed.losses == pytest.approx(straight.losses, rel=1e-6)
-    for name in straight.adapters:
-        for pa, pb in zip(straight.adapters[name].parameters(), resumed.adapters[name].parameters()):
-            torch.testing.assert_close(pa, pb, rtol=1e-6, atol=1e-7)
+    assert_resume_equals_straight(config, tmp_path, at=3)
 
 
 def test_a_depth_run_refuses_a_share_on_a_grid_it_does_not_sample() -> None:
