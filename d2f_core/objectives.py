@@ -378,7 +378,7 @@ class Objective:
         gen_device = generator.device if generator is not None else torch.device("cpu")
         batch = x0.shape[0]
         # first, so an objective without FM sigmas is refused before anything is drawn
-        nodes = self.sampling_nodes(d2f) if grid_share else torch.empty(0, dtype=torch.float64)
+        nodes = self.sampling_nodes(d2f) if grid_share else None
         if noise is None:
             if self.paired_noise:
                 raise ValueError(
@@ -404,7 +404,8 @@ class Objective:
                 shift=shift,
                 generator=generator,
             )
-            times = place_on_sampling_grid(times, nodes, grid_share, generator)
+            if nodes is not None:
+                times = place_on_sampling_grid(times, nodes, grid_share, generator)
         return noise, times
 
 

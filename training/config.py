@@ -70,6 +70,11 @@ TRAJECTORY_FIELDS = (
 )
 
 
+def described(choices: dict[str, str]) -> str:
+    """A registry's choices as an option's help lists them: ``"name: description; name: description"``."""
+    return "; ".join(f"{name}: {description}" for name, description in choices.items())
+
+
 def option(
     default: Any,
     help: str,
@@ -148,7 +153,7 @@ class TrainConfig:
     )
     algorithm: str = option(
         "LoRA",
-        "; ".join(f"{name}: {cls.description}" for name, cls in ALGORITHMS.items())
+        described({name: cls.description for name, cls in ALGORITHMS.items()})
         + ". Every one saves a file stock LoraLoader loads.",
         choices=tuple(ALGORITHMS),
     )
@@ -159,9 +164,7 @@ class TrainConfig:
     )
     timestep_sampling: str = option(
         "uniform",
-        "How training sigmas are drawn: "
-        + "; ".join(f"{name}: {description}" for name, description in TIMESTEP_SAMPLERS.items())
-        + ".",
+        "How training sigmas are drawn: " + described(TIMESTEP_SAMPLERS) + ".",
         choices=tuple(TIMESTEP_SAMPLERS),
     )
     logit_mean: float = option(0.0, "Mean of logit_normal timestep sampling.", min=-10.0, max=10.0, step=0.01)
@@ -283,7 +286,7 @@ class TrainConfig:
     loss: str = option(
         RECOMMENDED_LOSS,
         "How every objective turns its prediction's residual into each sample's loss: "
-        + "; ".join(f"{name}: {description}" for name, description in LOSS_CHOICES.items())
+        + described(LOSS_CHOICES)
         + ". The loss values (and the validation loss) are on the chosen loss's scale.",
         choices=tuple(LOSS_CHOICES),
     )
@@ -556,7 +559,7 @@ class PairsConfig:
     grid: str = option(
         "sigma_min",
         "The teacher's sigma grid: "
-        + "; ".join(f"{name}: {description}" for name, description in FM_GRIDS.items())
+        + described(FM_GRIDS)
         + ". Part of the pairs' identity: a folder made before this option ran uniform (its pairs.toml keeps it).",
         choices=tuple(FM_GRIDS),
     )
