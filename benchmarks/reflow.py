@@ -23,7 +23,8 @@ every Linear and Conv weight
 (``demo.pipeline.attach_adapters``), trained with the ``reflow`` objective (docs/MATH.md sections 6
 and 12) by ``training.Trainer`` on the pairs (shift-6 timestep sampling, none on the sampling grid, and MSE unless
 ``--timestep-sampling`` / ``--shift`` / ``--grid-share`` / ``--loss`` / ``--huber-c`` say otherwise; ``--ema-decay`` evaluates
-an EMA of their weights; ``--adapters lora16`` skips the full students); sampled with FM Euler at cfg 1. The defaults of every flag reproduce
+an EMA of their weights; ``--optimizer`` trains them with another ``training.optimizers.OPTIMIZERS`` entry than
+AdamW; ``--adapters lora16`` skips the full students); sampled with FM Euler at cfg 1. The defaults of every flag reproduce
 ``benchmarks/results/reflow.md``.
 
 Reported, over seeds (a seed is a training seed and its own evaluation noise; the teacher's spread
@@ -74,6 +75,7 @@ from demo.progress import Progress  # noqa: E402
 from demo.store import load_classifier, load_unet  # noqa: E402
 from training import TrainConfig, Trainer, TrainingData  # noqa: E402
 from training.files import atomic_write  # noqa: E402
+from training.optimizers import OPTIMIZERS  # noqa: E402
 from training.pairs import PairSettings, generate_pairs, invert_pairs, load_pairs, pair_shards  # noqa: E402
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent))  # the benchmarks' shared flags
@@ -339,8 +341,8 @@ def train_student(
     progress: Progress | None = None,
 ) -> dict[str, Any]:
     """``options``: TrainConfig fields of the student (``timestep_sampling``, ``shift``, ``grid_share``, ``loss``,
-    ``huber_c``, ``inverted_share``, ``ema_decay``) over the benchmark's defaults (shift-6 timestep sampling, none
-    on the sampling grid, MSE, generated pairs only, no EMA). With EMA the student is evaluated with its EMA weights, as a saved LoRA holds them."""
+    ``huber_c``, ``inverted_share``, ``ema_decay``, ``optimizer``) over the benchmark's defaults (shift-6 timestep
+    sampling, none on the sampling grid, MSE, generated pairs only, no EMA, AdamW). With EMA the student is evaluated with its EMA weights, as a saved LoRA holds them."""
     kind, rank = ("full", 1) if adapter == "full" else ("lora", int(adapter[4:]))
     net = pipeline.fresh_copy(setup.unet)
     adapters = pipeline.attach_adapters(net, kind, rank=rank, targets="all", seed=seed)
@@ -468,7 +470,7 @@ def summarise(report: dict[str, Any]) -> str:
         f"Teacher: the shipped `unet_v` (digits 0-6, no fine-tuning), FM Euler at cfg 1. {pairs['count']} pairs of its "
         f"{pairs['steps']}-step {solver} ODE (classes 0-6 in turn); students trained with `reflow` for {cfg['train_steps']} "
         f"steps, batch {cfg['batch']}, {sampling} timestep sampling{extra}, cosine learning rate {lr_text(cfg)}, "
-        f"AdamW without weight decay. FD on {cfg['samples']} samples vs the "
+        f"{cfg.get('options', {}).get('optimizer', 'AdamW')} without weight decay. FD on {cfg['samples']} samples vs the "
         f"{report['real_count']} real digits 0-6 (classifier features, 32-d); real-vs-real floor **{report['floor_fd']:.2f}**. "
         f"Mean ± std over {len(cfg['seeds'])} seed(s). Total {report['seconds'] / 60:.1f} min, {cfg['jobs']} process(es) "
         "x 1 thread.",
@@ -626,6 +628,12 @@ def main(argv: list[str] | None = None) -> int:
         default=0.0,
         help="the students' EMA decay (default 0: none); with EMA the students are evaluated with the EMA weights",
     )
+    p.add_argument(
+        "--optimizer",
+        choices=tuple(OPTIMIZERS),
+        default="AdamW",
+        help="the students' optimizer (default AdamW); --lr-lora / --lr-full are its learning rates",
+    )
     p.add_argument("--samples", type=int, default=None, help="FD samples (default 500)")
     # the defaults (16384 pairs, 3000 steps, full lr 1e-3) won the seed-0 runs of benchmarks/results/reflow_ablations.md
     add_finetune_flags(p, batch=32, lr_lora=2e-3, lr_full=1e-3)
@@ -663,7 +671,11 @@ def main(argv: list[str] | None = None) -> int:
         "inverted_share": args.inverted_share,
         "ema_decay": args.ema_decay,
         "grid_share": args.grid_share,
+        "optimizer": args.optimizer,
     }
+    missing = OPTIMIZERS[args.optimizer].missing()
+    if missing is not None:
+        p.error(missing)
     try:
         checked = TrainConfig(objective="reflow", **options)  # the training options' own checks, before minutes of work
     except ValueError as exc:

@@ -170,6 +170,33 @@ def test_reflow_trains_the_seeds_from_first_seed_with_the_grid_share(
         assert stopped.value.code == 2 and message in capsys.readouterr().err
 
 
+def test_reflow_trains_the_students_with_the_chosen_optimizer(
+    tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    """--optimizer is the students' TrainConfig optimizer and the report names it; an optimizer whose package is
+    missing stops before any work, naming the install command."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import dataclasses
+
+    import reflow
+
+    if reflow.OPTIMIZERS["Lion"].missing() is not None:
+        pytest.skip(reflow.OPTIMIZERS["Lion"].missing())
+    configs = []
+    real_trainer = reflow.Trainer
+    monkeypatch.setattr(reflow, "Trainer", lambda *a, **k: configs.append(a[3]) or real_trainer(*a, **k))
+    out = tmp_path / "out"
+    assert reflow.main(["--quick", "--jobs", "1", "--adapters", "lora4", "--optimizer", "Lion", "--out", str(out)]) == 0
+    assert [c.optimizer for c in configs] == ["Lion"]
+    assert "Lion without weight decay" in (out / "reflow_quick.md").read_text()
+    absent = dataclasses.replace(reflow.OPTIMIZERS["Lion"], module="d2f_no_such_module", package="lion-pytorch")
+    monkeypatch.setitem(reflow.OPTIMIZERS, "Lion", absent)
+    configs.clear()
+    with pytest.raises(SystemExit) as stopped:
+        reflow.main(["--quick", "--optimizer", "Lion", "--out", str(out)])
+    assert stopped.value.code == 2 and "pip install 'lion-pytorch'" in capsys.readouterr().err and configs == []
+
+
 def _depth_run(method: str, adapter: str, curve: dict[int, float]) -> dict:
     """A depth benchmark run whose every metric at checkpoint ``k`` is ``curve[k]`` (AbsRel, any sampler steps)."""
 
