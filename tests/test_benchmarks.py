@@ -197,6 +197,35 @@ def test_reflow_trains_the_students_with_the_chosen_optimizer(
     assert stopped.value.code == 2 and "pip install 'lion-pytorch'" in capsys.readouterr().err and configs == []
 
 
+def test_reflow_report_judges_the_second_generations_targets_on_the_seed_means(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The report judges issue 24's targets (1-step FD <= the teacher's 8-step, 2-step FD <= its 50-step) on the
+    means over seeds, per student, next to the first generation's."""
+    monkeypatch.syspath_prepend(str(BENCHMARKS))
+    import reflow
+
+    def fd(one: float, two: float, eight: float = 4.0, fifty: float = 3.0) -> dict[str, float]:
+        return {"1": one, "2": two, "4": two, "8": eight, "50": fifty}
+
+    report = {
+        "config": {"adapters": ["lora16", "lora256"]},
+        # teacher means: 8 steps 4.0, 50 steps 3.0
+        "teacher": [{"fd": fd(75.0, 18.0, 3.5, 2.5)}, {"fd": fd(75.0, 18.0, 4.5, 3.5)}],
+        "students": [
+            # lora16: 2-step mean 3.05 > 3.0 (one seed below it), 1-step mean 4.1 > 4.0
+            {"adapter": "lora16", "fd": fd(3.9, 2.9)},
+            {"adapter": "lora16", "fd": fd(4.3, 3.2)},
+            # lora256: 2-step mean 2.95 <= 3.0 (one seed above it), 1-step mean 3.0
+            {"adapter": "lora256", "fd": fd(2.5, 2.6)},
+            {"adapter": "lora256", "fd": fd(3.5, 3.3)},
+        ],
+    }
+    met = {(t["adapter"], t["target"]): (t["student"], t["bound"], t["met"]) for t in reflow.targets(report)}
+    assert met[("lora16", "1-step FD <= teacher 8-step FD")] == pytest.approx((4.1, 4.0, False))
+    assert met[("lora16", "2-step FD <= teacher 50-step FD")] == pytest.approx((3.05, 3.0, False))
+    assert met[("lora256", "1-step FD <= teacher 8-step FD")] == pytest.approx((3.0, 4.0, True))
+    assert met[("lora256", "2-step FD <= teacher 50-step FD")] == pytest.approx((2.95, 3.0, True))
+
+
 def _depth_run(method: str, adapter: str, curve: dict[int, float]) -> dict:
     """A depth benchmark run whose every metric at checkpoint ``k`` is ``curve[k]`` (AbsRel, any sampler steps)."""
 
