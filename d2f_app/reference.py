@@ -132,6 +132,11 @@ def current_block(text: str) -> str | None:
 def write(path: str | pathlib.Path, parser: argparse.ArgumentParser | None = None) -> bool:
     """Replace the marked block of ``path`` with a fresh one; True when the file changed."""
     path = pathlib.Path(path)
+    if not path.is_file():
+        raise SystemExit(
+            f"{path} is not a file: --write replaces the option reference block of an existing Markdown file "
+            f"(docs/CLI.md); to start a new one, create it with the lines\n{BEGIN}\n{END}\nwhere the reference belongs"
+        )
     text = path.read_text(encoding="utf-8")
     old = current_block(text)
     if old is None:

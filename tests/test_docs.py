@@ -311,6 +311,27 @@ def test_command_extraction() -> None:
 
 
 # ---------------------------------------------------------------------- the generated option reference
+def test_cli_option_reference_writes_only_into_a_marked_file(tmp_path: pathlib.Path) -> None:
+    """--write fills the marked block of an existing file, and refuses a missing file or one without the markers
+    with a message naming the file and the markers, not a traceback."""
+    from d2f_app import reference
+
+    missing = tmp_path / "missing.md"
+    with pytest.raises(SystemExit, match=f"{re.escape(str(missing))} is not a file") as stopped:
+        reference.main(["--write", str(missing)])
+    assert reference.BEGIN in str(stopped.value) and not missing.exists()
+    unmarked = tmp_path / "unmarked.md"
+    unmarked.write_text("# Notes\n", encoding="utf-8")
+    with pytest.raises(SystemExit, match="has no option reference block"):
+        reference.write(unmarked)
+    assert unmarked.read_text(encoding="utf-8") == "# Notes\n"
+    marked = tmp_path / "marked.md"
+    marked.write_text(f"# CLI\n\n{reference.BEGIN}\n{reference.END}\n\nafter\n", encoding="utf-8")
+    assert reference.write(marked) is True and reference.write(marked) is False
+    text = marked.read_text(encoding="utf-8")
+    assert reference.current_block(text) == reference.block() and text.endswith("\n\nafter\n")
+
+
 def test_cli_option_reference_is_current() -> None:
     from d2f_app import reference
 
